@@ -1,0 +1,454 @@
+//! Messages between the servers of a pool on their control connection
+//! (DESIGN.md 3.3, MTCP 4.2.3 "Control Connection and State Transfer
+//! Details"): peer authentication, lazy state transfer, eager replication
+//! and triggers. Same framing as [`crate::frame`], separate type space.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+use crate::frame::{Migrate, RejectReason};
+use crate::types::{Epoch, Pos, Secret, ServerId, SessionId};
+use crate::wire::{put_frame, split_frame, PutExt, Reader, MAX_TEXT_LEN};
+
+/// Default largest control message body (64 MiB): it must hold a whole
+/// session image (buffers plus application state).
+pub const DEFAULT_MAX_CONTROL_FRAME: usize = 64 * 1024 * 1024;
+
+/// Everything a server knows about a session that another server needs to
+/// resume it, independent of the client's position (the body of MTCP's
+/// state reply, and of a full replica).
+///
+/// Up stream: `up_data` holds `[up_snap, up_snap + up_data.len())`, the read
+/// log plus the receive buffer (MTCP figs 3.8, 4.10). Down stream:
+/// `down_data` holds `[down_base, down_base + down_data.len())`, the
+/// unacknowledged writes from before the snapshot (fig 3.9); the application
+/// resumes writing at `down_snap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionImage {
+    /// The session.
+    pub session: SessionId,
+    /// Its secret.
+    pub secret: Secret,
+    /// The epoch the state was taken at.
+    pub epoch: Epoch,
+    /// Highest Migrate attempt number the owner has seen.
+    pub last_attempt: u64,
+    /// `rcv_snap`: where the application resumes reading.
+    pub up_snap: Pos,
+    /// Up bytes from `up_snap` to `rcv_nxt`.
+    pub up_data: Bytes,
+    /// Position of the client's Close, if received.
+    pub up_fin: Option<Pos>,
+    /// `snd_snap`: where the application resumes writing.
+    pub down_snap: Pos,
+    /// First down position held in `down_data`.
+    pub down_base: Pos,
+    /// Unacknowledged down bytes up to (at least) `down_snap`.
+    pub down_data: Bytes,
+    /// The application had closed its write side at this position before
+    /// the snapshot (the close is part of the restart point).
+    pub down_fin: Option<Pos>,
+    /// The application's last exported snapshot.
+    pub app_state: Bytes,
+}
+
+impl SessionImage {
+    /// End of the up bytes held (`rcv_nxt`).
+    pub fn up_end(&self) -> Pos {
+        self.up_snap + self.up_data.len() as u64
+    }
+
+    /// End of the down bytes held.
+    pub fn down_end(&self) -> Pos {
+        self.down_base + self.down_data.len() as u64
+    }
+
+    pub(crate) fn put(&self, b: &mut BytesMut) {
+        b.put_session(self.session);
+        b.put_slice(&self.secret.0);
+        b.put_u64(self.epoch);
+        b.put_u64(self.last_attempt);
+        b.put_u64(self.up_snap);
+        b.put_bytes_u32(&self.up_data);
+        b.put_opt_pos(self.up_fin);
+        b.put_u64(self.down_snap);
+        b.put_u64(self.down_base);
+        b.put_bytes_u32(&self.down_data);
+        b.put_opt_pos(self.down_fin);
+        b.put_bytes_u32(&self.app_state);
+    }
+
+    pub(crate) fn read(r: &mut Reader) -> Result<Self, DecodeError> {
+        let image = Self {
+            session: r.session()?,
+            secret: r.secret()?,
+            epoch: r.u64()?,
+            last_attempt: r.u64()?,
+            up_snap: r.u64()?,
+            up_data: r.bytes("up_data", usize::MAX)?,
+            up_fin: r.opt_pos("up_fin")?,
+            down_snap: r.u64()?,
+            down_base: r.u64()?,
+            down_data: r.bytes("down_data", usize::MAX)?,
+            down_fin: r.opt_pos("down_fin")?,
+            app_state: r.bytes("app_state", usize::MAX)?,
+        };
+        let up_end = image.up_snap.checked_add(image.up_data.len() as u64);
+        let down_end = image.down_base.checked_add(image.down_data.len() as u64);
+        let (Some(up_end), Some(down_end)) = (up_end, down_end) else {
+            return Err(r.invalid("positions", "stream position overflows"));
+        };
+        if image.up_fin.is_some_and(|f| f < up_end) {
+            return Err(r.invalid("up_fin", "Close before the end of the received data"));
+        }
+        // The image must hold every unacknowledged byte written before the
+        // snapshot (MTCP fig 3.9).
+        if image.down_base <= image.down_snap && down_end < image.down_snap {
+            return Err(r.invalid("down_data", "does not reach the snapshot position"));
+        }
+        if image.down_fin.is_some_and(|f| f != image.down_snap) {
+            return Err(r.invalid("down_fin", "a Close in the snapshot must sit at its position"));
+        }
+        Ok(image)
+    }
+}
+
+/// One step of eager replication from a session's owner to its backup
+/// (DESIGN.md 3.6), in stream order on the control connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaUpdate {
+    /// The whole state: opens the replica, or re-synchronises it after the
+    /// link was lost.
+    Full {
+        /// The state.
+        image: SessionImage,
+    },
+    /// Up bytes received from the client, appended at `pos`.
+    Up {
+        /// Position of the first byte.
+        pos: Pos,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The client's Close arrived at `pos`.
+    UpFin {
+        /// Position of the Close.
+        pos: Pos,
+    },
+    /// The application took a snapshot; down bytes written before it that
+    /// the replica does not hold yet come along.
+    Snapshot {
+        /// `rcv_snap`.
+        up_snap: Pos,
+        /// `snd_snap`.
+        down_snap: Pos,
+        /// Close in the snapshot, if any.
+        down_fin: Option<Pos>,
+        /// The application state.
+        app_state: Bytes,
+        /// Position of the first byte of `down_data`.
+        down_pos: Pos,
+        /// Down bytes `[down_pos, down_snap)`.
+        down_data: Bytes,
+    },
+    /// The client acknowledged down bytes below `down`: the replica trims.
+    Acked {
+        /// The client's cumulative ack.
+        down: Pos,
+    },
+}
+
+/// A message on a control connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// First message each way: who I am and a fresh challenge.
+    PeerHello {
+        /// The sender's server id.
+        server: ServerId,
+        /// Random challenge the other side must MAC.
+        nonce: [u8; 32],
+    },
+    /// Answer to the other side's challenge, keyed by the cluster key.
+    PeerAuth {
+        /// HMAC-SHA256 over both ids and both nonces.
+        mac: [u8; 32],
+    },
+    /// S2 -> S1: the client migrated to me; give me the session's state.
+    StateRequest {
+        /// Request id, chosen by the requester.
+        req: u64,
+        /// The client's Migrate, forwarded for the owner to verify.
+        migrate: Migrate,
+    },
+    /// S1 -> S2: the state, trimmed to what the client needs.
+    StateReply {
+        /// The request answered.
+        req: u64,
+        /// The epoch the destination must take.
+        new_epoch: Epoch,
+        /// The state.
+        image: SessionImage,
+    },
+    /// S1 -> S2: no state for you.
+    StateReject {
+        /// The request answered.
+        req: u64,
+        /// Why.
+        reason: RejectReason,
+        /// Detail.
+        text: String,
+    },
+    /// S2 -> S1: the state is installed; forget the session.
+    StateAck {
+        /// The request answered.
+        req: u64,
+    },
+    /// Owner -> backup: one replication step.
+    Replicate {
+        /// The session.
+        session: SessionId,
+        /// The step.
+        update: ReplicaUpdate,
+    },
+    /// Backup -> owner: I hold every up byte below `up`.
+    ReplicateAck {
+        /// The session.
+        session: SessionId,
+        /// The replica's up end.
+        up: Pos,
+    },
+    /// Backup -> owner: my replica is missing or out of step; send it whole.
+    ReplicateResync {
+        /// The session.
+        session: SessionId,
+    },
+    /// Owner -> backup: drop the replica (the session ended or moved).
+    Forget {
+        /// The session.
+        session: SessionId,
+    },
+    /// Load report, in thousandths of capacity.
+    Load {
+        /// Load in permille.
+        permille: u32,
+    },
+    /// Anyone -> owner: send the session's client a Trigger to `dest`
+    /// (destination pull, or a third party).
+    TriggerRequest {
+        /// The session.
+        session: SessionId,
+        /// Where the client should go.
+        dest: ServerId,
+    },
+}
+
+const PEER_HELLO: u8 = 0x41;
+const PEER_AUTH: u8 = 0x42;
+const STATE_REQUEST: u8 = 0x43;
+const STATE_REPLY: u8 = 0x44;
+const STATE_REJECT: u8 = 0x45;
+const STATE_ACK: u8 = 0x46;
+const REPLICATE: u8 = 0x47;
+const REPLICATE_ACK: u8 = 0x48;
+const REPLICATE_RESYNC: u8 = 0x49;
+const FORGET: u8 = 0x4a;
+const LOAD: u8 = 0x4b;
+const TRIGGER_REQUEST: u8 = 0x4c;
+
+const UPD_FULL: u8 = 1;
+const UPD_UP: u8 = 2;
+const UPD_UP_FIN: u8 = 3;
+const UPD_SNAPSHOT: u8 = 4;
+const UPD_ACKED: u8 = 5;
+
+impl ControlMessage {
+    /// Short name of the message kind, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::PeerHello { .. } => "PeerHello",
+            Self::PeerAuth { .. } => "PeerAuth",
+            Self::StateRequest { .. } => "StateRequest",
+            Self::StateReply { .. } => "StateReply",
+            Self::StateReject { .. } => "StateReject",
+            Self::StateAck { .. } => "StateAck",
+            Self::Replicate { .. } => "Replicate",
+            Self::ReplicateAck { .. } => "ReplicateAck",
+            Self::ReplicateResync { .. } => "ReplicateResync",
+            Self::Forget { .. } => "Forget",
+            Self::Load { .. } => "Load",
+            Self::TriggerRequest { .. } => "TriggerRequest",
+        }
+    }
+
+    /// Appends the encoded message to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Self::PeerHello { server, nonce } => put_frame(dst, PEER_HELLO, |b| {
+                b.put_server_id(server);
+                b.put_slice(nonce);
+            }),
+            Self::PeerAuth { mac } => put_frame(dst, PEER_AUTH, |b| b.put_slice(mac)),
+            Self::StateRequest { req, migrate } => put_frame(dst, STATE_REQUEST, |b| {
+                b.put_u64(*req);
+                migrate.put(b);
+            }),
+            Self::StateReply {
+                req,
+                new_epoch,
+                image,
+            } => put_frame(dst, STATE_REPLY, |b| {
+                b.put_u64(*req);
+                b.put_u64(*new_epoch);
+                image.put(b);
+            }),
+            Self::StateReject { req, reason, text } => put_frame(dst, STATE_REJECT, |b| {
+                b.put_u64(*req);
+                reason.put(b);
+                b.put_text(text);
+            }),
+            Self::StateAck { req } => put_frame(dst, STATE_ACK, |b| b.put_u64(*req)),
+            Self::Replicate { session, update } => put_frame(dst, REPLICATE, |b| {
+                b.put_session(*session);
+                match update {
+                    ReplicaUpdate::Full { image } => {
+                        b.put_u8(UPD_FULL);
+                        image.put(b);
+                    }
+                    ReplicaUpdate::Up { pos, data } => {
+                        b.put_u8(UPD_UP);
+                        b.put_u64(*pos);
+                        b.put_bytes_u32(data);
+                    }
+                    ReplicaUpdate::UpFin { pos } => {
+                        b.put_u8(UPD_UP_FIN);
+                        b.put_u64(*pos);
+                    }
+                    ReplicaUpdate::Snapshot {
+                        up_snap,
+                        down_snap,
+                        down_fin,
+                        app_state,
+                        down_pos,
+                        down_data,
+                    } => {
+                        b.put_u8(UPD_SNAPSHOT);
+                        b.put_u64(*up_snap);
+                        b.put_u64(*down_snap);
+                        b.put_opt_pos(*down_fin);
+                        b.put_bytes_u32(app_state);
+                        b.put_u64(*down_pos);
+                        b.put_bytes_u32(down_data);
+                    }
+                    ReplicaUpdate::Acked { down } => {
+                        b.put_u8(UPD_ACKED);
+                        b.put_u64(*down);
+                    }
+                }
+            }),
+            Self::ReplicateAck { session, up } => put_frame(dst, REPLICATE_ACK, |b| {
+                b.put_session(*session);
+                b.put_u64(*up);
+            }),
+            Self::ReplicateResync { session } => {
+                put_frame(dst, REPLICATE_RESYNC, |b| b.put_session(*session))
+            }
+            Self::Forget { session } => put_frame(dst, FORGET, |b| b.put_session(*session)),
+            Self::Load { permille } => put_frame(dst, LOAD, |b| b.put_u32(*permille)),
+            Self::TriggerRequest { session, dest } => put_frame(dst, TRIGGER_REQUEST, |b| {
+                b.put_session(*session);
+                b.put_server_id(dest);
+            }),
+        }
+    }
+
+    /// Decodes one message from the front of `src`: `Ok(None)` when only
+    /// part of a message is there (nothing consumed), an error for a message
+    /// larger than `max_frame` or malformed in any way.
+    pub fn decode(
+        src: &mut BytesMut,
+        max_frame: usize,
+    ) -> Result<Option<ControlMessage>, DecodeError> {
+        let known = |t| (PEER_HELLO..=TRIGGER_REQUEST).contains(&t);
+        let Some((ty, body)) = split_frame(src, max_frame, known)? else {
+            return Ok(None);
+        };
+        let name = match ty {
+            PEER_HELLO => "PeerHello",
+            PEER_AUTH => "PeerAuth",
+            STATE_REQUEST => "StateRequest",
+            STATE_REPLY => "StateReply",
+            STATE_REJECT => "StateReject",
+            STATE_ACK => "StateAck",
+            REPLICATE => "Replicate",
+            REPLICATE_ACK => "ReplicateAck",
+            REPLICATE_RESYNC => "ReplicateResync",
+            FORGET => "Forget",
+            LOAD => "Load",
+            _ => "TriggerRequest",
+        };
+        let mut r = Reader::new(body, name);
+        let msg = match ty {
+            PEER_HELLO => Self::PeerHello {
+                server: r.server_id("server")?,
+                nonce: r.array()?,
+            },
+            PEER_AUTH => Self::PeerAuth { mac: r.array()? },
+            STATE_REQUEST => Self::StateRequest {
+                req: r.u64()?,
+                migrate: Migrate::read(&mut r)?,
+            },
+            STATE_REPLY => Self::StateReply {
+                req: r.u64()?,
+                new_epoch: r.u64()?,
+                image: SessionImage::read(&mut r)?,
+            },
+            STATE_REJECT => Self::StateReject {
+                req: r.u64()?,
+                reason: RejectReason::read(&mut r)?,
+                text: r.text("text", MAX_TEXT_LEN)?,
+            },
+            STATE_ACK => Self::StateAck { req: r.u64()? },
+            REPLICATE => {
+                let session = r.session()?;
+                let update = match r.u8()? {
+                    UPD_FULL => ReplicaUpdate::Full {
+                        image: SessionImage::read(&mut r)?,
+                    },
+                    UPD_UP => ReplicaUpdate::Up {
+                        pos: r.u64()?,
+                        data: r.bytes("data", usize::MAX)?,
+                    },
+                    UPD_UP_FIN => ReplicaUpdate::UpFin { pos: r.u64()? },
+                    UPD_SNAPSHOT => ReplicaUpdate::Snapshot {
+                        up_snap: r.u64()?,
+                        down_snap: r.u64()?,
+                        down_fin: r.opt_pos("down_fin")?,
+                        app_state: r.bytes("app_state", usize::MAX)?,
+                        down_pos: r.u64()?,
+                        down_data: r.bytes("down_data", usize::MAX)?,
+                    },
+                    UPD_ACKED => ReplicaUpdate::Acked { down: r.u64()? },
+                    _ => return Err(r.invalid("update", "unknown replication step")),
+                };
+                Self::Replicate { session, update }
+            }
+            REPLICATE_ACK => Self::ReplicateAck {
+                session: r.session()?,
+                up: r.u64()?,
+            },
+            REPLICATE_RESYNC => Self::ReplicateResync {
+                session: r.session()?,
+            },
+            FORGET => Self::Forget {
+                session: r.session()?,
+            },
+            LOAD => Self::Load { permille: r.u32()? },
+            _ => Self::TriggerRequest {
+                session: r.session()?,
+                dest: r.server_id("dest")?,
+            },
+        };
+        r.finish()?;
+        Ok(Some(msg))
+    }
+}

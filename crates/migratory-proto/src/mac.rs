@@ -1,0 +1,86 @@
+//! Message authentication: the MAC on `Migrate` (keyed by the session
+//! secret, DESIGN.md 3.2) and the challenge-response between peers of a
+//! pool (keyed by the cluster key, DESIGN.md 3.3).
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::frame::Migrate;
+use crate::types::{Secret, ServerId};
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn keyed(key: &[u8], label: &[u8]) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(label);
+    mac
+}
+
+fn migrate_mac_state(secret: &Secret, m: &Migrate) -> HmacSha256 {
+    let mut mac = keyed(&secret.0, b"migratory/1 migrate");
+    mac.update(&m.session.0.to_be_bytes());
+    mac.update(&[m.origin.as_str().len() as u8]);
+    mac.update(m.origin.as_str().as_bytes());
+    mac.update(&m.epoch.to_be_bytes());
+    mac.update(&m.attempt.to_be_bytes());
+    mac.update(&m.down.to_be_bytes());
+    mac.update(&[u8::from(m.down_fin)]);
+    mac.update(&m.window.to_be_bytes());
+    mac
+}
+
+/// The MAC of a Migrate's fields (its `mac` field is ignored).
+pub fn migrate_mac(secret: &Secret, m: &Migrate) -> [u8; 32] {
+    migrate_mac_state(secret, m).finalize().into_bytes().into()
+}
+
+/// Whether a Migrate's MAC is right, compared in constant time.
+pub fn verify_migrate(secret: &Secret, m: &Migrate) -> bool {
+    migrate_mac_state(secret, m).verify_slice(&m.mac).is_ok()
+}
+
+fn peer_mac_state(
+    cluster_key: &[u8],
+    prover: &ServerId,
+    verifier: &ServerId,
+    verifier_nonce: &[u8; 32],
+    prover_nonce: &[u8; 32],
+) -> HmacSha256 {
+    let mut mac = keyed(cluster_key, b"migratory/1 peer");
+    for id in [prover, verifier] {
+        mac.update(&[id.as_str().len() as u8]);
+        mac.update(id.as_str().as_bytes());
+    }
+    mac.update(verifier_nonce);
+    mac.update(prover_nonce);
+    mac
+}
+
+/// The proof `prover` sends `verifier`: a MAC over both ids and both
+/// nonces, keyed by the cluster key.
+pub fn peer_mac(
+    cluster_key: &[u8],
+    prover: &ServerId,
+    verifier: &ServerId,
+    verifier_nonce: &[u8; 32],
+    prover_nonce: &[u8; 32],
+) -> [u8; 32] {
+    peer_mac_state(cluster_key, prover, verifier, verifier_nonce, prover_nonce)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a peer's proof in constant time.
+pub fn verify_peer(
+    cluster_key: &[u8],
+    prover: &ServerId,
+    verifier: &ServerId,
+    verifier_nonce: &[u8; 32],
+    prover_nonce: &[u8; 32],
+    mac: &[u8; 32],
+) -> bool {
+    peer_mac_state(cluster_key, prover, verifier, verifier_nonce, prover_nonce)
+        .verify_slice(mac)
+        .is_ok()
+}

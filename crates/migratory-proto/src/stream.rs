@@ -1,0 +1,186 @@
+//! A byte queue addressed by absolute stream positions: the storage of the
+//! retransmit buffer, the receive buffer and the read log.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::types::Pos;
+
+/// Bytes `[start, end)` of a stream, kept as shared chunks so slices for
+/// transmission are zero-copy. Appends of borrowed slices go to a growing
+/// tail block (one allocation per block, not per write).
+#[derive(Debug, Default, Clone)]
+pub struct ByteQueue {
+    chunks: VecDeque<Bytes>,
+    tail: BytesMut,
+    start: Pos,
+    len: u64,
+}
+
+const TAIL_BLOCK: usize = 64 * 1024;
+
+impl ByteQueue {
+    /// An empty queue whose next byte is at `start`.
+    pub fn new(start: Pos) -> Self {
+        Self {
+            start,
+            ..Self::default()
+        }
+    }
+
+    /// Position of the first byte held.
+    pub fn start(&self) -> Pos {
+        self.start
+    }
+
+    /// Position after the last byte held.
+    pub fn end(&self) -> Pos {
+        self.start + self.len
+    }
+
+    /// Number of bytes held.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no byte is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends shared bytes without copying.
+    pub fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        self.seal();
+        self.len += data.len() as u64;
+        self.chunks.push_back(data);
+    }
+
+    /// Appends a copy of `data`.
+    pub fn push_slice(&mut self, data: &[u8]) {
+        if self.tail.capacity() - self.tail.len() < data.len() {
+            self.seal();
+            self.tail.reserve(data.len().max(TAIL_BLOCK));
+        }
+        self.tail.extend_from_slice(data);
+        self.len += data.len() as u64;
+    }
+
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push_back(self.tail.split().freeze());
+        }
+    }
+
+    /// Drops every byte below `pos` (no-op for bytes already gone).
+    pub fn drop_to(&mut self, pos: Pos) {
+        let mut n = pos.saturating_sub(self.start).min(self.len);
+        self.start += n;
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                self.tail.advance(n as usize);
+                return;
+            };
+            let k = (front.len() as u64).min(n);
+            front.advance(k as usize);
+            n -= k;
+            if front.is_empty() {
+                self.chunks.pop_front();
+            }
+        }
+    }
+
+    /// Drops every byte at or after `pos`.
+    pub fn truncate(&mut self, pos: Pos) {
+        let keep = pos.saturating_sub(self.start).min(self.len);
+        let whole = self.slice(self.start, self.start + keep);
+        let start = self.start;
+        *self = Self::new(start);
+        self.push(whole);
+    }
+
+    /// A zero-copy slice of at most `max` bytes starting at `pos` (shorter
+    /// when it reaches a chunk boundary or the end). Empty when `pos` is not
+    /// held.
+    pub fn chunk_at(&mut self, pos: Pos, max: usize) -> Bytes {
+        if pos < self.start || pos >= self.end() || max == 0 {
+            return Bytes::new();
+        }
+        self.seal();
+        let mut off = (pos - self.start) as usize;
+        for c in &self.chunks {
+            if off < c.len() {
+                let n = (c.len() - off).min(max);
+                return c.slice(off..off + n);
+            }
+            off -= c.len();
+        }
+        Bytes::new()
+    }
+
+    /// Bytes `[from, to)`, clipped to what is held; copies only when the
+    /// range spans several chunks.
+    pub fn slice(&mut self, from: Pos, to: Pos) -> Bytes {
+        let from = from.max(self.start);
+        let to = to.min(self.end());
+        if from >= to {
+            return Bytes::new();
+        }
+        let first = self.chunk_at(from, (to - from) as usize);
+        if first.len() as u64 == to - from {
+            return first;
+        }
+        let mut out = BytesMut::with_capacity((to - from) as usize);
+        let mut pos = from;
+        while pos < to {
+            let c = self.chunk_at(pos, (to - pos) as usize);
+            out.extend_from_slice(&c);
+            pos += c.len() as u64;
+        }
+        out.freeze()
+    }
+
+    /// Copies bytes starting at `pos` into `buf`; returns how many.
+    pub fn copy_to(&mut self, pos: Pos, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            let c = self.chunk_at(pos + done as u64, buf.len() - done);
+            if c.is_empty() {
+                break;
+            }
+            buf[done..done + c.len()].copy_from_slice(&c);
+            done += c.len();
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_slices_and_drops() {
+        let mut q = ByteQueue::new(100);
+        q.push(Bytes::from_static(b"hello "));
+        q.push_slice(b"wor");
+        q.push_slice(b"ld");
+        assert_eq!((q.start(), q.end()), (100, 111));
+        assert_eq!(&q.slice(104, 109)[..], b"o wor");
+        assert_eq!(&q.chunk_at(100, 100)[..], b"hello ");
+        q.drop_to(103);
+        assert_eq!(&q.slice(0, 1000)[..], b"lo world");
+        let mut buf = [0; 4];
+        assert_eq!(q.copy_to(107, &mut buf), 4);
+        assert_eq!(&buf, b"orld");
+        q.truncate(108);
+        assert_eq!(&q.slice(0, 1000)[..], b"lo wo");
+        q.drop_to(500);
+        assert!(q.is_empty());
+        assert_eq!(q.start(), 108);
+    }
+}
