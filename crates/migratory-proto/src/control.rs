@@ -31,8 +31,6 @@ pub struct SessionImage {
     pub secret: Secret,
     /// The epoch the state was taken at.
     pub epoch: Epoch,
-    /// Highest Migrate attempt number the owner has seen.
-    pub last_attempt: u64,
     /// `rcv_snap`: where the application resumes reading.
     pub up_snap: Pos,
     /// Up bytes from `up_snap` to `rcv_nxt`.
@@ -67,7 +65,6 @@ impl SessionImage {
         b.put_session(self.session);
         b.put_slice(&self.secret.0);
         b.put_u64(self.epoch);
-        b.put_u64(self.last_attempt);
         b.put_u64(self.up_snap);
         b.put_bytes_u32(&self.up_data);
         b.put_opt_pos(self.up_fin);
@@ -83,7 +80,6 @@ impl SessionImage {
             session: r.session()?,
             secret: r.secret()?,
             epoch: r.u64()?,
-            last_attempt: r.u64()?,
             up_snap: r.u64()?,
             up_data: r.bytes("up_data", usize::MAX)?,
             up_fin: r.opt_pos("up_fin")?,
@@ -156,6 +152,16 @@ pub enum ReplicaUpdate {
         /// The client's cumulative ack.
         down: Pos,
     },
+    /// The owner's epoch moved (a client reattached) or it handed out epochs
+    /// below `next` to destinations (it froze the session for a
+    /// migration): the replica answers Migrates at `epoch`, and a failover
+    /// from it takes `next` or later, so no two servers serve one epoch.
+    Epoch {
+        /// The session's current epoch at the owner.
+        epoch: Epoch,
+        /// The lowest epoch not yet handed out.
+        next: Epoch,
+    },
 }
 
 /// A message on a control connection.
@@ -210,12 +216,14 @@ pub enum ControlMessage {
         /// The step.
         update: ReplicaUpdate,
     },
-    /// Backup -> owner: I hold every up byte below `up`.
+    /// Backup -> owner: I hold every up byte below `up`, at `epoch`.
     ReplicateAck {
         /// The session.
         session: SessionId,
         /// The replica's up end.
         up: Pos,
+        /// The epoch the replica answers at.
+        epoch: Epoch,
     },
     /// Backup -> owner: my replica is missing or out of step; send it whole.
     ReplicateResync {
@@ -260,6 +268,7 @@ const UPD_UP: u8 = 2;
 const UPD_UP_FIN: u8 = 3;
 const UPD_SNAPSHOT: u8 = 4;
 const UPD_ACKED: u8 = 5;
+const UPD_EPOCH: u8 = 6;
 
 impl ControlMessage {
     /// Short name of the message kind, for logs and errors.
@@ -343,11 +352,17 @@ impl ControlMessage {
                         b.put_u8(UPD_ACKED);
                         b.put_u64(*down);
                     }
+                    ReplicaUpdate::Epoch { epoch, next } => {
+                        b.put_u8(UPD_EPOCH);
+                        b.put_u64(*epoch);
+                        b.put_u64(*next);
+                    }
                 }
             }),
-            Self::ReplicateAck { session, up } => put_frame(dst, REPLICATE_ACK, |b| {
+            Self::ReplicateAck { session, up, epoch } => put_frame(dst, REPLICATE_ACK, |b| {
                 b.put_session(*session);
                 b.put_u64(*up);
+                b.put_u64(*epoch);
             }),
             Self::ReplicateResync { session } => {
                 put_frame(dst, REPLICATE_RESYNC, |b| b.put_session(*session))
@@ -428,6 +443,10 @@ impl ControlMessage {
                         down_data: r.bytes("down_data", usize::MAX)?,
                     },
                     UPD_ACKED => ReplicaUpdate::Acked { down: r.u64()? },
+                    UPD_EPOCH => ReplicaUpdate::Epoch {
+                        epoch: r.u64()?,
+                        next: r.u64()?,
+                    },
                     _ => return Err(r.invalid("update", "unknown replication step")),
                 };
                 Self::Replicate { session, update }
@@ -435,6 +454,7 @@ impl ControlMessage {
             REPLICATE_ACK => Self::ReplicateAck {
                 session: r.session()?,
                 up: r.u64()?,
+                epoch: r.u64()?,
             },
             REPLICATE_RESYNC => Self::ReplicateResync {
                 session: r.session()?,

@@ -57,8 +57,7 @@ pub enum RejectReason {
     /// The session exists but cannot migrate now: not established, or both
     /// directions closed and acknowledged (MTCP's `INVALID_STATE`).
     InvalidState,
-    /// The Migrate's MAC, epoch or attempt number is wrong (forged, stale or
-    /// replayed).
+    /// The Migrate's proof or epoch is wrong (forged, stale or replayed).
     AuthFailed,
     /// The server is out of capacity.
     Busy,
@@ -111,18 +110,20 @@ impl fmt::Display for RejectReason {
     }
 }
 
-/// The fields of a `Migrate` frame (also forwarded to the origin inside a
-/// `StateRequest`, which verifies the MAC: only it knows the secret).
+/// What a client asks for in a `Migrate` frame: resume this session here.
+/// It is not trusted until the client proves, with [`Frame::Proof`], that it
+/// holds the session secret and answers this server's fresh challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Migrate {
+pub struct MigrateRequest {
     /// The session to resume.
     pub session: SessionId,
     /// The server the client was last attached to (the owner it knows).
     pub origin: ServerId,
     /// The session's epoch as the client knows it.
     pub epoch: Epoch,
-    /// Per-session attempt counter; each Migrate uses a fresh one so a
-    /// replayed Migrate is refused.
+    /// The client's attempt counter: it grows with every Migrate, so the
+    /// owner can refuse an older request still in flight after a newer one
+    /// was served.
     pub attempt: u64,
     /// The client's down-stream position `c`: every byte below it was
     /// received (MTCP's `rcv_nxt` in `TCP_MIGRATED_CONN`).
@@ -131,11 +132,9 @@ pub struct Migrate {
     pub down_fin: bool,
     /// How many down bytes beyond `down` the client can buffer.
     pub window: u64,
-    /// HMAC-SHA256 over all the fields above, keyed by the session secret.
-    pub mac: [u8; 32],
 }
 
-impl Migrate {
+impl MigrateRequest {
     pub(crate) fn put(&self, dst: &mut BytesMut) {
         dst.put_session(self.session);
         dst.put_server_id(&self.origin);
@@ -144,7 +143,6 @@ impl Migrate {
         dst.put_u64(self.down);
         dst.put_bool(self.down_fin);
         dst.put_u64(self.window);
-        dst.put_slice(&self.mac);
     }
 
     pub(crate) fn read(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -156,6 +154,36 @@ impl Migrate {
             down: r.u64()?,
             down_fin: r.bool("down_fin")?,
             window: r.u64()?,
+        })
+    }
+}
+
+/// An authenticated migration request: the client's request, the
+/// destination's challenge and the client's MAC over both (keyed by the
+/// session secret). The destination forwards it to the origin inside a
+/// `StateRequest`; the origin, which knows the secret, verifies it. A
+/// captured `Migrate` is useless: every destination picks a fresh nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrate {
+    /// The request.
+    pub request: MigrateRequest,
+    /// The destination's random challenge.
+    pub nonce: [u8; 32],
+    /// HMAC-SHA256 over the request and the nonce.
+    pub mac: [u8; 32],
+}
+
+impl Migrate {
+    pub(crate) fn put(&self, dst: &mut BytesMut) {
+        self.request.put(dst);
+        dst.put_slice(&self.nonce);
+        dst.put_slice(&self.mac);
+    }
+
+    pub(crate) fn read(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(Self {
+            request: MigrateRequest::read(r)?,
+            nonce: r.array()?,
             mac: r.array()?,
         })
     }
@@ -184,8 +212,18 @@ pub enum Frame {
         /// How many up bytes the server can buffer (limit = window).
         window: u64,
     },
-    /// C->S2: resume a session here.
-    Migrate(Migrate),
+    /// C->S2: resume a session here (answered with a Challenge).
+    Migrate(MigrateRequest),
+    /// S2->C: prove you hold the session secret, for this nonce.
+    Challenge {
+        /// Fresh random nonce.
+        nonce: [u8; 32],
+    },
+    /// C->S2: HMAC over the Migrate request and the challenge nonce.
+    Proof {
+        /// The MAC.
+        mac: [u8; 32],
+    },
     /// S2->C: the session resumed.
     Resumed {
         /// Up position the client must resend from (all below is held).
@@ -254,6 +292,8 @@ const TRIGGER: u8 = 0x08;
 const CLOSE: u8 = 0x09;
 const PING: u8 = 0x0a;
 const PONG: u8 = 0x0b;
+const CHALLENGE: u8 = 0x0c;
+const PROOF: u8 = 0x0d;
 
 impl Frame {
     /// Short name of the frame kind, for logs and errors.
@@ -270,6 +310,8 @@ impl Frame {
             Frame::Close { .. } => "Close",
             Frame::Ping { .. } => "Ping",
             Frame::Pong { .. } => "Pong",
+            Frame::Challenge { .. } => "Challenge",
+            Frame::Proof { .. } => "Proof",
         }
     }
 
@@ -327,6 +369,8 @@ impl Frame {
             Frame::Close { pos } => put_frame(dst, CLOSE, |b| b.put_u64(*pos)),
             Frame::Ping { nonce } => put_frame(dst, PING, |b| b.put_u64(*nonce)),
             Frame::Pong { nonce } => put_frame(dst, PONG, |b| b.put_u64(*nonce)),
+            Frame::Challenge { nonce } => put_frame(dst, CHALLENGE, |b| b.put_slice(nonce)),
+            Frame::Proof { mac } => put_frame(dst, PROOF, |b| b.put_slice(mac)),
         }
     }
 
@@ -344,7 +388,7 @@ impl Frame {
     /// consumed), and an error for a frame larger than `max_frame` or
     /// malformed in any way. A Data payload is split off without copying.
     pub fn decode(src: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
-        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=PONG).contains(&t))? else {
+        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=PROOF).contains(&t))? else {
             return Ok(None);
         };
         let name = match ty {
@@ -358,7 +402,9 @@ impl Frame {
             TRIGGER => "Trigger",
             CLOSE => "Close",
             PING => "Ping",
-            _ => "Pong",
+            PONG => "Pong",
+            CHALLENGE => "Challenge",
+            _ => "Proof",
         };
         let mut r = Reader::new(body, name);
         let frame = match ty {
@@ -371,7 +417,7 @@ impl Frame {
                 alternates: r.alternates()?,
                 window: r.u64()?,
             },
-            MIGRATE => Frame::Migrate(Migrate::read(&mut r)?),
+            MIGRATE => Frame::Migrate(MigrateRequest::read(&mut r)?),
             RESUMED => Frame::Resumed {
                 up: r.u64()?,
                 up_fin: r.bool("up_fin")?,
@@ -396,7 +442,9 @@ impl Frame {
             },
             CLOSE => Frame::Close { pos: r.u64()? },
             PING => Frame::Ping { nonce: r.u64()? },
-            _ => Frame::Pong { nonce: r.u64()? },
+            PONG => Frame::Pong { nonce: r.u64()? },
+            CHALLENGE => Frame::Challenge { nonce: r.array()? },
+            _ => Frame::Proof { mac: r.array()? },
         };
         r.finish()?;
         Ok(Some(frame))

@@ -22,11 +22,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod config;
 pub mod control;
 pub mod error;
 pub mod frame;
 pub mod mac;
+pub mod peer;
+pub mod server;
 pub mod stream;
+pub mod sync;
 pub mod types;
 mod wire;
 

@@ -5,7 +5,7 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::frame::Migrate;
+use crate::frame::{Migrate, MigrateRequest};
 use crate::types::{Secret, ServerId};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -16,27 +16,30 @@ fn keyed(key: &[u8], label: &[u8]) -> HmacSha256 {
     mac
 }
 
-fn migrate_mac_state(secret: &Secret, m: &Migrate) -> HmacSha256 {
+fn migrate_mac_state(secret: &Secret, req: &MigrateRequest, nonce: &[u8; 32]) -> HmacSha256 {
     let mut mac = keyed(&secret.0, b"migratory/1 migrate");
-    mac.update(&m.session.0.to_be_bytes());
-    mac.update(&[m.origin.as_str().len() as u8]);
-    mac.update(m.origin.as_str().as_bytes());
-    mac.update(&m.epoch.to_be_bytes());
-    mac.update(&m.attempt.to_be_bytes());
-    mac.update(&m.down.to_be_bytes());
-    mac.update(&[u8::from(m.down_fin)]);
-    mac.update(&m.window.to_be_bytes());
+    mac.update(&req.session.0.to_be_bytes());
+    mac.update(&[req.origin.as_str().len() as u8]);
+    mac.update(req.origin.as_str().as_bytes());
+    mac.update(&req.epoch.to_be_bytes());
+    mac.update(&req.attempt.to_be_bytes());
+    mac.update(&req.down.to_be_bytes());
+    mac.update(&[u8::from(req.down_fin)]);
+    mac.update(&req.window.to_be_bytes());
+    mac.update(nonce);
     mac
 }
 
-/// The MAC of a Migrate's fields (its `mac` field is ignored).
-pub fn migrate_mac(secret: &Secret, m: &Migrate) -> [u8; 32] {
-    migrate_mac_state(secret, m).finalize().into_bytes().into()
+/// The client's proof for a Migrate request and the destination's nonce.
+pub fn migrate_mac(secret: &Secret, req: &MigrateRequest, nonce: &[u8; 32]) -> [u8; 32] {
+    migrate_mac_state(secret, req, nonce).finalize().into_bytes().into()
 }
 
-/// Whether a Migrate's MAC is right, compared in constant time.
+/// Whether an authenticated Migrate's MAC is right (constant time).
 pub fn verify_migrate(secret: &Secret, m: &Migrate) -> bool {
-    migrate_mac_state(secret, m).verify_slice(&m.mac).is_ok()
+    migrate_mac_state(secret, &m.request, &m.nonce)
+        .verify_slice(&m.mac)
+        .is_ok()
 }
 
 fn peer_mac_state(

@@ -1,0 +1,957 @@
+//! The client side of the session protocol: one [`Client`] per session.
+//!
+//! The client is the sole initiator of every migration (MTCP 3.2.1): on an
+//! explicit [`Client::migrate`], on a Trigger from a server, or when its
+//! server fails, it opens a new incarnation to another server and sends
+//! `Migrate` with its down-stream position. It stops consuming the old
+//! incarnation at that moment, so its position is frozen and MTCP's β
+//! correction is always zero (DESIGN.md 3.5).
+//!
+//! # Driving it
+//!
+//! Call [`Client::start`], then answer each [`ClientEvent::Connect`] by
+//! opening a TCP connection for that incarnation to that server; feed what
+//! it reads to [`Client::handle_input`] and report its end with
+//! [`Client::handle_incarnation_closed`]. Drain [`Client::poll_transmit`]
+//! and [`Client::poll_event`] after every call, and call
+//! [`Client::handle_timeout`] when [`Client::poll_timeout`] has passed.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::{ClientTimeouts, Limits};
+use crate::error::{AppError, ProtocolError, SessionError};
+use crate::frame::{Frame, MigrateRequest, RejectReason, PREAMBLE};
+use crate::mac::migrate_mac;
+use crate::stream::ByteQueue;
+use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
+
+/// Configuration of a client session.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Buffer and frame limits.
+    pub limits: Limits,
+    /// Timeouts.
+    pub timeouts: ClientTimeouts,
+    /// Do not migrate on a server's Trigger (only report it). Off by
+    /// default: triggers are followed.
+    pub ignore_triggers: bool,
+    /// How many times every known server is tried before the session is
+    /// given up as lost (connections can fail transiently). Default 3.
+    pub failover_rounds: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            timeouts: ClientTimeouts::default(),
+            ignore_triggers: false,
+            failover_rounds: 3,
+        }
+    }
+}
+
+/// Why the client is migrating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationCause {
+    /// [`Client::migrate`] was called (the application or a policy).
+    Requested,
+    /// A server sent a Trigger.
+    Trigger,
+    /// The current server failed (EOF or reset without Close, or silence).
+    ServerFailed,
+    /// A previous attempt failed; trying the next server.
+    Retry,
+}
+
+/// Something the runtime or the application must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Open a TCP connection for `inc` to `server` (`None`: the initial
+    /// connection, to an address of the runtime's choosing).
+    Connect {
+        /// The incarnation to carry.
+        inc: IncarnationId,
+        /// The server to reach.
+        server: Option<ServerId>,
+    },
+    /// Close this connection (an abandoned incarnation).
+    CloseIncarnation(IncarnationId),
+    /// The session started.
+    Established {
+        /// The session.
+        session: SessionId,
+        /// Its server.
+        server: ServerId,
+    },
+    /// A migration began.
+    MigrationStarted {
+        /// Where to.
+        to: ServerId,
+        /// Why.
+        cause: MigrationCause,
+    },
+    /// The session resumed at another server.
+    Migrated {
+        /// Previous server.
+        from: ServerId,
+        /// New server.
+        to: ServerId,
+        /// New epoch.
+        epoch: Epoch,
+    },
+    /// A migration attempt failed; the client tries the next server.
+    AttemptFailed {
+        /// The server tried.
+        server: ServerId,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A server asked the client to migrate.
+    Triggered {
+        /// Suggested destination.
+        dest: Option<ServerId>,
+    },
+    /// Bytes (or the end of the stream) can be read.
+    Readable,
+    /// Buffer space can be written.
+    Writable,
+    /// Both directions are closed and acknowledged.
+    Finished,
+    /// The session is lost: see the error (fail closed).
+    Failed(SessionError),
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    Connecting {
+        inc: IncarnationId,
+        deadline: Instant,
+    },
+    Established,
+    Migrating {
+        inc: IncarnationId,
+        target: ServerId,
+        deadline: Instant,
+        /// Kept to answer the destination's challenge.
+        request: MigrateRequest,
+    },
+    Failed(SessionError),
+    Finished,
+}
+
+#[derive(Debug)]
+struct Identity {
+    session: SessionId,
+    secret: Secret,
+    epoch: Epoch,
+    owner: ServerId,
+}
+
+#[derive(Debug, Default)]
+struct CInc {
+    rx: BytesMut,
+    out: BytesMut,
+}
+
+/// Counters of what the client did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Successful migrations.
+    pub migrations: u64,
+    /// Failed migration attempts.
+    pub failed_attempts: u64,
+    /// Up bytes sent again after migrations.
+    pub bytes_resent: u64,
+}
+
+/// One client session. See the module documentation for how to drive it.
+#[derive(Debug)]
+pub struct Client {
+    cfg: ClientConfig,
+    phase: Phase,
+    id: Option<Identity>,
+    /// Migrate requests made so far (the next request's attempt number).
+    attempts: u64,
+    alternates: Vec<Alternate>,
+    /// Servers tried in the current failover round, and rounds done.
+    tried: Vec<ServerId>,
+    rounds: u32,
+    owner_failed: bool,
+    cause: MigrationCause,
+    last_failure: String,
+    cur: Option<IncarnationId>,
+    incs: HashMap<IncarnationId, CInc>,
+    ready: VecDeque<IncarnationId>,
+    next_inc: u64,
+    // Up stream: [up_una, up_end) kept until acknowledged.
+    up: ByteQueue,
+    up_sent: Pos,
+    up_limit: Pos,
+    up_fin: Option<Pos>,
+    up_fin_sent: bool,
+    up_fin_acked: bool,
+    // Down stream: [app_read, down_rcv) received and not yet read.
+    down: ByteQueue,
+    down_fin: Option<Pos>,
+    ack_sent: Pos,
+    limit_sent: Pos,
+    fin_ack_sent: bool,
+    ack_due: bool,
+    /// An Ack must go out on a fresh incarnation to confirm it.
+    confirm: bool,
+    last_rx: Instant,
+    ping_sent: Option<Instant>,
+    events: VecDeque<ClientEvent>,
+    stats: ClientStats,
+}
+
+impl Client {
+    /// A client that has not connected yet.
+    pub fn new(cfg: ClientConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            phase: Phase::Idle,
+            id: None,
+            attempts: 0,
+            alternates: Vec::new(),
+            tried: Vec::new(),
+            rounds: 0,
+            owner_failed: false,
+            cause: MigrationCause::Requested,
+            last_failure: String::new(),
+            cur: None,
+            incs: HashMap::new(),
+            ready: VecDeque::new(),
+            next_inc: 0,
+            up: ByteQueue::new(0),
+            up_sent: 0,
+            up_limit: 0,
+            up_fin: None,
+            up_fin_sent: false,
+            up_fin_acked: false,
+            down: ByteQueue::new(0),
+            down_fin: None,
+            ack_sent: 0,
+            limit_sent: 0,
+            fin_ack_sent: false,
+            ack_due: false,
+            confirm: false,
+            last_rx: now,
+            ping_sent: None,
+            events: VecDeque::new(),
+            stats: ClientStats::default(),
+        }
+    }
+
+    /// Starts the session: asks for a connection to a server of the pool,
+    /// on which Hello is sent.
+    pub fn start(&mut self, now: Instant) -> IncarnationId {
+        let inc = self.new_inc();
+        let window = self.cfg.limits.recv_window;
+        self.limit_sent = window;
+        self.push_frame(inc, Frame::Hello { window });
+        self.phase = Phase::Connecting {
+            inc,
+            deadline: now + self.cfg.timeouts.handshake,
+        };
+        self.events.push_back(ClientEvent::Connect { inc, server: None });
+        inc
+    }
+
+    fn new_inc(&mut self) -> IncarnationId {
+        self.next_inc += 1;
+        let inc = IncarnationId(self.next_inc);
+        let mut c = CInc::default();
+        c.out.extend_from_slice(&PREAMBLE);
+        self.incs.insert(inc, c);
+        inc
+    }
+
+    fn push_frame(&mut self, inc: IncarnationId, frame: Frame) {
+        if let Some(c) = self.incs.get_mut(&inc) {
+            frame.encode(&mut c.out);
+            if !self.ready.contains(&inc) {
+                self.ready.push_back(inc);
+            }
+        }
+    }
+
+    fn mark_ready(&mut self) {
+        if let Some(inc) = self.cur {
+            if !self.ready.contains(&inc) {
+                self.ready.push_back(inc);
+            }
+        }
+    }
+
+    /// What the client has done so far.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// The session id, once established.
+    pub fn session(&self) -> Option<SessionId> {
+        self.id.as_ref().map(|i| i.session)
+    }
+
+    /// The server that owns the session as far as the client knows.
+    pub fn server(&self) -> Option<&ServerId> {
+        self.id.as_ref().map(|i| &i.owner)
+    }
+
+    /// The session's epoch as the client knows it.
+    pub fn epoch(&self) -> Option<Epoch> {
+        self.id.as_ref().map(|i| i.epoch)
+    }
+
+    /// The servers the client may migrate to (learned from the pool).
+    pub fn alternates(&self) -> &[Alternate] {
+        &self.alternates
+    }
+
+    /// Whether the session is established and not migrating.
+    pub fn is_established(&self) -> bool {
+        matches!(self.phase, Phase::Established)
+    }
+
+    /// Whether a migration is under way.
+    pub fn is_migrating(&self) -> bool {
+        matches!(self.phase, Phase::Migrating { .. })
+    }
+
+    /// The error that ended the session, if it failed.
+    pub fn failure(&self) -> Option<&SessionError> {
+        match &self.phase {
+            Phase::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether both directions finished.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Both directions are closed and acknowledged: no server is needed any
+    /// more, only the application's reading of what is buffered.
+    fn wire_done(&self) -> bool {
+        self.down_fin.is_some() && self.up_fin_acked
+    }
+
+    /// Both Closes are out (ours sent, the server's received): only the
+    /// ack of ours is missing, so voluntary migrations are pointless.
+    fn closing(&self) -> bool {
+        self.down_fin.is_some() && self.up_fin_sent
+    }
+
+    fn check_finished(&mut self) {
+        // The ack of the server's Close is a courtesy: with no connection
+        // left (the server closed or failed) there is no one to send it to.
+        if self.wire_done()
+            && self.down.is_empty()
+            && (self.fin_ack_sent || self.cur.is_none())
+            && !matches!(self.phase, Phase::Finished | Phase::Failed(_))
+        {
+            self.phase = Phase::Finished;
+            self.events.push_back(ClientEvent::Finished);
+            for inc in self.incs.keys().copied().collect::<Vec<_>>() {
+                self.abandon(inc);
+            }
+            self.cur = None;
+        }
+    }
+
+    /// Stream positions, for diagnostics: (up acked, up sent, up end, up
+    /// limit, up fin, fin acked, down read, down received, down fin).
+    #[doc(hidden)]
+    pub fn debug_positions(&self) -> String {
+        format!(
+            "phase {:?} up [{}, sent {}, {}) limit {} fin {:?} acked {} | down [{}, {}) fin {:?} ack_sent {} fin_ack_sent {}",
+            self.phase,
+            self.up.start(),
+            self.up_sent,
+            self.up.end(),
+            self.up_limit,
+            self.up_fin,
+            self.up_fin_acked,
+            self.down.start(),
+            self.down.end(),
+            self.down_fin,
+            self.ack_sent,
+            self.fin_ack_sent
+        )
+    }
+
+    /// Bytes received so far (the down position `c`).
+    pub fn down_received(&self) -> Pos {
+        self.down.end()
+    }
+
+    // ----- migration ---------------------------------------------------------
+
+    /// Migrates the session now, to `dest` or to the next alternate. Fails
+    /// when the session is not established (or already migrating).
+    pub fn migrate(&mut self, now: Instant, dest: Option<ServerId>) -> Result<(), SessionError> {
+        if !matches!(self.phase, Phase::Established) {
+            return Err(SessionError::Unestablished("session not established".into()));
+        }
+        if self.closing() {
+            return Err(SessionError::Closed);
+        }
+        self.tried.clear();
+        self.owner_failed = false;
+        self.begin_migration(now, dest, MigrationCause::Requested);
+        Ok(())
+    }
+
+    /// The next server to try in this failover round.
+    fn next_candidate(&self) -> Option<ServerId> {
+        let owner = self.id.as_ref().map(|i| i.owner.clone());
+        let alts = self.alternates.iter().map(|a| a.id.clone());
+        let order: Vec<ServerId> = if self.owner_failed {
+            alts.chain(owner).collect()
+        } else {
+            owner.into_iter().chain(alts).collect()
+        };
+        order.into_iter().find(|s| !self.tried.contains(s))
+    }
+
+    fn begin_migration(&mut self, now: Instant, dest: Option<ServerId>, cause: MigrationCause) {
+        let mut target = dest.or_else(|| self.next_candidate());
+        if target.is_none() && self.rounds + 1 < self.cfg.failover_rounds {
+            self.rounds += 1;
+            self.tried.clear();
+            target = self.next_candidate();
+        }
+        let Some(target) = target else {
+            let last = std::mem::take(&mut self.last_failure);
+            return self.fail(SessionError::NoServerLeft { last });
+        };
+        // Stop sending on and consuming the old incarnation: `c` is frozen.
+        if let Some(old) = self.cur.take() {
+            self.abandon(old);
+        }
+        if let Phase::Migrating { inc, .. } = self.phase {
+            self.abandon(inc);
+        }
+        let id = self.id.as_ref().expect("migrations need an established session");
+        self.attempts += 1;
+        let request = MigrateRequest {
+            session: id.session,
+            origin: id.owner.clone(),
+            epoch: id.epoch,
+            attempt: self.attempts,
+            down: self.down.end(),
+            down_fin: self.down_fin.is_some(),
+            window: self.cfg.limits.recv_window - self.down.len(),
+        };
+        let inc = self.new_inc();
+        self.push_frame(inc, Frame::Migrate(request.clone()));
+        self.tried.push(target.clone());
+        self.cause = cause.clone();
+        self.phase = Phase::Migrating {
+            inc,
+            target: target.clone(),
+            deadline: now + self.cfg.timeouts.handshake,
+            request,
+        };
+        self.events.push_back(ClientEvent::MigrationStarted {
+            to: target.clone(),
+            cause,
+        });
+        self.events.push_back(ClientEvent::Connect {
+            inc,
+            server: Some(target),
+        });
+    }
+
+    fn abandon(&mut self, inc: IncarnationId) {
+        if self.incs.remove(&inc).is_some() {
+            self.ready.retain(|i| *i != inc);
+            self.events.push_back(ClientEvent::CloseIncarnation(inc));
+        }
+    }
+
+    fn fail(&mut self, e: SessionError) {
+        if matches!(self.phase, Phase::Failed(_)) {
+            return;
+        }
+        for inc in self.incs.keys().copied().collect::<Vec<_>>() {
+            self.abandon(inc);
+        }
+        self.cur = None;
+        self.events.push_back(ClientEvent::Failed(e.clone()));
+        self.phase = Phase::Failed(e);
+    }
+
+    /// The attempt on the migration target failed: try the next server.
+    fn attempt_failed(&mut self, now: Instant, reason: String) {
+        let Phase::Migrating { inc, target, .. } = &self.phase else {
+            return;
+        };
+        let (inc, target) = (*inc, target.clone());
+        self.abandon(inc);
+        self.stats.failed_attempts += 1;
+        self.last_failure = format!("{target}: {reason}");
+        self.events.push_back(ClientEvent::AttemptFailed {
+            server: target,
+            reason,
+        });
+        self.phase = Phase::Established;
+        self.begin_migration(now, None, MigrationCause::Retry);
+    }
+
+    /// The current server failed: fail over to the alternates.
+    fn server_failed(&mut self, now: Instant, reason: String) {
+        let owner = self.id.as_ref().map(|i| i.owner.clone());
+        self.last_failure = format!("{}: {reason}", owner.map_or("server".into(), |o| o.to_string()));
+        self.tried.clear();
+        self.rounds = 0;
+        self.owner_failed = true;
+        self.begin_migration(now, None, MigrationCause::ServerFailed);
+    }
+
+    // ----- input ------------------------------------------------------------
+
+    /// Bytes read from the connection of `inc`.
+    pub fn handle_input(&mut self, now: Instant, inc: IncarnationId, data: &[u8]) {
+        let expected = match self.phase {
+            Phase::Connecting { inc: i, .. } | Phase::Migrating { inc: i, .. } => Some(i),
+            Phase::Established => self.cur,
+            _ => None,
+        };
+        if expected != Some(inc) {
+            // An abandoned incarnation (MTCP's BLACKHOLE) or a stray one.
+            return;
+        }
+        let Some(c) = self.incs.get_mut(&inc) else {
+            return;
+        };
+        c.rx.extend_from_slice(data);
+        self.last_rx = now;
+        self.ping_sent = None;
+        let max_frame = self.cfg.limits.max_frame;
+        loop {
+            let Some(c) = self.incs.get_mut(&inc) else {
+                return;
+            };
+            let frame = match Frame::decode(&mut c.rx, max_frame) {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => return self.protocol_error(now, inc, e.into()),
+            };
+            if let Err(e) = self.on_frame(now, inc, frame) {
+                return self.protocol_error(now, inc, e);
+            }
+            if !self.incs.contains_key(&inc) {
+                return;
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, now: Instant, inc: IncarnationId, e: ProtocolError) {
+        match self.phase {
+            Phase::Migrating { inc: i, .. } if i == inc => self.attempt_failed(now, e.to_string()),
+            Phase::Established if self.cur == Some(inc) => self.server_failed(now, e.to_string()),
+            _ => self.fail(SessionError::Protocol(e)),
+        }
+    }
+
+    fn on_frame(&mut self, now: Instant, inc: IncarnationId, frame: Frame) -> Result<(), ProtocolError> {
+        match (&self.phase, frame) {
+            (
+                Phase::Connecting { .. },
+                Frame::Welcome {
+                    session,
+                    secret,
+                    epoch,
+                    server,
+                    alternates,
+                    window,
+                },
+            ) => {
+                self.id = Some(Identity {
+                    session,
+                    secret,
+                    epoch,
+                    owner: server.clone(),
+                });
+                self.alternates = alternates;
+                self.up_limit = window;
+                self.cur = Some(inc);
+                self.phase = Phase::Established;
+                self.events.push_back(ClientEvent::Established { session, server });
+                self.events.push_back(ClientEvent::Writable);
+                self.mark_ready();
+            }
+            (
+                Phase::Migrating { .. },
+                Frame::Resumed {
+                    up,
+                    up_fin,
+                    down,
+                    epoch,
+                    server,
+                    alternates,
+                    window,
+                },
+            ) => self.on_resumed(inc, up, up_fin, down, epoch, server, alternates, window),
+            (Phase::Migrating { request, .. }, Frame::Challenge { nonce }) => {
+                let secret = &self.id.as_ref().expect("migrating sessions are established").secret;
+                let mac = migrate_mac(secret, request, &nonce);
+                self.push_frame(inc, Frame::Proof { mac });
+            }
+            (Phase::Connecting { .. }, Frame::Reject { reason, text }) => {
+                self.fail(SessionError::Unestablished(format!("{reason}: {text}")));
+            }
+            (Phase::Migrating { target, .. }, Frame::Reject { reason, text }) => {
+                let server = target.clone();
+                match reason {
+                    // The session completed while our final Ack was lost.
+                    RejectReason::InvalidState if self.closing() && text == crate::server::FINISHED_TEXT => {
+                        self.up_fin_acked = true;
+                        if let Phase::Migrating { inc, .. } = self.phase {
+                            self.abandon(inc);
+                        }
+                        self.phase = Phase::Established;
+                        self.check_finished();
+                    }
+                    // The state exists and this request is wrong, or the
+                    // session is over: no other server can do better.
+                    RejectReason::AuthFailed | RejectReason::InvalidState => {
+                        self.fail(SessionError::Rejected { server, reason, text });
+                    }
+                    _ => self.attempt_failed(now, format!("{reason}: {text}")),
+                }
+            }
+            (Phase::Established, frame) => self.on_established_frame(now, inc, frame)?,
+            (_, f) => {
+                return Err(ProtocolError::Unexpected {
+                    frame: f.name(),
+                    why: "not allowed before the session is established or resumed",
+                })
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_resumed(
+        &mut self,
+        inc: IncarnationId,
+        up: Pos,
+        up_fin: bool,
+        down: Pos,
+        epoch: Epoch,
+        server: ServerId,
+        alternates: Vec<Alternate>,
+        window: u64,
+    ) {
+        // The server must send exactly from our position, and must hold
+        // every up byte we dropped (else it lost acknowledged data).
+        if down != self.down.end() {
+            return self.fail(SessionError::Protocol(ProtocolError::Position(
+                "server resumes the down stream at another position than the client's",
+            )));
+        }
+        if up < self.up.start() || up > self.up.end() || (up_fin && self.up_fin != Some(up)) {
+            return self.fail(SessionError::Protocol(ProtocolError::Position(
+                "server resumed the up stream outside the client's buffer (acknowledged data lost)",
+            )));
+        }
+        let id = self.id.as_mut().expect("migrating sessions are established");
+        let from = std::mem::replace(&mut id.owner, server.clone());
+        id.epoch = epoch;
+        // MTCP's implicit ACK: drop what the new server holds, resend the rest.
+        self.stats.bytes_resent += self.up_sent.saturating_sub(up);
+        self.up.drop_to(up);
+        self.up_sent = up;
+        self.up_limit = up + window;
+        self.up_fin_sent = up_fin;
+        self.up_fin_acked = up_fin;
+        self.alternates = alternates;
+        self.alternates.retain(|a| a.id != server);
+        self.cur = Some(inc);
+        self.phase = Phase::Established;
+        self.tried.clear();
+        self.rounds = 0;
+        self.owner_failed = false;
+        self.stats.migrations += 1;
+        // Confirm at once: the Ack tells the server this incarnation is live.
+        self.confirm = true;
+        self.events.push_back(ClientEvent::Migrated {
+            from,
+            to: server,
+            epoch,
+        });
+        self.events.push_back(ClientEvent::Writable);
+        self.mark_ready();
+    }
+
+    fn on_established_frame(
+        &mut self,
+        now: Instant,
+        inc: IncarnationId,
+        frame: Frame,
+    ) -> Result<(), ProtocolError> {
+        match frame {
+            Frame::Data(data) => {
+                if self.down_fin.is_some() {
+                    return Err(ProtocolError::Position("data after Close"));
+                }
+                if self.down.end() + data.len() as u64 > self.limit_sent.max(self.down.start() + self.cfg.limits.recv_window) {
+                    return Err(ProtocolError::Position("data beyond the advertised window"));
+                }
+                if !data.is_empty() {
+                    self.down.push(data);
+                    self.ack_due = true;
+                    self.mark_ready();
+                    self.events.push_back(ClientEvent::Readable);
+                }
+            }
+            Frame::Ack { pos, limit, fin } => {
+                if pos > self.up_sent {
+                    return Err(ProtocolError::Position("ack beyond the data sent"));
+                }
+                if fin && !self.up_fin_sent {
+                    return Err(ProtocolError::Position("ack of a Close not sent"));
+                }
+                if pos > self.up.start() {
+                    self.up.drop_to(pos);
+                    self.events.push_back(ClientEvent::Writable);
+                }
+                self.up_limit = self.up_limit.max(limit);
+                self.up_fin_acked |= fin;
+                self.mark_ready();
+            }
+            Frame::Close { pos } => {
+                if pos != self.down.end() || self.down_fin.is_some_and(|f| f != pos) {
+                    return Err(ProtocolError::Position("Close not at the end of the data"));
+                }
+                self.down_fin = Some(pos);
+                self.ack_due = true;
+                self.mark_ready();
+                self.events.push_back(ClientEvent::Readable);
+            }
+            Frame::Trigger { dest } => {
+                self.events.push_back(ClientEvent::Triggered { dest: dest.clone() });
+                if !self.cfg.ignore_triggers && !self.closing() {
+                    self.tried.clear();
+                    self.owner_failed = false;
+                    self.begin_migration(now, dest, MigrationCause::Trigger);
+                }
+            }
+            Frame::Ping { nonce } => self.push_frame(inc, Frame::Pong { nonce }),
+            Frame::Pong { .. } => {}
+            f => {
+                return Err(ProtocolError::Unexpected {
+                    frame: f.name(),
+                    why: "not allowed on an established session",
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection of `inc` ended (EOF, reset, or it could not be
+    /// opened), with `reason` for the record.
+    pub fn handle_incarnation_closed(&mut self, now: Instant, inc: IncarnationId, reason: &str) {
+        match self.phase {
+            Phase::Connecting { inc: i, .. } if i == inc => {
+                self.fail(SessionError::Unestablished(reason.to_string()));
+            }
+            Phase::Migrating { inc: i, .. } if i == inc => self.attempt_failed(now, reason.to_string()),
+            Phase::Established if self.cur == Some(inc) => {
+                self.incs.remove(&inc);
+                self.cur = None;
+                if self.wire_done() {
+                    // The server finished the session and closed: normal.
+                    self.check_finished();
+                } else {
+                    self.server_failed(now, reason.to_string());
+                }
+            }
+            _ => {
+                self.incs.remove(&inc);
+            }
+        }
+    }
+
+    // ----- the application's calls ---------------------------------------
+
+    fn usable(&self) -> Result<(), AppError> {
+        match &self.phase {
+            Phase::Failed(e) => Err(AppError::Session(e.clone())),
+            Phase::Idle => Err(AppError::Session(SessionError::Unestablished("not started".into()))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads down-stream bytes: `Ok(Some(n))` with `n > 0` bytes,
+    /// `Ok(Some(0))` at the end of the stream, `Ok(None)` when nothing is
+    /// there yet (wait for [`ClientEvent::Readable`]).
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, AppError> {
+        if self.down.is_empty() {
+            if self.down_fin == Some(self.down.end()) {
+                return Ok(Some(0));
+            }
+            self.usable()?;
+            return Ok(None);
+        }
+        let n = self.down.copy_to(self.down.start(), buf);
+        self.down.drop_to(self.down.start() + n as u64);
+        self.check_finished();
+        let limit = self.down.start() + self.cfg.limits.recv_window;
+        if limit >= self.limit_sent + self.cfg.limits.window_step() {
+            self.ack_due = true;
+            self.mark_ready();
+        }
+        Ok(Some(n))
+    }
+
+    /// Writes up-stream bytes; returns how many were taken (0 when the
+    /// buffer is full: wait for [`ClientEvent::Writable`]). They are kept
+    /// until the server holds them, across migrations.
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, AppError> {
+        self.usable()?;
+        if self.up_fin.is_some() {
+            return Err(AppError::WriteAfterClose);
+        }
+        let room = self.cfg.limits.send_buffer.saturating_sub(self.up.len()) as usize;
+        let n = room.min(data.len());
+        self.up.push_slice(&data[..n]);
+        if n > 0 {
+            self.mark_ready();
+        }
+        Ok(n)
+    }
+
+    /// Closes the up direction after the bytes written so far.
+    pub fn close_write(&mut self) -> Result<(), AppError> {
+        self.usable()?;
+        if self.up_fin.is_none() {
+            self.up_fin = Some(self.up.end());
+            self.mark_ready();
+        }
+        Ok(())
+    }
+
+    // ----- time -------------------------------------------------------------
+
+    /// The next instant at which [`Client::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.cfg.timeouts;
+        match self.phase {
+            Phase::Connecting { deadline, .. } | Phase::Migrating { deadline, .. } => Some(deadline),
+            Phase::Established => {
+                let ping = match self.ping_sent {
+                    None => self.last_rx + t.ping_interval,
+                    Some(_) => self.last_rx + t.idle,
+                };
+                Some(ping.min(self.last_rx + t.idle))
+            }
+            _ => None,
+        }
+    }
+
+    /// Handles whatever timed out by `now`: handshakes, pings, silence.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let t = self.cfg.timeouts.clone();
+        match self.phase {
+            Phase::Connecting { deadline, .. } if deadline <= now => {
+                self.fail(SessionError::Unestablished("no answer to Hello".into()));
+            }
+            Phase::Migrating { deadline, .. } if deadline <= now => {
+                self.attempt_failed(now, "no answer to Migrate".into());
+            }
+            Phase::Established if self.last_rx + t.idle <= now && !self.wire_done() => {
+                if let Some(inc) = self.cur.take() {
+                    self.abandon(inc);
+                }
+                self.server_failed(now, "server silent".into());
+            }
+            Phase::Established if self.ping_sent.is_none() && self.last_rx + t.ping_interval <= now => {
+                self.ping_sent = Some(now);
+                if let Some(inc) = self.cur {
+                    self.push_frame(inc, Frame::Ping { nonce: self.stats.migrations });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- output -----------------------------------------------------------
+
+    /// The next thing to send: appends segments to `out` and returns the
+    /// incarnation they are for. `None` when nothing is waiting.
+    pub fn poll_transmit(&mut self, _now: Instant, out: &mut Vec<Bytes>) -> Option<IncarnationId> {
+        while let Some(inc) = self.ready.pop_front() {
+            let Some(c) = self.incs.get_mut(&inc) else {
+                continue;
+            };
+            let start = out.len();
+            let mut hdr = std::mem::take(&mut c.out);
+            let mut more = false;
+            if self.cur == Some(inc) && matches!(self.phase, Phase::Established) {
+                more = self.session_output(&mut hdr, out);
+            }
+            if !hdr.is_empty() {
+                out.push(hdr.freeze());
+            }
+            if more {
+                self.ready.push_back(inc);
+            }
+            self.check_finished();
+            if out.len() > start {
+                return Some(inc);
+            }
+        }
+        None
+    }
+
+    fn session_output(&mut self, hdr: &mut BytesMut, out: &mut Vec<Bytes>) -> bool {
+        let limits = &self.cfg.limits;
+        let end = self.up.end().min(self.up_limit);
+        let mut budget = 16usize;
+        while self.up_sent < end && budget > 0 {
+            let chunk = self
+                .up
+                .chunk_at(self.up_sent, limits.max_data_frame.min((end - self.up_sent) as usize));
+            if chunk.is_empty() {
+                break;
+            }
+            hdr.extend_from_slice(&Frame::data_header(chunk.len()));
+            out.push(hdr.split().freeze());
+            self.up_sent += chunk.len() as u64;
+            out.push(chunk);
+            budget -= 1;
+        }
+        if self.up_fin == Some(self.up_sent) && !self.up_fin_sent {
+            Frame::Close { pos: self.up_sent }.encode(hdr);
+            self.up_fin_sent = true;
+        }
+        let pos = self.down.end();
+        let limit = (self.down.start() + limits.recv_window).max(self.limit_sent);
+        let fin = self.down_fin.is_some();
+        let moved = pos > self.ack_sent || limit >= self.limit_sent + limits.window_step();
+        if (self.ack_due && moved) || fin != self.fin_ack_sent || self.confirm {
+            Frame::Ack { pos, limit, fin }.encode(hdr);
+            self.ack_sent = pos;
+            self.limit_sent = limit;
+            self.fin_ack_sent = fin;
+            self.ack_due = false;
+            self.confirm = false;
+        }
+        self.up_sent < end
+    }
+
+    /// The next event for the runtime or the application.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+}
