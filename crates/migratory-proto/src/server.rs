@@ -243,6 +243,9 @@ struct Session {
     frozen: Option<Frozen>,
     /// StateAck owed to the origin once the client confirms this incarnation.
     owed_ack: Option<(ServerId, u64)>,
+    /// The epoch the client knew before this install, accepted until the
+    /// client confirms the new incarnation (its Resumed may be lost).
+    prev_epoch: Option<Epoch>,
     // Up stream: [rcv_snap, rcv_nxt) is the read log plus receive buffer.
     up: ByteQueue,
     /// Position of the next byte arriving on the current incarnation; below
@@ -747,7 +750,13 @@ impl Server {
 
     /// A client asks to resume a session here (MTCP 4.2.3, fig 4.8).
     fn on_migrate(&mut self, now: Instant, inc: IncarnationId, m: Migrate) {
-        if m.request.origin == self.cfg.id {
+        // Served here when the client names us, or when we hold the session
+        // live at an epoch the client knows (we resumed it, but the client
+        // never saw our Resumed and still names the previous owner).
+        let held = self.sessions.get(&m.request.session).is_some_and(|s| {
+            s.frozen.is_none() && (s.epoch == m.request.epoch || s.prev_epoch == Some(m.request.epoch))
+        });
+        if m.request.origin == self.cfg.id || held {
             return self.resume_local(now, inc, m);
         }
         let known = self.cfg.alternates.iter().any(|a| a.id == m.request.origin)
@@ -786,14 +795,14 @@ impl Server {
     /// at an owner, that no newer attempt of the client was served.
     fn check_migrate(
         secret: &Secret,
-        epoch: Epoch,
+        epochs: (Epoch, Option<Epoch>),
         last_attempt: Option<u64>,
         m: &Migrate,
     ) -> Result<(), (RejectReason, &'static str)> {
         if !verify_migrate(secret, m) {
             return Err((RejectReason::AuthFailed, "bad proof"));
         }
-        if m.request.epoch != epoch {
+        if m.request.epoch != epochs.0 && Some(m.request.epoch) != epochs.1 {
             return Err((RejectReason::AuthFailed, "stale epoch"));
         }
         if last_attempt.is_some_and(|a| m.request.attempt <= a) {
@@ -810,7 +819,7 @@ impl Server {
             }
             return self.reject(inc, RejectReason::NotFound, "no such session here");
         };
-        if let Err((reason, text)) = Self::check_migrate(&s.secret, s.epoch, Some(s.last_attempt), &m) {
+        if let Err((reason, text)) = Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m) {
             return self.reject(inc, reason, text);
         }
         if !s.migratable() {
@@ -899,13 +908,14 @@ impl Server {
             }
         }
         let handle = self.new_handle(sid);
-        let (down_limit, down_fin_acked, attempt, owed_ack, arrival) = match start {
-            Start::Hello { window } => (window, false, 0, None, Arrival::New),
+        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, arrival) = match start {
+            Start::Hello { window } => (window, false, 0, None, None, Arrival::New),
             Start::Resume { request, owed_ack } => (
                 request.down + request.window,
                 request.down_fin,
                 request.attempt,
                 owed_ack,
+                Some(request.epoch),
                 Arrival::Migrated {
                     state: image.app_state.clone(),
                 },
@@ -927,6 +937,7 @@ impl Server {
             orphan_since: None,
             frozen: None,
             owed_ack,
+            prev_epoch,
             up,
             rx_pos: 0,
             app_read: image.up_snap,
@@ -1043,6 +1054,7 @@ impl Server {
             // MTCP's BLACKHOLE: input on an abandoned incarnation is ignored.
             return Ok(());
         }
+        s.prev_epoch = None;
         if let Some((origin, req)) = s.owed_ack.take() {
             // The client confirmed this incarnation: the origin may forget.
             self.ctrl_out
@@ -1157,6 +1169,10 @@ impl Server {
     /// for [`ServerEvent::Readable`]). Read bytes stay in the read log until
     /// the next [`Server::snapshot`].
     pub fn read(&mut self, handle: SessionHandle, buf: &mut [u8]) -> Result<Option<usize>, AppError> {
+        if self.ended.get(&handle) == Some(&SessionError::Closed) {
+            // A finished session read everything: only the end remains.
+            return Ok(Some(0));
+        }
         let (sid, s) = self.live(handle)?;
         if s.app_read == s.rcv_nxt() {
             return Ok(if s.up_fin == Some(s.app_read) { Some(0) } else { None });
@@ -1362,7 +1378,7 @@ impl Server {
             self.ctrl_out.push_back((from.clone(), msg));
             return;
         };
-        if let Err((reason, text)) = Self::check_migrate(&s.secret, s.epoch, Some(s.last_attempt), &m) {
+        if let Err((reason, text)) = Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m) {
             self.ctrl_out.push_back((from.clone(), reject(reason, text)));
             return;
         }
@@ -1469,14 +1485,16 @@ impl Server {
         if !usable {
             return self.reject(inc, reason, text);
         }
-        let mut r = self.replicas.remove(&m.request.session).expect("checked");
-        if let Err((reason, text)) = Self::check_migrate(&r.secret, r.epoch, None, &m) {
-            self.replicas.insert(m.request.session, r);
+        let r = self.replicas.get(&m.request.session).expect("checked");
+        // A replica that cannot serve this client (out of step with the
+        // owner) is not the client's fault: it tries elsewhere.
+        let unusable = Self::check_migrate(&r.secret, (r.epoch, None), None, &m).is_err()
+            || m.request.down < r.down.start()
+            || r.down_fin.is_some_and(|f| m.request.down > f);
+        if unusable {
             return self.reject(inc, reason, text);
         }
-        if m.request.down < r.down.start() || r.down_fin.is_some_and(|f| m.request.down > f) {
-            return self.reject(inc, RejectReason::InvalidState, "replica lacks bytes the client needs");
-        }
+        let mut r = self.replicas.remove(&m.request.session).expect("checked");
         let image = r.image(m.request.session);
         self.stats.failovers_in += 1;
         self.install_image(now, inc, image, r.next_epoch, &m, None);

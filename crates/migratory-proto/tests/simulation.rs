@@ -20,9 +20,9 @@ fn config(seed: u64) -> WorldConfig {
     cfg.down_len = 3_000 + (seed % 5) as usize * 2_500;
     cfg.max_steps = 60_000;
     cfg.faults = Faults {
-        migrate: 8_000,
-        push: 3_000,
-        pull: 3_000,
+        migrate: 30_000,
+        push: 10_000,
+        pull: 10_000,
         crash: if seed % 8 == 7 { 0 } else { 400 },
         restart: 2_000,
         link_break: 800,

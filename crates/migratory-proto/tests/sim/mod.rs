@@ -149,6 +149,10 @@ pub struct World {
     pub loss_allowed: bool,
     pub crashes: u32,
     pub replays_refused: u32,
+    /// Rejects the attacker connections received.
+    pub attacker_rejects: Vec<(migratory_proto::frame::RejectReason, String)>,
+    /// Hold back what this server sends to the client (scenario tests).
+    pub hold_from: Option<usize>,
     pub migrations_seen: u32,
 }
 
@@ -203,6 +207,8 @@ impl World {
             loss_allowed: false,
             crashes: 0,
             replays_refused: 0,
+            attacker_rejects: Vec::new(),
+            hold_from: None,
             migrations_seen: 0,
         };
         let inc = w.client.start(w.now);
@@ -251,6 +257,56 @@ impl World {
             self.trace.drain(..2000);
         }
         self.trace.push(format!("[{:>7}] {s}", self.steps));
+    }
+
+    /// The application handle of the session at server `i` (the latest).
+    pub fn handle(&self, i: usize) -> SessionHandle {
+        self.servers[i].as_ref().expect("up").accepted.last().expect("a session was accepted").0
+    }
+
+    /// How the latest session arrived at server `i`.
+    pub fn arrival(&self, i: usize) -> Arrival {
+        self.servers[i].as_ref().expect("up").accepted.last().expect("accepted").2.clone()
+    }
+
+    /// Reads everything the server application can read now.
+    pub fn server_read_all(&mut self, i: usize) -> (Vec<u8>, bool) {
+        let h = self.handle(i);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.server(i).read(h, &mut buf).expect("server read") {
+                Some(0) => return (out, true),
+                Some(n) => out.extend_from_slice(&buf[..n]),
+                None => return (out, false),
+            }
+        }
+    }
+
+    /// Reads everything the client application can read now.
+    pub fn client_read_all(&mut self) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.client.read(&mut buf).expect("client read") {
+                Some(0) => return (out, true),
+                Some(n) => out.extend_from_slice(&buf[..n]),
+                None => return (out, false),
+            }
+        }
+    }
+
+    /// Reads what the client received before it failed.
+    pub fn client_read_all_after_failure(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(Some(n)) = self.client.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
     }
 
     pub fn server(&mut self, i: usize) -> &mut Server {
@@ -451,6 +507,11 @@ impl World {
                 arrival,
             } => {
                 node.accepted.push((*handle, *session, arrival.clone()));
+                if !self.cfg.random {
+                    // Scenario tests play the application themselves.
+                    self.servers[i].as_mut().expect("up").events.push(ev);
+                    return;
+                }
                 let app = match arrival {
                     Arrival::New => ServerApp::new(&app_kind),
                     Arrival::Migrated { state } => {
@@ -459,14 +520,22 @@ impl World {
                 };
                 node.apps.insert(*handle, app);
             }
-            ServerEvent::MigratedAway(h) | ServerEvent::Dropped(h) => {
+            ServerEvent::MigratedAway(h) => {
+                node.apps.remove(h);
+            }
+            ServerEvent::Dropped(h) => {
+                // Dropped after the client left for good: if the client had
+                // finished, this is the session's final server state.
                 if let Some(app) = node.apps.remove(h) {
-                    let line = format!("s{}: app at {ev:?}: {app:?}", i + 1);
-                    self.log(line);
+                    if self.client.is_finished() {
+                        self.finished.push(Finished { server: i, app });
+                    }
                 }
             }
             ServerEvent::Finished(h) => {
-                node.core.release(*h);
+                if self.cfg.random {
+                    node.core.release(*h);
+                }
                 if let Some(app) = node.apps.remove(h) {
                     self.finished.push(Finished { server: i, app });
                 }
@@ -571,10 +640,15 @@ impl World {
                     .get(&k)
                     .is_some_and(|c| !c.c2s.is_empty() || !c.s2c.is_empty() || c.client_closed || c.server_closed);
                 if busy {
-                    moved = true;
+                    let held = self.conns.get(&k).is_some_and(|c| Some(c.server) == self.hold_from);
+                    let before = self.conns.get(&k).map(|c| (c.c2s.len(), c.s2c.len()));
                     self.deliver_conn(k, true, usize::MAX);
                     self.flush();
-                    self.deliver_conn(k, false, usize::MAX);
+                    if !held {
+                        self.deliver_conn(k, false, usize::MAX);
+                    }
+                    let after = self.conns.get(&k).map(|c| (c.c2s.len(), c.s2c.len()));
+                    moved |= before != after;
                 }
             }
             let links: Vec<(usize, usize)> = self
@@ -702,7 +776,10 @@ impl World {
                 Frame::Resumed { .. } | Frame::Data(_) => {
                     panic!("invariant 3 violated: a replayed or forged Migrate resumed the session")
                 }
-                Frame::Reject { .. } => self.replays_refused += 1,
+                Frame::Reject { reason, text } => {
+                    self.replays_refused += 1;
+                    self.attacker_rejects.push((reason, text));
+                }
                 _ => {}
             }
         }

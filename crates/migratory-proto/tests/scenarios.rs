@@ -1,0 +1,339 @@
+//! Named scenarios, one per case of the MTCP thesis (002) and DESIGN.md 3:
+//! each drives one client and a pool of servers by hand over the simulated
+//! network and checks every byte both applications read.
+
+mod sim;
+
+use migratory_proto::error::SessionError;
+use migratory_proto::frame::{MigrateRequest, RejectReason};
+use migratory_proto::server::{Arrival, FINISHED_TEXT};
+use sim::{id, AppKind, World, WorldConfig};
+
+/// A manual world: three servers (eager when asked), nothing random.
+fn world(eager: bool) -> World {
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.eager = eager;
+    let mut w = World::new(cfg);
+    w.pump();
+    assert!(w.client.is_established());
+    w
+}
+
+fn migrate(w: &mut World, to: usize) {
+    w.client.migrate(w.now, Some(id(to))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_established(), "migration to s{} completed", to + 1);
+    assert_eq!(w.owner(), Some(to));
+}
+
+fn state(w: &World, i: usize) -> Vec<u8> {
+    match w.arrival(i) {
+        Arrival::Migrated { state } => state.to_vec(),
+        Arrival::New => panic!("s{} got a new session, expected a migrated one", i + 1),
+    }
+}
+
+#[test]
+fn message_read_after_the_snapshot_is_replayed_at_the_new_server() {
+    // Thesis figs 3.5-3.7: the application read m1, exported its state,
+    // then read m2 without exporting. m2 must be read again at S2.
+    let mut w = world(false);
+    w.client.write(b"m1|m2|m3|").unwrap();
+    w.pump();
+    let h = w.handle(0);
+    let mut m = [0u8; 3];
+    assert_eq!(w.server(0).read(h, &mut m).unwrap(), Some(3));
+    assert_eq!(&m, b"m1|");
+    w.server(0).snapshot(h, b"read 1").unwrap();
+    assert_eq!(w.server(0).read(h, &mut m).unwrap(), Some(3));
+    assert_eq!(&m, b"m2|");
+    migrate(&mut w, 1);
+    assert_eq!(state(&w, 1), b"read 1");
+    let (bytes, eof) = w.server_read_all(1);
+    assert_eq!(bytes, b"m2|m3|", "m2 replayed from the read log, then m3");
+    assert!(!eof);
+    assert_eq!(w.server(1).stats().bytes_replayed, 6);
+    // The old server's application is told its session moved (EMIGRATED).
+    let err = w.server(0).read(h, &mut m).unwrap_err();
+    assert!(matches!(err, migratory_proto::error::AppError::Session(e) if e.is_migrated()));
+}
+
+#[test]
+fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
+    // Thesis fig 3.9 / fig 4.9 scenario 1: the snapshot covers writes the
+    // client never received; S2 cannot regenerate them, so S1 sends them.
+    let mut w = world(false);
+    w.hold_from = Some(0);
+    let h = w.handle(0);
+    assert_eq!(w.server(0).write(h, b"AAAABBBB").unwrap(), 8);
+    w.server(0).snapshot(h, b"wrote 8").unwrap();
+    w.pump();
+    assert_eq!(w.client.down_received(), 0, "nothing reached the client yet");
+    migrate(&mut w, 1);
+    w.hold_from = None;
+    let h2 = w.handle(1);
+    assert_eq!(state(&w, 1), b"wrote 8");
+    w.server(1).write(h2, b"CCCC").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"AAAABBBBCCCC");
+    assert_eq!(w.server(1).stats().bytes_discarded, 0);
+}
+
+#[test]
+fn writes_after_the_snapshot_the_client_already_has_are_discarded() {
+    // Thesis fig 3.10 / fig 4.9 scenario 2: S2 re-executes from the
+    // snapshot and writes BBBB again; the client has it, so it is dropped.
+    let mut w = world(false);
+    let h = w.handle(0);
+    w.server(0).write(h, b"AAAA").unwrap();
+    w.server(0).snapshot(h, b"wrote 4").unwrap();
+    w.server(0).write(h, b"BBBB").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"AAAABBBB");
+    migrate(&mut w, 1);
+    let h2 = w.handle(1);
+    assert_eq!(state(&w, 1), b"wrote 4");
+    assert_eq!(w.server(1).write(h2, b"BBBB").unwrap(), 4, "re-executed write accepted");
+    w.server(1).write(h2, b"CCCC").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"CCCC", "no duplicate, nothing missing");
+    assert_eq!(w.server(1).stats().bytes_discarded, 4);
+}
+
+#[test]
+fn receive_state_is_the_read_log_plus_the_receive_buffer() {
+    // Thesis fig 4.10: up data [rcv_snap, rcv_nxt) = read log + buffer.
+    let mut w = world(false);
+    w.client.write(b"0123456789").unwrap();
+    w.pump();
+    let h = w.handle(0);
+    let mut b3 = [0u8; 3];
+    w.server(0).read(h, &mut b3).unwrap();
+    w.server(0).snapshot(h, b"3").unwrap();
+    let mut b4 = [0u8; 4];
+    w.server(0).read(h, &mut b4).unwrap();
+    assert_eq!(&b4, b"3456");
+    assert_eq!(w.server(0).readable_bytes(h), 3, "789 still in the receive buffer");
+    migrate(&mut w, 2);
+    assert_eq!(w.server_read_all(2).0, b"3456789");
+    assert_eq!(w.server(2).stats().bytes_replayed, 7);
+}
+
+#[test]
+fn migration_after_the_client_half_closed() {
+    let mut w = world(false);
+    w.client.write(b"request").unwrap();
+    w.client.close_write().unwrap();
+    w.pump();
+    let h = w.handle(0);
+    assert_eq!(w.server_read_all(0), (b"request".to_vec(), true));
+    w.server(0).snapshot(h, b"got request").unwrap();
+    migrate(&mut w, 1);
+    let h2 = w.handle(1);
+    assert_eq!(w.server_read_all(1), (Vec::new(), true), "EOF carried over");
+    w.server(1).write(h2, b"response").unwrap();
+    w.server(1).close_write(h2).unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all(), (b"response".to_vec(), true));
+    w.pump();
+    assert!(w.client.is_finished());
+    assert!(w.servers[1].as_ref().unwrap().events.iter().any(|e| matches!(e, migratory_proto::server::ServerEvent::Finished(x) if *x == h2)));
+}
+
+#[test]
+fn migration_after_the_server_half_closed() {
+    let mut w = world(false);
+    let h = w.handle(0);
+    w.server(0).write(h, b"banner").unwrap();
+    w.server(0).close_write(h).unwrap();
+    w.server(0).snapshot(h, b"closed").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all(), (b"banner".to_vec(), true));
+    w.client.write(b"upload").unwrap();
+    w.pump();
+    migrate(&mut w, 2);
+    let h2 = w.handle(2);
+    // The close is part of the restart point: S2 cannot write again.
+    assert!(w.server(2).write(h2, b"x").is_err());
+    assert_eq!(w.server_read_all(2).0, b"upload");
+    w.client.close_write().unwrap();
+    w.pump();
+    assert_eq!(w.server_read_all(2).1, true);
+    w.pump();
+    assert!(w.client.is_finished());
+    assert_eq!(w.client_read_all(), (Vec::new(), true));
+}
+
+/// An echo application played by the test: read all, write it back,
+/// snapshot with the count.
+fn echo(w: &mut World, i: usize) {
+    let h = w.handle(i);
+    let (bytes, _) = w.server_read_all(i);
+    assert_eq!(w.server(i).write(h, &bytes).unwrap(), bytes.len());
+    w.server(i).snapshot(h, b"echo").unwrap();
+}
+
+#[test]
+fn fifty_migrations_in_a_row_lose_and_repeat_nothing() {
+    let mut w = world(false);
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    for k in 0..50u32 {
+        let chunk: Vec<u8> = (0..97 + k).map(|j| (j * 7 + k) as u8).collect();
+        w.client.write(&chunk).unwrap();
+        sent.extend_from_slice(&chunk);
+        w.pump();
+        let at = w.owner().unwrap();
+        echo(&mut w, at);
+        w.pump();
+        got.extend(w.client_read_all().0);
+        migrate(&mut w, (at + 1) % 3);
+    }
+    assert_eq!(w.client.stats().migrations, 50);
+    assert_eq!(got, sent, "every byte echoed exactly once across 50 migrations");
+}
+
+#[test]
+fn s1_to_s2_and_back_to_s1() {
+    let mut w = world(false);
+    w.client.write(b"one").unwrap();
+    w.pump();
+    echo(&mut w, 0);
+    migrate(&mut w, 1);
+    w.client.write(b"two").unwrap();
+    w.pump();
+    echo(&mut w, 1);
+    migrate(&mut w, 0);
+    assert!(matches!(w.arrival(0), Arrival::Migrated { .. }), "S1 resumes it as a migrated session");
+    w.client.write(b"three").unwrap();
+    w.pump();
+    echo(&mut w, 0);
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"onetwothree");
+    assert_eq!(w.client.epoch(), Some(2));
+}
+
+fn request_for(w: &World, epoch: u64) -> MigrateRequest {
+    MigrateRequest {
+        session: w.client.session().unwrap(),
+        origin: w.client.server().unwrap().clone(),
+        epoch,
+        attempt: 99,
+        down: 0,
+        down_fin: false,
+        window: 1 << 16,
+    }
+}
+
+#[test]
+fn unknown_session_is_rejected_not_found() {
+    let mut w = world(false);
+    let mut req = request_for(&w, 0);
+    req.session = migratory_proto::types::SessionId(12345);
+    w.replay(req, [0; 32], 1);
+    w.pump();
+    assert_eq!(w.attacker_rejects.last().map(|r| r.0), Some(RejectReason::NotFound));
+}
+
+#[test]
+fn finished_session_is_rejected_invalid_state() {
+    let mut w = world(false);
+    let h = w.handle(0);
+    w.client.close_write().unwrap();
+    w.server(0).close_write(h).unwrap();
+    w.pump();
+    assert_eq!(w.server_read_all(0).1, true);
+    w.pump();
+    assert!(w.client.is_finished());
+    let req = request_for(&w, 0);
+    w.replay(req, [0; 32], 0);
+    w.pump();
+    assert_eq!(
+        w.attacker_rejects.last().cloned(),
+        Some((RejectReason::InvalidState, FINISHED_TEXT.to_string()))
+    );
+}
+
+#[test]
+fn forged_and_replayed_migrates_are_refused() {
+    let mut w = world(false);
+    migrate(&mut w, 1);
+    migrate(&mut w, 0);
+    // An eavesdropper holds both real requests with their real proofs.
+    let (first, first_proof) = w.sent_migrates[0].clone();
+    let (second, second_proof) = w.sent_migrates[1].clone();
+    // Forged: right fields for the live session, guessed proof.
+    let forged = request_for(&w, w.client.epoch().unwrap());
+    w.replay(forged, [7; 32], 2);
+    w.pump();
+    // Replayed to a fresh challenge: the owner (s1, alive) refuses the proof.
+    w.replay(first, first_proof, 1);
+    w.pump();
+    // Replayed naming an origin that no longer has the session.
+    w.replay(second, second_proof, 2);
+    w.pump();
+    let reasons: Vec<RejectReason> = w.attacker_rejects.iter().map(|r| r.0).collect();
+    assert_eq!(
+        reasons,
+        [RejectReason::AuthFailed, RejectReason::AuthFailed, RejectReason::NotFound],
+        "{:?}",
+        w.attacker_rejects
+    );
+    // (The harness panics if any of them ever saw Resumed or Data.) The
+    // real client is untouched.
+    w.client.write(b"still here").unwrap();
+    w.pump();
+    assert_eq!(w.server_read_all(0).0, b"still here");
+}
+
+#[test]
+fn origin_crash_with_a_backup_the_session_survives() {
+    let mut w = world(true);
+    let h = w.handle(0);
+    w.client.write(b"before crash").unwrap();
+    w.server(0).write(h, b"AAAA").unwrap();
+    w.pump();
+    let (got, _) = w.server_read_all(0);
+    assert_eq!(got, b"before crash");
+    w.server(0).snapshot(h, b"s").unwrap();
+    w.server(0).write(h, b"BBBB").unwrap();
+    w.pump();
+    let sid = w.client.session().unwrap();
+    assert!(w.server(0).crash_tolerant(sid));
+    w.crash(0);
+    w.pump();
+    // The client failed over to S1's backup, S2, which resumed from its
+    // replica: re-executed BBBB is discarded, new bytes flow.
+    assert_eq!(w.owner(), Some(1));
+    assert_eq!(w.server(1).stats().failovers_in, 1);
+    let h2 = w.handle(1);
+    assert_eq!(state(&w, 1), b"s");
+    w.server(1).write(h2, b"BBBBCCCC").unwrap();
+    w.client.write(b" after").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"AAAABBBBCCCC");
+    assert_eq!(w.server_read_all(1).0, b" after");
+}
+
+#[test]
+fn origin_crash_without_a_backup_is_a_clean_abort() {
+    let mut w = world(false);
+    let h = w.handle(0);
+    w.server(0).write(h, b"partial").unwrap();
+    w.pump();
+    w.crash(0);
+    w.pump();
+    // Every alternate asks the dead origin: the session is lost, the client
+    // says so, and what it read is a correct prefix.
+    for _ in 0..40 {
+        if w.client.failure().is_some() {
+            break;
+        }
+        let t = w.next_timeout().unwrap();
+        w.advance(t - w.now);
+        w.pump();
+    }
+    let err = w.client.failure().cloned().expect("the client gives up");
+    assert!(matches!(err, SessionError::NoServerLeft { .. }), "{err}");
+    assert_eq!(w.client_read_all_after_failure(), b"partial");
+}
