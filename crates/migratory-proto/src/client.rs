@@ -259,7 +259,8 @@ impl Client {
             inc,
             deadline: now + self.cfg.timeouts.handshake,
         };
-        self.events.push_back(ClientEvent::Connect { inc, server: None });
+        self.events
+            .push_back(ClientEvent::Connect { inc, server: None });
         inc
     }
 
@@ -398,7 +399,9 @@ impl Client {
     /// when the session is not established (or already migrating).
     pub fn migrate(&mut self, now: Instant, dest: Option<ServerId>) -> Result<(), SessionError> {
         if !matches!(self.phase, Phase::Established) {
-            return Err(SessionError::Unestablished("session not established".into()));
+            return Err(SessionError::Unestablished(
+                "session not established".into(),
+            ));
         }
         if self.closing() {
             return Err(SessionError::Closed);
@@ -439,7 +442,10 @@ impl Client {
         if let Phase::Migrating { inc, .. } = self.phase {
             self.abandon(inc);
         }
-        let id = self.id.as_ref().expect("migrations need an established session");
+        let id = self
+            .id
+            .as_ref()
+            .expect("migrations need an established session");
         self.attempts += 1;
         let request = MigrateRequest {
             session: id.session,
@@ -509,7 +515,10 @@ impl Client {
     /// The current server failed: fail over to the alternates.
     fn server_failed(&mut self, now: Instant, reason: String) {
         let owner = self.id.as_ref().map(|i| i.owner.clone());
-        self.last_failure = format!("{}: {reason}", owner.map_or("server".into(), |o| o.to_string()));
+        self.last_failure = format!(
+            "{}: {reason}",
+            owner.map_or("server".into(), |o| o.to_string())
+        );
         self.tried.clear();
         self.rounds = 0;
         self.owner_failed = true;
@@ -562,7 +571,12 @@ impl Client {
         }
     }
 
-    fn on_frame(&mut self, now: Instant, inc: IncarnationId, frame: Frame) -> Result<(), ProtocolError> {
+    fn on_frame(
+        &mut self,
+        now: Instant,
+        inc: IncarnationId,
+        frame: Frame,
+    ) -> Result<(), ProtocolError> {
         match (&self.phase, frame) {
             (
                 Phase::Connecting { .. },
@@ -585,7 +599,8 @@ impl Client {
                 self.up_limit = window;
                 self.cur = Some(inc);
                 self.phase = Phase::Established;
-                self.events.push_back(ClientEvent::Established { session, server });
+                self.events
+                    .push_back(ClientEvent::Established { session, server });
                 self.events.push_back(ClientEvent::Writable);
                 self.mark_ready();
             }
@@ -602,7 +617,11 @@ impl Client {
                 },
             ) => self.on_resumed(inc, up, up_fin, down, epoch, server, alternates, window),
             (Phase::Migrating { request, .. }, Frame::Challenge { nonce }) => {
-                let secret = &self.id.as_ref().expect("migrating sessions are established").secret;
+                let secret = &self
+                    .id
+                    .as_ref()
+                    .expect("migrating sessions are established")
+                    .secret;
                 let mac = migrate_mac(secret, request, &nonce);
                 self.push_frame(inc, Frame::Proof { mac });
             }
@@ -613,7 +632,9 @@ impl Client {
                 let server = target.clone();
                 match reason {
                     // The session completed while our final Ack was lost.
-                    RejectReason::InvalidState if self.closing() && text == crate::server::FINISHED_TEXT => {
+                    RejectReason::InvalidState
+                        if self.closing() && text == crate::server::FINISHED_TEXT =>
+                    {
                         self.up_fin_acked = true;
                         if let Phase::Migrating { inc, .. } = self.phase {
                             self.abandon(inc);
@@ -624,7 +645,11 @@ impl Client {
                     // The state exists and this request is wrong, or the
                     // session is over: no other server can do better.
                     RejectReason::AuthFailed | RejectReason::InvalidState => {
-                        self.fail(SessionError::Rejected { server, reason, text });
+                        self.fail(SessionError::Rejected {
+                            server,
+                            reason,
+                            text,
+                        });
                     }
                     _ => self.attempt_failed(now, format!("{reason}: {text}")),
                 }
@@ -664,7 +689,10 @@ impl Client {
                 "server resumed the up stream outside the client's buffer (acknowledged data lost)",
             )));
         }
-        let id = self.id.as_mut().expect("migrating sessions are established");
+        let id = self
+            .id
+            .as_mut()
+            .expect("migrating sessions are established");
         let from = std::mem::replace(&mut id.owner, server.clone());
         id.epoch = epoch;
         // MTCP's implicit ACK: drop what the new server holds, resend the rest.
@@ -704,7 +732,11 @@ impl Client {
                 if self.down_fin.is_some() {
                     return Err(ProtocolError::Position("data after Close"));
                 }
-                if self.down.end() + data.len() as u64 > self.limit_sent.max(self.down.start() + self.cfg.limits.recv_window) {
+                if self.down.end() + data.len() as u64
+                    > self
+                        .limit_sent
+                        .max(self.down.start() + self.cfg.limits.recv_window)
+                {
                     return Err(ProtocolError::Position("data beyond the advertised window"));
                 }
                 if !data.is_empty() {
@@ -739,7 +771,8 @@ impl Client {
                 self.events.push_back(ClientEvent::Readable);
             }
             Frame::Trigger { dest } => {
-                self.events.push_back(ClientEvent::Triggered { dest: dest.clone() });
+                self.events
+                    .push_back(ClientEvent::Triggered { dest: dest.clone() });
                 if !self.cfg.ignore_triggers && !self.closing() {
                     self.tried.clear();
                     self.owner_failed = false;
@@ -765,7 +798,9 @@ impl Client {
             Phase::Connecting { inc: i, .. } if i == inc => {
                 self.fail(SessionError::Unestablished(reason.to_string()));
             }
-            Phase::Migrating { inc: i, .. } if i == inc => self.attempt_failed(now, reason.to_string()),
+            Phase::Migrating { inc: i, .. } if i == inc => {
+                self.attempt_failed(now, reason.to_string())
+            }
             Phase::Established if self.cur == Some(inc) => {
                 self.incs.remove(&inc);
                 self.cur = None;
@@ -787,7 +822,9 @@ impl Client {
     fn usable(&self) -> Result<(), AppError> {
         match &self.phase {
             Phase::Failed(e) => Err(AppError::Session(e.clone())),
-            Phase::Idle => Err(AppError::Session(SessionError::Unestablished("not started".into()))),
+            Phase::Idle => Err(AppError::Session(SessionError::Unestablished(
+                "not started".into(),
+            ))),
             _ => Ok(()),
         }
     }
@@ -847,7 +884,9 @@ impl Client {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = &self.cfg.timeouts;
         match self.phase {
-            Phase::Connecting { deadline, .. } | Phase::Migrating { deadline, .. } => Some(deadline),
+            Phase::Connecting { deadline, .. } | Phase::Migrating { deadline, .. } => {
+                Some(deadline)
+            }
             Phase::Established => {
                 let ping = match self.ping_sent {
                     None => self.last_rx + t.ping_interval,
@@ -875,10 +914,17 @@ impl Client {
                 }
                 self.server_failed(now, "server silent".into());
             }
-            Phase::Established if self.ping_sent.is_none() && self.last_rx + t.ping_interval <= now => {
+            Phase::Established
+                if self.ping_sent.is_none() && self.last_rx + t.ping_interval <= now =>
+            {
                 self.ping_sent = Some(now);
                 if let Some(inc) = self.cur {
-                    self.push_frame(inc, Frame::Ping { nonce: self.stats.migrations });
+                    self.push_frame(
+                        inc,
+                        Frame::Ping {
+                            nonce: self.stats.migrations,
+                        },
+                    );
                 }
             }
             _ => {}
@@ -919,9 +965,10 @@ impl Client {
         let end = self.up.end().min(self.up_limit);
         let mut budget = 16usize;
         while self.up_sent < end && budget > 0 {
-            let chunk = self
-                .up
-                .chunk_at(self.up_sent, limits.max_data_frame.min((end - self.up_sent) as usize));
+            let chunk = self.up.chunk_at(
+                self.up_sent,
+                limits.max_data_frame.min((end - self.up_sent) as usize),
+            );
             if chunk.is_empty() {
                 break;
             }

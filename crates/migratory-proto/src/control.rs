@@ -103,7 +103,10 @@ impl SessionImage {
             return Err(r.invalid("down_data", "does not reach the snapshot position"));
         }
         if image.down_fin.is_some_and(|f| f != image.down_snap) {
-            return Err(r.invalid("down_fin", "a Close in the snapshot must sit at its position"));
+            return Err(r.invalid(
+                "down_fin",
+                "a Close in the snapshot must sit at its position",
+            ));
         }
         Ok(image)
     }

@@ -2,15 +2,16 @@
 //!
 //! An incarnation starts with [`PREAMBLE`] from the client, so a server can
 //! tell a migratory client from a plain TCP client on the same port. Then
-//! both sides exchange length-prefixed frames (see [`crate::wire`]).
+//! both sides exchange length-prefixed frames: `type: u8, len: u32 (big
+//! endian), body`, at most the configured maximum frame size.
 
 use std::fmt;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 use crate::types::{Alternate, Epoch, Pos, ServerId, SessionId};
+use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
 /// Protocol version carried in the preamble.
 pub const VERSION: u16 = 1;
@@ -365,7 +366,9 @@ impl Frame {
                 b.put_u64(*limit);
                 b.put_bool(*fin);
             }),
-            Frame::Trigger { dest } => put_frame(dst, TRIGGER, |b| b.put_opt_server_id(dest.as_ref())),
+            Frame::Trigger { dest } => {
+                put_frame(dst, TRIGGER, |b| b.put_opt_server_id(dest.as_ref()))
+            }
             Frame::Close { pos } => put_frame(dst, CLOSE, |b| b.put_u64(*pos)),
             Frame::Ping { nonce } => put_frame(dst, PING, |b| b.put_u64(*nonce)),
             Frame::Pong { nonce } => put_frame(dst, PONG, |b| b.put_u64(*nonce)),
@@ -388,7 +391,8 @@ impl Frame {
     /// consumed), and an error for a frame larger than `max_frame` or
     /// malformed in any way. A Data payload is split off without copying.
     pub fn decode(src: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
-        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=PROOF).contains(&t))? else {
+        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=PROOF).contains(&t))?
+        else {
             return Ok(None);
         };
         let name = match ty {

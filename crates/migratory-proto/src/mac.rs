@@ -32,7 +32,10 @@ fn migrate_mac_state(secret: &Secret, req: &MigrateRequest, nonce: &[u8; 32]) ->
 
 /// The client's proof for a Migrate request and the destination's nonce.
 pub fn migrate_mac(secret: &Secret, req: &MigrateRequest, nonce: &[u8; 32]) -> [u8; 32] {
-    migrate_mac_state(secret, req, nonce).finalize().into_bytes().into()
+    migrate_mac_state(secret, req, nonce)
+        .finalize()
+        .into_bytes()
+        .into()
 }
 
 /// Whether an authenticated Migrate's MAC is right (constant time).

@@ -63,7 +63,12 @@ pub struct PeerLink {
 impl PeerLink {
     /// Starts a link as `me`. `nonce` must be fresh and random; `expected`
     /// is the peer dialled (None when accepting).
-    pub fn new(me: ServerId, cluster_key: &[u8], nonce: [u8; 32], expected: Option<ServerId>) -> Self {
+    pub fn new(
+        me: ServerId,
+        cluster_key: &[u8],
+        nonce: [u8; 32],
+        expected: Option<ServerId>,
+    ) -> Self {
         let mut out = BytesMut::new();
         ControlMessage::PeerHello {
             server: me.clone(),
@@ -98,10 +103,17 @@ impl PeerLink {
         while let Some(msg) = ControlMessage::decode(&mut self.rx, self.max_frame)? {
             match (&self.state, msg) {
                 (State::AwaitHello, ControlMessage::PeerHello { server, nonce }) => {
-                    let wrong = server == self.me || self.expected.as_ref().is_some_and(|e| *e != server);
+                    let wrong =
+                        server == self.me || self.expected.as_ref().is_some_and(|e| *e != server);
                     if wrong {
-                        let expected = self.expected.as_ref().map_or("another server".into(), |e| e.to_string());
-                        return Err(PeerError::WrongPeer { got: server, expected });
+                        let expected = self
+                            .expected
+                            .as_ref()
+                            .map_or("another server".into(), |e| e.to_string());
+                        return Err(PeerError::WrongPeer {
+                            got: server,
+                            expected,
+                        });
                     }
                     let mac = peer_mac(&self.key, &self.me, &server, &nonce, &self.nonce);
                     ControlMessage::PeerAuth { mac }.encode(&mut self.out);
@@ -115,7 +127,10 @@ impl PeerLink {
                     }
                     self.state = State::Authenticated;
                 }
-                (State::Authenticated, msg @ (ControlMessage::PeerHello { .. } | ControlMessage::PeerAuth { .. })) => {
+                (
+                    State::Authenticated,
+                    msg @ (ControlMessage::PeerHello { .. } | ControlMessage::PeerAuth { .. }),
+                ) => {
                     return Err(PeerError::Unexpected(msg.name()));
                 }
                 (State::Authenticated, msg) => self.inbox.push_back(msg),
@@ -175,24 +190,36 @@ mod tests {
     fn wrong_key_is_refused() {
         let mut a = PeerLink::new(id("s1"), b"right", [1; 32], None);
         let mut b = PeerLink::new(id("s2"), b"wrong", [2; 32], None);
-        assert!(matches!(pump(&mut a, &mut b), Err(PeerError::AuthFailed(_))));
+        assert!(matches!(
+            pump(&mut a, &mut b),
+            Err(PeerError::AuthFailed(_))
+        ));
     }
 
     #[test]
     fn reflected_hello_and_wrong_peer_are_refused() {
         let mut a = PeerLink::new(id("s1"), b"k", [1; 32], None);
         let own = a.take_output();
-        assert!(matches!(a.handle_input(&own), Err(PeerError::WrongPeer { .. })));
+        assert!(matches!(
+            a.handle_input(&own),
+            Err(PeerError::WrongPeer { .. })
+        ));
         let mut a = PeerLink::new(id("s1"), b"k", [1; 32], Some(id("s3")));
         let mut b = PeerLink::new(id("s2"), b"k", [2; 32], None);
-        assert!(matches!(pump(&mut a, &mut b), Err(PeerError::WrongPeer { .. })));
+        assert!(matches!(
+            pump(&mut a, &mut b),
+            Err(PeerError::WrongPeer { .. })
+        ));
     }
 
     #[test]
     fn messages_before_authentication_are_refused() {
         let mut a = PeerLink::new(id("s1"), b"k", [1; 32], None);
         let mut b = BytesMut::new();
-        ControlMessage::Forget { session: crate::types::SessionId(1) }.encode(&mut b);
+        ControlMessage::Forget {
+            session: crate::types::SessionId(1),
+        }
+        .encode(&mut b);
         assert_eq!(a.handle_input(&b), Err(PeerError::Unexpected("Forget")));
     }
 }

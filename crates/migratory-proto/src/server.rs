@@ -32,7 +32,9 @@ use rand_core::RngCore;
 use crate::config::{Limits, ServerTimeouts};
 use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
 use crate::error::{AppError, DecodeError, ProtocolError, SessionError};
-use crate::frame::{check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason, PREAMBLE};
+use crate::frame::{
+    check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason, PREAMBLE,
+};
 use crate::mac::verify_migrate;
 use crate::stream::ByteQueue;
 use crate::sync::resume_point;
@@ -132,7 +134,8 @@ pub enum ServerEvent {
         /// What it sent so far.
         initial: Bytes,
     },
-    /// Close this connection once its pending transmits are written.
+    /// Close this connection once its pending transmits are written, then
+    /// report it with [`Server::handle_incarnation_closed`].
     CloseIncarnation {
         /// The connection.
         inc: IncarnationId,
@@ -518,9 +521,9 @@ impl Server {
     /// byte acknowledged to the client (DESIGN.md 3.6).
     pub fn crash_tolerant(&self, session: SessionId) -> bool {
         self.sessions.get(&session).is_some_and(|s| {
-            s.backup
-                .as_ref()
-                .is_some_and(|b| b.live && b.acked_epoch == Some(s.epoch) && b.held_up >= s.ack_sent)
+            s.backup.as_ref().is_some_and(|b| {
+                b.live && b.acked_epoch == Some(s.epoch) && b.held_up >= s.ack_sent
+            })
         })
     }
 
@@ -572,6 +575,15 @@ impl Server {
             return;
         }
         i.rx.extend_from_slice(data);
+        if matches!(i.phase, IncPhase::Pending(_)) && i.rx.len() > self.cfg.limits.max_frame {
+            // Nothing is decoded while the state is on its way, and a client
+            // sends nothing before Resumed: do not buffer without bound.
+            let e = ProtocolError::Unexpected {
+                frame: "input",
+                why: "sent before Resumed",
+            };
+            return self.close_inc(inc, e.to_string());
+        }
         if let Err(e) = self.process_input(now, inc) {
             self.close_inc(inc, e.to_string());
         }
@@ -608,7 +620,7 @@ impl Server {
                         return Ok(());
                     };
                     match frame {
-                        Frame::Hello { window } => self.on_hello(now, inc, window),
+                        Frame::Hello { window } => self.on_hello(inc, window),
                         Frame::Migrate(request) => {
                             // Challenge first: a captured Migrate cannot be
                             // replayed against a fresh nonce.
@@ -636,11 +648,21 @@ impl Server {
                             why: "a challenged Migrate must be followed by its Proof",
                         });
                     };
-                    let IncPhase::AwaitProof(b) = std::mem::replace(&mut i.phase, IncPhase::AwaitFirst) else {
+                    let IncPhase::AwaitProof(b) =
+                        std::mem::replace(&mut i.phase, IncPhase::AwaitFirst)
+                    else {
                         unreachable!("matched above")
                     };
                     let (request, nonce) = *b;
-                    self.on_migrate(now, inc, Migrate { request, nonce, mac });
+                    self.on_migrate(
+                        now,
+                        inc,
+                        Migrate {
+                            request,
+                            nonce,
+                            mac,
+                        },
+                    );
                 }
                 IncPhase::Attached(sid) => {
                     let Some(frame) = Frame::decode(&mut i.rx, max_frame)? else {
@@ -711,7 +733,13 @@ impl Server {
     fn reject(&mut self, inc: IncarnationId, reason: RejectReason, text: impl Into<String>) {
         let text = text.into();
         self.stats.rejects += 1;
-        self.queue_frame(inc, Frame::Reject { reason, text: text.clone() });
+        self.queue_frame(
+            inc,
+            Frame::Reject {
+                reason,
+                text: text.clone(),
+            },
+        );
         self.close_inc(inc, format!("rejected: {reason}: {text}"));
     }
 
@@ -724,11 +752,12 @@ impl Server {
         h
     }
 
-    fn on_hello(&mut self, now: Instant, inc: IncarnationId, window: u64) {
+    fn on_hello(&mut self, inc: IncarnationId, window: u64) {
         if self.sessions.len() >= self.cfg.max_sessions {
             return self.reject(inc, RejectReason::Busy, "session limit reached");
         }
-        let sid = SessionId(u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()));
+        let sid =
+            SessionId(u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()));
         let mut secret = [0u8; 32];
         self.rng.fill_bytes(&mut secret);
         let image = SessionImage {
@@ -745,7 +774,7 @@ impl Server {
             app_state: Bytes::new(),
         };
         self.stats.sessions_new += 1;
-        self.install(now, inc, image, 0, Start::Hello { window });
+        self.install(inc, image, 0, Start::Hello { window });
     }
 
     /// A client asks to resume a session here (MTCP 4.2.3, fig 4.8).
@@ -754,13 +783,17 @@ impl Server {
         // live at an epoch the client knows (we resumed it, but the client
         // never saw our Resumed and still names the previous owner).
         let held = self.sessions.get(&m.request.session).is_some_and(|s| {
-            s.frozen.is_none() && (s.epoch == m.request.epoch || s.prev_epoch == Some(m.request.epoch))
+            s.frozen.is_none()
+                && (s.epoch == m.request.epoch || s.prev_epoch == Some(m.request.epoch))
         });
         if m.request.origin == self.cfg.id || held {
-            return self.resume_local(now, inc, m);
+            return self.resume_local(inc, m);
         }
         let known = self.cfg.alternates.iter().any(|a| a.id == m.request.origin)
-            || self.replicas.get(&m.request.session).is_some_and(|r| r.owner == m.request.origin);
+            || self
+                .replicas
+                .get(&m.request.session)
+                .is_some_and(|r| r.owner == m.request.origin);
         if !known {
             return self.reject(inc, RejectReason::NotFound, "unknown origin server");
         }
@@ -812,21 +845,27 @@ impl Server {
     }
 
     /// The client comes back to the server that owns (or froze) its session.
-    fn resume_local(&mut self, now: Instant, inc: IncarnationId, m: Migrate) {
+    fn resume_local(&mut self, inc: IncarnationId, m: Migrate) {
         let Some(s) = self.sessions.get_mut(&m.request.session) else {
             if self.is_tombstone(m.request.session) {
                 return self.reject(inc, RejectReason::InvalidState, FINISHED_TEXT);
             }
             return self.reject(inc, RejectReason::NotFound, "no such session here");
         };
-        if let Err((reason, text)) = Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m) {
+        if let Err((reason, text)) =
+            Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m)
+        {
             return self.reject(inc, reason, text);
         }
         if !s.migratable() {
             return self.reject(inc, RejectReason::InvalidState, FINISHED_TEXT);
         }
         if m.request.down > s.down.end() || m.request.down < s.down.start() {
-            return self.reject(inc, RejectReason::InvalidState, "client position outside the stream");
+            return self.reject(
+                inc,
+                RejectReason::InvalidState,
+                "client position outside the stream",
+            );
         }
         s.last_attempt = m.request.attempt;
         if s.frozen.is_some() {
@@ -834,7 +873,7 @@ impl Server {
             // state as a new arrival (the old application instance stopped).
             let new_epoch = s.next_epoch;
             let image = s.image(m.request.session);
-            self.install_image(now, inc, image, new_epoch, &m, None);
+            self.install_image(inc, image, new_epoch, &m, None);
             return;
         }
         // Still live here: only the incarnation changes; owner and epoch
@@ -867,14 +906,12 @@ impl Server {
         if let Some(old) = old {
             self.close_inc(old, "client moved to a new incarnation".into());
         }
-
     }
 
     /// Installs a session from an image for a client at `m.request.down` (MTCP
     /// 4.2.3, "Once the state reply reaches S2").
     fn install_image(
         &mut self,
-        now: Instant,
         inc: IncarnationId,
         image: SessionImage,
         new_epoch: Epoch,
@@ -886,7 +923,6 @@ impl Server {
         self.stats.bytes_replayed += replayed;
         self.stats.bytes_discarded += rp.discard;
         self.install(
-            now,
             inc,
             image,
             new_epoch,
@@ -897,7 +933,7 @@ impl Server {
         );
     }
 
-    fn install(&mut self, now: Instant, inc: IncarnationId, image: SessionImage, epoch: Epoch, start: Start) {
+    fn install(&mut self, inc: IncarnationId, image: SessionImage, epoch: Epoch, start: Start) {
         let sid = image.session;
         // Owning the session makes any replica of it here stale.
         self.replicas.remove(&sid);
@@ -1000,7 +1036,6 @@ impl Server {
                 },
             ));
         }
-        let _ = now;
         self.sessions.insert(sid, s);
         if let Some(i) = self.incs.get_mut(&inc) {
             i.phase = IncPhase::Attached(sid);
@@ -1022,9 +1057,12 @@ impl Server {
                     self.ended.insert(handle, SessionError::Closed);
                 }
                 ServerEvent::Dropped(_) => {
-                    self.ended.insert(handle, SessionError::NoServerLeft {
-                        last: "the client never came back".into(),
-                    });
+                    self.ended.insert(
+                        handle,
+                        SessionError::NoServerLeft {
+                            last: "the client never came back".into(),
+                        },
+                    );
                 }
                 _ => {}
             }
@@ -1155,7 +1193,11 @@ impl Server {
 
     fn live(&mut self, handle: SessionHandle) -> Result<(SessionId, &mut Session), AppError> {
         let Some(&sid) = self.handles.get(&handle) else {
-            let e = self.ended.get(&handle).cloned().unwrap_or(SessionError::Migrated);
+            let e = self
+                .ended
+                .get(&handle)
+                .cloned()
+                .unwrap_or(SessionError::Migrated);
             return Err(AppError::Session(e));
         };
         match self.sessions.get_mut(&sid) {
@@ -1168,14 +1210,22 @@ impl Server {
     /// at the end of the stream, `Ok(None)` when nothing is there yet (wait
     /// for [`ServerEvent::Readable`]). Read bytes stay in the read log until
     /// the next [`Server::snapshot`].
-    pub fn read(&mut self, handle: SessionHandle, buf: &mut [u8]) -> Result<Option<usize>, AppError> {
+    pub fn read(
+        &mut self,
+        handle: SessionHandle,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, AppError> {
         if self.ended.get(&handle) == Some(&SessionError::Closed) {
             // A finished session read everything: only the end remains.
             return Ok(Some(0));
         }
         let (sid, s) = self.live(handle)?;
         if s.app_read == s.rcv_nxt() {
-            return Ok(if s.up_fin == Some(s.app_read) { Some(0) } else { None });
+            return Ok(if s.up_fin == Some(s.app_read) {
+                Some(0)
+            } else {
+                None
+            });
         }
         let n = s.up.copy_to(s.app_read, buf);
         s.app_read += n as u64;
@@ -1274,7 +1324,11 @@ impl Server {
 
     /// Server push (MTCP 3.2.1 case a): asks the client to migrate, to
     /// `dest` if given. The client initiates the migration.
-    pub fn migrate_to(&mut self, handle: SessionHandle, dest: Option<ServerId>) -> Result<(), AppError> {
+    pub fn migrate_to(
+        &mut self,
+        handle: SessionHandle,
+        dest: Option<ServerId>,
+    ) -> Result<(), AppError> {
         let (_, s) = self.live(handle)?;
         if let Some(inc) = s.inc {
             self.queue_frame(inc, Frame::Trigger { dest });
@@ -1311,19 +1365,23 @@ impl Server {
     pub fn handle_control(&mut self, now: Instant, from: &ServerId, msg: ControlMessage) {
         self.last_now = self.last_now.max(now);
         match msg {
-            ControlMessage::StateRequest { req, migrate } => self.on_state_request(now, from, req, migrate),
+            ControlMessage::StateRequest { req, migrate } => {
+                self.on_state_request(now, from, req, migrate)
+            }
             ControlMessage::StateReply {
                 req,
                 new_epoch,
                 image,
-            } => self.on_state_reply(now, from, req, new_epoch, image),
+            } => self.on_state_reply(from, req, new_epoch, image),
             ControlMessage::StateReject { req, reason, text } => {
                 if let Some(p) = self.pending.remove(&req) {
-                    self.fallback(now, p, reason, text);
+                    self.fallback(p, reason, text);
                 }
             }
             ControlMessage::StateAck { req } => self.on_state_ack(from, req),
-            ControlMessage::Replicate { session, update } => self.on_replicate(from, session, update),
+            ControlMessage::Replicate { session, update } => {
+                self.on_replicate(from, session, update)
+            }
             ControlMessage::ReplicateAck { session, up, epoch } => {
                 if let Some(s) = self.sessions.get_mut(&session) {
                     if let Some(b) = s.backup.as_mut().filter(|b| &b.server == from) {
@@ -1340,7 +1398,11 @@ impl Server {
             }
             ControlMessage::ReplicateResync { session } => self.resync(session, from),
             ControlMessage::Forget { session } => {
-                if self.replicas.get(&session).is_some_and(|r| &r.owner == from) {
+                if self
+                    .replicas
+                    .get(&session)
+                    .is_some_and(|r| &r.owner == from)
+                {
                     self.replicas.remove(&session);
                 }
             }
@@ -1378,8 +1440,11 @@ impl Server {
             self.ctrl_out.push_back((from.clone(), msg));
             return;
         };
-        if let Err((reason, text)) = Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m) {
-            self.ctrl_out.push_back((from.clone(), reject(reason, text)));
+        if let Err((reason, text)) =
+            Self::check_migrate(&s.secret, (s.epoch, s.prev_epoch), Some(s.last_attempt), &m)
+        {
+            self.ctrl_out
+                .push_back((from.clone(), reject(reason, text)));
             return;
         }
         if !s.migratable() {
@@ -1388,7 +1453,10 @@ impl Server {
             return;
         }
         if m.request.down > s.down.end() || m.request.down < s.down.start() {
-            let msg = reject(RejectReason::InvalidState, "client position outside the stream");
+            let msg = reject(
+                RejectReason::InvalidState,
+                "client position outside the stream",
+            );
             self.ctrl_out.push_back((from.clone(), msg));
             return;
         }
@@ -1432,14 +1500,7 @@ impl Server {
         }
     }
 
-    fn on_state_reply(
-        &mut self,
-        now: Instant,
-        from: &ServerId,
-        req: u64,
-        new_epoch: Epoch,
-        image: SessionImage,
-    ) {
+    fn on_state_reply(&mut self, from: &ServerId, req: u64, new_epoch: Epoch, image: SessionImage) {
         let Some(p) = self.pending.remove(&req) else {
             return;
         };
@@ -1449,19 +1510,30 @@ impl Server {
             return;
         };
         if image.session != p.migrate.request.session || &p.migrate.request.origin != from {
-            return self.reject(inc, RejectReason::InvalidState, "origin answered for another session");
+            return self.reject(
+                inc,
+                RejectReason::InvalidState,
+                "origin answered for another session",
+            );
         }
         if p.migrate.request.down < image.down_base && image.down_base <= image.down_snap {
-            return self.reject(inc, RejectReason::InvalidState, "origin lacks bytes the client needs");
+            return self.reject(
+                inc,
+                RejectReason::InvalidState,
+                "origin lacks bytes the client needs",
+            );
         }
         self.stats.migrations_in += 1;
-        self.install_image(now, inc, image, new_epoch, &p.migrate, Some((from.clone(), req)));
+        self.install_image(inc, image, new_epoch, &p.migrate, Some((from.clone(), req)));
     }
 
     fn on_state_ack(&mut self, from: &ServerId, req: u64) {
         let found = self.sessions.iter().find_map(|(sid, s)| {
             let f = s.frozen.as_ref()?;
-            f.replied.iter().any(|(p, r)| p == from && *r == req).then_some(*sid)
+            f.replied
+                .iter()
+                .any(|(p, r)| p == from && *r == req)
+                .then_some(*sid)
         });
         if let Some(sid) = found {
             let s = self.sessions.remove(&sid).expect("found");
@@ -1475,13 +1547,18 @@ impl Server {
 
     /// The origin could not give the state: resume from a local replica if
     /// there is one (DESIGN.md 3.6), else tell the client why.
-    fn fallback(&mut self, now: Instant, p: PendingMigration, reason: RejectReason, text: String) {
+    fn fallback(&mut self, p: PendingMigration, reason: RejectReason, text: String) {
         let Some(inc) = p.inc.filter(|i| self.incs.contains_key(i)) else {
             return;
         };
         let m = p.migrate;
-        let usable = matches!(reason, RejectReason::NotFound | RejectReason::OriginUnreachable)
-            && self.replicas.get(&m.request.session).is_some_and(|r| r.owner == m.request.origin);
+        let usable = matches!(
+            reason,
+            RejectReason::NotFound | RejectReason::OriginUnreachable
+        ) && self
+            .replicas
+            .get(&m.request.session)
+            .is_some_and(|r| r.owner == m.request.origin);
         if !usable {
             return self.reject(inc, reason, text);
         }
@@ -1497,7 +1574,7 @@ impl Server {
         let mut r = self.replicas.remove(&m.request.session).expect("checked");
         let image = r.image(m.request.session);
         self.stats.failovers_in += 1;
-        self.install_image(now, inc, image, r.next_epoch, &m, None);
+        self.install_image(inc, image, r.next_epoch, &m, None);
     }
 
     fn on_replicate(&mut self, from: &ServerId, session: SessionId, update: ReplicaUpdate) {
@@ -1534,7 +1611,11 @@ impl Server {
     }
 
     fn resync(&mut self, session: SessionId, backup: &ServerId) {
-        let Some(s) = self.sessions.get_mut(&session).filter(|s| s.frozen.is_none()) else {
+        let Some(s) = self
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.frozen.is_none())
+        else {
             return;
         };
         let Some(b) = s.backup.as_ref().filter(|b| &b.server == backup) else {
@@ -1560,6 +1641,7 @@ impl Server {
     /// (replica or `OriginUnreachable`); sessions it backs up stop waiting
     /// for it (they keep running without crash tolerance until it is back).
     pub fn handle_peer_down(&mut self, now: Instant, peer: &ServerId) {
+        self.last_now = self.last_now.max(now);
         let reqs: Vec<u64> = self
             .pending
             .iter()
@@ -1568,7 +1650,11 @@ impl Server {
             .collect();
         for req in reqs {
             let p = self.pending.remove(&req).expect("listed");
-            self.fallback(now, p, RejectReason::OriginUnreachable, format!("origin {peer} unreachable"));
+            self.fallback(
+                p,
+                RejectReason::OriginUnreachable,
+                format!("origin {peer} unreachable"),
+            );
         }
         for s in self.sessions.values_mut() {
             if let Some(b) = s.backup.as_mut().filter(|b| &b.server == peer) {
@@ -1588,11 +1674,17 @@ impl Server {
 
     /// The control connection to `peer` is (again) up: replicas it keeps for
     /// us are re-sent whole.
-    pub fn handle_peer_up(&mut self, _now: Instant, peer: &ServerId) {
+    pub fn handle_peer_up(&mut self, now: Instant, peer: &ServerId) {
+        self.last_now = self.last_now.max(now);
         let sids: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.frozen.is_none() && s.backup.as_ref().is_some_and(|b| &b.server == peer && !b.live))
+            .filter(|(_, s)| {
+                s.frozen.is_none()
+                    && s.backup
+                        .as_ref()
+                        .is_some_and(|b| &b.server == peer && !b.live)
+            })
             .map(|(sid, _)| *sid)
             .collect();
         for sid in sids {
@@ -1606,15 +1698,20 @@ impl Server {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = &self.cfg.timeouts;
         let incs = self.incs.values().filter_map(|i| match i.phase {
-            IncPhase::Preamble | IncPhase::AwaitFirst | IncPhase::AwaitProof(_) => Some(i.opened + t.handshake),
+            IncPhase::Preamble | IncPhase::AwaitFirst | IncPhase::AwaitProof(_) => {
+                Some(i.opened + t.handshake)
+            }
             _ => None,
         });
         let pending = self.pending.values().map(|p| p.deadline);
-        let sessions = self.sessions.values().filter_map(|s| match (&s.frozen, s.orphan_since) {
-            (Some(f), _) => Some(f.deadline),
-            (None, Some(since)) => Some(since + t.orphan),
-            _ => None,
-        });
+        let sessions = self
+            .sessions
+            .values()
+            .filter_map(|s| match (&s.frozen, s.orphan_since) {
+                (Some(f), _) => Some(f.deadline),
+                (None, Some(since)) => Some(since + t.orphan),
+                _ => None,
+            });
         let tomb = self.tombstones.front().map(|(t, _)| *t);
         incs.chain(pending).chain(sessions).chain(tomb).min()
     }
@@ -1627,8 +1724,10 @@ impl Server {
             .incs
             .iter()
             .filter(|(_, i)| {
-                matches!(i.phase, IncPhase::Preamble | IncPhase::AwaitFirst | IncPhase::AwaitProof(_))
-                    && i.opened + t.handshake <= now
+                matches!(
+                    i.phase,
+                    IncPhase::Preamble | IncPhase::AwaitFirst | IncPhase::AwaitProof(_)
+                ) && i.opened + t.handshake <= now
             })
             .map(|(id, _)| *id)
             .collect();
@@ -1647,7 +1746,7 @@ impl Server {
         for req in expired {
             let p = self.pending.remove(&req).expect("listed");
             let text = format!("origin {} did not answer in time", p.migrate.request.origin);
-            self.fallback(now, p, RejectReason::OriginUnreachable, text);
+            self.fallback(p, RejectReason::OriginUnreachable, text);
         }
         let dead: Vec<SessionId> = self
             .sessions
@@ -1674,8 +1773,8 @@ impl Server {
     /// The next thing to send: appends segments to `out` (frame headers and
     /// zero-copy payload slices, to be written in order, e.g. vectored) and
     /// says where they go. `None` when nothing is waiting.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut Vec<Bytes>) -> Option<Dest> {
-        self.last_now = self.last_now.max(_now);
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Bytes>) -> Option<Dest> {
+        self.last_now = self.last_now.max(now);
         if let Some((peer, msg)) = self.ctrl_out.pop_front() {
             let mut b = BytesMut::new();
             msg.encode(&mut b);
@@ -1693,7 +1792,11 @@ impl Server {
                 f.encode(&mut hdr);
             }
             if let IncPhase::Attached(sid) = i.phase {
-                if let Some(s) = self.sessions.get_mut(&sid).filter(|s| s.frozen.is_none() && s.inc == Some(inc)) {
+                if let Some(s) = self
+                    .sessions
+                    .get_mut(&sid)
+                    .filter(|s| s.frozen.is_none() && s.inc == Some(inc))
+                {
                     let more = Self::session_output(&self.cfg.limits, s, &mut hdr, out);
                     if more {
                         i.queued = true;
@@ -1719,11 +1822,19 @@ impl Server {
 
     /// Data, Close and Ack frames of one session, within the client's window.
     /// Returns whether more data is ready than one batch carries.
-    fn session_output(limits: &Limits, s: &mut Session, hdr: &mut BytesMut, out: &mut Vec<Bytes>) -> bool {
+    fn session_output(
+        limits: &Limits,
+        s: &mut Session,
+        hdr: &mut BytesMut,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
         let end = s.down.end().min(s.down_limit);
         let mut budget = 16usize;
         while s.snd_nxt < end && budget > 0 {
-            let chunk = s.down.chunk_at(s.snd_nxt, limits.max_data_frame.min((end - s.snd_nxt) as usize));
+            let chunk = s.down.chunk_at(
+                s.snd_nxt,
+                limits.max_data_frame.min((end - s.snd_nxt) as usize),
+            );
             if chunk.is_empty() {
                 break;
             }
@@ -1742,7 +1853,7 @@ impl Server {
         let fin = s.up_fin.is_some_and(|f| f == commit);
         let moved = commit > s.ack_sent || limit >= s.limit_sent + limits.window_step();
         let blocked = limit > s.limit_sent && s.rcv_nxt() == s.limit_sent;
-        if (s.ack_due && (moved || fin != s.fin_ack_sent)) || blocked || fin != s.fin_ack_sent {
+        if fin != s.fin_ack_sent || blocked || (s.ack_due && moved) {
             Frame::Ack {
                 pos: commit,
                 limit: limit.max(s.limit_sent),
@@ -1772,7 +1883,8 @@ impl Server {
             self.ctrl_out
                 .push_back((b.server, ControlMessage::Forget { session: sid }));
         }
-        self.tombstones.push_back((self.last_now + self.cfg.timeouts.frozen, sid));
+        self.tombstones
+            .push_back((self.last_now + self.cfg.timeouts.frozen, sid));
         self.retire(s.handle, ServerEvent::Finished(s.handle));
         if let Some(inc) = s.inc {
             self.close_inc(inc, "session finished".into());

@@ -77,16 +77,32 @@ mod tests {
     fn scenario_1_unacked_writes_before_the_snapshot_are_transferred() {
         // snd_una 100, snapshot at 106, client has up to 102 (fig 4.9, 1).
         let (img, rp) = image(100, b"abcdefgh", 106).trim_for(102);
-        assert_eq!(rp, ResumePoint { snd_max_seen: 102, discard: 0 });
+        assert_eq!(
+            rp,
+            ResumePoint {
+                snd_max_seen: 102,
+                discard: 0
+            }
+        );
         assert_eq!((img.down_base, &img.down_data[..]), (102, &b"cdef"[..]));
-        assert_eq!(&img.up_data[..], b"logbuf", "read log + buffer travel whole");
+        assert_eq!(
+            &img.up_data[..],
+            b"logbuf",
+            "read log + buffer travel whole"
+        );
     }
 
     #[test]
     fn scenario_2_writes_after_the_snapshot_the_client_has_are_discarded() {
         // Snapshot at 103, client already has up to 107 (fig 3.10, 4.9, 2).
         let (img, rp) = image(100, b"abcdefgh", 103).trim_for(107);
-        assert_eq!(rp, ResumePoint { snd_max_seen: 107, discard: 4 });
+        assert_eq!(
+            rp,
+            ResumePoint {
+                snd_max_seen: 107,
+                discard: 4
+            }
+        );
         assert!(img.down_data.is_empty());
         assert_eq!(img.down_base, 107);
     }

@@ -22,7 +22,11 @@ fn world(eager: bool) -> World {
 fn migrate(w: &mut World, to: usize) {
     w.client.migrate(w.now, Some(id(to))).expect("migrate");
     w.pump();
-    assert!(w.client.is_established(), "migration to s{} completed", to + 1);
+    assert!(
+        w.client.is_established(),
+        "migration to s{} completed",
+        to + 1
+    );
     assert_eq!(w.owner(), Some(to));
 }
 
@@ -68,7 +72,11 @@ fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
     assert_eq!(w.server(0).write(h, b"AAAABBBB").unwrap(), 8);
     w.server(0).snapshot(h, b"wrote 8").unwrap();
     w.pump();
-    assert_eq!(w.client.down_received(), 0, "nothing reached the client yet");
+    assert_eq!(
+        w.client.down_received(),
+        0,
+        "nothing reached the client yet"
+    );
     migrate(&mut w, 1);
     w.hold_from = None;
     let h2 = w.handle(1);
@@ -93,10 +101,18 @@ fn writes_after_the_snapshot_the_client_already_has_are_discarded() {
     migrate(&mut w, 1);
     let h2 = w.handle(1);
     assert_eq!(state(&w, 1), b"wrote 4");
-    assert_eq!(w.server(1).write(h2, b"BBBB").unwrap(), 4, "re-executed write accepted");
+    assert_eq!(
+        w.server(1).write(h2, b"BBBB").unwrap(),
+        4,
+        "re-executed write accepted"
+    );
     w.server(1).write(h2, b"CCCC").unwrap();
     w.pump();
-    assert_eq!(w.client_read_all().0, b"CCCC", "no duplicate, nothing missing");
+    assert_eq!(
+        w.client_read_all().0,
+        b"CCCC",
+        "no duplicate, nothing missing"
+    );
     assert_eq!(w.server(1).stats().bytes_discarded, 4);
 }
 
@@ -113,7 +129,11 @@ fn receive_state_is_the_read_log_plus_the_receive_buffer() {
     let mut b4 = [0u8; 4];
     w.server(0).read(h, &mut b4).unwrap();
     assert_eq!(&b4, b"3456");
-    assert_eq!(w.server(0).readable_bytes(h), 3, "789 still in the receive buffer");
+    assert_eq!(
+        w.server(0).readable_bytes(h),
+        3,
+        "789 still in the receive buffer"
+    );
     migrate(&mut w, 2);
     assert_eq!(w.server_read_all(2).0, b"3456789");
     assert_eq!(w.server(2).stats().bytes_replayed, 7);
@@ -137,7 +157,12 @@ fn migration_after_the_client_half_closed() {
     assert_eq!(w.client_read_all(), (b"response".to_vec(), true));
     w.pump();
     assert!(w.client.is_finished());
-    assert!(w.servers[1].as_ref().unwrap().events.iter().any(|e| matches!(e, migratory_proto::server::ServerEvent::Finished(x) if *x == h2)));
+    assert!(w.servers[1]
+        .as_ref()
+        .unwrap()
+        .events
+        .iter()
+        .any(|e| matches!(e, migratory_proto::server::ServerEvent::Finished(x) if *x == h2)));
 }
 
 #[test]
@@ -158,7 +183,7 @@ fn migration_after_the_server_half_closed() {
     assert_eq!(w.server_read_all(2).0, b"upload");
     w.client.close_write().unwrap();
     w.pump();
-    assert_eq!(w.server_read_all(2).1, true);
+    assert!(w.server_read_all(2).1, "EOF");
     w.pump();
     assert!(w.client.is_finished());
     assert_eq!(w.client_read_all(), (Vec::new(), true));
@@ -190,7 +215,10 @@ fn fifty_migrations_in_a_row_lose_and_repeat_nothing() {
         migrate(&mut w, (at + 1) % 3);
     }
     assert_eq!(w.client.stats().migrations, 50);
-    assert_eq!(got, sent, "every byte echoed exactly once across 50 migrations");
+    assert_eq!(
+        got, sent,
+        "every byte echoed exactly once across 50 migrations"
+    );
 }
 
 #[test]
@@ -204,7 +232,10 @@ fn s1_to_s2_and_back_to_s1() {
     w.pump();
     echo(&mut w, 1);
     migrate(&mut w, 0);
-    assert!(matches!(w.arrival(0), Arrival::Migrated { .. }), "S1 resumes it as a migrated session");
+    assert!(
+        matches!(w.arrival(0), Arrival::Migrated { .. }),
+        "S1 resumes it as a migrated session"
+    );
     w.client.write(b"three").unwrap();
     w.pump();
     echo(&mut w, 0);
@@ -232,7 +263,10 @@ fn unknown_session_is_rejected_not_found() {
     req.session = migratory_proto::types::SessionId(12345);
     w.replay(req, [0; 32], 1);
     w.pump();
-    assert_eq!(w.attacker_rejects.last().map(|r| r.0), Some(RejectReason::NotFound));
+    assert_eq!(
+        w.attacker_rejects.last().map(|r| r.0),
+        Some(RejectReason::NotFound)
+    );
 }
 
 #[test]
@@ -242,7 +276,7 @@ fn finished_session_is_rejected_invalid_state() {
     w.client.close_write().unwrap();
     w.server(0).close_write(h).unwrap();
     w.pump();
-    assert_eq!(w.server_read_all(0).1, true);
+    assert!(w.server_read_all(0).1, "EOF");
     w.pump();
     assert!(w.client.is_finished());
     let req = request_for(&w, 0);
@@ -275,7 +309,11 @@ fn forged_and_replayed_migrates_are_refused() {
     let reasons: Vec<RejectReason> = w.attacker_rejects.iter().map(|r| r.0).collect();
     assert_eq!(
         reasons,
-        [RejectReason::AuthFailed, RejectReason::AuthFailed, RejectReason::NotFound],
+        [
+            RejectReason::AuthFailed,
+            RejectReason::AuthFailed,
+            RejectReason::NotFound
+        ],
         "{:?}",
         w.attacker_rejects
     );

@@ -11,7 +11,11 @@ use sim::{AppKind, Faults, Outcome, World, WorldConfig};
 
 fn config(seed: u64) -> WorldConfig {
     // The seed picks the configuration, so one number replays a run.
-    let app = if seed % 2 == 0 { AppKind::File } else { AppKind::Transform };
+    let app = if seed % 2 == 0 {
+        AppKind::File
+    } else {
+        AppKind::Transform
+    };
     let mut cfg = WorldConfig::new(seed, app);
     cfg.random = true;
     cfg.eager = seed % 4 >= 2;
@@ -74,6 +78,8 @@ fn random_seeds_keep_every_invariant() {
             Outcome::FailedClosed(_) => lost += 1,
         }
     }
-    println!("{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after crashes");
+    println!(
+        "{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after crashes"
+    );
     assert!(done > n / 2, "most runs must complete: {done} of {n}");
 }

@@ -62,7 +62,11 @@ pub fn expected_download(kind: &AppKind, seed: u64, up: &[u8], down_len: usize) 
     match kind {
         AppKind::File => file_bytes(seed, 0, down_len),
         AppKind::Transform => {
-            let mut v: Vec<u8> = up.iter().enumerate().map(|(i, b)| transform(*b, i as u64)).collect();
+            let mut v: Vec<u8> = up
+                .iter()
+                .enumerate()
+                .map(|(i, b)| transform(*b, i as u64))
+                .collect();
             v.extend(format!("END:{}\n", up.len()).into_bytes());
             v
         }
@@ -119,7 +123,15 @@ impl ServerApp {
         put(&mut v, self.line.len() as u64);
         v.extend_from_slice(&self.line);
         let (seed, size, has) = self.file.map_or((0, 0, 0), |(a, b)| (a, b, 1));
-        for x in [has, seed, size, self.off, self.read, self.hash, self.pending.len() as u64] {
+        for x in [
+            has,
+            seed,
+            size,
+            self.off,
+            self.read,
+            self.hash,
+            self.pending.len() as u64,
+        ] {
             put(&mut v, x);
         }
         v.extend_from_slice(&self.pending);
@@ -160,7 +172,13 @@ impl ServerApp {
 
     /// One round of work: read up to `chunk` bytes, write what it can,
     /// close when done, and snapshot if `snap`.
-    pub fn step(&mut self, core: &mut Server, h: SessionHandle, chunk: usize, snap: bool) -> Result<(), AppError> {
+    pub fn step(
+        &mut self,
+        core: &mut Server,
+        h: SessionHandle,
+        chunk: usize,
+        snap: bool,
+    ) -> Result<(), AppError> {
         match self.kind {
             AppKind::File => self.step_file(core, h, chunk)?,
             AppKind::Transform => self.step_transform(core, h, chunk)?,
@@ -176,7 +194,12 @@ impl ServerApp {
         self.hash = fnv(self.hash, bytes);
     }
 
-    fn read_some(&mut self, core: &mut Server, h: SessionHandle, chunk: usize) -> Result<Option<Vec<u8>>, AppError> {
+    fn read_some(
+        &mut self,
+        core: &mut Server,
+        h: SessionHandle,
+        chunk: usize,
+    ) -> Result<Option<Vec<u8>>, AppError> {
         let mut buf = vec![0; chunk];
         match core.read(h, &mut buf)? {
             Some(0) => {
@@ -191,7 +214,12 @@ impl ServerApp {
         }
     }
 
-    fn step_file(&mut self, core: &mut Server, h: SessionHandle, chunk: usize) -> Result<(), AppError> {
+    fn step_file(
+        &mut self,
+        core: &mut Server,
+        h: SessionHandle,
+        chunk: usize,
+    ) -> Result<(), AppError> {
         if !self.eof {
             if let Some(bytes) = self.read_some(core, h, chunk)? {
                 let mut rest = &bytes[..];
@@ -199,7 +227,8 @@ impl ServerApp {
                     let b = rest[0];
                     rest = &rest[1..];
                     if b == b'\n' {
-                        let line = String::from_utf8(std::mem::take(&mut self.line)).expect("request is text");
+                        let line = String::from_utf8(std::mem::take(&mut self.line))
+                            .expect("request is text");
                         let mut parts = line.split(' ');
                         assert_eq!(parts.next(), Some("GET"));
                         let seed = parts.next().and_then(|x| x.parse().ok()).expect("seed");
@@ -226,7 +255,12 @@ impl ServerApp {
         Ok(())
     }
 
-    fn step_transform(&mut self, core: &mut Server, h: SessionHandle, chunk: usize) -> Result<(), AppError> {
+    fn step_transform(
+        &mut self,
+        core: &mut Server,
+        h: SessionHandle,
+        chunk: usize,
+    ) -> Result<(), AppError> {
         if !self.eof && self.pending.len() < 16 * 1024 {
             if let Some(bytes) = self.read_some(core, h, chunk)? {
                 for b in &bytes {
@@ -235,7 +269,8 @@ impl ServerApp {
                 }
             }
             if self.eof {
-                self.pending.extend(format!("END:{}\n", self.read).into_bytes());
+                self.pending
+                    .extend(format!("END:{}\n", self.read).into_bytes());
             }
         }
         if !self.pending.is_empty() {
@@ -258,7 +293,15 @@ impl ServerApp {
             }
             AppKind::Transform => up,
         };
-        assert_eq!(self.read, payload.len() as u64, "invariant 1: upload length at the server");
-        assert_eq!(self.hash, fnv(FNV0, payload), "invariant 1: upload checksum at the server");
+        assert_eq!(
+            self.read,
+            payload.len() as u64,
+            "invariant 1: upload length at the server"
+        );
+        assert_eq!(
+            self.hash,
+            fnv(FNV0, payload),
+            "invariant 1: upload checksum at the server"
+        );
     }
 }

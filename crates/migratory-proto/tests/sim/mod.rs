@@ -261,12 +261,25 @@ impl World {
 
     /// The application handle of the session at server `i` (the latest).
     pub fn handle(&self, i: usize) -> SessionHandle {
-        self.servers[i].as_ref().expect("up").accepted.last().expect("a session was accepted").0
+        self.servers[i]
+            .as_ref()
+            .expect("up")
+            .accepted
+            .last()
+            .expect("a session was accepted")
+            .0
     }
 
     /// How the latest session arrived at server `i`.
     pub fn arrival(&self, i: usize) -> Arrival {
-        self.servers[i].as_ref().expect("up").accepted.last().expect("accepted").2.clone()
+        self.servers[i]
+            .as_ref()
+            .expect("up")
+            .accepted
+            .last()
+            .expect("accepted")
+            .2
+            .clone()
     }
 
     /// Reads everything the server application can read now.
@@ -366,7 +379,9 @@ impl World {
 
     /// An eavesdropper records each incarnation's Migrate and Proof.
     fn capture(&mut self, inc: IncarnationId, bytes: &[u8]) {
-        let Some(c) = self.conns.get_mut(&inc) else { return };
+        let Some(c) = self.conns.get_mut(&inc) else {
+            return;
+        };
         if c.captured.len() > 4096 {
             return;
         }
@@ -445,7 +460,11 @@ impl World {
         let mut segs = Vec::new();
         let mut outs = Vec::new();
         while let Some(dest) = node.core.poll_transmit(now, &mut segs) {
-            let bytes: Bytes = segs.drain(..).flat_map(|b| b.to_vec()).collect::<Vec<u8>>().into();
+            let bytes: Bytes = segs
+                .drain(..)
+                .flat_map(|b| b.to_vec())
+                .collect::<Vec<u8>>()
+                .into();
             outs.push((dest, bytes));
         }
         let mut events = Vec::new();
@@ -483,7 +502,10 @@ impl World {
             self.server(from).handle_peer_down(now, peer);
             return;
         }
-        let up = self.link_up.entry((from.min(to), from.max(to))).or_insert(true);
+        let up = self
+            .link_up
+            .entry((from.min(to), from.max(to)))
+            .or_insert(true);
         if !*up {
             // Opened again on demand.
             *up = true;
@@ -635,12 +657,14 @@ impl World {
             let mut moved = false;
             let keys: Vec<IncarnationId> = self.conns.keys().copied().collect();
             for k in keys {
-                let busy = self
-                    .conns
-                    .get(&k)
-                    .is_some_and(|c| !c.c2s.is_empty() || !c.s2c.is_empty() || c.client_closed || c.server_closed);
+                let busy = self.conns.get(&k).is_some_and(|c| {
+                    !c.c2s.is_empty() || !c.s2c.is_empty() || c.client_closed || c.server_closed
+                });
                 if busy {
-                    let held = self.conns.get(&k).is_some_and(|c| Some(c.server) == self.hold_from);
+                    let held = self
+                        .conns
+                        .get(&k)
+                        .is_some_and(|c| Some(c.server) == self.hold_from);
                     let before = self.conns.get(&k).map(|c| (c.c2s.len(), c.s2c.len()));
                     self.deliver_conn(k, true, usize::MAX);
                     self.flush();
@@ -698,7 +722,8 @@ impl World {
             let c = self.conns.remove(&k).expect("listed");
             self.by_server.remove(&(c.server, c.server_inc));
             if !c.attacker && !c.client_closed {
-                self.client.handle_incarnation_closed(now, k, "connection reset");
+                self.client
+                    .handle_incarnation_closed(now, k, "connection reset");
             }
         }
         let peer = self.ids[i].clone();
@@ -750,7 +775,8 @@ impl World {
             n.core.handle_incarnation_closed(now, c.server_inc);
         }
         if !c.attacker && !c.client_closed {
-            self.client.handle_incarnation_closed(now, key, "connection reset");
+            self.client
+                .handle_incarnation_closed(now, key, "connection reset");
         }
     }
 
@@ -802,7 +828,11 @@ impl World {
     /// The next timeout of any node.
     pub fn next_timeout(&self) -> Option<Instant> {
         let c = self.client.poll_timeout();
-        let s = self.servers.iter().flatten().filter_map(|n| n.core.poll_timeout());
+        let s = self
+            .servers
+            .iter()
+            .flatten()
+            .filter_map(|n| n.core.poll_timeout());
         c.into_iter().chain(s).min()
     }
 
@@ -836,11 +866,24 @@ impl World {
                 self.client_eof = true;
             }
             self.received.extend_from_slice(&buf[..n]);
-            let expected = apps::expected_download(&self.cfg.app, self.cfg.seed, &self.up_data, self.cfg.down_len);
+            let expected = apps::expected_download(
+                &self.cfg.app,
+                self.cfg.seed,
+                &self.up_data,
+                self.cfg.down_len,
+            );
             let k = self.received.len();
-            assert!(k <= expected.len(), "invariant 1: client read more than was written");
+            assert!(
+                k <= expected.len(),
+                "invariant 1: client read more than was written"
+            );
             if self.received[..] != expected[..k] {
-                let at = self.received.iter().zip(&expected).position(|(a, b)| a != b).unwrap();
+                let at = self
+                    .received
+                    .iter()
+                    .zip(&expected)
+                    .position(|(a, b)| a != b)
+                    .unwrap();
                 panic!("invariant 1 violated: wrong byte at down position {at}");
             }
         }
@@ -890,7 +933,12 @@ impl World {
                 }
             }
             5 => {
-                let links: Vec<(usize, usize)> = self.links.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+                let links: Vec<(usize, usize)> = self
+                    .links
+                    .iter()
+                    .filter(|(_, q)| !q.is_empty())
+                    .map(|(k, _)| *k)
+                    .collect();
                 if !links.is_empty() {
                     let (a, b) = links[self.rng.gen_range(0..links.len())];
                     self.deliver_link(a, b);
@@ -999,12 +1047,15 @@ impl World {
     }
 
     fn random_replay(&mut self) {
-        let Some(epoch) = self.client.epoch() else { return };
+        let Some(epoch) = self.client.epoch() else {
+            return;
+        };
         let target = self.rng.gen_range(0..self.servers.len());
         if self.sent_migrates.is_empty() {
             return;
         }
-        let (mut req, mut proof) = self.sent_migrates[self.rng.gen_range(0..self.sent_migrates.len())].clone();
+        let (mut req, mut proof) =
+            self.sent_migrates[self.rng.gen_range(0..self.sent_migrates.len())].clone();
         if self.rng.gen_bool(0.5) {
             // Forged: the current epoch with a guessed proof.
             req.epoch = epoch;
@@ -1016,7 +1067,9 @@ impl World {
     /// Invariant 3: never two servers live at one epoch with a connection
     /// from the client.
     pub fn check_one_owner(&self) {
-        let Some(sid) = self.client.session() else { return };
+        let Some(sid) = self.client.session() else {
+            return;
+        };
         let mut seen: HashMap<u64, usize> = HashMap::new();
         for (i, node) in self.servers.iter().enumerate() {
             let Some(node) = node else { continue };
@@ -1024,13 +1077,19 @@ impl World {
                 if s != sid {
                     continue;
                 }
-                let connected = self
-                    .conns
-                    .values()
-                    .any(|c| c.server == i && !c.client_closed && !c.attacker && node.core.incarnation_session(c.server_inc) == Some(sid));
+                let connected = self.conns.values().any(|c| {
+                    c.server == i
+                        && !c.client_closed
+                        && !c.attacker
+                        && node.core.incarnation_session(c.server_inc) == Some(sid)
+                });
                 if connected {
                     if let Some(j) = seen.insert(epoch, i) {
-                        panic!("invariant 3 violated: s{} and s{} both serve epoch {epoch}", j + 1, i + 1);
+                        panic!(
+                            "invariant 3 violated: s{} and s{} both serve epoch {epoch}",
+                            j + 1,
+                            i + 1
+                        );
                     }
                 }
             }
@@ -1041,13 +1100,16 @@ impl World {
     /// client failed.
     pub fn done(&self) -> bool {
         let server_done = !self.finished.is_empty() || self.servers_quiet();
-        (self.client.is_finished() && self.client_eof && server_done) || self.client.failure().is_some()
+        (self.client.is_finished() && self.client_eof && server_done)
+            || self.client.failure().is_some()
     }
 
     /// No server holds the session any more (it crashed after the client
     /// was done).
     fn servers_quiet(&self) -> bool {
-        let Some(sid) = self.client.session() else { return false };
+        let Some(sid) = self.client.session() else {
+            return false;
+        };
         self.crashes > 0
             && self
                 .servers
@@ -1083,7 +1145,10 @@ impl World {
                 .servers
                 .iter()
                 .enumerate()
-                .filter_map(|(i, n)| n.as_ref().map(|n| format!("s{}: {:?} apps {:?}", i + 1, n.core, n.apps)))
+                .filter_map(|(i, n)| {
+                    n.as_ref()
+                        .map(|n| format!("s{}: {:?} apps {:?}", i + 1, n.core, n.apps))
+                })
                 .collect();
             self.log(format!(
                 "HANG: client finished {} eof {} received {} written {}/{} closed {}\n{:?}\n{}",
@@ -1096,16 +1161,31 @@ impl World {
                 self.client.debug_positions(),
                 apps.join("\n")
             ));
-            panic!("invariant 2: run did not finish in {} steps (hang?)", self.cfg.max_steps);
+            panic!(
+                "invariant 2: run did not finish in {} steps (hang?)",
+                self.cfg.max_steps
+            );
         }
-        let expected = apps::expected_download(&self.cfg.app, self.cfg.seed, &self.up_data, self.cfg.down_len);
-        assert_eq!(self.received.len(), expected.len(), "invariant 1: download length");
+        let expected = apps::expected_download(
+            &self.cfg.app,
+            self.cfg.seed,
+            &self.up_data,
+            self.cfg.down_len,
+        );
+        assert_eq!(
+            self.received.len(),
+            expected.len(),
+            "invariant 1: download length"
+        );
         assert!(self.received == expected, "invariant 1: download bytes");
         // The server application's record of what it read, unless the
         // server crashed after the client was done.
         match self.finished.last() {
             Some(f) => f.app.clone().verify_upload(&self.up_data),
-            None => assert!(self.crashes > 0, "invariant 1: no server application finished"),
+            None => assert!(
+                self.crashes > 0,
+                "invariant 1: no server application finished"
+            ),
         }
         Outcome::Completed {
             migrations: self.migrations_seen,
