@@ -60,6 +60,10 @@ pub struct PeerLink {
     max_frame: usize,
 }
 
+/// Largest message accepted before the peer is authenticated (PeerHello
+/// and PeerAuth are well under 200 bytes).
+const HANDSHAKE_MAX_FRAME: usize = 1024;
+
 impl PeerLink {
     /// Starts a link as `me`. `nonce` must be fresh and random; `expected`
     /// is the peer dialled (None when accepting).
@@ -100,7 +104,14 @@ impl PeerLink {
     /// Bytes read from the connection. An error means: close it.
     pub fn handle_input(&mut self, data: &[u8]) -> Result<(), PeerError> {
         self.rx.extend_from_slice(data);
-        while let Some(msg) = ControlMessage::decode(&mut self.rx, self.max_frame)? {
+        loop {
+            let max = match self.state {
+                State::Authenticated => self.max_frame,
+                _ => HANDSHAKE_MAX_FRAME,
+            };
+            let Some(msg) = ControlMessage::decode(&mut self.rx, max)? else {
+                break;
+            };
             match (&self.state, msg) {
                 (State::AwaitHello, ControlMessage::PeerHello { server, nonce }) => {
                     let wrong =
@@ -209,6 +220,17 @@ mod tests {
         assert!(matches!(
             pump(&mut a, &mut b),
             Err(PeerError::WrongPeer { .. })
+        ));
+    }
+
+    #[test]
+    fn large_frames_before_authentication_are_refused() {
+        let mut a = PeerLink::new(id("s1"), b"k", [1; 32], None);
+        // A StateReply header announcing 1 MiB, from an unauthenticated peer.
+        let header = [0x44, 0, 0x10, 0, 0];
+        assert!(matches!(
+            a.handle_input(&header),
+            Err(PeerError::Decode(DecodeError::TooLarge { .. }))
         ));
     }
 

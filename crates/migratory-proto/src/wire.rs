@@ -15,6 +15,9 @@ use crate::types::{Alternate, Secret, ServerId, SessionId, MAX_SERVER_ID_LEN, SE
 /// Bytes of the frame header: type (1) and body length (4).
 pub const HEADER_LEN: usize = 5;
 
+/// Most bytes reserved ahead of input that has not arrived yet.
+const READ_AHEAD: usize = 64 * 1024;
+
 /// Most alternates one frame may list.
 pub const MAX_ALTERNATES: usize = 64;
 
@@ -46,8 +49,10 @@ pub(crate) fn split_frame(
         return Err(DecodeError::TooLarge { len, max: max_body });
     }
     if src.len() < HEADER_LEN + len {
-        // Reserve so the caller's next read fills the whole frame.
-        src.reserve(HEADER_LEN + len - src.len());
+        // Make room for the next read, but never trust an announced length
+        // for more than a bounded read-ahead: memory grows with bytes that
+        // actually arrive, not with what a header claims.
+        src.reserve((HEADER_LEN + len - src.len()).min(READ_AHEAD));
         return Ok(None);
     }
     src.advance(HEADER_LEN);
