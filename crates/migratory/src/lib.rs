@@ -1,8 +1,11 @@
-//! **migratory**: live migration of TCP sessions between servers.
+//! **migratory**: live migration of TCP sessions between the servers of a
+//! pool (the MTCP design; see `DESIGN.md`).
 //!
-//! This crate will hold the tokio runtime (servers, clients, the control
-//! plane between servers). Today it re-exports the protocol core,
-//! [`proto`], on which that runtime is built:
+//! A [`ServerBuilder`] binds one server of a pool; [`Server::accept`] yields
+//! each session with how it arrived — new, migrated with the application's
+//! last snapshot, or a plain TCP client. A [`Session`] is `AsyncRead +
+//! AsyncWrite`; [`Session::snapshot`] records the restart point (MTCP's
+//! `set_state`). The protocol core is [`proto`].
 //!
 //! ```
 //! use migratory::proto::frame::{check_preamble, PreambleCheck, PREAMBLE};
@@ -11,4 +14,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod client;
+mod conn;
+mod error;
+pub mod server;
+
+pub use client::{Manual, MigratoryStream, Policy, Status};
+pub use error::{is_migrated, Error};
 pub use migratory_proto as proto;
+pub use server::{Arrival, Peer, Server, ServerBuilder, ServerHandle, Session};

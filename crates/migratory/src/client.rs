@@ -1,0 +1,486 @@
+//! The client end of a session: [`MigratoryStream`], an `AsyncRead +
+//! AsyncWrite` stream whose server end may move between the servers of a
+//! pool. It learns the pool from the server (Welcome/Resumed), follows
+//! Triggers, fails over when its server dies, and fails with a clear error
+//! only when no server can resume the session.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use migratory_proto::client::{Client, ClientConfig, ClientEvent, ClientStats};
+use migratory_proto::types::{Epoch, IncarnationId, ServerId, SessionId};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+use crate::conn::{self, Out, Tx};
+use crate::error::Error;
+
+/// What the client has gone through, for policies and progress displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Connecting to the pool.
+    Connecting,
+    /// Attached to a server.
+    Attached {
+        /// The server.
+        server: ServerId,
+        /// The session epoch.
+        epoch: Epoch,
+    },
+    /// Moving to another server.
+    Migrating {
+        /// Where to.
+        to: ServerId,
+    },
+    /// The session ended (finished or failed).
+    Ended,
+}
+
+/// Decides when the client migrates on its own (MTCP 3.4). The runtime
+/// calls it on every status change; returning `Some(server)` (or `Some` of
+/// an empty string for "any alternate") starts a migration. The default,
+/// [`Manual`], never does: the application calls
+/// [`MigratoryStream::migrate`].
+pub trait Policy: Send + 'static {
+    /// Called after each event; may ask for a migration.
+    fn on_event(&mut self, event: &ClientEvent) -> Option<Option<String>>;
+}
+
+/// Never migrates by itself.
+#[derive(Debug, Default)]
+pub struct Manual;
+
+impl Policy for Manual {
+    fn on_event(&mut self, _event: &ClientEvent) -> Option<Option<String>> {
+        None
+    }
+}
+
+enum ConnSlot {
+    /// The connection is being opened; output waits here.
+    Opening(Vec<Vec<Bytes>>),
+    Open(Tx),
+}
+
+struct State {
+    core: Client,
+    conns: HashMap<IncarnationId, ConnSlot>,
+    /// Service addresses by server (from the pool's alternates, and the
+    /// initial server's address once its id is known).
+    addrs: HashMap<ServerId, Vec<SocketAddr>>,
+    initial: Vec<SocketAddr>,
+    /// The address the initial connection reached.
+    initial_reached: Option<SocketAddr>,
+    read_waker: Option<Waker>,
+    write_waker: Option<Waker>,
+    policy: Box<dyn Policy>,
+    segs: Vec<Bytes>,
+    status: watch::Sender<Status>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    timer: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pump(self: &Arc<Self>, st: &mut State) {
+        let now = Instant::now();
+        loop {
+            let mut moved = false;
+            while let Some(ev) = st.core.poll_event() {
+                moved = true;
+                self.on_event(st, ev);
+            }
+            while let Some(inc) = st.core.poll_transmit(now, &mut st.segs) {
+                moved = true;
+                let segs = std::mem::take(&mut st.segs);
+                match st.conns.get_mut(&inc) {
+                    Some(ConnSlot::Open(tx)) => {
+                        let _ = tx.send(Out::Data(segs));
+                    }
+                    Some(ConnSlot::Opening(q)) => q.push(segs),
+                    None => {}
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    fn on_event(self: &Arc<Self>, st: &mut State, ev: ClientEvent) {
+        let want = st.policy.on_event(&ev);
+        match &ev {
+            ClientEvent::Connect { inc, server } => {
+                let addrs = match server {
+                    None => st.initial.clone(),
+                    Some(s) => st.addrs.get(s).cloned().unwrap_or_default(),
+                };
+                st.conns.insert(*inc, ConnSlot::Opening(Vec::new()));
+                tokio::spawn(open(self.clone(), *inc, addrs, server.is_none()));
+            }
+            ClientEvent::CloseIncarnation(inc) => {
+                if let Some(ConnSlot::Open(tx)) = st.conns.remove(inc) {
+                    let _ = tx.send(Out::Close);
+                }
+            }
+            ClientEvent::Established { session, server } => {
+                info!(%session, %server, "session established");
+                if let Some(a) = st.initial_reached {
+                    st.addrs.insert(server.clone(), vec![a]);
+                }
+                self.learn_alternates(st);
+                let _ = st.status.send(Status::Attached {
+                    server: server.clone(),
+                    epoch: st.core.epoch().unwrap_or(0),
+                });
+            }
+            ClientEvent::Migrated { from, to, epoch } => {
+                info!(%from, %to, epoch, "session migrated");
+                self.learn_alternates(st);
+                let _ = st.status.send(Status::Attached {
+                    server: to.clone(),
+                    epoch: *epoch,
+                });
+            }
+            ClientEvent::MigrationStarted { to, cause } => {
+                debug!(%to, ?cause, "migration started");
+                let _ = st.status.send(Status::Migrating { to: to.clone() });
+            }
+            ClientEvent::AttemptFailed { server, reason } => {
+                debug!(%server, %reason, "migration attempt failed")
+            }
+            ClientEvent::Triggered { dest } => debug!(?dest, "trigger received"),
+            ClientEvent::Readable => {
+                if let Some(w) = st.read_waker.take() {
+                    w.wake();
+                }
+            }
+            ClientEvent::Writable => {
+                if let Some(w) = st.write_waker.take() {
+                    w.wake();
+                }
+            }
+            ClientEvent::Finished | ClientEvent::Failed(_) => {
+                if let ClientEvent::Failed(e) = &ev {
+                    info!(error = %e, "session failed");
+                }
+                let _ = st.status.send(Status::Ended);
+                for w in [st.read_waker.take(), st.write_waker.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    w.wake();
+                }
+            }
+        }
+        if let Some(dest) = want {
+            let dest = dest.filter(|d| !d.is_empty()).and_then(ServerId::new);
+            let _ = st.core.migrate(Instant::now(), dest);
+        }
+    }
+
+    fn learn_alternates(&self, st: &mut State) {
+        for a in st.core.alternates() {
+            if !a.addrs.is_empty() {
+                st.addrs.insert(a.id.clone(), a.addrs.clone());
+            }
+        }
+    }
+}
+
+/// Opens the connection of one incarnation.
+async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, initial: bool) {
+    let mut last = "no address known for this server".to_string();
+    let mut stream = None;
+    for a in &addrs {
+        match TcpStream::connect(a).await {
+            Ok(s) => {
+                stream = Some((s, *a));
+                break;
+            }
+            Err(e) => last = format!("{a}: {e}"),
+        }
+    }
+    let mut st = shared.lock();
+    let Some(ConnSlot::Opening(queue)) = st.conns.remove(&inc) else {
+        return; // abandoned meanwhile
+    };
+    let Some((stream, addr)) = stream else {
+        st.core
+            .handle_incarnation_closed(Instant::now(), inc, &format!("connect failed: {last}"));
+        shared.pump(&mut st);
+        return;
+    };
+    if initial {
+        st.initial_reached = Some(addr);
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    for segs in queue {
+        let _ = tx.send(Out::Data(segs));
+    }
+    st.conns.insert(inc, ConnSlot::Open(tx));
+    drop(st);
+    let (s1, s2) = (shared.clone(), shared.clone());
+    conn::start(
+        stream,
+        rx,
+        None,
+        move |data| {
+            let mut st = s1.lock();
+            st.core.handle_input(Instant::now(), inc, data);
+            s1.pump(&mut st);
+        },
+        move |reason| {
+            let mut st = s2.lock();
+            if st.conns.remove(&inc).is_some() {
+                st.core
+                    .handle_incarnation_closed(Instant::now(), inc, &reason);
+                s2.pump(&mut st);
+            }
+        },
+    );
+}
+
+async fn timer(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared.lock().core.poll_timeout();
+        match deadline {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {
+                        let mut st = shared.lock();
+                        st.core.handle_timeout(Instant::now());
+                        shared.pump(&mut st);
+                    }
+                    _ = shared.timer.notified() => {}
+                }
+            }
+            None => shared.timer.notified().await,
+        }
+    }
+}
+
+/// A session to a pool of servers, seen as one byte stream each way.
+pub struct MigratoryStream {
+    shared: Arc<Shared>,
+    status: watch::Receiver<Status>,
+    timer: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for MigratoryStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigratoryStream")
+            .field("status", &*self.status.borrow())
+            .finish()
+    }
+}
+
+impl MigratoryStream {
+    /// Connects to the pool at the first of `addrs` that answers, with
+    /// default settings and manual migration.
+    pub async fn connect(addrs: &[SocketAddr]) -> Result<Self, Error> {
+        Self::connect_with(ClientConfig::default(), Box::new(Manual), addrs).await
+    }
+
+    /// Connects with explicit settings and a migration policy.
+    pub async fn connect_with(
+        config: ClientConfig,
+        policy: Box<dyn Policy>,
+        addrs: &[SocketAddr],
+    ) -> Result<Self, Error> {
+        if addrs.is_empty() {
+            return Err(Error::Config("no server address given".into()));
+        }
+        let (status_tx, status) = watch::channel(Status::Connecting);
+        let shared = Arc::new(Shared {
+            timer: Notify::new(),
+            state: Mutex::new(State {
+                core: Client::new(config, Instant::now()),
+                conns: HashMap::new(),
+                addrs: HashMap::new(),
+                initial: addrs.to_vec(),
+                initial_reached: None,
+                read_waker: None,
+                write_waker: None,
+                policy,
+                segs: Vec::new(),
+                status: status_tx,
+            }),
+        });
+        {
+            let mut st = shared.lock();
+            st.core.start(Instant::now());
+            shared.pump(&mut st);
+        }
+        let timer = tokio::spawn(timer(shared.clone()));
+        let mut me = Self {
+            shared,
+            status,
+            timer,
+        };
+        me.wait_established(addrs).await?;
+        Ok(me)
+    }
+
+    async fn wait_established(&mut self, addrs: &[SocketAddr]) -> Result<(), Error> {
+        loop {
+            match &*self.status.borrow_and_update() {
+                Status::Attached { .. } => return Ok(()),
+                Status::Ended => {
+                    let st = self.shared.lock();
+                    let last = st
+                        .core
+                        .failure()
+                        .map_or("session ended".into(), |e| e.to_string());
+                    return Err(Error::Connect {
+                        addrs: addrs.to_vec(),
+                        last,
+                    });
+                }
+                _ => {}
+            }
+            if self.status.changed().await.is_err() {
+                return Err(Error::Stopped);
+            }
+        }
+    }
+
+    /// The session id.
+    pub fn session(&self) -> Option<SessionId> {
+        self.shared.lock().core.session()
+    }
+
+    /// The server the session is attached to.
+    pub fn server(&self) -> Option<ServerId> {
+        self.shared.lock().core.server().cloned()
+    }
+
+    /// Watches the session's status (attached, migrating, ended).
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// What the client has done so far.
+    pub fn stats(&self) -> ClientStats {
+        self.shared.lock().core.stats().clone()
+    }
+
+    /// Migrates now, to `dest` or to the next alternate, and waits until the
+    /// session is attached again (or fails).
+    pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
+        let dest = match dest {
+            Some(d) => Some(
+                ServerId::new(d).ok_or_else(|| Error::Config(format!("bad server id {d:?}")))?,
+            ),
+            None => None,
+        };
+        {
+            let mut st = self.shared.lock();
+            st.core.migrate(Instant::now(), dest)?;
+            self.shared.pump(&mut st);
+        }
+        self.status.borrow_and_update();
+        loop {
+            if self.status.changed().await.is_err() {
+                return Err(Error::Stopped);
+            }
+            let s = self.status.borrow_and_update().clone();
+            match s {
+                Status::Attached { server, .. } => return Ok(server),
+                Status::Ended => {
+                    let st = self.shared.lock();
+                    return Err(st
+                        .core
+                        .failure()
+                        .cloned()
+                        .map_or(Error::Stopped, Error::Session));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl Drop for MigratoryStream {
+    fn drop(&mut self) {
+        self.timer.abort();
+        let mut st = self.shared.lock();
+        for (_, slot) in st.conns.drain() {
+            if let ConnSlot::Open(tx) = slot {
+                let _ = tx.send(Out::Close);
+            }
+        }
+    }
+}
+
+impl AsyncRead for MigratoryStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        match st.core.read(buf.initialize_unfilled()) {
+            Ok(Some(n)) => {
+                buf.advance(n);
+                self.shared.pump(&mut st);
+                Poll::Ready(Ok(()))
+            }
+            Ok(None) => {
+                st.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(Error::from(e).into())),
+        }
+    }
+}
+
+impl AsyncWrite for MigratoryStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = self.shared.lock();
+        match st.core.write(data) {
+            Ok(0) if !data.is_empty() => {
+                st.write_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Ok(n) => {
+                self.shared.pump(&mut st);
+                Poll::Ready(Ok(n))
+            }
+            Err(e) => Poll::Ready(Err(Error::from(e).into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are kept until the server holds them, across
+        // migrations; the socket drains them on its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        let r = st.core.close_write();
+        self.shared.pump(&mut st);
+        Poll::Ready(r.map_err(|e| Error::from(e).into()))
+    }
+}

@@ -1,0 +1,905 @@
+//! A server of a pool: accepts clients on its service address, serves their
+//! sessions to the application, and talks to its peers on its control
+//! address (DESIGN.md 3.3) to move sessions in and out.
+//!
+//! One [`migratory_proto::server::Server`] core holds the protocol state; the
+//! runtime feeds it what sockets read, writes what it emits, and wakes the
+//! application's reads and writes.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use migratory_proto::config::{Limits, ServerTimeouts};
+use migratory_proto::error::DecodeError;
+use migratory_proto::frame::{check_preamble, PreambleCheck};
+use migratory_proto::peer::PeerLink;
+use migratory_proto::server::{
+    self as core, Dest, ServerConfig, ServerEvent, ServerStats, SessionHandle,
+};
+use migratory_proto::types::{Alternate, Epoch, ServerId, SessionId};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::conn::{self, Out, Tx};
+use crate::error::Error;
+
+/// Default bound on how long a new connection may take to show whether it
+/// is a migratory client: a client that sends nothing first (a protocol
+/// where the server speaks first) is served as plain TCP after this.
+pub const DEFAULT_PREAMBLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Bound on the peer authentication handshake.
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Another server of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its id.
+    pub id: String,
+    /// Where its clients connect.
+    pub service: SocketAddr,
+    /// Where its peers connect.
+    pub control: SocketAddr,
+}
+
+/// A checked configuration: the core's config, the cluster key, and the
+/// peers' control addresses.
+type Validated = (ServerConfig, Vec<u8>, HashMap<ServerId, SocketAddr>);
+
+/// Builds a [`Server`]: set the id, addresses, peers and cluster key, then
+/// [`ServerBuilder::bind`].
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    id: String,
+    service: Option<SocketAddr>,
+    control: Option<SocketAddr>,
+    peers: Vec<Peer>,
+    cluster_key: Option<Vec<u8>>,
+    backup: Option<String>,
+    limits: Limits,
+    timeouts: ServerTimeouts,
+    max_state: usize,
+    preamble_wait: Duration,
+}
+
+impl ServerBuilder {
+    /// A builder for server `id`.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            service: None,
+            control: None,
+            peers: Vec::new(),
+            cluster_key: None,
+            backup: None,
+            limits: Limits::default(),
+            timeouts: ServerTimeouts::default(),
+            max_state: 64 * 1024,
+            preamble_wait: DEFAULT_PREAMBLE_WAIT,
+        }
+    }
+
+    /// Where clients connect (port 0 picks a free port).
+    pub fn service(&mut self, addr: SocketAddr) -> &mut Self {
+        self.service = Some(addr);
+        self
+    }
+
+    /// Where peers connect (port 0 picks a free port).
+    pub fn control(&mut self, addr: SocketAddr) -> &mut Self {
+        self.control = Some(addr);
+        self
+    }
+
+    /// Adds a peer of the pool.
+    pub fn peer(&mut self, peer: Peer) -> &mut Self {
+        self.peers.push(peer);
+        self
+    }
+
+    /// The key every server of the pool shares (at least 16 bytes).
+    pub fn cluster_key(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.cluster_key = Some(key.into());
+        self
+    }
+
+    /// The peer that keeps an eager replica of every session (DESIGN.md 3.6).
+    pub fn backup(&mut self, id: impl Into<String>) -> &mut Self {
+        self.backup = Some(id.into());
+        self
+    }
+
+    /// Buffer and frame limits.
+    pub fn limits(&mut self, limits: Limits) -> &mut Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Protocol timeouts.
+    pub fn timeouts(&mut self, timeouts: ServerTimeouts) -> &mut Self {
+        self.timeouts = timeouts;
+        self
+    }
+
+    /// Largest application snapshot accepted.
+    pub fn max_state(&mut self, bytes: usize) -> &mut Self {
+        self.max_state = bytes;
+        self
+    }
+
+    /// How long to wait for a new connection's preamble before serving it
+    /// as plain TCP ([`DEFAULT_PREAMBLE_WAIT`]).
+    pub fn preamble_wait(&mut self, wait: Duration) -> &mut Self {
+        self.preamble_wait = wait;
+        self
+    }
+
+    fn validate(&self) -> Result<Validated, Error> {
+        let cfg_err = |s: String| Error::Config(s);
+        let id = ServerId::new(self.id.clone())
+            .ok_or_else(|| cfg_err(format!("id {:?}: must be 1 to 64 bytes", self.id)))?;
+        let key = self
+            .cluster_key
+            .clone()
+            .ok_or_else(|| cfg_err("cluster_key: missing".into()))?;
+        if key.len() < 16 {
+            return Err(cfg_err("cluster_key: must be at least 16 bytes".into()));
+        }
+        if self.service.is_none() {
+            return Err(cfg_err("service: missing address".into()));
+        }
+        if self.control.is_none() {
+            return Err(cfg_err("control: missing address".into()));
+        }
+        let mut controls = HashMap::new();
+        let mut alternates = Vec::new();
+        for p in &self.peers {
+            let pid = ServerId::new(p.id.clone())
+                .ok_or_else(|| cfg_err(format!("peer id {:?}: must be 1 to 64 bytes", p.id)))?;
+            if pid == id || controls.insert(pid.clone(), p.control).is_some() {
+                return Err(cfg_err(format!("peer id {:?}: duplicate server id", p.id)));
+            }
+            alternates.push(Alternate {
+                id: pid,
+                addrs: vec![p.service],
+            });
+        }
+        let backup = match &self.backup {
+            Some(b) => {
+                let b = ServerId::new(b.clone()).filter(|b| controls.contains_key(b));
+                Some(b.ok_or_else(|| cfg_err(format!("backup {:?}: not a peer", self.backup)))?)
+            }
+            None => None,
+        };
+        if let Some(b) = &backup {
+            // Clients fail over to the backup first.
+            if let Some(i) = alternates.iter().position(|a| &a.id == b) {
+                let a = alternates.remove(i);
+                alternates.insert(0, a);
+            }
+        }
+        let mut cfg = ServerConfig::new(id);
+        cfg.alternates = alternates;
+        cfg.backup = backup;
+        cfg.limits = self.limits.clone();
+        cfg.timeouts = self.timeouts.clone();
+        cfg.max_state = self.max_state;
+        Ok((cfg, key, controls))
+    }
+
+    /// Checks the configuration, binds both addresses and starts serving.
+    /// Peers need not be up: they are dialled on demand and retried.
+    pub async fn bind(&self) -> Result<Server, Error> {
+        let (cfg, key, controls) = self.validate()?;
+        let service = self.service.expect("validated");
+        let control = self.control.expect("validated");
+        let svc = TcpListener::bind(service)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: service,
+                source,
+            })?;
+        let ctl = TcpListener::bind(control)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: control,
+                source,
+            })?;
+        let service_addr = svc.local_addr().map_err(|source| Error::Bind {
+            addr: service,
+            source,
+        })?;
+        let control_addr = ctl.local_addr().map_err(|source| Error::Bind {
+            addr: control,
+            source,
+        })?;
+        let (accept_tx, accept_rx) = mpsc::unbounded_channel();
+        let me = cfg.id.clone();
+        let shared = Arc::new(Shared {
+            me: me.clone(),
+            key,
+            controls,
+            preamble_wait: self.preamble_wait,
+            timer: Notify::new(),
+            state: Mutex::new(State {
+                core: core::Server::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
+                conns: HashMap::new(),
+                links: HashMap::new(),
+                read_wakers: HashMap::new(),
+                write_wakers: HashMap::new(),
+                accept_tx,
+                segs: Vec::new(),
+            }),
+        });
+        let tasks = vec![
+            tokio::spawn(accept_clients(shared.clone(), svc)),
+            tokio::spawn(accept_peers(shared.clone(), ctl)),
+            tokio::spawn(timer(shared.clone())),
+        ];
+        info!(server = %me, %service_addr, %control_addr, "server bound");
+        Ok(Server {
+            shared,
+            accept_rx,
+            service_addr,
+            control_addr,
+            tasks,
+        })
+    }
+}
+
+/// How a session reached the application (MTCP's `get_state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// A new migratory session: start from the beginning.
+    New,
+    /// A session migrated here: resume from this snapshot state.
+    Migrated {
+        /// The state of the application's last snapshot (empty if none).
+        state: Bytes,
+    },
+    /// A plain TCP client (not migratable): serve it as usual.
+    Plain,
+}
+
+/// One server of a pool.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    accept_rx: mpsc::UnboundedReceiver<(Session, Arrival)>,
+    service_addr: SocketAddr,
+    control_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// The next session for the application, new or migrated (MTCP's
+    /// `accept` + `get_state`). `None` once the server stopped.
+    pub async fn accept(&mut self) -> Option<(Session, Arrival)> {
+        self.accept_rx.recv().await
+    }
+
+    /// This server's id.
+    pub fn id(&self) -> &ServerId {
+        &self.shared.me
+    }
+
+    /// The bound service address.
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_addr
+    }
+
+    /// The bound control address.
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    /// A cloneable handle for pool operations while `accept` runs elsewhere.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Pool operations on a running [`Server`] (cloneable, usable from any task).
+#[derive(Debug, Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// This server's id.
+    pub fn id(&self) -> &ServerId {
+        &self.shared.me
+    }
+
+    /// Sessions this server owns, with their epochs.
+    pub fn sessions(&self) -> Vec<(SessionId, Epoch)> {
+        self.shared.lock().core.owned_sessions().collect()
+    }
+
+    /// What the server has done so far.
+    pub fn stats(&self) -> ServerStats {
+        self.shared.lock().core.stats().clone()
+    }
+
+    /// Destination pull (MTCP 3.2.1): asks `owner` to send `session`'s
+    /// client here.
+    pub fn pull(&self, session: SessionId, owner: &str) -> Result<(), Error> {
+        let owner = self.shared.peer_id(owner)?;
+        let mut st = self.shared.lock();
+        st.core.pull(session, owner);
+        self.shared.pump(&mut st);
+        Ok(())
+    }
+
+    /// Third-party trigger: asks `owner` to send `session`'s client to `dest`.
+    pub fn request_trigger(
+        &self,
+        session: SessionId,
+        owner: &str,
+        dest: &str,
+    ) -> Result<(), Error> {
+        let owner = self.shared.peer_id(owner)?;
+        let dest =
+            ServerId::new(dest).ok_or_else(|| Error::Config(format!("bad server id {dest:?}")))?;
+        let mut st = self.shared.lock();
+        st.core.request_trigger(session, owner, dest);
+        self.shared.pump(&mut st);
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        let mut st = self.shared.lock();
+        for (_, tx) in st.conns.drain() {
+            let _ = tx.send(Out::Close);
+        }
+        for (_, link) in st.links.drain() {
+            if let Link::Up(tx) = link {
+                let _ = tx.send(Out::Close);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Link {
+    Up(Tx),
+    Dialing(Vec<Vec<Bytes>>),
+}
+
+struct State {
+    core: core::Server,
+    conns: HashMap<migratory_proto::types::IncarnationId, Tx>,
+    links: HashMap<ServerId, Link>,
+    read_wakers: HashMap<SessionHandle, Waker>,
+    write_wakers: HashMap<SessionHandle, Waker>,
+    accept_tx: mpsc::UnboundedSender<(Session, Arrival)>,
+    segs: Vec<Bytes>,
+}
+
+struct Shared {
+    me: ServerId,
+    key: Vec<u8>,
+    controls: HashMap<ServerId, SocketAddr>,
+    preamble_wait: Duration,
+    timer: Notify,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("me", &self.me).finish()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn peer_id(&self, id: &str) -> Result<ServerId, Error> {
+        ServerId::new(id)
+            .filter(|p| self.controls.contains_key(p))
+            .ok_or_else(|| Error::Config(format!("{id:?} is not a peer of this server")))
+    }
+
+    /// Performs everything the core asks for after a call: transmits to
+    /// clients and peers, events to the application and the sockets.
+    fn pump(self: &Arc<Self>, st: &mut State) {
+        let now = Instant::now();
+        loop {
+            let mut moved = false;
+            while let Some(dest) = st.core.poll_transmit(now, &mut st.segs) {
+                moved = true;
+                let segs = std::mem::take(&mut st.segs);
+                match dest {
+                    Dest::Incarnation(inc) => {
+                        if let Some(tx) = st.conns.get(&inc) {
+                            let _ = tx.send(Out::Data(segs));
+                        }
+                    }
+                    Dest::Peer(peer) => self.send_peer(st, peer, segs),
+                }
+            }
+            while let Some(ev) = st.core.poll_event() {
+                moved = true;
+                self.on_event(st, ev);
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.timer.notify_one();
+    }
+
+    fn on_event(self: &Arc<Self>, st: &mut State, ev: ServerEvent) {
+        let wake = |m: &mut HashMap<SessionHandle, Waker>, h: &SessionHandle| {
+            if let Some(w) = m.remove(h) {
+                w.wake();
+            }
+        };
+        match ev {
+            ServerEvent::Accepted {
+                handle,
+                session,
+                arrival,
+            } => {
+                let arrival = match arrival {
+                    core::Arrival::New => Arrival::New,
+                    core::Arrival::Migrated { state } => Arrival::Migrated { state },
+                };
+                info!(server = %self.me, %session, ?arrival, "session accepted");
+                let s = Session {
+                    inner: Inner::Migratory {
+                        shared: self.clone(),
+                        handle,
+                        session,
+                    },
+                };
+                let _ = st.accept_tx.send((s, arrival));
+            }
+            ServerEvent::Readable(h) => wake(&mut st.read_wakers, &h),
+            ServerEvent::Writable(h) => wake(&mut st.write_wakers, &h),
+            ServerEvent::MigratedAway(h) | ServerEvent::Finished(h) | ServerEvent::Dropped(h) => {
+                debug!(server = %self.me, ?h, "session ended here");
+                wake(&mut st.read_wakers, &h);
+                wake(&mut st.write_wakers, &h);
+            }
+            ServerEvent::CloseIncarnation { inc, reason } => {
+                debug!(server = %self.me, %inc, %reason, "closing connection");
+                if let Some(tx) = st.conns.remove(&inc) {
+                    let _ = tx.send(Out::Close);
+                }
+            }
+            // Plain clients are recognised before a connection reaches the core.
+            ServerEvent::PlainClient { inc, .. } => {
+                st.conns.remove(&inc);
+            }
+            ServerEvent::PeerLoad { peer, permille } => debug!(%peer, permille, "peer load"),
+        }
+    }
+
+    fn send_peer(self: &Arc<Self>, st: &mut State, peer: ServerId, segs: Vec<Bytes>) {
+        match st.links.get_mut(&peer) {
+            Some(Link::Up(tx)) => {
+                let _ = tx.send(Out::Data(segs));
+            }
+            Some(Link::Dialing(queue)) => queue.push(segs),
+            None => {
+                st.links.insert(peer.clone(), Link::Dialing(vec![segs]));
+                tokio::spawn(dial(self.clone(), peer));
+            }
+        }
+    }
+}
+
+async fn accept_clients(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                tokio::spawn(serve_client(shared.clone(), stream, addr));
+            }
+            Err(e) => {
+                warn!(server = %shared.me, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads the start of a connection, within the preamble wait, to tell a
+/// migratory client from a plain one.
+async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+    let mut first = BytesMut::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + shared.preamble_wait;
+    let migratory = loop {
+        match check_preamble(&first) {
+            Ok(PreambleCheck::Migratory) => break true,
+            Ok(PreambleCheck::NeedMore) => {}
+            Err(DecodeError::NotMigratory) => break false,
+            Err(e) => {
+                debug!(%addr, error = %e, "refusing connection");
+                return;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            // Silent client: a plain protocol where the server speaks first.
+            Err(_) => break false,
+        }
+    };
+    if !migratory {
+        debug!(%addr, "plain TCP client");
+        let s = Session {
+            inner: Inner::Plain {
+                initial: first.freeze(),
+                stream,
+            },
+        };
+        let st = shared.lock();
+        let _ = st.accept_tx.send((s, Arrival::Plain));
+        return;
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut st = shared.lock();
+    let inc = st.core.new_incarnation(Instant::now());
+    st.conns.insert(inc, tx);
+    drop(st);
+    let (s1, s2) = (shared.clone(), shared.clone());
+    conn::start(
+        stream,
+        rx,
+        Some(first.freeze()),
+        move |data| {
+            let mut st = s1.lock();
+            st.core.handle_input(Instant::now(), inc, data);
+            s1.pump(&mut st);
+        },
+        move |reason| {
+            debug!(%inc, %reason, "client connection closed");
+            let mut st = s2.lock();
+            st.conns.remove(&inc);
+            st.core.handle_incarnation_closed(Instant::now(), inc);
+            s2.pump(&mut st);
+        },
+    );
+}
+
+async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                tokio::spawn(serve_peer(shared.clone(), stream, addr));
+            }
+            Err(e) => {
+                warn!(server = %shared.me, error = %e, "control accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs the authentication handshake on a control connection; returns the
+/// authenticated link.
+async fn handshake(
+    shared: &Shared,
+    stream: &mut TcpStream,
+    expected: Option<ServerId>,
+) -> Result<PeerLink, String> {
+    let nonce: [u8; 32] = rand::random();
+    let mut link = PeerLink::new(shared.me.clone(), &shared.key, nonce, expected);
+    let mut buf = vec![0u8; 4096];
+    let run = async {
+        loop {
+            let out = link.take_output();
+            if !out.is_empty() {
+                stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
+            if link.peer().is_some() {
+                return Ok::<(), String>(());
+            }
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during the handshake".into());
+            }
+            link.handle_input(&buf[..n]).map_err(|e| e.to_string())?;
+        }
+    };
+    tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, run)
+        .await
+        .map_err(|_| "handshake timed out".to_string())??;
+    Ok(link)
+}
+
+fn link_reader(
+    shared: Arc<Shared>,
+    mut link: PeerLink,
+    peer: ServerId,
+) -> impl FnMut(&[u8]) + Send + 'static {
+    // Messages that came in the same read as the end of the handshake.
+    {
+        let mut st = shared.lock();
+        while let Some(msg) = link.poll_message() {
+            st.core.handle_control(Instant::now(), &peer, msg);
+        }
+        shared.pump(&mut st);
+    }
+    move |data| {
+        if let Err(e) = link.handle_input(data) {
+            warn!(%peer, error = %e, "bad control input");
+            return;
+        }
+        let mut st = shared.lock();
+        while let Some(msg) = link.poll_message() {
+            st.core.handle_control(Instant::now(), &peer, msg);
+        }
+        shared.pump(&mut st);
+    }
+}
+
+async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+    let link = match handshake(&shared, &mut stream, None).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(server = %shared.me, %addr, error = %e, "control connection refused");
+            return;
+        }
+    };
+    let peer = link.peer().expect("authenticated").clone();
+    if !shared.controls.contains_key(&peer) {
+        warn!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
+        return;
+    }
+    debug!(server = %shared.me, %peer, "peer connected in");
+    // We only read on this connection (replies go on our own dialled
+    // link), but its writer must live as long as it does.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reader = link_reader(shared.clone(), link, peer.clone());
+    conn::start(stream, rx, None, reader, move |reason| {
+        drop(tx);
+        debug!(%peer, %reason, "inbound control connection closed");
+    });
+}
+
+/// Opens our control connection to `peer` and flushes what was queued; on
+/// failure the core learns the peer is down (requests fall back).
+async fn dial(shared: Arc<Shared>, peer: ServerId) {
+    let addr = shared.controls[&peer];
+    let result = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let link = handshake(&shared, &mut stream, Some(peer.clone())).await?;
+        Ok::<_, String>((stream, link))
+    }
+    .await;
+    let now = Instant::now();
+    let mut st = shared.lock();
+    match result {
+        Ok((stream, link)) => {
+            debug!(server = %shared.me, %peer, "peer connected out");
+            let (tx, rx) = mpsc::unbounded_channel();
+            if let Some(Link::Dialing(queue)) = st.links.remove(&peer) {
+                for segs in queue {
+                    let _ = tx.send(Out::Data(segs));
+                }
+            }
+            st.links.insert(peer.clone(), Link::Up(tx));
+            st.core.handle_peer_up(now, &peer);
+            shared.pump(&mut st);
+            drop(st);
+            let reader = link_reader(shared.clone(), link, peer.clone());
+            let s2 = shared.clone();
+            conn::start(stream, rx, None, reader, move |reason| {
+                warn!(server = %s2.me, %peer, %reason, "control connection lost");
+                let mut st = s2.lock();
+                st.links.remove(&peer);
+                st.core.handle_peer_down(Instant::now(), &peer);
+                s2.pump(&mut st);
+            });
+        }
+        Err(e) => {
+            warn!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
+            st.links.remove(&peer);
+            st.core.handle_peer_down(now, &peer);
+            shared.pump(&mut st);
+        }
+    }
+}
+
+async fn timer(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared.lock().core.poll_timeout();
+        match deadline {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => {
+                        let mut st = shared.lock();
+                        st.core.handle_timeout(Instant::now());
+                        shared.pump(&mut st);
+                    }
+                    _ = shared.timer.notified() => {}
+                }
+            }
+            None => shared.timer.notified().await,
+        }
+    }
+}
+
+enum Inner {
+    Migratory {
+        shared: Arc<Shared>,
+        handle: SessionHandle,
+        session: SessionId,
+    },
+    Plain {
+        initial: Bytes,
+        stream: TcpStream,
+    },
+}
+
+/// One client's session at this server: `AsyncRead + AsyncWrite`, plus the
+/// migration calls. After the session moved away every read and write
+/// fails with an error for which [`crate::is_migrated`] is true (MTCP's
+/// `EMIGRATED`): stop serving it.
+pub struct Session {
+    inner: Inner,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Inner::Migratory { session, .. } => write!(f, "Session({session})"),
+            Inner::Plain { .. } => f.write_str("Session(plain)"),
+        }
+    }
+}
+
+impl Session {
+    /// The session id (`None` for a plain TCP client).
+    pub fn id(&self) -> Option<SessionId> {
+        match &self.inner {
+            Inner::Migratory { session, .. } => Some(*session),
+            Inner::Plain { .. } => None,
+        }
+    }
+
+    /// MTCP's `set_state`: records `state` as this session's restart point.
+    /// A server resuming from it reads and writes from here on. A no-op for
+    /// a plain TCP client.
+    pub fn snapshot(&self, state: &[u8]) -> Result<(), Error> {
+        let Inner::Migratory { shared, handle, .. } = &self.inner else {
+            return Ok(());
+        };
+        let mut st = shared.lock();
+        st.core.snapshot(*handle, state)?;
+        shared.pump(&mut st);
+        Ok(())
+    }
+
+    /// Server push (MTCP 3.2.1): asks the client to migrate, to `dest` if
+    /// given. Fails for a plain TCP client.
+    pub fn migrate_to(&self, dest: Option<&str>) -> Result<(), Error> {
+        let Inner::Migratory { shared, handle, .. } = &self.inner else {
+            return Err(Error::Config("a plain TCP client cannot migrate".into()));
+        };
+        let dest = match dest {
+            Some(d) => Some(shared.peer_id(d)?),
+            None => None,
+        };
+        let mut st = shared.lock();
+        st.core.migrate_to(*handle, dest)?;
+        shared.pump(&mut st);
+        Ok(())
+    }
+}
+
+impl AsyncRead for Session {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain { initial, stream } => {
+                if !initial.is_empty() {
+                    let n = initial.len().min(buf.remaining());
+                    buf.put_slice(&initial.split_to(n));
+                    return Poll::Ready(Ok(()));
+                }
+                Pin::new(stream).poll_read(cx, buf)
+            }
+            Inner::Migratory { shared, handle, .. } => {
+                let mut st = shared.lock();
+                match st.core.read(*handle, buf.initialize_unfilled()) {
+                    Ok(Some(n)) => {
+                        buf.advance(n);
+                        if n > 0 {
+                            shared.pump(&mut st);
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                    Ok(None) => {
+                        st.read_wakers.insert(*handle, cx.waker().clone());
+                        Poll::Pending
+                    }
+                    Err(e) => Poll::Ready(Err(Error::from(e).into())),
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Session {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.inner {
+            Inner::Plain { stream, .. } => Pin::new(stream).poll_write(cx, data),
+            Inner::Migratory { shared, handle, .. } => {
+                let mut st = shared.lock();
+                match st.core.write(*handle, data) {
+                    Ok(0) if !data.is_empty() => {
+                        st.write_wakers.insert(*handle, cx.waker().clone());
+                        Poll::Pending
+                    }
+                    Ok(n) => {
+                        shared.pump(&mut st);
+                        Poll::Ready(Ok(n))
+                    }
+                    Err(e) => Poll::Ready(Err(Error::from(e).into())),
+                }
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain { stream, .. } => Pin::new(stream).poll_flush(cx),
+            // Written bytes are in the session's retransmit buffer, which is
+            // what survives a migration; the socket drains it on its own.
+            Inner::Migratory { .. } => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            Inner::Plain { stream, .. } => Pin::new(stream).poll_shutdown(cx),
+            Inner::Migratory { shared, handle, .. } => {
+                let mut st = shared.lock();
+                let r = st.core.close_write(*handle);
+                shared.pump(&mut st);
+                Poll::Ready(r.map_err(|e| Error::from(e).into()))
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Inner::Migratory { shared, handle, .. } = &self.inner {
+            let mut st = shared.lock();
+            st.read_wakers.remove(handle);
+            st.write_wakers.remove(handle);
+            st.core.release(*handle);
+        }
+    }
+}
