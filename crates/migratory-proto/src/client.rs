@@ -204,6 +204,8 @@ pub struct Client {
     ack_due: bool,
     /// An Ack must go out on a fresh incarnation to confirm it.
     confirm: bool,
+    /// The current incarnation delivered data or acks since it started.
+    progress: bool,
     last_rx: Instant,
     ping_sent: Option<Instant>,
     events: VecDeque<ClientEvent>,
@@ -241,6 +243,7 @@ impl Client {
             fin_ack_sent: false,
             ack_due: false,
             confirm: false,
+            progress: false,
             last_rx: now,
             ping_sent: None,
             events: VecDeque::new(),
@@ -519,9 +522,12 @@ impl Client {
             "{}: {reason}",
             owner.map_or("server".into(), |o| o.to_string())
         );
-        self.tried.clear();
-        self.rounds = 0;
         self.owner_failed = true;
+        if self.progress {
+            self.tried.clear();
+            self.rounds = 0;
+        }
+        self.progress = false;
         self.begin_migration(now, None, MigrationCause::ServerFailed);
     }
 
@@ -699,15 +705,16 @@ impl Client {
         self.stats.bytes_resent += self.up_sent.saturating_sub(up);
         self.up.drop_to(up);
         self.up_sent = up;
-        self.up_limit = up + window;
+        self.up_limit = up.saturating_add(window);
         self.up_fin_sent = up_fin;
         self.up_fin_acked = up_fin;
         self.alternates = alternates;
         self.alternates.retain(|a| a.id != server);
         self.cur = Some(inc);
         self.phase = Phase::Established;
-        self.tried.clear();
-        self.rounds = 0;
+        // The failover budget (`tried`, `rounds`) is only reset once the new
+        // incarnation shows progress: one that fails straight after
+        // Resumed must not make a failover loop endless.
         self.owner_failed = false;
         self.stats.migrations += 1;
         // Confirm at once: the Ack tells the server this incarnation is live.
@@ -729,6 +736,7 @@ impl Client {
     ) -> Result<(), ProtocolError> {
         match frame {
             Frame::Data(data) => {
+                self.progress = true;
                 if self.down_fin.is_some() {
                     return Err(ProtocolError::Position("data after Close"));
                 }
@@ -747,6 +755,7 @@ impl Client {
                 }
             }
             Frame::Ack { pos, limit, fin } => {
+                self.progress |= pos > self.up.start() || fin;
                 if pos > self.up_sent {
                     return Err(ProtocolError::Position("ack beyond the data sent"));
                 }
@@ -887,6 +896,8 @@ impl Client {
             Phase::Connecting { deadline, .. } | Phase::Migrating { deadline, .. } => {
                 Some(deadline)
             }
+            // Nothing left to wait for on the wire: no timer.
+            Phase::Established if self.wire_done() => None,
             Phase::Established => {
                 let ping = match self.ping_sent {
                     None => self.last_rx + t.ping_interval,

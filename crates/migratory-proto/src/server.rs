@@ -340,6 +340,9 @@ struct Replica {
     down_snap: Pos,
     down_fin: Option<Pos>,
     app_state: Bytes,
+    /// The owner has been unreachable since then; the replica expires after
+    /// the orphan timeout unless the owner speaks again.
+    stale_since: Option<Instant>,
 }
 
 impl Replica {
@@ -359,6 +362,7 @@ impl Replica {
             down_snap: image.down_snap,
             down_fin: image.down_fin,
             app_state: image.app_state,
+            stale_since: None,
         }
     }
 
@@ -705,6 +709,9 @@ impl Server {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     if s.inc == Some(inc) {
                         s.inc = None;
+                        // Without a client the session expires unless one
+                        // comes back (no connection can pin it).
+                        s.orphan_since = Some(self.last_now);
                     }
                 }
             }
@@ -883,13 +890,15 @@ impl Server {
         let old = s.inc.replace(inc);
         s.orphan_since = None;
         s.snd_nxt = m.request.down;
-        s.down_limit = m.request.down + m.request.window;
+        s.down_limit = m.request.down.saturating_add(m.request.window);
         s.fin_sent = false;
         s.fin_acked |= m.request.down_fin;
         s.ack_due = true;
         // The client resends from what it may drop (the commit point);
         // bytes this server already holds are skipped as they come again.
         s.rx_pos = s.commit_point();
+        // The window is what the enforced limit leaves above the resend point.
+        s.limit_sent = s.limit_sent.max(s.up_limit(&self.cfg.limits));
         let resumed = Frame::Resumed {
             up: s.rx_pos,
             up_fin: s.up_fin.is_some() && s.rx_pos == s.rcv_nxt(),
@@ -897,7 +906,7 @@ impl Server {
             epoch: s.epoch,
             server: self.cfg.id.clone(),
             alternates: self.cfg.alternates.clone(),
-            window: self.cfg.limits.recv_window,
+            window: s.limit_sent - s.rx_pos,
         };
         if let Some(i) = self.incs.get_mut(&inc) {
             i.phase = IncPhase::Attached(m.request.session);
@@ -947,7 +956,7 @@ impl Server {
         let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, arrival) = match start {
             Start::Hello { window } => (window, false, 0, None, None, Arrival::New),
             Start::Resume { request, owed_ack } => (
-                request.down + request.window,
+                request.down.saturating_add(request.window),
                 request.down_fin,
                 request.attempt,
                 owed_ack,
@@ -1015,7 +1024,7 @@ impl Server {
                 epoch,
                 server: self.cfg.id.clone(),
                 alternates: self.cfg.alternates.clone(),
-                window: limit - s.rcv_nxt(),
+                window: limit.saturating_sub(s.rcv_nxt()),
             }
         };
         if let Some(b) = self.cfg.backup.clone().filter(|b| *b != self.cfg.id) {
@@ -1129,7 +1138,9 @@ impl Server {
                 if pos > s.snd_nxt {
                     return Err(ProtocolError::Position("ack beyond the data sent"));
                 }
-                if fin && !s.fin_sent {
+                // The client may confirm a Close it got from an earlier
+                // server (its Migrate said so: `fin_acked`).
+                if fin && !s.fin_sent && !s.fin_acked {
                     return Err(ProtocolError::Position("ack of a Close not sent"));
                 }
                 let freed = pos > s.down.start();
@@ -1405,6 +1416,13 @@ impl Server {
                 {
                     self.replicas.remove(&session);
                 }
+                // From our backup: it will not keep this session.
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if let Some(b) = s.backup.as_mut().filter(|b| &b.server == from) {
+                        b.live = false;
+                        s.ack_due = true;
+                    }
+                }
             }
             ControlMessage::Load { permille } => self.events.push_back(ServerEvent::PeerLoad {
                 peer: from.clone(),
@@ -1552,6 +1570,11 @@ impl Server {
             return;
         };
         let m = p.migrate;
+        // A replica answers when its owner is unreachable (it crashed) or
+        // says it has no such session (it restarted): a client names an
+        // origin only while that origin still owes it the session (the
+        // origin forgets only after the client confirmed elsewhere, and
+        // replays die on the nonce).
         let usable = matches!(
             reason,
             RejectReason::NotFound | RejectReason::OriginUnreachable
@@ -1583,16 +1606,33 @@ impl Server {
                 if image.session != session {
                     return;
                 }
-                if self.sessions.contains_key(&session) {
-                    // We own it now (a newer epoch): the owner's copy is stale.
-                    return;
+                if let Some(local) = self.sessions.get(&session).filter(|l| l.frozen.is_none()) {
+                    // Epochs order live copies: ours, if not older, is the
+                    // one clients use: refuse to back up the other, so its
+                    // owner stops waiting for us. An older live copy here
+                    // is a zombie: the owner's state replaces it. (A frozen
+                    // copy stays beside the replica: the client may still
+                    // come back for it if it lost its Resumed.)
+                    if local.epoch >= image.epoch {
+                        self.ctrl_out
+                            .push_back((from.clone(), ControlMessage::Forget { session }));
+                        return;
+                    }
+                    let old = self.sessions.remove(&session).expect("present");
+                    self.retire(old.handle, ServerEvent::MigratedAway(old.handle));
+                    if let Some(inc) = old.inc {
+                        self.close_inc(inc, "superseded by the owner's state".into());
+                    }
                 }
                 self.replicas
                     .insert(session, Replica::from_image(from.clone(), image));
                 true
             }
             update => match self.replicas.get_mut(&session) {
-                Some(r) if &r.owner == from => r.apply(update),
+                Some(r) if &r.owner == from => {
+                    r.stale_since = None;
+                    r.apply(update)
+                }
                 _ => false,
             },
         };
@@ -1656,6 +1696,9 @@ impl Server {
                 format!("origin {peer} unreachable"),
             );
         }
+        for r in self.replicas.values_mut().filter(|r| &r.owner == peer) {
+            r.stale_since.get_or_insert(now);
+        }
         for s in self.sessions.values_mut() {
             if let Some(b) = s.backup.as_mut().filter(|b| &b.server == peer) {
                 b.live = false;
@@ -1713,7 +1756,15 @@ impl Server {
                 _ => None,
             });
         let tomb = self.tombstones.front().map(|(t, _)| *t);
-        incs.chain(pending).chain(sessions).chain(tomb).min()
+        let replicas = self
+            .replicas
+            .values()
+            .filter_map(|r| r.stale_since.map(|since| since + t.orphan));
+        incs.chain(pending)
+            .chain(sessions)
+            .chain(tomb)
+            .chain(replicas)
+            .min()
     }
 
     /// Expires whatever timed out by `now`.
@@ -1737,6 +1788,8 @@ impl Server {
         while self.tombstones.front().is_some_and(|(t, _)| *t <= now) {
             self.tombstones.pop_front();
         }
+        self.replicas
+            .retain(|_, r| r.stale_since.is_none_or(|since| since + t.orphan > now));
         let expired: Vec<u64> = self
             .pending
             .iter()
@@ -1849,7 +1902,9 @@ impl Server {
             s.fin_sent = true;
         }
         let limit = s.up_limit(limits);
-        let commit = s.commit_point();
+        // Never acknowledge what the client has not (re)sent on this
+        // incarnation: after a reattach it resends from `rx_pos`.
+        let commit = s.commit_point().min(s.rx_pos.max(s.ack_sent));
         let fin = s.up_fin.is_some_and(|f| f == commit);
         let moved = commit > s.ack_sent || limit >= s.limit_sent + limits.window_step();
         let blocked = limit > s.limit_sent && s.rcv_nxt() == s.limit_sent;

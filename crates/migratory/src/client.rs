@@ -384,25 +384,80 @@ impl MigratoryStream {
     /// Migrates now, to `dest` or to the next alternate, and waits until the
     /// session is attached again (or fails).
     pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
+        self.control().migrate(dest).await
+    }
+
+    /// A cloneable handle for migrations and status while the stream's IO
+    /// runs elsewhere (e.g. after `tokio::io::split`).
+    pub fn control(&self) -> ClientControl {
+        ClientControl {
+            shared: self.shared.clone(),
+            status: self.status.clone(),
+        }
+    }
+}
+
+/// Migration calls and status of a [`MigratoryStream`], detached from its IO.
+#[derive(Clone)]
+pub struct ClientControl {
+    shared: Arc<Shared>,
+    status: watch::Receiver<Status>,
+}
+
+impl std::fmt::Debug for ClientControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientControl").finish_non_exhaustive()
+    }
+}
+
+impl ClientControl {
+    /// The session id.
+    pub fn session(&self) -> Option<SessionId> {
+        self.shared.lock().core.session()
+    }
+
+    /// The server the session is attached to.
+    pub fn server(&self) -> Option<ServerId> {
+        self.shared.lock().core.server().cloned()
+    }
+
+    /// What the client has done so far.
+    pub fn stats(&self) -> ClientStats {
+        self.shared.lock().core.stats().clone()
+    }
+
+    /// Watches the session's status.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Migrates now, to `dest` or to the next alternate, and waits until the
+    /// session is attached again (or fails).
+    pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
         let dest = match dest {
             Some(d) => Some(
                 ServerId::new(d).ok_or_else(|| Error::Config(format!("bad server id {d:?}")))?,
             ),
             None => None,
         };
+        self.status.borrow_and_update();
         {
             let mut st = self.shared.lock();
             st.core.migrate(Instant::now(), dest)?;
             self.shared.pump(&mut st);
         }
-        self.status.borrow_and_update();
+        self.wait_attached().await
+    }
+
+    /// Waits until the session is attached after a change of status (a
+    /// migration this client or a server started), and returns the server.
+    pub async fn wait_attached(&mut self) -> Result<ServerId, Error> {
         loop {
-            if self.status.changed().await.is_err() {
-                return Err(Error::Stopped);
-            }
             let s = self.status.borrow_and_update().clone();
             match s {
-                Status::Attached { server, .. } => return Ok(server),
+                Status::Attached { server, .. } if !self.shared.lock().core.is_migrating() => {
+                    return Ok(server)
+                }
                 Status::Ended => {
                     let st = self.shared.lock();
                     return Err(st
@@ -412,6 +467,9 @@ impl MigratoryStream {
                         .map_or(Error::Stopped, Error::Session));
                 }
                 _ => {}
+            }
+            if self.status.changed().await.is_err() {
+                return Err(Error::Stopped);
             }
         }
     }

@@ -18,8 +18,9 @@ pub mod client;
 mod conn;
 mod error;
 pub mod server;
+pub mod transfer;
 
-pub use client::{Manual, MigratoryStream, Policy, Status};
+pub use client::{ClientControl, Manual, MigratoryStream, Policy, Status};
 pub use error::{is_migrated, Error};
 pub use migratory_proto as proto;
-pub use server::{Arrival, Peer, Server, ServerBuilder, ServerHandle, Session};
+pub use server::{Arrival, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl};

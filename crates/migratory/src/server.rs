@@ -371,17 +371,27 @@ impl Drop for Server {
             let _ = tx.send(Out::Close);
         }
         for (_, link) in st.links.drain() {
-            if let Link::Up(tx) = link {
+            if let Link::Up(tx, _) = link {
                 let _ = tx.send(Out::Close);
             }
         }
     }
 }
 
+/// Our connection to a peer: one per pair, opened by whichever side needs
+/// it first and then used both ways.
 #[derive(Debug)]
 enum Link {
-    Up(Tx),
+    /// Connected (the number tells connections apart).
+    Up(Tx, u64),
+    /// Being dialled; messages wait here.
     Dialing(Vec<Vec<Bytes>>),
+}
+
+static LINK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_link_id() -> u64 {
+    LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 struct State {
@@ -473,7 +483,11 @@ impl Shared {
                         session,
                     },
                 };
-                let _ = st.accept_tx.send((s, arrival));
+                if let Err(unsent) = st.accept_tx.send((s, arrival)) {
+                    // Nobody accepts any more. The session's Drop takes the
+                    // lock we hold: drop it elsewhere, later.
+                    tokio::spawn(async move { drop(unsent) });
+                }
             }
             ServerEvent::Readable(h) => wake(&mut st.read_wakers, &h),
             ServerEvent::Writable(h) => wake(&mut st.write_wakers, &h),
@@ -498,7 +512,7 @@ impl Shared {
 
     fn send_peer(self: &Arc<Self>, st: &mut State, peer: ServerId, segs: Vec<Bytes>) {
         match st.links.get_mut(&peer) {
-            Some(Link::Up(tx)) => {
+            Some(Link::Up(tx, _)) => {
                 let _ = tx.send(Out::Data(segs));
             }
             Some(Link::Dialing(queue)) => queue.push(segs),
@@ -669,14 +683,63 @@ async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr
         return;
     }
     debug!(server = %shared.me, %peer, "peer connected in");
-    // We only read on this connection (replies go on our own dialled
-    // link), but its writer must live as long as it does.
     let (tx, rx) = mpsc::unbounded_channel();
+    let id = register_link(&shared, &peer, tx.clone());
     let reader = link_reader(shared.clone(), link, peer.clone());
+    let closed = link_closed(shared.clone(), peer, id);
+    // The writer lives as long as the connection even when it is not the
+    // link (it is then only read).
     conn::start(stream, rx, None, reader, move |reason| {
         drop(tx);
-        debug!(%peer, %reason, "inbound control connection closed");
+        closed(reason);
     });
+}
+
+/// Makes a new authenticated connection the link to `peer`, unless one is
+/// up already (then it is only read: both sides dialled at once). Queued
+/// messages go out on it.
+fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx) -> u64 {
+    let id = next_link_id();
+    let mut st = shared.lock();
+    let queued = match st.links.remove(peer) {
+        Some(Link::Up(old, old_id)) => {
+            st.links.insert(peer.clone(), Link::Up(old, old_id));
+            return 0;
+        }
+        Some(Link::Dialing(q)) => q,
+        None => Vec::new(),
+    };
+    for segs in queued {
+        let _ = tx.send(Out::Data(segs));
+    }
+    st.links.insert(peer.clone(), Link::Up(tx, id));
+    st.core.handle_peer_up(Instant::now(), peer);
+    shared.pump(&mut st);
+    id
+}
+
+/// What to do when a control connection ends: if it was the link, the core
+/// learns the peer is down (pending requests fall back, replication stops
+/// gating acks) and the next message dials again.
+fn link_closed(
+    shared: Arc<Shared>,
+    peer: ServerId,
+    id: u64,
+) -> impl FnOnce(String) + Send + 'static {
+    move |reason| {
+        let mut st = shared.lock();
+        let was_link = matches!(st.links.get(&peer), Some(Link::Up(_, i)) if *i == id);
+        if was_link {
+            warn!(server = %shared.me, %peer, %reason, "control connection lost");
+            if let Some(Link::Up(tx, _)) = st.links.remove(&peer) {
+                let _ = tx.send(Out::Close);
+            }
+            st.core.handle_peer_down(Instant::now(), &peer);
+            shared.pump(&mut st);
+        } else {
+            debug!(server = %shared.me, %peer, %reason, "extra control connection closed");
+        }
+    }
 }
 
 /// Opens our control connection to `peer` and flushes what was queued; on
@@ -689,36 +752,26 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
         Ok::<_, String>((stream, link))
     }
     .await;
-    let now = Instant::now();
-    let mut st = shared.lock();
     match result {
         Ok((stream, link)) => {
             debug!(server = %shared.me, %peer, "peer connected out");
             let (tx, rx) = mpsc::unbounded_channel();
-            if let Some(Link::Dialing(queue)) = st.links.remove(&peer) {
-                for segs in queue {
-                    let _ = tx.send(Out::Data(segs));
-                }
-            }
-            st.links.insert(peer.clone(), Link::Up(tx));
-            st.core.handle_peer_up(now, &peer);
-            shared.pump(&mut st);
-            drop(st);
+            let id = register_link(&shared, &peer, tx.clone());
             let reader = link_reader(shared.clone(), link, peer.clone());
-            let s2 = shared.clone();
+            let closed = link_closed(shared, peer, id);
             conn::start(stream, rx, None, reader, move |reason| {
-                warn!(server = %s2.me, %peer, %reason, "control connection lost");
-                let mut st = s2.lock();
-                st.links.remove(&peer);
-                st.core.handle_peer_down(Instant::now(), &peer);
-                s2.pump(&mut st);
+                drop(tx);
+                closed(reason);
             });
         }
         Err(e) => {
             warn!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
-            st.links.remove(&peer);
-            st.core.handle_peer_down(now, &peer);
-            shared.pump(&mut st);
+            let mut st = shared.lock();
+            if matches!(st.links.get(&peer), Some(Link::Dialing(_))) {
+                st.links.remove(&peer);
+                st.core.handle_peer_down(Instant::now(), &peer);
+                shared.pump(&mut st);
+            }
         }
     }
 }
@@ -784,28 +837,71 @@ impl Session {
     /// A server resuming from it reads and writes from here on. A no-op for
     /// a plain TCP client.
     pub fn snapshot(&self, state: &[u8]) -> Result<(), Error> {
-        let Inner::Migratory { shared, handle, .. } = &self.inner else {
-            return Ok(());
-        };
-        let mut st = shared.lock();
-        st.core.snapshot(*handle, state)?;
-        shared.pump(&mut st);
-        Ok(())
+        match self.control() {
+            Some(c) => c.snapshot(state),
+            None => Ok(()),
+        }
     }
 
     /// Server push (MTCP 3.2.1): asks the client to migrate, to `dest` if
     /// given. Fails for a plain TCP client.
     pub fn migrate_to(&self, dest: Option<&str>) -> Result<(), Error> {
-        let Inner::Migratory { shared, handle, .. } = &self.inner else {
-            return Err(Error::Config("a plain TCP client cannot migrate".into()));
-        };
+        match self.control() {
+            Some(c) => c.migrate_to(dest),
+            None => Err(Error::Config("a plain TCP client cannot migrate".into())),
+        }
+    }
+
+    /// A cloneable handle for [`Session::snapshot`] and
+    /// [`Session::migrate_to`], for use while the session's IO runs
+    /// elsewhere (`None` for a plain TCP client).
+    pub fn control(&self) -> Option<SessionControl> {
+        match &self.inner {
+            Inner::Migratory {
+                shared,
+                handle,
+                session,
+            } => Some(SessionControl {
+                shared: shared.clone(),
+                handle: *handle,
+                session: *session,
+            }),
+            Inner::Plain { .. } => None,
+        }
+    }
+}
+
+/// Snapshot and migration calls on a session, detached from its IO.
+#[derive(Debug, Clone)]
+pub struct SessionControl {
+    shared: Arc<Shared>,
+    handle: SessionHandle,
+    session: SessionId,
+}
+
+impl SessionControl {
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.session
+    }
+
+    /// See [`Session::snapshot`].
+    pub fn snapshot(&self, state: &[u8]) -> Result<(), Error> {
+        let mut st = self.shared.lock();
+        st.core.snapshot(self.handle, state)?;
+        self.shared.pump(&mut st);
+        Ok(())
+    }
+
+    /// See [`Session::migrate_to`].
+    pub fn migrate_to(&self, dest: Option<&str>) -> Result<(), Error> {
         let dest = match dest {
-            Some(d) => Some(shared.peer_id(d)?),
+            Some(d) => Some(self.shared.peer_id(d)?),
             None => None,
         };
-        let mut st = shared.lock();
-        st.core.migrate_to(*handle, dest)?;
-        shared.pump(&mut st);
+        let mut st = self.shared.lock();
+        st.core.migrate_to(self.handle, dest)?;
+        self.shared.pump(&mut st);
         Ok(())
     }
 }

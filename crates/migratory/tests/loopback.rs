@@ -5,10 +5,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use migratory::{Arrival, MigratoryStream, Peer, Server, ServerBuilder, ServerHandle, Session};
-use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use migratory::{
+    transfer, ClientControl, MigratoryStream, Peer, Server, ServerBuilder, ServerHandle, Session,
+    SessionControl,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::broadcast;
 
 const KEY: &[u8] = b"loopback test cluster key 0123456789";
 
@@ -23,56 +27,52 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
 struct Pool {
     handles: Vec<ServerHandle>,
     service: Vec<SocketAddr>,
-    push: broadcast::Sender<String>,
+    /// The latest session control per server (for server push).
+    controls: Arc<Mutex<HashMap<usize, SessionControl>>>,
 }
 
 fn name(i: usize) -> String {
     format!("s{}", i + 1)
 }
 
-/// The application: echo every byte back, snapshot after each write
-/// (MTCP's contract: the echo's output depends only on its input, so the
-/// state is just how far it got). Pushes its client away on command.
-async fn echo(mut s: Session, arrival: Arrival, mut push: broadcast::Receiver<String>) {
-    let mut done: u64 = match arrival {
-        Arrival::Migrated { state } => u64::from_be_bytes(state[..].try_into().unwrap_or([0; 8])),
-        _ => 0,
-    };
+/// Echo: every byte back, snapshot after each write (output depends only
+/// on input, so the state is just the count).
+async fn echo(mut s: Session) {
     let mut buf = vec![0u8; 32 * 1024];
+    let mut done = 0u64;
     loop {
-        tokio::select! {
-            r = s.read(&mut buf) => {
-                let n = match r {
-                    Ok(0) => {
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                    Ok(n) => n,
-                    Err(_) => return, // migrated away, or failed
-                };
-                if s.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-                done += n as u64;
-                if s.snapshot(&done.to_be_bytes()).is_err() {
-                    return;
-                }
+        let n = match s.read(&mut buf).await {
+            Ok(0) => {
+                let _ = s.shutdown().await;
+                return;
             }
-            Ok(dest) = push.recv() => {
-                let _ = s.migrate_to(Some(&dest));
-            }
+            Ok(n) => n,
+            Err(_) => return, // migrated away
+        };
+        if s.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        done += n as u64;
+        if s.snapshot(&done.to_be_bytes()).is_err() {
+            return;
         }
     }
 }
 
-async fn pool(n: usize) -> Pool {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum App {
+    Echo,
+    Transfer,
+}
+
+async fn pool(n: usize, app: App) -> Pool {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let service = free_addrs(n);
     let control = free_addrs(n);
-    let (push, _) = broadcast::channel(16);
+    let controls: Arc<Mutex<HashMap<usize, SessionControl>>> = Arc::default();
     let mut handles = Vec::new();
     for i in 0..n {
         let mut b = ServerBuilder::new(name(i));
@@ -86,17 +86,23 @@ async fn pool(n: usize) -> Pool {
         }
         let mut server: Server = b.bind().await.expect("bind");
         handles.push(server.handle());
-        let push = push.clone();
+        let controls = controls.clone();
         tokio::spawn(async move {
             while let Some((s, arrival)) = server.accept().await {
-                tokio::spawn(echo(s, arrival, push.subscribe()));
+                if let Some(c) = s.control() {
+                    controls.lock().unwrap().insert(i, c);
+                }
+                match app {
+                    App::Echo => drop(tokio::spawn(echo(s))),
+                    App::Transfer => drop(tokio::spawn(transfer::serve(s, arrival))),
+                }
             }
         });
     }
     Pool {
         handles,
         service,
-        push,
+        controls,
     }
 }
 
@@ -106,85 +112,129 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Waits until the client is attached to `dest`.
+async fn attached_to(c: &ClientControl, dest: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while c.server().as_ref().map(|s| s.as_str()) != Some(dest) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn echo_through_mixed_migrations_is_exact_both_ways() {
-    let pool = pool(3).await;
+async fn sixty_four_mib_each_way_through_mixed_migrations() {
+    const LEN: u64 = 64 << 20;
+    const MOVES: u64 = 24;
+    let pool = pool(3, App::Transfer).await;
     let stream = MigratoryStream::connect(&pool.service[..1])
         .await
         .expect("connect");
-    let session = stream.session().unwrap();
+    let mut ctl = stream.control();
+    let session = ctl.session().unwrap();
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let up = pattern(4 << 20, 7);
-    let expected = Sha256::digest(&up);
+    // Each side may only get this far, so every migration happens while
+    // data flows both ways.
+    let (gate_tx, gate) = tokio::sync::watch::channel(LEN / (MOVES + 1));
+    let (mut up_gate, mut down_gate) = (gate.clone(), gate);
     let writer = tokio::spawn(async move {
-        for chunk in up.chunks(8 * 1024) {
-            wr.write_all(chunk).await.unwrap();
-            tokio::task::yield_now().await;
+        wr.write_all(&transfer::request(LEN, 1)).await.unwrap();
+        let mut digest = transfer::ChainDigest::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pos = 0u64;
+        while pos < LEN {
+            let limit = *up_gate.wait_for(|l| *l > pos).await.unwrap();
+            let n = (limit.min(LEN) - pos).min(buf.len() as u64) as usize;
+            transfer::generate(2, pos, &mut buf[..n]);
+            wr.write_all(&buf[..n]).await.unwrap();
+            digest.update(&buf[..n]);
+            pos += n as u64;
         }
         wr.shutdown().await.unwrap();
-        wr
+        (digest.finish(), wr)
     });
     let reader = tokio::spawn(async move {
-        let mut h = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0usize;
-        loop {
-            let n = rd.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            total += n;
+        let mut want = vec![0u8; 64 * 1024];
+        let mut pos = 0u64;
+        let mut exact = true;
+        while pos < LEN {
+            let limit = *down_gate.wait_for(|l| *l > pos).await.unwrap();
+            let max = (limit.min(LEN) - pos).min(buf.len() as u64) as usize;
+            let n = rd.read(&mut buf[..max]).await.unwrap();
+            assert!(n > 0, "download cut short at {pos}");
+            transfer::generate(1, pos, &mut want[..n]);
+            exact &= buf[..n] == want[..n];
+            pos += n as u64;
         }
-        (h.finalize(), total, rd)
+        let mut trailer = [0u8; transfer::TRAILER_LEN];
+        rd.read_exact(&mut trailer).await.unwrap();
+        assert_eq!(
+            rd.read(&mut buf).await.unwrap(),
+            0,
+            "nothing after the trailer"
+        );
+        (pos, exact, trailer, rd)
     });
-    // Migrations while data flows: server push and destination pull, by
-    // turns, each waiting until the owner changed.
-    let mut moves = 0;
     let mut owner = 0usize;
-    for k in 0..24 {
-        let next = (owner + 1 + k % 2) % 3;
-        if k % 2 == 0 {
-            let _ = pool.push.send(name(next));
-        } else {
-            pool.handles[next].pull(session, &name(owner)).unwrap();
-        }
-        let moved = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                if pool.handles[next]
-                    .sessions()
-                    .iter()
-                    .any(|(s, _)| *s == session)
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
+    for k in 0..MOVES {
+        // Every kind of migration, to every other server, by turns.
+        let next = (owner + 1 + ((k / 3) as usize % 2)) % 3;
+        match k % 3 {
+            0 => {
+                ctl.migrate(Some(&name(next)))
+                    .await
+                    .expect("client migration");
             }
-        })
-        .await;
-        if moved.is_ok() {
-            moves += 1;
-            owner = next;
+            1 => {
+                // The accept loop stores the new session's control a moment
+                // after the client attached: retry until it is the live one.
+                let mut pushed = false;
+                for _ in 0..1000 {
+                    let c = pool.controls.lock().unwrap().get(&owner).cloned();
+                    if c.is_some_and(|c| c.migrate_to(Some(&name(next))).is_ok()) {
+                        pushed = true;
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                assert!(pushed, "push {k} from {}", name(owner));
+            }
+            _ => pool.handles[next]
+                .pull(session, &name(owner))
+                .expect("pull"),
         }
-        if reader.is_finished() {
-            break;
-        }
+        assert!(
+            attached_to(&ctl, &name(next)).await,
+            "migration {k} to {} did not happen",
+            name(next)
+        );
+        owner = next;
+        gate_tx.send_replace(LEN * (k + 2) / (MOVES + 1));
     }
-    let wr = writer.await.unwrap();
-    let (digest, total, rd) = reader.await.unwrap();
-    assert_eq!(total, 4 << 20);
-    assert_eq!(digest, expected, "echo is byte-exact across migrations");
-    assert!(
-        moves >= 10,
-        "only {moves} migrations happened while data flowed"
+    gate_tx.send_replace(u64::MAX);
+    let (up_digest, wr) = writer.await.unwrap();
+    let (len, exact, trailer, rd) = reader.await.unwrap();
+    assert_eq!(len, LEN);
+    assert!(exact, "download is byte-exact");
+    assert_eq!(
+        &trailer[..8],
+        &LEN.to_be_bytes(),
+        "the server read the whole upload"
+    );
+    assert_eq!(
+        &trailer[8..],
+        &up_digest,
+        "the server read the upload exactly once, in order"
     );
     let stream = rd.unsplit(wr);
-    assert!(stream.stats().migrations >= 10);
+    assert_eq!(stream.stats().migrations, MOVES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_initiated_migrations_keep_the_stream_exact() {
-    let pool = pool(3).await;
+    let pool = pool(3, App::Echo).await;
     let mut stream = MigratoryStream::connect(&pool.service[1..2])
         .await
         .expect("connect");
@@ -213,7 +263,7 @@ async fn client_initiated_migrations_keep_the_stream_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_tcp_client_is_served_as_plain() {
-    let pool = pool(3).await;
+    let pool = pool(3, App::Echo).await;
     let mut s = tokio::net::TcpStream::connect(pool.service[0])
         .await
         .unwrap();

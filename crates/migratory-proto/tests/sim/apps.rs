@@ -284,6 +284,11 @@ impl ServerApp {
         Ok(())
     }
 
+    /// Payload bytes read so far.
+    pub fn read_len(&self) -> u64 {
+        self.read
+    }
+
     /// The application read exactly the client's upload, once, in order.
     pub fn verify_upload(&self, up: &[u8]) {
         let payload = match self.kind {

@@ -89,19 +89,19 @@ impl WorldConfig {
 }
 
 /// One TCP connection between the client (or an attacker) and a server.
-struct Conn {
-    server: usize,
-    server_inc: IncarnationId,
-    c2s: BytesMut,
-    s2c: BytesMut,
-    client_closed: bool,
-    server_closed: bool,
-    attacker: bool,
+pub struct Conn {
+    pub server: usize,
+    pub server_inc: IncarnationId,
+    pub c2s: BytesMut,
+    pub s2c: BytesMut,
+    pub client_closed: bool,
+    pub server_closed: bool,
+    pub attacker: bool,
     /// Attacker connections: the proof to answer a challenge with.
-    proof: [u8; 32],
+    pub proof: [u8; 32],
     /// Server output (attackers), or the client's first bytes (captured).
-    seen: BytesMut,
-    captured: BytesMut,
+    pub seen: BytesMut,
+    pub captured: BytesMut,
 }
 
 pub struct ServerNode {
@@ -132,10 +132,10 @@ pub struct World {
     pub closed_write: bool,
     pub received: Vec<u8>,
     pub client_eof: bool,
-    conns: BTreeMap<IncarnationId, Conn>,
+    pub conns: BTreeMap<IncarnationId, Conn>,
     /// Server-side incarnation -> client-side key.
     by_server: HashMap<(usize, IncarnationId), IncarnationId>,
-    links: BTreeMap<(usize, usize), VecDeque<Bytes>>,
+    pub links: BTreeMap<(usize, usize), VecDeque<Bytes>>,
     link_up: BTreeMap<(usize, usize), bool>,
     next_attacker: u64,
     pub finished: Vec<Finished>,
@@ -579,7 +579,7 @@ impl World {
 
     /// Delivers up to `max` bytes of one direction of one connection; closes
     /// drained connections.
-    fn deliver_conn(&mut self, key: IncarnationId, to_server: bool, max: usize) {
+    pub fn deliver_conn(&mut self, key: IncarnationId, to_server: bool, max: usize) {
         let now = self.now;
         let Some(c) = self.conns.get_mut(&key) else {
             return;
@@ -633,7 +633,7 @@ impl World {
         }
     }
 
-    fn deliver_link(&mut self, from: usize, to: usize) {
+    pub fn deliver_link(&mut self, from: usize, to: usize) {
         let Some(bytes) = self.links.get_mut(&(from, to)).and_then(|q| q.pop_front()) else {
             return;
         };
@@ -700,7 +700,10 @@ impl World {
             return;
         };
         let sid = self.client.session();
-        let owned_here = sid.is_some_and(|sid| node.core.owned_sessions().any(|(s, _)| s == sid));
+        // The client's current server, even if the session already
+        // finished there and only the client's last Ack is missing.
+        let owned_here = sid.is_some_and(|sid| node.core.owned_sessions().any(|(s, _)| s == sid))
+            || self.client.server() == Some(&self.ids[i]);
         let frozen_or_pending = self.client.is_migrating();
         if owned_here || frozen_or_pending {
             let tolerant = sid.is_some_and(|sid| node.core.crash_tolerant(sid));
@@ -1099,7 +1102,10 @@ impl World {
     /// Whether the run is over: the session finished on both sides, or the
     /// client failed.
     pub fn done(&self) -> bool {
-        let server_done = !self.finished.is_empty() || self.servers_quiet();
+        // Every server-side copy ended (finished, or dropped as an orphan or
+        // zombie), so the record of the one that served the client exists.
+        let apps_done = self.servers.iter().flatten().all(|n| n.apps.is_empty());
+        let server_done = (!self.finished.is_empty() && apps_done) || self.servers_quiet();
         (self.client.is_finished() && self.client_eof && server_done)
             || self.client.failure().is_some()
     }
@@ -1180,7 +1186,9 @@ impl World {
         assert!(self.received == expected, "invariant 1: download bytes");
         // The server application's record of what it read, unless the
         // server crashed after the client was done.
-        match self.finished.last() {
+        // Zombie copies (a stale owner's, dropped later) may be recorded too:
+        // the session's own lineage is the one that read the most.
+        match self.finished.iter().max_by_key(|f| f.app.read_len()) {
             Some(f) => f.app.clone().verify_upload(&self.up_data),
             None => assert!(
                 self.crashes > 0,
