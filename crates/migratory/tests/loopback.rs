@@ -137,45 +137,18 @@ async fn sixty_four_mib_each_way_through_mixed_migrations() {
     // Each side may only get this far, so every migration happens while
     // data flows both ways.
     let (gate_tx, gate) = tokio::sync::watch::channel(LEN / (MOVES + 1));
-    let (mut up_gate, mut down_gate) = (gate.clone(), gate);
+    let (up_gate, down_gate) = (gate.clone(), gate);
     let writer = tokio::spawn(async move {
-        wr.write_all(&transfer::request(LEN, 1)).await.unwrap();
-        let mut digest = transfer::ChainDigest::default();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut pos = 0u64;
-        while pos < LEN {
-            let limit = *up_gate.wait_for(|l| *l > pos).await.unwrap();
-            let n = (limit.min(LEN) - pos).min(buf.len() as u64) as usize;
-            transfer::generate(2, pos, &mut buf[..n]);
-            wr.write_all(&buf[..n]).await.unwrap();
-            digest.update(&buf[..n]);
-            pos += n as u64;
-        }
-        wr.shutdown().await.unwrap();
-        (digest.finish(), wr)
+        let digest = transfer::send_upload(&mut wr, LEN, 1, LEN, 2, Some(up_gate), |_| ())
+            .await
+            .unwrap();
+        (digest, wr)
     });
     let reader = tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut want = vec![0u8; 64 * 1024];
-        let mut pos = 0u64;
-        let mut exact = true;
-        while pos < LEN {
-            let limit = *down_gate.wait_for(|l| *l > pos).await.unwrap();
-            let max = (limit.min(LEN) - pos).min(buf.len() as u64) as usize;
-            let n = rd.read(&mut buf[..max]).await.unwrap();
-            assert!(n > 0, "download cut short at {pos}");
-            transfer::generate(1, pos, &mut want[..n]);
-            exact &= buf[..n] == want[..n];
-            pos += n as u64;
-        }
-        let mut trailer = [0u8; transfer::TRAILER_LEN];
-        rd.read_exact(&mut trailer).await.unwrap();
-        assert_eq!(
-            rd.read(&mut buf).await.unwrap(),
-            0,
-            "nothing after the trailer"
-        );
-        (pos, exact, trailer, rd)
+        let d = transfer::receive_download(&mut rd, LEN, 1, Some(down_gate), |_| ())
+            .await
+            .unwrap();
+        (d, rd)
     });
     let mut owner = 0usize;
     for k in 0..MOVES {
@@ -215,17 +188,13 @@ async fn sixty_four_mib_each_way_through_mixed_migrations() {
     }
     gate_tx.send_replace(u64::MAX);
     let (up_digest, wr) = writer.await.unwrap();
-    let (len, exact, trailer, rd) = reader.await.unwrap();
-    assert_eq!(len, LEN);
-    assert!(exact, "download is byte-exact");
+    let (down, rd) = reader.await.unwrap();
+    assert_eq!(down.len, LEN);
+    assert!(down.exact, "download is byte-exact");
+    assert_eq!(down.sha256, transfer::expected_sha256(1, LEN));
     assert_eq!(
-        &trailer[..8],
-        &LEN.to_be_bytes(),
-        "the server read the whole upload"
-    );
-    assert_eq!(
-        &trailer[8..],
-        &up_digest,
+        down.upload_report,
+        (LEN, up_digest),
         "the server read the upload exactly once, in order"
     );
     let stream = rd.unsplit(wr);

@@ -1,0 +1,502 @@
+//! `migratory demo`: a pool of server processes, one live transfer, many
+//! migrations of every kind, every byte checked.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use migratory::proto::types::SessionId;
+use migratory::{transfer, MigratoryStream, Peer, ServerBuilder, SessionControl};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::watch;
+
+/// Options of `migratory demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Bytes to download and to upload, each (e.g. 64MiB, 1GiB, 100000).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    size: u64,
+    /// Migrations to perform while the data flows.
+    #[arg(long, default_value_t = 24)]
+    migrations: u32,
+    /// Servers in the pool (each a separate process).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=16))]
+    servers: u32,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of the hidden `migratory demo-server`.
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    service: SocketAddr,
+    #[arg(long)]
+    control: SocketAddr,
+    /// Cluster key, hex.
+    #[arg(long)]
+    key: String,
+    /// A peer: ID=SERVICE,CONTROL (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+}
+
+/// Parses `64MiB`, `1GiB`, `10MB`, `4096`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 64MiB)"))?;
+    let mul: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "KB" => 1000,
+        "M" | "MiB" => 1 << 20,
+        "MB" => 1_000_000,
+        "G" | "GiB" => 1 << 30,
+        "GB" => 1_000_000_000,
+        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 {
+        return Err("odd-length hex".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("bad hex {s:?}")))
+        .collect()
+}
+
+fn name(i: usize) -> String {
+    format!("s{}", i + 1)
+}
+
+/// One server of the demo pool: serves the transfer service and takes
+/// `push SESSION DEST` / `pull SESSION OWNER` commands on stdin (the demo's
+/// operator channel); exits when stdin closes.
+pub async fn serve(args: ServerArgs) -> Result<bool, String> {
+    let mut b = ServerBuilder::new(&args.id);
+    b.service(args.service)
+        .control(args.control)
+        .cluster_key(unhex(&args.key)?)
+        .max_state(1 << 20);
+    for p in &args.peers {
+        let (id, addrs) = p
+            .split_once('=')
+            .ok_or_else(|| format!("--peer {p:?}: want ID=SERVICE,CONTROL"))?;
+        let (svc, ctl) = addrs
+            .split_once(',')
+            .ok_or_else(|| format!("--peer {p:?}: want ID=SERVICE,CONTROL"))?;
+        b.peer(Peer {
+            id: id.into(),
+            service: svc.parse().map_err(|e| format!("--peer {p:?}: {e}"))?,
+            control: ctl.parse().map_err(|e| format!("--peer {p:?}: {e}"))?,
+        });
+    }
+    let mut server = b.bind().await.map_err(|e| e.to_string())?;
+    let handle = server.handle();
+    let controls: Arc<Mutex<HashMap<SessionId, SessionControl>>> = Arc::default();
+    let c2 = controls.clone();
+    tokio::spawn(async move {
+        while let Some((s, arrival)) = server.accept().await {
+            if let Some(c) = s.control() {
+                c2.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(c.id(), c);
+            }
+            tokio::spawn(async move {
+                if let Err(e) = transfer::serve(s, arrival).await {
+                    eprintln!("demo-server: session failed: {e}");
+                }
+            });
+        }
+    });
+    println!("ready");
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let sid = parts
+            .get(1)
+            .and_then(|s| u128::from_str_radix(s, 16).ok())
+            .map(SessionId);
+        let result = match (parts.first().copied(), sid, parts.get(2)) {
+            (Some("push"), Some(sid), Some(dest)) => {
+                let c = controls
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&sid)
+                    .cloned();
+                match c {
+                    Some(c) => c.migrate_to(Some(dest)).map_err(|e| e.to_string()),
+                    None => Err("no such session here".into()),
+                }
+            }
+            (Some("pull"), Some(sid), Some(owner)) => {
+                handle.pull(sid, owner).map_err(|e| e.to_string())
+            }
+            _ => Err(format!("unknown command {line:?}")),
+        };
+        if let Err(e) = result {
+            eprintln!("demo-server {}: {e}", args.id);
+        }
+    }
+    Ok(true)
+}
+
+struct Pool {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    service: Vec<SocketAddr>,
+}
+
+async fn start_pool(n: usize) -> Result<Pool, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+    let key = hex(&rand::random::<[u8; 32]>());
+    // Free loopback ports, bound and released.
+    let reserve = |n| -> Result<Vec<SocketAddr>, String> {
+        let ls: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        ls.iter()
+            .map(|l| l.local_addr().map_err(|e| e.to_string()))
+            .collect()
+    };
+    let service = reserve(n)?;
+    let control = reserve(n)?;
+    let mut children = Vec::new();
+    let mut stdins = Vec::new();
+    for i in 0..n {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("demo-server")
+            .arg("--id")
+            .arg(name(i))
+            .arg("--service")
+            .arg(service[i].to_string())
+            .arg("--control")
+            .arg(control[i].to_string())
+            .arg("--key")
+            .arg(&key);
+        for j in (0..n).filter(|j| *j != i) {
+            cmd.arg("--peer")
+                .arg(format!("{}={},{}", name(j), service[j], control[j]));
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start server {}: {e}", name(i)))?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+            Ok(Ok(Some(l))) if l == "ready" => {}
+            _ => return Err(format!("server {} did not start", name(i))),
+        }
+        stdins.push(child.stdin.take().expect("piped"));
+        children.push(child);
+    }
+    Ok(Pool {
+        children,
+        stdins,
+        service,
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Client,
+    Push,
+    Pull,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Client => "client",
+            Kind::Push => "server push",
+            Kind::Pull => "destination pull",
+        }
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}
+
+/// Runs the demo; `Ok(false)` when any check failed.
+pub async fn run(args: DemoArgs) -> Result<bool, String> {
+    let n = args.servers as usize;
+    let size = args.size;
+    let started = Instant::now();
+    let mut pool = start_pool(n).await?;
+    eprintln!(
+        "pool of {n} server processes on loopback: {:?}",
+        pool.service
+    );
+    let stream = MigratoryStream::connect(&pool.service[..1])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut ctl = stream.control();
+    let sid = ctl.session().ok_or("no session id")?;
+    eprintln!(
+        "session {sid} on {}",
+        ctl.server().map(|s| s.to_string()).unwrap_or_default()
+    );
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let moves = u64::from(args.migrations);
+    let step = size / (moves + 1);
+    let (gate_tx, gate) = watch::channel(step.max(1));
+    let up_done = Arc::new(AtomicU64::new(0));
+    let down_done = Arc::new(AtomicU64::new(0));
+    let (u, d) = (up_done.clone(), down_done.clone());
+    let up_gate = gate.clone();
+    let uploader = tokio::spawn(async move {
+        transfer::send_upload(&mut wr, size, 1, size, 2, Some(up_gate), |k| {
+            u.fetch_add(k as u64, Ordering::Relaxed);
+        })
+        .await
+    });
+    let downloader = tokio::spawn(async move {
+        transfer::receive_download(&mut rd, size, 1, Some(gate), |k| {
+            d.fetch_add(k as u64, Ordering::Relaxed);
+        })
+        .await
+    });
+    let progress = {
+        let (u, d) = (up_done.clone(), down_done.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                eprintln!(
+                    "  progress: down {:.1}/{:.1} MiB, up {:.1}/{:.1} MiB",
+                    mib(d.load(Ordering::Relaxed)),
+                    mib(size),
+                    mib(u.load(Ordering::Relaxed)),
+                    mib(size)
+                );
+            }
+        })
+    };
+    let mut durations = Vec::new();
+    let mut counts = HashMap::new();
+    let mut owner = 0usize;
+    let mut failures = 0u32;
+    for k in 0..moves {
+        // Wait until the data reached this step in both directions.
+        while (up_done.load(Ordering::Relaxed) < step * (k + 1).min(moves)
+            || down_done.load(Ordering::Relaxed) < step * (k + 1).min(moves))
+            && !uploader.is_finished()
+            && !downloader.is_finished()
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let kind = [Kind::Client, Kind::Push, Kind::Pull][k as usize % 3];
+        let next = (owner + 1 + (k as usize / 3) % (n - 1)) % n;
+        let t0 = Instant::now();
+        let issued = match kind {
+            Kind::Client => ctl
+                .migrate(Some(&name(next)))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Kind::Push => {
+                command(
+                    &mut pool.stdins[owner],
+                    &format!("push {sid} {}", name(next)),
+                )
+                .await
+            }
+            Kind::Pull => {
+                command(
+                    &mut pool.stdins[next],
+                    &format!("pull {sid} {}", name(owner)),
+                )
+                .await
+            }
+        };
+        let arrived = issued.is_ok()
+            && tokio::time::timeout(Duration::from_secs(10), async {
+                while ctl.server().map(|s| s.to_string()) != Some(name(next)) {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            })
+            .await
+            .is_ok();
+        let took = t0.elapsed();
+        if arrived {
+            eprintln!(
+                "migration {:>2}: {:<16} {} -> {}  {:>8.2} ms",
+                k + 1,
+                kind.name(),
+                name(owner),
+                name(next),
+                took.as_secs_f64() * 1e3
+            );
+            durations.push(took);
+            *counts.entry(kind.name()).or_insert(0u32) += 1;
+            owner = next;
+        } else {
+            failures += 1;
+            eprintln!(
+                "migration {:>2}: {} to {} did not happen: {issued:?}",
+                k + 1,
+                kind.name(),
+                name(next)
+            );
+        }
+        gate_tx.send_replace(step * (k + 2));
+    }
+    gate_tx.send_replace(u64::MAX);
+    let up = uploader.await.map_err(|e| e.to_string())?;
+    let down = downloader.await.map_err(|e| e.to_string())?;
+    progress.abort();
+    let seconds = started.elapsed().as_secs_f64();
+    let (up_digest, down) = match (up, down) {
+        (Ok(u), Ok(d)) => (u, d),
+        (u, d) => {
+            let e = u
+                .err()
+                .or(d.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            eprintln!("transfer failed: {e}");
+            print_json(args.json, false, 0, 0, &durations, seconds);
+            return Ok(false);
+        }
+    };
+    let down_ok =
+        down.exact && down.len == size && down.sha256 == transfer::expected_sha256(1, size);
+    let up_ok = down.upload_report == (size, up_digest);
+    durations.sort();
+    let ok = down_ok && up_ok && failures == 0;
+    let pct = |p: usize| {
+        durations
+            .get((durations.len().saturating_sub(1)) * p / 100)
+            .copied()
+            .unwrap_or_default()
+    };
+    eprintln!();
+    eprintln!("summary");
+    eprintln!(
+        "  bytes down {} ({:.1} MiB), bytes up {} ({:.1} MiB)",
+        down.len,
+        mib(down.len),
+        down.upload_report.0,
+        mib(down.upload_report.0)
+    );
+    eprintln!(
+        "  migrations {} ({}), failed {failures}",
+        durations.len(),
+        ["client", "server push", "destination pull"]
+            .iter()
+            .map(|k| format!("{k}: {}", counts.get(k).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    eprintln!(
+        "  migration time p50 {:.2} ms, p99 {:.2} ms",
+        pct(50).as_secs_f64() * 1e3,
+        pct(99).as_secs_f64() * 1e3
+    );
+    eprintln!(
+        "  {:.2} s, {:.1} MiB/s each way",
+        seconds,
+        mib(size) / seconds
+    );
+    eprintln!(
+        "  down sha256 {} {}",
+        hex(&down.sha256),
+        if down_ok {
+            "OK (matches the generated file)"
+        } else {
+            "MISMATCH"
+        }
+    );
+    eprintln!(
+        "  up   digest {} {}",
+        hex(&down.upload_report.1),
+        if up_ok {
+            "OK (server read exactly what was sent)"
+        } else {
+            "MISMATCH"
+        }
+    );
+    print_json(
+        args.json,
+        ok,
+        down.upload_report.0,
+        down.len,
+        &durations,
+        seconds,
+    );
+    for mut c in pool.children.drain(..) {
+        let _ = c.kill().await;
+    }
+    Ok(ok)
+}
+
+async fn command(stdin: &mut ChildStdin, line: &str) -> Result<(), String> {
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .map_err(|e| format!("server gone: {e}"))
+}
+
+fn print_json(json: bool, ok: bool, up: u64, down: u64, sorted: &[Duration], seconds: f64) {
+    if !json {
+        return;
+    }
+    let pct = |p: usize| {
+        sorted
+            .get((sorted.len().saturating_sub(1)) * p / 100)
+            .map_or(0, |d| d.as_micros())
+    };
+    println!(
+        "{{\"ok\":{ok},\"bytes_up\":{up},\"bytes_down\":{down},\"migrations\":{},\"migration_p50_us\":{},\"migration_p99_us\":{},\"seconds\":{seconds:.3}}}",
+        sorted.len(),
+        pct(50),
+        pct(99)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(
+            unhex(&hex(&[0, 1, 254, 255])).unwrap(),
+            vec![0, 1, 254, 255]
+        );
+        assert!(unhex("abc").is_err());
+    }
+}
