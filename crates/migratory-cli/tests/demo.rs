@@ -6,7 +6,7 @@ use std::process::Command;
 #[test]
 fn demo_with_server_processes_is_exact_both_ways() {
     let out = Command::new(env!("CARGO_BIN_EXE_migratory"))
-        .args(["demo", "--size", "16MiB", "--migrations", "21", "--json"])
+        .args(["demo", "--size", "64MiB", "--migrations", "21", "--json"])
         .output()
         .expect("run migratory demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -14,8 +14,8 @@ fn demo_with_server_processes_is_exact_both_ways() {
     assert!(out.status.success(), "demo failed:\n{stderr}");
     let json = stdout.lines().last().expect("a JSON line");
     assert!(json.contains("\"ok\":true"), "{json}");
-    assert!(json.contains("\"bytes_up\":16777216"), "{json}");
-    assert!(json.contains("\"bytes_down\":16777216"), "{json}");
+    assert!(json.contains("\"bytes_up\":67108864"), "{json}");
+    assert!(json.contains("\"bytes_down\":67108864"), "{json}");
     assert!(json.contains("\"migrations\":21"), "{json}");
     for kind in ["client: 7", "server push: 7", "destination pull: 7"] {
         assert!(stderr.contains(kind), "missing {kind} in:\n{stderr}");
@@ -31,4 +31,28 @@ fn bad_flags_fail_with_one_clear_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unknown size unit"), "{stderr}");
+}
+
+#[test]
+fn an_address_that_does_not_parse_fails_with_one_clear_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_migratory"))
+        .args([
+            "demo-server",
+            "--id",
+            "s1",
+            "--service",
+            "not-an-address",
+            "--control",
+            "127.0.0.1:0",
+            "--key",
+            "00",
+        ])
+        .output()
+        .expect("run migratory");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--service") && stderr.contains("not-an-address"),
+        "{stderr}"
+    );
 }

@@ -85,6 +85,8 @@ struct State {
     policy: Box<dyn Policy>,
     segs: Vec<Bytes>,
     status: watch::Sender<Status>,
+    /// The migration under way: its span, start and resent-bytes baseline.
+    migration: Option<(tracing::Span, Instant, u64)>,
 }
 
 struct Shared {
@@ -151,7 +153,21 @@ impl Shared {
                 });
             }
             ClientEvent::Migrated { from, to, epoch } => {
-                info!(%from, %to, epoch, "session migrated");
+                let resent_total = st.core.stats().bytes_resent;
+                match st.migration.take() {
+                    Some((span, t0, resent0)) => span.in_scope(|| {
+                        info!(
+                            %from,
+                            %to,
+                            epoch,
+                            duration_us = t0.elapsed().as_micros() as u64,
+                            up_bytes_resent = resent_total - resent0,
+                            down_position = st.core.down_received(),
+                            "session migrated"
+                        )
+                    }),
+                    None => info!(%from, %to, epoch, "session migrated"),
+                }
                 self.learn_alternates(st);
                 let _ = st.status.send(Status::Attached {
                     server: to.clone(),
@@ -159,7 +175,22 @@ impl Shared {
                 });
             }
             ClientEvent::MigrationStarted { to, cause } => {
-                debug!(%to, ?cause, "migration started");
+                let span = tracing::info_span!(
+                    "migration",
+                    session = %st.core.session().map(|s| s.to_string()).unwrap_or_default(),
+                    from = %st.core.server().map(|s| s.to_string()).unwrap_or_default(),
+                    %to,
+                    trigger = ?cause,
+                );
+                span.in_scope(|| debug!("migration started"));
+                let resent = st.core.stats().bytes_resent;
+                // A retry keeps the first attempt's start: the duration is
+                // the whole migration as the client saw it.
+                let t0 = st
+                    .migration
+                    .take()
+                    .map_or_else(Instant::now, |(_, t0, _)| t0);
+                st.migration = Some((span, t0, resent));
                 let _ = st.status.send(Status::Migrating { to: to.clone() });
             }
             ClientEvent::AttemptFailed { server, reason } => {
@@ -321,6 +352,7 @@ impl MigratoryStream {
                 policy,
                 segs: Vec::new(),
                 status: status_tx,
+                migration: None,
             }),
         });
         {

@@ -471,11 +471,24 @@ impl Shared {
                 session,
                 arrival,
             } => {
+                let stats = st.core.stats().clone();
                 let arrival = match arrival {
-                    core::Arrival::New => Arrival::New,
-                    core::Arrival::Migrated { state } => Arrival::Migrated { state },
+                    core::Arrival::New => {
+                        info!(server = %self.me, %session, "new session");
+                        Arrival::New
+                    }
+                    core::Arrival::Migrated { state } => {
+                        info!(
+                            server = %self.me,
+                            %session,
+                            state_bytes = state.len(),
+                            replayed_total = stats.bytes_replayed,
+                            discarded_total = stats.bytes_discarded,
+                            "session migrated in"
+                        );
+                        Arrival::Migrated { state }
+                    }
                 };
-                info!(server = %self.me, %session, ?arrival, "session accepted");
                 let s = Session {
                     inner: Inner::Migratory {
                         shared: self.clone(),
