@@ -401,10 +401,20 @@ impl Client {
     /// Migrates the session now, to `dest` or to the next alternate. Fails
     /// when the session is not established (or already migrating).
     pub fn migrate(&mut self, now: Instant, dest: Option<ServerId>) -> Result<(), SessionError> {
-        if !matches!(self.phase, Phase::Established) {
-            return Err(SessionError::Unestablished(
-                "session not established".into(),
-            ));
+        match &self.phase {
+            Phase::Established => {}
+            Phase::Finished => return Err(SessionError::Closed),
+            Phase::Failed(e) => return Err(e.clone()),
+            Phase::Migrating { .. } => {
+                return Err(SessionError::Unestablished(
+                    "a migration is under way".into(),
+                ))
+            }
+            Phase::Idle | Phase::Connecting { .. } => {
+                return Err(SessionError::Unestablished(
+                    "session not established".into(),
+                ))
+            }
         }
         if self.closing() {
             return Err(SessionError::Closed);

@@ -289,22 +289,16 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
 }
 
 async fn timer(shared: Arc<Shared>) {
-    loop {
-        let deadline = shared.lock().core.poll_timeout();
-        match deadline {
-            Some(t) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(t.into()) => {
-                        let mut st = shared.lock();
-                        st.core.handle_timeout(Instant::now());
-                        shared.pump(&mut st);
-                    }
-                    _ = shared.timer.notified() => {}
-                }
-            }
-            None => shared.timer.notified().await,
-        }
-    }
+    conn::run_timer(
+        &shared.timer,
+        || shared.lock().core.poll_timeout(),
+        || {
+            let mut st = shared.lock();
+            st.core.handle_timeout(Instant::now());
+            shared.pump(&mut st);
+        },
+    )
+    .await;
 }
 
 /// A session to a pool of servers, seen as one byte stream each way.

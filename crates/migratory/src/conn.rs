@@ -113,3 +113,23 @@ async fn write_segments(wr: &mut OwnedWriteHalf, segs: &[Bytes]) -> io::Result<(
     }
     Ok(())
 }
+
+/// Drives a protocol core's timer: sleeps until `deadline()` (or until
+/// `notify` says the deadline may have moved), then calls `fire()`.
+pub(crate) async fn run_timer(
+    notify: &tokio::sync::Notify,
+    deadline: impl Fn() -> Option<std::time::Instant>,
+    fire: impl Fn(),
+) {
+    loop {
+        match deadline() {
+            Some(t) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(t.into()) => fire(),
+                    _ = notify.notified() => {}
+                }
+            }
+            None => notify.notified().await,
+        }
+    }
+}

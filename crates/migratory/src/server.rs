@@ -790,22 +790,16 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
 }
 
 async fn timer(shared: Arc<Shared>) {
-    loop {
-        let deadline = shared.lock().core.poll_timeout();
-        match deadline {
-            Some(t) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(t.into()) => {
-                        let mut st = shared.lock();
-                        st.core.handle_timeout(Instant::now());
-                        shared.pump(&mut st);
-                    }
-                    _ = shared.timer.notified() => {}
-                }
-            }
-            None => shared.timer.notified().await,
-        }
-    }
+    conn::run_timer(
+        &shared.timer,
+        || shared.lock().core.poll_timeout(),
+        || {
+            let mut st = shared.lock();
+            st.core.handle_timeout(Instant::now());
+            shared.pump(&mut st);
+        },
+    )
+    .await;
 }
 
 enum Inner {
