@@ -273,9 +273,18 @@ struct Session {
     snap_down_fin: Option<Pos>,
     app_state: Bytes,
     backup: Option<Backup>,
+    /// The application released the session: input is discarded.
+    app_gone: bool,
 }
 
 impl Session {
+    /// The application is gone: what arrived counts as read (and needs no
+    /// log: nobody will resume it).
+    fn discard_input(&mut self) {
+        self.app_read = self.rcv_nxt();
+        self.up.drop_to(self.app_read);
+    }
+
     fn rcv_nxt(&self) -> Pos {
         self.up.end()
     }
@@ -1032,6 +1041,7 @@ impl Server {
             snap_down_fin: image.down_fin,
             app_state: image.app_state,
             backup: None,
+            app_gone: false,
         };
         s.ack_sent = s.rcv_nxt();
         s.rx_pos = s.rcv_nxt();
@@ -1108,10 +1118,30 @@ impl Server {
         }
     }
 
-    /// The application is done with `handle`: forget it. Calls on a
-    /// released handle fail with [`SessionError::Migrated`].
+    /// The application is done with `handle` (it dropped its session).
+    /// A session still live here ends gracefully, as a TCP socket closed
+    /// by its application: the down direction is closed if it was not,
+    /// unread and further up bytes are discarded, and the session finishes
+    /// once the client closes too. Calls on a released handle fail with
+    /// [`SessionError::Migrated`].
     pub fn release(&mut self, handle: SessionHandle) {
         self.ended.remove(&handle);
+        let Ok((sid, s)) = self.live(handle) else {
+            return;
+        };
+        s.app_gone = true;
+        if s.down_fin.is_none() {
+            s.app_write += s.discard;
+            s.discard = 0;
+            s.down_fin = Some(s.app_write);
+        }
+        s.discard_input();
+        let inc = s.inc;
+        self.handles.remove(&handle);
+        if let Some(inc) = inc {
+            self.mark_ready(inc);
+        }
+        self.maybe_finish(sid);
     }
 
     // ----- frames from the client -----------------------------------------
@@ -1160,6 +1190,9 @@ impl Server {
                     });
                 }
                 s.up.push(data);
+                if s.app_gone {
+                    s.discard_input();
+                }
                 s.ack_due = true;
                 self.events.push_back(ServerEvent::Readable(s.handle));
             }

@@ -276,6 +276,7 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
             let mut st = s1.lock();
             st.core.handle_input(Instant::now(), inc, data);
             s1.pump(&mut st);
+            true
         },
         move |reason| {
             let mut st = s2.lock();
@@ -505,6 +506,8 @@ impl Drop for MigratoryStream {
     fn drop(&mut self) {
         self.timer.abort();
         let mut st = self.shared.lock();
+        // Controls waiting for a status must not wait forever.
+        let _ = st.status.send(Status::Ended);
         for (_, slot) in st.conns.drain() {
             if let ConnSlot::Open(tx) = slot {
                 let _ = tx.send(Out::Close);

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Size of one socket read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -28,8 +28,10 @@ pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 /// Starts the reader and writer tasks of `stream`; the writer serves `rx`
 /// (make the channel first, so its sender is registered before any byte is
 /// read). `initial` is handed to `on_data` first (bytes already read);
-/// `on_data` runs for every chunk read, `on_closed` once when the connection
-/// ends (EOF, error, or `Out::Close`).
+/// `on_data` runs for every chunk read and returns `false` to close the
+/// connection; `on_closed` runs once when it ends for any reason (EOF,
+/// error, `on_data` refusing, or `Out::Close`). Either way both halves are
+/// closed: nothing is left half-open.
 pub(crate) fn start<D, C>(
     stream: TcpStream,
     rx: mpsc::UnboundedReceiver<Out>,
@@ -37,39 +39,58 @@ pub(crate) fn start<D, C>(
     on_data: D,
     on_closed: C,
 ) where
-    D: FnMut(&[u8]) + Send + 'static,
+    D: FnMut(&[u8]) -> bool + Send + 'static,
     C: FnOnce(String) + Send + 'static,
 {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    tokio::spawn(write_loop(wr, rx));
-    tokio::spawn(read_loop(rd, initial, on_data, on_closed));
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let writer = tokio::spawn(write_loop(wr, rx, stop_tx));
+    tokio::spawn(async move {
+        let reason = read_loop(rd, initial, on_data, stop_rx).await;
+        // The writer ends with us (it may be blocked on a peer that does
+        // not read): the socket closes whole.
+        writer.abort();
+        on_closed(reason);
+    });
 }
 
-async fn read_loop<D, C>(
+async fn read_loop<D>(
     mut rd: OwnedReadHalf,
     initial: Option<Bytes>,
     mut on_data: D,
-    on_closed: C,
-) where
-    D: FnMut(&[u8]),
-    C: FnOnce(String),
+    mut stop: oneshot::Receiver<()>,
+) -> String
+where
+    D: FnMut(&[u8]) -> bool,
 {
     if let Some(b) = initial {
-        on_data(&b);
+        if !on_data(&b) {
+            return "input refused".into();
+        }
     }
     let mut buf = vec![0u8; READ_CHUNK];
-    let reason = loop {
-        match rd.read(&mut buf).await {
-            Ok(0) => break "EOF".to_string(),
-            Ok(n) => on_data(&buf[..n]),
-            Err(e) => break e.to_string(),
+    loop {
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => return "EOF".into(),
+                Ok(n) => {
+                    if !on_data(&buf[..n]) {
+                        return "input refused".into();
+                    }
+                }
+                Err(e) => return e.to_string(),
+            },
+            _ = &mut stop => return "closed locally".into(),
         }
-    };
-    on_closed(reason);
+    }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    stop: oneshot::Sender<()>,
+) {
     while let Some(out) = rx.recv().await {
         match out {
             Out::Data(segs) => {
@@ -81,6 +102,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Out>
         }
     }
     let _ = wr.shutdown().await;
+    let _ = stop.send(());
 }
 
 /// Writes every segment, vectored where the kernel takes several at once.

@@ -66,8 +66,9 @@ pub fn is_migrated(e: &io::Error) -> bool {
 impl From<Error> for io::Error {
     fn from(e: Error) -> Self {
         let kind = match &e {
-            Error::Session(SessionError::Closed) => io::ErrorKind::BrokenPipe,
-            Error::App(AppError::WriteAfterClose) => io::ErrorKind::BrokenPipe,
+            Error::Session(SessionError::Closed)
+            | Error::App(AppError::Session(SessionError::Closed))
+            | Error::App(AppError::WriteAfterClose) => io::ErrorKind::BrokenPipe,
             Error::Session(_) | Error::App(_) => io::ErrorKind::ConnectionAborted,
             Error::Stopped => io::ErrorKind::NotConnected,
             _ => io::ErrorKind::Other,

@@ -39,8 +39,11 @@ use crate::error::Error;
 /// where the server speaks first) is served as plain TCP after this.
 pub const DEFAULT_PREAMBLE_WAIT: Duration = Duration::from_millis(200);
 
-/// Bound on the peer authentication handshake.
+/// Bound on connecting to a peer and authenticating it.
 const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most message batches queued for a peer that is being dialled.
+const MAX_DIAL_QUEUE: usize = 4096;
 
 /// Another server of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -528,7 +531,13 @@ impl Shared {
             Some(Link::Up(tx, _)) => {
                 let _ = tx.send(Out::Data(segs));
             }
-            Some(Link::Dialing(queue)) => queue.push(segs),
+            Some(Link::Dialing(queue)) if queue.len() < MAX_DIAL_QUEUE => queue.push(segs),
+            Some(Link::Dialing(_)) => {
+                // The peer has been unreachable for a while: it is down.
+                warn!(server = %self.me, %peer, "peer unreachable: dropping its queue");
+                st.links.remove(&peer);
+                st.core.handle_peer_down(Instant::now(), &peer);
+            }
             None => {
                 st.links.insert(peer.clone(), Link::Dialing(vec![segs]));
                 tokio::spawn(dial(self.clone(), peer));
@@ -599,6 +608,7 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
             let mut st = s1.lock();
             st.core.handle_input(Instant::now(), inc, data);
             s1.pump(&mut st);
+            true
         },
         move |reason| {
             debug!(%inc, %reason, "client connection closed");
@@ -660,25 +670,25 @@ fn link_reader(
     shared: Arc<Shared>,
     mut link: PeerLink,
     peer: ServerId,
-) -> impl FnMut(&[u8]) + Send + 'static {
+) -> impl FnMut(&[u8]) -> bool + Send + 'static {
+    let deliver = move |shared: &Arc<Shared>, link: &mut PeerLink| {
+        let mut st = shared.lock();
+        while let Some(msg) = link.poll_message() {
+            st.core.handle_control(Instant::now(), &peer, msg);
+        }
+        shared.pump(&mut st);
+    };
     // Messages that came in the same read as the end of the handshake.
-    {
-        let mut st = shared.lock();
-        while let Some(msg) = link.poll_message() {
-            st.core.handle_control(Instant::now(), &peer, msg);
-        }
-        shared.pump(&mut st);
-    }
+    deliver(&shared, &mut link);
     move |data| {
-        if let Err(e) = link.handle_input(data) {
-            warn!(%peer, error = %e, "bad control input");
-            return;
+        let ok = link.handle_input(data);
+        // What decoded before a bad frame still counts.
+        deliver(&shared, &mut link);
+        if let Err(e) = ok {
+            warn!(server = %shared.me, error = %e, "bad control input: closing the link");
+            return false;
         }
-        let mut st = shared.lock();
-        while let Some(msg) = link.poll_message() {
-            st.core.handle_control(Instant::now(), &peer, msg);
-        }
-        shared.pump(&mut st);
+        true
     }
 }
 
@@ -759,12 +769,13 @@ fn link_closed(
 /// failure the core learns the peer is down (requests fall back).
 async fn dial(shared: Arc<Shared>, peer: ServerId) {
     let addr = shared.controls[&peer];
-    let result = async {
+    let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let link = handshake(&shared, &mut stream, Some(peer.clone())).await?;
         Ok::<_, String>((stream, link))
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| Err("connect timed out".into()));
     match result {
         Ok((stream, link)) => {
             debug!(server = %shared.me, %peer, "peer connected out");
@@ -1002,7 +1013,10 @@ impl Drop for Session {
             let mut st = shared.lock();
             st.read_wakers.remove(handle);
             st.write_wakers.remove(handle);
+            // A session dropped while live ends gracefully (Close sent,
+            // further input discarded), as a closed TCP socket would.
             st.core.release(*handle);
+            shared.pump(&mut st);
         }
     }
 }

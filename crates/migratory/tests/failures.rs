@@ -162,3 +162,35 @@ async fn origin_killed_in_lazy_mode_is_a_clean_abort() {
         "{inner}"
     );
 }
+
+#[tokio::test]
+async fn a_session_the_application_drops_ends_with_eof_not_a_hang() {
+    let (service, control) = (free_addrs(1), free_addrs(1));
+    let mut server = builder(0, &service, &control, KEY).bind().await.unwrap();
+    let handle = server.handle();
+    tokio::spawn(async move {
+        while let Some((mut s, _)) = server.accept().await {
+            // Answer once, then drop the session without shutdown().
+            let mut b = [0u8; 4];
+            let _ = s.read_exact(&mut b).await;
+            let _ = s.write_all(b"bye").await;
+        }
+    });
+    let mut c = MigratoryStream::connect(&service).await.unwrap();
+    c.write_all(b"ping").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("EOF, not a hang")
+        .unwrap();
+    assert_eq!(got, b"bye");
+    c.shutdown().await.unwrap();
+    // The server forgets the session once the client closed too.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !handle.sessions().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("session released");
+}
