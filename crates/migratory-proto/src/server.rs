@@ -2012,10 +2012,4 @@ impl Server {
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         self.events.pop_front()
     }
-
-    /// Whether more output may be waiting after a `None`-free run of
-    /// [`Server::poll_transmit`] (sessions with data beyond one batch).
-    pub fn has_output(&self) -> bool {
-        !self.ctrl_out.is_empty() || !self.ready.is_empty()
-    }
 }
