@@ -984,21 +984,9 @@ impl Client {
     fn session_output(&mut self, hdr: &mut BytesMut, out: &mut Vec<Bytes>) -> bool {
         let limits = &self.cfg.limits;
         let end = self.up.end().min(self.up_limit);
-        let mut budget = 16usize;
-        while self.up_sent < end && budget > 0 {
-            let chunk = self.up.chunk_at(
-                self.up_sent,
-                limits.max_data_frame.min((end - self.up_sent) as usize),
-            );
-            if chunk.is_empty() {
-                break;
-            }
-            hdr.extend_from_slice(&Frame::data_header(chunk.len()));
-            out.push(hdr.split().freeze());
-            self.up_sent += chunk.len() as u64;
-            out.push(chunk);
-            budget -= 1;
-        }
+        let more = self
+            .up
+            .frame_data(&mut self.up_sent, end, limits.max_data_frame, hdr, out);
         if self.up_fin == Some(self.up_sent) && !self.up_fin_sent {
             Frame::Close { pos: self.up_sent }.encode(hdr);
             self.up_fin_sent = true;
@@ -1015,7 +1003,7 @@ impl Client {
             self.ack_due = false;
             self.confirm = false;
         }
-        self.up_sent < end
+        more
     }
 
     /// The next event for the runtime or the application.

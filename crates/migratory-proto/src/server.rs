@@ -1944,21 +1944,9 @@ impl Server {
         out: &mut Vec<Bytes>,
     ) -> bool {
         let end = s.down.end().min(s.down_limit);
-        let mut budget = 16usize;
-        while s.snd_nxt < end && budget > 0 {
-            let chunk = s.down.chunk_at(
-                s.snd_nxt,
-                limits.max_data_frame.min((end - s.snd_nxt) as usize),
-            );
-            if chunk.is_empty() {
-                break;
-            }
-            hdr.extend_from_slice(&Frame::data_header(chunk.len()));
-            out.push(hdr.split().freeze());
-            s.snd_nxt += chunk.len() as u64;
-            out.push(chunk);
-            budget -= 1;
-        }
+        let more = s
+            .down
+            .frame_data(&mut s.snd_nxt, end, limits.max_data_frame, hdr, out);
         if s.down_fin == Some(s.snd_nxt) && !s.fin_sent && s.snd_nxt == s.down.end() {
             Frame::Close { pos: s.snd_nxt }.encode(hdr);
             s.fin_sent = true;
@@ -1982,7 +1970,7 @@ impl Server {
             s.fin_ack_sent = fin;
             s.ack_due = false;
         }
-        s.snd_nxt < end
+        more
     }
 
     fn is_tombstone(&self, sid: SessionId) -> bool {

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::frame::Frame;
 use crate::types::Pos;
 
 /// Bytes `[start, end)` of a stream, kept as shared chunks so slices for
@@ -19,6 +20,10 @@ pub struct ByteQueue {
 }
 
 const TAIL_BLOCK: usize = 64 * 1024;
+
+/// Most Data frames one transmit carries, so one busy session does not
+/// starve the others.
+pub const MAX_FRAMES_PER_BATCH: usize = 16;
 
 impl ByteQueue {
     /// An empty queue whose next byte is at `start`.
@@ -142,6 +147,34 @@ impl ByteQueue {
             pos += c.len() as u64;
         }
         out.freeze()
+    }
+
+    /// Frames the bytes `[*next, end)` as Data frames of at most
+    /// `max_payload` bytes, at most [`MAX_FRAMES_PER_BATCH`] of them: the
+    /// headers go through `hdr` into `out`, the payloads are zero-copy
+    /// slices. Advances `*next`; returns whether bytes below `end` remain.
+    pub fn frame_data(
+        &mut self,
+        next: &mut Pos,
+        end: Pos,
+        max_payload: usize,
+        hdr: &mut BytesMut,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
+        for _ in 0..MAX_FRAMES_PER_BATCH {
+            if *next >= end {
+                break;
+            }
+            let chunk = self.chunk_at(*next, max_payload.min((end - *next) as usize));
+            if chunk.is_empty() {
+                break;
+            }
+            hdr.extend_from_slice(&Frame::data_header(chunk.len()));
+            out.push(hdr.split().freeze());
+            *next += chunk.len() as u64;
+            out.push(chunk);
+        }
+        *next < end
     }
 
     /// Copies bytes starting at `pos` into `buf`; returns how many.

@@ -1,6 +1,10 @@
 //! Failure handling over loopback: bad configuration, a peer with the wrong
 //! cluster key, an origin killed in lazy mode.
 
+mod common;
+
+use common::free_addrs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,13 +14,6 @@ use migratory::{Error, Manual, MigratoryStream, Peer, Server, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"failure test cluster key 0123456789";
-
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap()).collect()
-}
 
 fn builder(i: usize, service: &[SocketAddr], control: &[SocketAddr], key: &[u8]) -> ServerBuilder {
     let mut b = ServerBuilder::new(format!("s{}", i + 1));

@@ -2,6 +2,10 @@
 //! serves a 64 MiB file to `file_client`, which migrates every 8 chunks;
 //! the saved file's SHA-256 must equal the original's.
 
+mod common;
+
+use common::free_addrs;
+
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -19,10 +23,7 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    free_addrs(n).iter().map(|a| a.port()).collect()
 }
 
 struct Kill(std::process::Child);

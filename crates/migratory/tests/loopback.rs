@@ -2,6 +2,10 @@
 //! `MigratoryStream` client, migrations of every kind while data flows both
 //! ways; every byte is checked with sha256.
 
+mod common;
+
+use common::free_addrs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,14 +19,6 @@ use migratory::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"loopback test cluster key 0123456789";
-
-/// Free loopback addresses (bound then released).
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap()).collect()
-}
 
 struct Pool {
     handles: Vec<ServerHandle>,

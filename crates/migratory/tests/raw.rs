@@ -2,6 +2,10 @@
 //! a stale incarnation writing into a migrated session, a destination that
 //! never answers, and real `nc`/`socat` as plain clients.
 
+mod common;
+
+use common::free_addrs;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,13 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const KEY: &[u8] = b"raw wire test cluster key 0123456";
-
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap()).collect()
-}
 
 /// Echo servers s1..sn (peers of each other).
 async fn pool(service: &[SocketAddr], control: &[SocketAddr], n: usize) {

@@ -650,6 +650,15 @@ impl World {
         }
     }
 
+    /// Control links with messages in flight.
+    fn busy_links(&self) -> Vec<(usize, usize)> {
+        self.links
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// Delivers everything in flight, in order, until the world is quiet.
     pub fn pump(&mut self) {
         for _ in 0..100_000 {
@@ -675,12 +684,7 @@ impl World {
                     moved |= before != after;
                 }
             }
-            let links: Vec<(usize, usize)> = self
-                .links
-                .iter()
-                .filter(|(_, q)| !q.is_empty())
-                .map(|(k, _)| *k)
-                .collect();
+            let links = self.busy_links();
             for (a, b) in links {
                 moved = true;
                 self.deliver_link(a, b);
@@ -936,12 +940,7 @@ impl World {
                 }
             }
             5 => {
-                let links: Vec<(usize, usize)> = self
-                    .links
-                    .iter()
-                    .filter(|(_, q)| !q.is_empty())
-                    .map(|(k, _)| *k)
-                    .collect();
+                let links = self.busy_links();
                 if !links.is_empty() {
                     let (a, b) = links[self.rng.gen_range(0..links.len())];
                     self.deliver_link(a, b);
