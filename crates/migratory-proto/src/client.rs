@@ -25,7 +25,7 @@ use crate::config::{ClientTimeouts, Limits};
 use crate::error::{AppError, ProtocolError, SessionError};
 use crate::frame::{Frame, MigrateRequest, RejectReason, PREAMBLE};
 use crate::mac::migrate_mac;
-use crate::stream::ByteQueue;
+use crate::stream::{take_scratch, ByteQueue};
 use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
 
 /// Configuration of a client session.
@@ -210,6 +210,8 @@ pub struct Client {
     ping_sent: Option<Instant>,
     events: VecDeque<ClientEvent>,
     stats: ClientStats,
+    /// Where frame headers are encoded (see `take_scratch`).
+    scratch: BytesMut,
 }
 
 impl Client {
@@ -248,6 +250,7 @@ impl Client {
             ping_sent: None,
             events: VecDeque::new(),
             stats: ClientStats::default(),
+            scratch: BytesMut::new(),
         }
     }
 
@@ -962,14 +965,18 @@ impl Client {
                 continue;
             };
             let start = out.len();
-            let mut hdr = std::mem::take(&mut c.out);
+            // Control frames queued for this incarnation, then its data.
+            let mut hdr = take_scratch(&mut self.scratch);
+            hdr.extend_from_slice(&c.out);
+            c.out.clear();
             let mut more = false;
             if self.cur == Some(inc) && matches!(self.phase, Phase::Established) {
                 more = self.session_output(&mut hdr, out);
             }
             if !hdr.is_empty() {
-                out.push(hdr.freeze());
+                out.push(hdr.split().freeze());
             }
+            self.scratch = hdr;
             if more {
                 self.ready.push_back(inc);
             }

@@ -36,7 +36,7 @@ use crate::frame::{
     check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason, PREAMBLE,
 };
 use crate::mac::verify_migrate;
-use crate::stream::ByteQueue;
+use crate::stream::{take_scratch, ByteQueue};
 use crate::sync::resume_point;
 use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
 
@@ -498,6 +498,8 @@ pub struct Server {
     events: VecDeque<ServerEvent>,
     /// The latest time seen in a call (for deadlines set without one).
     last_now: Instant,
+    /// Where frame headers are encoded (see `take_scratch`).
+    scratch: BytesMut,
     next_inc: u64,
     next_req: u64,
     next_handle: u64,
@@ -521,6 +523,7 @@ impl Server {
     pub fn new(cfg: ServerConfig, rng: Box<dyn RngCore + Send>, now: Instant) -> Self {
         Self {
             last_now: now,
+            scratch: BytesMut::new(),
             cfg,
             rng,
             incs: HashMap::new(),
@@ -1902,7 +1905,7 @@ impl Server {
             };
             i.queued = false;
             let start = out.len();
-            let mut hdr = BytesMut::new();
+            let mut hdr = take_scratch(&mut self.scratch);
             for f in i.out.drain(..) {
                 f.encode(&mut hdr);
             }
@@ -1926,8 +1929,9 @@ impl Server {
                 }
             }
             if !hdr.is_empty() {
-                out.push(hdr.freeze());
+                out.push(hdr.split().freeze());
             }
+            self.scratch = hdr;
             if out.len() > start {
                 return Some(Dest::Incarnation(inc));
             }

@@ -21,6 +21,16 @@ pub struct ByteQueue {
 
 const TAIL_BLOCK: usize = 64 * 1024;
 
+/// Takes the scratch buffer that frame headers are encoded into, with room
+/// for a batch: one allocation serves many transmits (the frozen headers
+/// share it until they are written).
+pub(crate) fn take_scratch(scratch: &mut BytesMut) -> BytesMut {
+    if scratch.capacity() - scratch.len() < 1024 {
+        scratch.reserve(16 * 1024);
+    }
+    std::mem::take(scratch)
+}
+
 /// Most Data frames one transmit carries, so one busy session does not
 /// starve the others.
 pub const MAX_FRAMES_PER_BATCH: usize = 16;
