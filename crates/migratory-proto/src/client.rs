@@ -54,18 +54,7 @@ impl Default for ClientConfig {
     }
 }
 
-/// Why the client is migrating.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MigrationCause {
-    /// [`Client::migrate`] was called (the application or a policy).
-    Requested,
-    /// A server sent a Trigger.
-    Trigger,
-    /// The current server failed (EOF or reset without Close, or silence).
-    ServerFailed,
-    /// A previous attempt failed; trying the next server.
-    Retry,
-}
+pub use crate::types::MigrationCause;
 
 /// Something the runtime or the application must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -463,11 +452,16 @@ impl Client {
             .as_ref()
             .expect("migrations need an established session");
         self.attempts += 1;
+        // A retry keeps the cause of the round it continues.
+        if cause != MigrationCause::Retry {
+            self.cause = cause;
+        }
         let request = MigrateRequest {
             session: id.session,
             origin: id.owner.clone(),
             epoch: id.epoch,
             attempt: self.attempts,
+            cause: self.cause,
             down: self.down.end(),
             down_fin: self.down_fin.is_some(),
             window: self.cfg.limits.recv_window - self.down.len(),
@@ -475,7 +469,6 @@ impl Client {
         let inc = self.new_inc();
         self.push_frame(inc, Frame::Migrate(request.clone()));
         self.tried.push(target.clone());
-        self.cause = cause.clone();
         self.phase = Phase::Migrating {
             inc,
             target: target.clone(),

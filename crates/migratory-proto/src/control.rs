@@ -2,11 +2,18 @@
 //! (DESIGN.md 3.3, MTCP 4.2.3 "Control Connection and State Transfer
 //! Details"): peer authentication, lazy state transfer, eager replication
 //! and triggers. Same framing as [`crate::frame`], separate type space.
+//!
+//! An operator (`migratory sessions`, `migratory migrate`) speaks on the
+//! same connection after the same authentication with the cluster key, under
+//! an id that is not a server of the pool; its requests are the `Operator*`
+//! messages, answered by the runtime (they never reach the core).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
 use crate::frame::{Migrate, RejectReason};
+use std::net::SocketAddr;
+
 use crate::types::{Epoch, Pos, Secret, ServerId, SessionId};
 use crate::wire::{put_frame, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
@@ -167,6 +174,58 @@ pub enum ReplicaUpdate {
     },
 }
 
+/// Which sessions an operator's push moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// This one.
+    Session(SessionId),
+    /// Up to this many (the oldest first).
+    Count(u32),
+    /// Every session the server owns.
+    All,
+}
+
+/// One session as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    /// The session.
+    pub session: SessionId,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// The client's address on its current connection (none while the
+    /// client is away).
+    pub client: Option<SocketAddr>,
+    /// Milliseconds since the session started or arrived here.
+    pub age_ms: u64,
+    /// Up bytes received, in all.
+    pub up: Pos,
+    /// Down bytes written, in all.
+    pub down: Pos,
+}
+
+/// What became of one session an operator pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// The destination confirmed the session after this many milliseconds.
+    Moved {
+        /// Where it went (the destination asked for, or one the client
+        /// chose if that one failed).
+        to: ServerId,
+        /// From the Trigger to the destination's confirmation.
+        millis: u64,
+    },
+    /// The server does not own the session.
+    NotFound,
+    /// The session's client is not connected now (it is between
+    /// connections): no Trigger could be sent.
+    NotConnected,
+    /// The client did not complete a migration within the timeout; the
+    /// session stays here.
+    TimedOut,
+    /// The session ended (finished or dropped) before it moved.
+    Ended,
+}
+
 /// A message on a control connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -251,6 +310,45 @@ pub enum ControlMessage {
         /// Where the client should go.
         dest: ServerId,
     },
+    /// Operator -> server: list the sessions you own.
+    OperatorList {
+        /// Request id, chosen by the operator.
+        req: u64,
+    },
+    /// Server -> operator: the sessions it owns.
+    OperatorSessions {
+        /// The request answered.
+        req: u64,
+        /// One row per session.
+        sessions: Vec<SessionRow>,
+    },
+    /// Operator -> server: push these sessions' clients to `dest` (server
+    /// push, MTCP 3.2.1 case a) and report once each moved or `timeout_ms`
+    /// passed.
+    OperatorPush {
+        /// Request id, chosen by the operator.
+        req: u64,
+        /// The peer the clients should go to.
+        dest: ServerId,
+        /// Which sessions.
+        select: Selection,
+        /// How long to wait for the migrations.
+        timeout_ms: u64,
+    },
+    /// Server -> operator: what became of each session pushed.
+    OperatorPushed {
+        /// The request answered.
+        req: u64,
+        /// One entry per session selected.
+        results: Vec<(SessionId, PushOutcome)>,
+    },
+    /// Server -> operator: the request cannot be served.
+    OperatorError {
+        /// The request answered.
+        req: u64,
+        /// Why.
+        text: String,
+    },
 }
 
 const PEER_HELLO: u8 = 0x41;
@@ -265,6 +363,21 @@ const REPLICATE_RESYNC: u8 = 0x49;
 const FORGET: u8 = 0x4a;
 const LOAD: u8 = 0x4b;
 const TRIGGER_REQUEST: u8 = 0x4c;
+const OPERATOR_LIST: u8 = 0x4d;
+const OPERATOR_SESSIONS: u8 = 0x4e;
+const OPERATOR_PUSH: u8 = 0x4f;
+const OPERATOR_PUSHED: u8 = 0x50;
+const OPERATOR_ERROR: u8 = 0x51;
+
+const SEL_SESSION: u8 = 1;
+const SEL_COUNT: u8 = 2;
+const SEL_ALL: u8 = 3;
+
+const OUT_MOVED: u8 = 1;
+const OUT_NOT_FOUND: u8 = 2;
+const OUT_NOT_CONNECTED: u8 = 3;
+const OUT_TIMED_OUT: u8 = 4;
+const OUT_ENDED: u8 = 5;
 
 const UPD_FULL: u8 = 1;
 const UPD_UP: u8 = 2;
@@ -289,7 +402,25 @@ impl ControlMessage {
             Self::Forget { .. } => "Forget",
             Self::Load { .. } => "Load",
             Self::TriggerRequest { .. } => "TriggerRequest",
+            Self::OperatorList { .. } => "OperatorList",
+            Self::OperatorSessions { .. } => "OperatorSessions",
+            Self::OperatorPush { .. } => "OperatorPush",
+            Self::OperatorPushed { .. } => "OperatorPushed",
+            Self::OperatorError { .. } => "OperatorError",
         }
+    }
+
+    /// Whether this is an operator's request or its answer (handled by the
+    /// runtime, never by the core).
+    pub fn is_operator(&self) -> bool {
+        matches!(
+            self,
+            Self::OperatorList { .. }
+                | Self::OperatorSessions { .. }
+                | Self::OperatorPush { .. }
+                | Self::OperatorPushed { .. }
+                | Self::OperatorError { .. }
+        )
     }
 
     /// Appends the encoded message to `dst`.
@@ -376,6 +507,68 @@ impl ControlMessage {
                 b.put_session(*session);
                 b.put_server_id(dest);
             }),
+            Self::OperatorList { req } => put_frame(dst, OPERATOR_LIST, |b| b.put_u64(*req)),
+            Self::OperatorSessions { req, sessions } => put_frame(dst, OPERATOR_SESSIONS, |b| {
+                b.put_u64(*req);
+                b.put_u32(u32::try_from(sessions.len()).unwrap_or(u32::MAX));
+                for row in sessions.iter().take(u32::MAX as usize) {
+                    b.put_session(row.session);
+                    b.put_u64(row.epoch);
+                    match &row.client {
+                        Some(a) => {
+                            b.put_bool(true);
+                            b.put_addr(a);
+                        }
+                        None => b.put_bool(false),
+                    }
+                    b.put_u64(row.age_ms);
+                    b.put_u64(row.up);
+                    b.put_u64(row.down);
+                }
+            }),
+            Self::OperatorPush {
+                req,
+                dest,
+                select,
+                timeout_ms,
+            } => put_frame(dst, OPERATOR_PUSH, |b| {
+                b.put_u64(*req);
+                b.put_server_id(dest);
+                match select {
+                    Selection::Session(s) => {
+                        b.put_u8(SEL_SESSION);
+                        b.put_session(*s);
+                    }
+                    Selection::Count(n) => {
+                        b.put_u8(SEL_COUNT);
+                        b.put_u32(*n);
+                    }
+                    Selection::All => b.put_u8(SEL_ALL),
+                }
+                b.put_u64(*timeout_ms);
+            }),
+            Self::OperatorPushed { req, results } => put_frame(dst, OPERATOR_PUSHED, |b| {
+                b.put_u64(*req);
+                b.put_u32(u32::try_from(results.len()).unwrap_or(u32::MAX));
+                for (session, outcome) in results.iter().take(u32::MAX as usize) {
+                    b.put_session(*session);
+                    match outcome {
+                        PushOutcome::Moved { to, millis } => {
+                            b.put_u8(OUT_MOVED);
+                            b.put_server_id(to);
+                            b.put_u64(*millis);
+                        }
+                        PushOutcome::NotFound => b.put_u8(OUT_NOT_FOUND),
+                        PushOutcome::NotConnected => b.put_u8(OUT_NOT_CONNECTED),
+                        PushOutcome::TimedOut => b.put_u8(OUT_TIMED_OUT),
+                        PushOutcome::Ended => b.put_u8(OUT_ENDED),
+                    }
+                }
+            }),
+            Self::OperatorError { req, text } => put_frame(dst, OPERATOR_ERROR, |b| {
+                b.put_u64(*req);
+                b.put_text(text);
+            }),
         }
     }
 
@@ -386,7 +579,7 @@ impl ControlMessage {
         src: &mut BytesMut,
         max_frame: usize,
     ) -> Result<Option<ControlMessage>, DecodeError> {
-        let known = |t| (PEER_HELLO..=TRIGGER_REQUEST).contains(&t);
+        let known = |t| (PEER_HELLO..=OPERATOR_ERROR).contains(&t);
         let Some((ty, body)) = split_frame(src, max_frame, known)? else {
             return Ok(None);
         };
@@ -402,7 +595,12 @@ impl ControlMessage {
             REPLICATE_RESYNC => "ReplicateResync",
             FORGET => "Forget",
             LOAD => "Load",
-            _ => "TriggerRequest",
+            TRIGGER_REQUEST => "TriggerRequest",
+            OPERATOR_LIST => "OperatorList",
+            OPERATOR_SESSIONS => "OperatorSessions",
+            OPERATOR_PUSH => "OperatorPush",
+            OPERATOR_PUSHED => "OperatorPushed",
+            _ => "OperatorError",
         };
         let mut r = Reader::new(body, name);
         let msg = match ty {
@@ -466,9 +664,67 @@ impl ControlMessage {
                 session: r.session()?,
             },
             LOAD => Self::Load { permille: r.u32()? },
-            _ => Self::TriggerRequest {
+            TRIGGER_REQUEST => Self::TriggerRequest {
                 session: r.session()?,
                 dest: r.server_id("dest")?,
+            },
+            OPERATOR_LIST => Self::OperatorList { req: r.u64()? },
+            OPERATOR_SESSIONS => {
+                let req = r.u64()?;
+                let n = r.u32()?;
+                // No preallocation: a lying count fails at the body's end.
+                let mut sessions = Vec::new();
+                for _ in 0..n {
+                    sessions.push(SessionRow {
+                        session: r.session()?,
+                        epoch: r.u64()?,
+                        client: if r.bool("client")? {
+                            Some(r.addr()?)
+                        } else {
+                            None
+                        },
+                        age_ms: r.u64()?,
+                        up: r.u64()?,
+                        down: r.u64()?,
+                    });
+                }
+                Self::OperatorSessions { req, sessions }
+            }
+            OPERATOR_PUSH => Self::OperatorPush {
+                req: r.u64()?,
+                dest: r.server_id("dest")?,
+                select: match r.u8()? {
+                    SEL_SESSION => Selection::Session(r.session()?),
+                    SEL_COUNT => Selection::Count(r.u32()?),
+                    SEL_ALL => Selection::All,
+                    _ => return Err(r.invalid("select", "unknown selection")),
+                },
+                timeout_ms: r.u64()?,
+            },
+            OPERATOR_PUSHED => {
+                let req = r.u64()?;
+                let n = r.u32()?;
+                let mut results = Vec::new();
+                for _ in 0..n {
+                    let session = r.session()?;
+                    let outcome = match r.u8()? {
+                        OUT_MOVED => PushOutcome::Moved {
+                            to: r.server_id("to")?,
+                            millis: r.u64()?,
+                        },
+                        OUT_NOT_FOUND => PushOutcome::NotFound,
+                        OUT_NOT_CONNECTED => PushOutcome::NotConnected,
+                        OUT_TIMED_OUT => PushOutcome::TimedOut,
+                        OUT_ENDED => PushOutcome::Ended,
+                        _ => return Err(r.invalid("outcome", "unknown push outcome")),
+                    };
+                    results.push((session, outcome));
+                }
+                Self::OperatorPushed { req, results }
+            }
+            _ => Self::OperatorError {
+                req: r.u64()?,
+                text: r.text("text", MAX_TEXT_LEN)?,
             },
         };
         r.finish()?;

@@ -10,7 +10,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::DecodeError;
-use crate::types::{Alternate, Epoch, Pos, ServerId, SessionId};
+use crate::types::{Alternate, Epoch, MigrationCause, Pos, ServerId, SessionId};
 use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
 /// Protocol version carried in the preamble.
@@ -68,6 +68,17 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Short snake-case name, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::InvalidState => "invalid_state",
+            Self::AuthFailed => "auth_failed",
+            Self::Busy => "busy",
+            Self::OriginUnreachable => "origin_unreachable",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             Self::NotFound => 1,
@@ -126,6 +137,8 @@ pub struct MigrateRequest {
     /// owner can refuse an older request still in flight after a newer one
     /// was served.
     pub attempt: u64,
+    /// Why the client migrates (the cause of the round, for a retry).
+    pub cause: MigrationCause,
     /// The client's down-stream position `c`: every byte below it was
     /// received (MTCP's `rcv_nxt` in `TCP_MIGRATED_CONN`).
     pub down: Pos,
@@ -141,6 +154,7 @@ impl MigrateRequest {
         dst.put_server_id(&self.origin);
         dst.put_u64(self.epoch);
         dst.put_u64(self.attempt);
+        dst.put_u8(self.cause.code());
         dst.put_u64(self.down);
         dst.put_bool(self.down_fin);
         dst.put_u64(self.window);
@@ -152,6 +166,8 @@ impl MigrateRequest {
             origin: r.server_id("origin")?,
             epoch: r.u64()?,
             attempt: r.u64()?,
+            cause: MigrationCause::from_code(r.u8()?)
+                .ok_or_else(|| r.invalid("cause", "unknown migration cause"))?,
             down: r.u64()?,
             down_fin: r.bool("down_fin")?,
             window: r.u64()?,

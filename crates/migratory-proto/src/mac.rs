@@ -23,6 +23,7 @@ fn migrate_mac_state(secret: &Secret, req: &MigrateRequest, nonce: &[u8; 32]) ->
     mac.update(req.origin.as_str().as_bytes());
     mac.update(&req.epoch.to_be_bytes());
     mac.update(&req.attempt.to_be_bytes());
+    mac.update(&[req.cause.code()]);
     mac.update(&req.down.to_be_bytes());
     mac.update(&[u8::from(req.down_fin)]);
     mac.update(&req.window.to_be_bytes());

@@ -24,7 +24,7 @@
 //! [`Server::close_write`] on the [`SessionHandle`] it was given.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
@@ -38,7 +38,9 @@ use crate::frame::{
 use crate::mac::verify_migrate;
 use crate::stream::{take_scratch, ByteQueue};
 use crate::sync::resume_point;
-use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
+use crate::types::{
+    Alternate, Epoch, IncarnationId, MigrationCause, Pos, Secret, ServerId, SessionId,
+};
 
 /// Configuration of one server of the pool.
 #[derive(Debug, Clone)]
@@ -95,6 +97,93 @@ pub enum Arrival {
     },
 }
 
+/// Which way a migration went, seen from this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// A session came here.
+    In,
+    /// A session left.
+    Out,
+}
+
+impl Direction {
+    /// `"in"` or `"out"`, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::In => "in",
+            Self::Out => "out",
+        }
+    }
+}
+
+/// How a migration ended, seen from this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationOutcome {
+    /// In: the session was installed from its owner's state (or resumed
+    /// from its own frozen state). Out: the destination confirmed it.
+    Moved,
+    /// In: the session was installed from this server's replica; its owner
+    /// had failed (DESIGN.md 3.6).
+    Failover,
+    /// In: the client was refused for this reason.
+    Rejected(RejectReason),
+    /// Out: the state was handed out but no destination confirmed it before
+    /// the frozen timeout; the session is gone from here.
+    Expired,
+}
+
+impl MigrationOutcome {
+    /// Lower-case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Moved => "moved",
+            Self::Failover => "failover",
+            Self::Rejected(r) => r.as_str(),
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// One finished migration of a session in or out of this server, for
+/// metrics and logs ([`ServerEvent::Migration`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The session.
+    pub session: SessionId,
+    /// In or out.
+    pub direction: Direction,
+    /// In: the origin the client named. Out: the destination.
+    pub peer: ServerId,
+    /// Why the client migrated (from its `Migrate` request).
+    pub cause: MigrationCause,
+    /// How it ended.
+    pub outcome: MigrationOutcome,
+    /// In: from the client's connection to the install (or refusal). Out:
+    /// from the first state request to the destination's confirmation.
+    pub duration: Duration,
+    /// In: up bytes handed back to the application to re-read.
+    pub replayed: u64,
+    /// In: down bytes of re-executed writes to be discarded.
+    pub discarded: u64,
+}
+
+/// What an operator sees of one session ([`Server::session_infos`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The session.
+    pub session: SessionId,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// The client's current connection, if attached.
+    pub inc: Option<IncarnationId>,
+    /// When it started or arrived here.
+    pub since: Instant,
+    /// Up bytes received from the client, in all (the up position).
+    pub up: Pos,
+    /// Down bytes the application wrote, in all (the down position).
+    pub down: Pos,
+}
+
 /// Where a transmit goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dest {
@@ -142,6 +231,8 @@ pub enum ServerEvent {
         /// Why, for logs.
         reason: String,
     },
+    /// A migration in or out of this server ended.
+    Migration(MigrationReport),
     /// A peer reported its load.
     PeerLoad {
         /// The peer.
@@ -188,6 +279,9 @@ struct Inc {
     out: VecDeque<Frame>,
     queued: bool,
     opened: Instant,
+    /// The Migrate this connection carries, until it is installed or
+    /// refused (for the [`MigrationReport`]).
+    migrating: Option<MigrateRequest>,
 }
 
 /// How a session starts at this server.
@@ -227,6 +321,9 @@ struct Backup {
 #[derive(Debug)]
 struct Frozen {
     deadline: Instant,
+    /// When the first state request came, and why the client migrated.
+    since: Instant,
+    cause: MigrationCause,
     /// State requests answered from this frozen state: (requester, req).
     replied: Vec<(ServerId, u64)>,
 }
@@ -242,6 +339,8 @@ struct Session {
     last_attempt: u64,
     handle: SessionHandle,
     inc: Option<IncarnationId>,
+    /// When the session started or arrived here.
+    since: Instant,
     orphan_since: Option<Instant>,
     frozen: Option<Frozen>,
     /// StateAck owed to the origin once the client confirms this incarnation.
@@ -561,6 +660,22 @@ impl Server {
             .map(|(id, s)| (*id, s.epoch))
     }
 
+    /// What an operator sees of the sessions this server owns.
+    pub fn session_infos(&self) -> Vec<SessionInfo> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.frozen.is_none())
+            .map(|(id, s)| SessionInfo {
+                session: *id,
+                epoch: s.epoch,
+                inc: s.inc,
+                since: s.since,
+                up: s.rcv_nxt(),
+                down: s.app_write,
+            })
+            .collect()
+    }
+
     /// Whether `session`, owned here, would survive this server's crash: its
     /// backup is connected and holds the whole state, including every up
     /// byte acknowledged to the client (DESIGN.md 3.6).
@@ -605,6 +720,7 @@ impl Server {
                 out: VecDeque::new(),
                 queued: false,
                 opened: now,
+                migrating: None,
             },
         );
         id
@@ -781,6 +897,7 @@ impl Server {
     fn reject(&mut self, inc: IncarnationId, reason: RejectReason, text: impl Into<String>) {
         let text = text.into();
         self.stats.rejects += 1;
+        self.report_in(inc, MigrationOutcome::Rejected(reason), 0, 0);
         self.queue_frame(
             inc,
             Frame::Reject {
@@ -789,6 +906,35 @@ impl Server {
             },
         );
         self.close_inc(inc, format!("rejected: {reason}: {text}"));
+    }
+
+    /// Reports the end of the migration `inc` carries, if it carries one.
+    fn report_in(
+        &mut self,
+        inc: IncarnationId,
+        outcome: MigrationOutcome,
+        replayed: u64,
+        discarded: u64,
+    ) {
+        let now = self.last_now;
+        let Some(i) = self.incs.get_mut(&inc) else {
+            return;
+        };
+        let Some(req) = i.migrating.take() else {
+            return;
+        };
+        let duration = now.saturating_duration_since(i.opened);
+        self.events
+            .push_back(ServerEvent::Migration(MigrationReport {
+                session: req.session,
+                direction: Direction::In,
+                peer: req.origin,
+                cause: req.cause,
+                outcome,
+                duration,
+                replayed,
+                discarded,
+            }));
     }
 
     // ----- starting and resuming sessions --------------------------------
@@ -827,6 +973,9 @@ impl Server {
 
     /// A client asks to resume a session here (MTCP 4.2.3, fig 4.8).
     fn on_migrate(&mut self, now: Instant, inc: IncarnationId, m: Migrate) {
+        if let Some(i) = self.incs.get_mut(&inc) {
+            i.migrating = Some(m.request.clone());
+        }
         // Served here when the client names us, or when we hold the session
         // live at an epoch the client knows (we resumed it, but the client
         // never saw our Resumed and still names the previous owner).
@@ -921,7 +1070,7 @@ impl Server {
             // state as a new arrival (the old application instance stopped).
             let new_epoch = s.next_epoch;
             let image = s.image(m.request.session);
-            self.install_image(inc, image, new_epoch, &m, None);
+            self.install_image(inc, image, new_epoch, &m, None, MigrationOutcome::Moved);
             return;
         }
         // Still live here: only the incarnation changes; owner and epoch
@@ -950,6 +1099,8 @@ impl Server {
             window: s.limit_sent - s.rx_pos,
         };
         if let Some(i) = self.incs.get_mut(&inc) {
+            // The client came back to its owner: not a migration.
+            i.migrating = None;
             i.phase = IncPhase::Attached(m.request.session);
         }
         self.queue_frame(inc, resumed);
@@ -967,11 +1118,13 @@ impl Server {
         new_epoch: Epoch,
         m: &Migrate,
         owed_ack: Option<(ServerId, u64)>,
+        outcome: MigrationOutcome,
     ) {
         let replayed = image.up_data.len() as u64;
         let (image, rp) = image.trim_for(m.request.down);
         self.stats.bytes_replayed += replayed;
         self.stats.bytes_discarded += rp.discard;
+        self.report_in(inc, outcome, replayed, rp.discard);
         self.install(
             inc,
             image,
@@ -1020,6 +1173,7 @@ impl Server {
             last_attempt: attempt,
             handle,
             inc: Some(inc),
+            since: self.last_now,
             orphan_since: None,
             frozen: None,
             owed_ack,
@@ -1412,6 +1566,21 @@ impl Server {
         Ok(())
     }
 
+    /// Server push by session id (e.g. for an operator): sends the
+    /// session's client a Trigger, towards `dest` if given. `false` when the
+    /// session is not live here or its client is not connected right now.
+    pub fn trigger(&mut self, session: SessionId, dest: Option<ServerId>) -> bool {
+        let inc = self
+            .sessions
+            .get(&session)
+            .filter(|s| s.frozen.is_none() && !s.app_gone)
+            .and_then(|s| s.inc);
+        if let Some(inc) = inc {
+            self.queue_frame(inc, Frame::Trigger { dest });
+        }
+        inc.is_some()
+    }
+
     /// Destination pull (MTCP 3.2.1 case b): asks `owner` to send the
     /// session's client a Trigger towards this server.
     pub fn pull(&mut self, session: SessionId, owner: ServerId) {
@@ -1494,14 +1663,17 @@ impl Server {
                 permille,
             }),
             ControlMessage::TriggerRequest { session, dest } => {
-                if let Some(s) = self.sessions.get(&session).filter(|s| s.frozen.is_none()) {
-                    if let Some(inc) = s.inc {
-                        self.queue_frame(inc, Frame::Trigger { dest: Some(dest) });
-                    }
-                }
+                self.trigger(session, Some(dest));
             }
-            // Authentication is the link's business (`PeerLink`).
-            ControlMessage::PeerHello { .. } | ControlMessage::PeerAuth { .. } => {}
+            // Authentication is the link's business (`PeerLink`); operators
+            // are the runtime's.
+            ControlMessage::PeerHello { .. }
+            | ControlMessage::PeerAuth { .. }
+            | ControlMessage::OperatorList { .. }
+            | ControlMessage::OperatorSessions { .. }
+            | ControlMessage::OperatorPush { .. }
+            | ControlMessage::OperatorPushed { .. }
+            | ControlMessage::OperatorError { .. } => {}
         }
     }
 
@@ -1548,6 +1720,8 @@ impl Server {
         let old_inc = s.inc.take();
         let frozen = s.frozen.get_or_insert(Frozen {
             deadline: now + frozen_timeout,
+            since: now,
+            cause: m.request.cause,
             replied: Vec::new(),
         });
         frozen.replied.push((from.clone(), req));
@@ -1607,7 +1781,14 @@ impl Server {
             );
         }
         self.stats.migrations_in += 1;
-        self.install_image(inc, image, new_epoch, &p.migrate, Some((from.clone(), req)));
+        self.install_image(
+            inc,
+            image,
+            new_epoch,
+            &p.migrate,
+            Some((from.clone(), req)),
+            MigrationOutcome::Moved,
+        );
     }
 
     fn on_state_ack(&mut self, from: &ServerId, req: u64) {
@@ -1621,11 +1802,34 @@ impl Server {
         if let Some(sid) = found {
             let s = self.sessions.remove(&sid).expect("found");
             self.stats.migrations_out += 1;
+            if let Some(f) = &s.frozen {
+                self.report_out(sid, from.clone(), f, MigrationOutcome::Moved);
+            }
             if let Some(b) = s.backup {
                 self.ctrl_out
                     .push_back((b.server, ControlMessage::Forget { session: sid }));
             }
         }
+    }
+
+    fn report_out(
+        &mut self,
+        session: SessionId,
+        to: ServerId,
+        f: &Frozen,
+        outcome: MigrationOutcome,
+    ) {
+        self.events
+            .push_back(ServerEvent::Migration(MigrationReport {
+                session,
+                direction: Direction::Out,
+                peer: to,
+                cause: f.cause,
+                outcome,
+                duration: self.last_now.saturating_duration_since(f.since),
+                replayed: 0,
+                discarded: 0,
+            }));
     }
 
     /// The origin could not give the state: resume from a local replica if
@@ -1662,7 +1866,14 @@ impl Server {
         let mut r = self.replicas.remove(&m.request.session).expect("checked");
         let image = r.image(m.request.session);
         self.stats.failovers_in += 1;
-        self.install_image(inc, image, r.next_epoch, &m, None);
+        self.install_image(
+            inc,
+            image,
+            r.next_epoch,
+            &m,
+            None,
+            MigrationOutcome::Failover,
+        );
     }
 
     fn on_replicate(&mut self, from: &ServerId, session: SessionId, update: ReplicaUpdate) {
@@ -1878,6 +2089,12 @@ impl Server {
             .collect();
         for sid in dead {
             let s = self.sessions.remove(&sid).expect("listed");
+            if let Some(f) = &s.frozen {
+                let to = f.replied.last().map(|(p, _)| p.clone());
+                if let Some(to) = to {
+                    self.report_out(sid, to, f, MigrationOutcome::Expired);
+                }
+            }
             self.retire(s.handle, ServerEvent::Dropped(s.handle));
             if let Some(b) = s.backup {
                 self.ctrl_out

@@ -74,6 +74,57 @@ pub type Epoch = u64;
 /// never restarts across incarnations).
 pub type Pos = u64;
 
+/// Why a client migrates. The client says it in its `Migrate` request, so
+/// both servers can count migrations by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationCause {
+    /// The client's application or policy asked (`migrate()`).
+    Requested,
+    /// A server sent a Trigger (server push, destination pull, operator).
+    Trigger,
+    /// The current server failed (EOF or reset without Close, or silence).
+    ServerFailed,
+    /// A previous attempt failed; trying the next server.
+    Retry,
+}
+
+impl MigrationCause {
+    /// Lower-case name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::Trigger => "trigger",
+            Self::ServerFailed => "server_failed",
+            Self::Retry => "retry",
+        }
+    }
+
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            Self::Requested => 0,
+            Self::Trigger => 1,
+            Self::ServerFailed => 2,
+            Self::Retry => 3,
+        }
+    }
+
+    pub(crate) fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Self::Requested,
+            1 => Self::Trigger,
+            2 => Self::ServerFailed,
+            3 => Self::Retry,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for MigrationCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A server the client may migrate to: its id and where it listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Alternate {

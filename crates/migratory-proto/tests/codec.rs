@@ -11,14 +11,17 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
 use migratory_proto::control::{
-    ControlMessage, ReplicaUpdate, SessionImage, DEFAULT_MAX_CONTROL_FRAME,
+    ControlMessage, PushOutcome, ReplicaUpdate, Selection, SessionImage, SessionRow,
+    DEFAULT_MAX_CONTROL_FRAME,
 };
 use migratory_proto::error::DecodeError;
 use migratory_proto::frame::{
     check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason, DEFAULT_MAX_FRAME,
     PREAMBLE, VERSION,
 };
-use migratory_proto::types::{Alternate, Secret, ServerId, SessionId, MAX_SERVER_ID_LEN};
+use migratory_proto::types::{
+    Alternate, MigrationCause, Secret, ServerId, SessionId, MAX_SERVER_ID_LEN,
+};
 use migratory_proto::{HEADER_LEN, MAX_ADDRS, MAX_ALTERNATES, MAX_TEXT_LEN};
 
 // ---------------------------------------------------------------------------
@@ -114,13 +117,20 @@ fn migrate_request() -> impl Strategy<Value = MigrateRequest> {
         pos(),
         any::<bool>(),
         pos(),
+        prop_oneof![
+            Just(MigrationCause::Requested),
+            Just(MigrationCause::Trigger),
+            Just(MigrationCause::ServerFailed),
+            Just(MigrationCause::Retry),
+        ],
     )
         .prop_map(
-            |(session, origin, epoch, attempt, down, down_fin, window)| MigrateRequest {
+            |(session, origin, epoch, attempt, down, down_fin, window, cause)| MigrateRequest {
                 session,
                 origin,
                 epoch,
                 attempt,
+                cause,
                 down,
                 down_fin,
                 window,
@@ -296,6 +306,60 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         any::<u32>().prop_map(|permille| ControlMessage::Load { permille }),
         (session(), server_id())
             .prop_map(|(session, dest)| ControlMessage::TriggerRequest { session, dest }),
+        pos().prop_map(|req| ControlMessage::OperatorList { req }),
+        (pos(), proptest::collection::vec(session_row(), 0..5))
+            .prop_map(|(req, sessions)| ControlMessage::OperatorSessions { req, sessions }),
+        (pos(), server_id(), selection(), pos()).prop_map(|(req, dest, select, timeout_ms)| {
+            ControlMessage::OperatorPush {
+                req,
+                dest,
+                select,
+                timeout_ms,
+            }
+        }),
+        (
+            pos(),
+            proptest::collection::vec((session(), push_outcome()), 0..5)
+        )
+            .prop_map(|(req, results)| ControlMessage::OperatorPushed { req, results }),
+        (pos(), text()).prop_map(|(req, text)| ControlMessage::OperatorError { req, text }),
+    ]
+}
+
+fn session_row() -> impl Strategy<Value = SessionRow> {
+    (
+        session(),
+        pos(),
+        proptest::option::of(addr()),
+        pos(),
+        pos(),
+        pos(),
+    )
+        .prop_map(|(session, epoch, client, age_ms, up, down)| SessionRow {
+            session,
+            epoch,
+            client,
+            age_ms,
+            up,
+            down,
+        })
+}
+
+fn selection() -> impl Strategy<Value = Selection> {
+    prop_oneof![
+        session().prop_map(Selection::Session),
+        any::<u32>().prop_map(Selection::Count),
+        Just(Selection::All),
+    ]
+}
+
+fn push_outcome() -> impl Strategy<Value = PushOutcome> {
+    prop_oneof![
+        (server_id(), pos()).prop_map(|(to, millis)| PushOutcome::Moved { to, millis }),
+        Just(PushOutcome::NotFound),
+        Just(PushOutcome::NotConnected),
+        Just(PushOutcome::TimedOut),
+        Just(PushOutcome::Ended),
     ]
 }
 
@@ -606,7 +670,7 @@ fn unknown_type() {
     // The two codecs have separate type spaces.
     assert_eq!(frame_err(&raw(0x41, &[])), DecodeError::UnknownType(0x41));
     assert_eq!(control_err(&[0x01]), DecodeError::UnknownType(0x01));
-    assert_eq!(control_err(&raw(0x4d, &[])), DecodeError::UnknownType(0x4d));
+    assert_eq!(control_err(&raw(0x52, &[])), DecodeError::UnknownType(0x52));
     // An unknown type is reported before the header is complete.
     let mut one = BytesMut::from(&[0x07u8][..]);
     assert_eq!(Frame::decode(&mut one, DEFAULT_MAX_FRAME), Ok(None));

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use migratory_proto::client::ClientEvent;
 use migratory_proto::frame::{Frame, MigrateRequest, DEFAULT_MAX_FRAME, PREAMBLE};
 use migratory_proto::server::{Server, ServerConfig, ServerEvent};
-use migratory_proto::types::ServerId;
+use migratory_proto::types::{MigrationCause, ServerId};
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use sim::{id, AppKind, World, WorldConfig};
@@ -264,6 +264,7 @@ fn migrate_window_overflow() {
         origin: me,
         epoch: 0,
         attempt: 1,
+        cause: MigrationCause::Requested,
         down: 1,
         down_fin: false,
         window: u64::MAX,

@@ -6,7 +6,10 @@ mod sim;
 
 use migratory_proto::error::SessionError;
 use migratory_proto::frame::{MigrateRequest, RejectReason};
-use migratory_proto::server::{Arrival, FINISHED_TEXT};
+use migratory_proto::server::{
+    Arrival, Direction, MigrationOutcome, MigrationReport, ServerEvent, FINISHED_TEXT,
+};
+use migratory_proto::types::MigrationCause;
 use sim::{id, AppKind, World, WorldConfig};
 
 /// A manual world: three servers (eager when asked), nothing random.
@@ -250,6 +253,7 @@ fn request_for(w: &World, epoch: u64) -> MigrateRequest {
         origin: w.client.server().unwrap().clone(),
         epoch,
         attempt: 99,
+        cause: MigrationCause::Requested,
         down: 0,
         down_fin: false,
         window: 1 << 16,
@@ -374,4 +378,103 @@ fn origin_crash_without_a_backup_is_a_clean_abort() {
     let err = w.client.failure().cloned().expect("the client gives up");
     assert!(matches!(err, SessionError::NoServerLeft { .. }), "{err}");
     assert_eq!(w.client_read_all_after_failure(), b"partial");
+}
+
+fn reports(w: &mut World, i: usize) -> Vec<MigrationReport> {
+    let node = w.servers[i].as_mut().expect("up");
+    node.events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Migration(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn operator_push_by_session_id_is_reported_on_both_sides() {
+    // An operator's push (MTCP 3.2.1 case a, by session id): the client
+    // follows the Trigger; s2 reports the migration in, s1 reports it out,
+    // both with the client's cause; the listing follows the session.
+    let mut w = world(false);
+    let sid = w.client.session().expect("established");
+    let h = w.handle(0);
+    w.client.write(b"abc").unwrap();
+    w.server(0).write(h, b"xyz").unwrap();
+    w.pump();
+    let infos = w.server(0).session_infos();
+    assert_eq!(infos.len(), 1);
+    assert_eq!((infos[0].session, infos[0].up, infos[0].down), (sid, 3, 3));
+    assert!(infos[0].inc.is_some());
+    assert!(w.server(0).trigger(sid, Some(id(1))));
+    w.pump();
+    assert_eq!(w.owner(), Some(1));
+    assert!(w.server(0).session_infos().is_empty());
+    assert_eq!(w.server(1).session_infos()[0].session, sid);
+    // Not owned any more: nothing to trigger.
+    assert!(!w.server(0).trigger(sid, Some(id(2))));
+    let inr = reports(&mut w, 1);
+    assert_eq!(inr.len(), 1, "{inr:?}");
+    assert_eq!(
+        (
+            inr[0].session,
+            inr[0].direction,
+            &inr[0].peer,
+            inr[0].cause,
+            inr[0].outcome
+        ),
+        (
+            sid,
+            Direction::In,
+            &id(0),
+            MigrationCause::Trigger,
+            MigrationOutcome::Moved
+        )
+    );
+    // The snapshot was never taken: all 3 up bytes come back to be re-read.
+    assert_eq!(inr[0].replayed, 3);
+    let out = reports(&mut w, 0);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        (
+            out[0].session,
+            out[0].direction,
+            &out[0].peer,
+            out[0].cause,
+            out[0].outcome
+        ),
+        (
+            sid,
+            Direction::Out,
+            &id(1),
+            MigrationCause::Trigger,
+            MigrationOutcome::Moved
+        )
+    );
+    // A client-requested migration says so.
+    migrate(&mut w, 2);
+    let inr = reports(&mut w, 2);
+    assert_eq!(
+        (inr[0].cause, inr[0].outcome),
+        (MigrationCause::Requested, MigrationOutcome::Moved)
+    );
+}
+
+#[test]
+fn a_refused_migration_is_reported_with_its_reason() {
+    let mut w = world(false);
+    let mut req = request_for(&w, 0);
+    req.session = migratory_proto::types::SessionId(12345);
+    w.replay(req, [0; 32], 1);
+    w.pump();
+    let r = reports(&mut w, 1);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(
+        (r[0].direction, r[0].outcome),
+        (
+            Direction::In,
+            MigrationOutcome::Rejected(RejectReason::NotFound)
+        )
+    );
+    assert_eq!(r[0].outcome.as_str(), "not_found");
 }

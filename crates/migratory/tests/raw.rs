@@ -14,7 +14,7 @@ use migratory::proto::client::ClientConfig;
 use migratory::proto::config::ClientTimeouts;
 use migratory::proto::frame::{Frame, MigrateRequest, RejectReason, DEFAULT_MAX_FRAME, PREAMBLE};
 use migratory::proto::mac::migrate_mac;
-use migratory::proto::types::{Secret, ServerId, SessionId};
+use migratory::proto::types::{MigrationCause, Secret, ServerId, SessionId};
 use migratory::{Manual, MigratoryStream, Peer, Server, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -124,6 +124,7 @@ fn request(session: SessionId, origin: &str) -> MigrateRequest {
         origin: ServerId::new(origin).unwrap(),
         epoch: 0,
         attempt: 1,
+        cause: MigrationCause::Requested,
         down: 0,
         down_fin: false,
         window: 1 << 20,
