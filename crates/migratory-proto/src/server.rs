@@ -660,6 +660,16 @@ impl Server {
             .map(|(id, s)| (*id, s.epoch))
     }
 
+    /// Sessions held here, including any frozen mid-migration.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether the session is held here (owned, or frozen mid-migration).
+    pub fn holds(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
     /// What an operator sees of the sessions this server owns.
     pub fn session_infos(&self) -> Vec<SessionInfo> {
         self.sessions

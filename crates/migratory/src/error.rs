@@ -30,6 +30,10 @@ pub enum Error {
         /// The last error.
         last: String,
     },
+    /// A control connection (an operator's, to a server) failed or was
+    /// refused; the text says which server and why.
+    #[error("control connection: {0}")]
+    Control(String),
     /// The session failed or moved away (see the inner error).
     #[error(transparent)]
     Session(#[from] SessionError),

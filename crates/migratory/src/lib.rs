@@ -17,10 +17,14 @@
 pub mod client;
 mod conn;
 mod error;
+pub mod operator;
 pub mod server;
 pub mod transfer;
 
 pub use client::{ClientControl, Manual, MigratoryStream, Policy, Status};
 pub use error::{is_migrated, Error};
 pub use migratory_proto as proto;
-pub use server::{Arrival, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl};
+pub use operator::Operator;
+pub use server::{
+    Arrival, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl, OPERATOR_ID,
+};

@@ -16,13 +16,15 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use migratory_proto::config::{Limits, ServerTimeouts};
+use migratory_proto::control::{ControlMessage, PushOutcome, Selection, SessionRow};
 use migratory_proto::error::DecodeError;
 use migratory_proto::frame::{check_preamble, PreambleCheck};
 use migratory_proto::peer::PeerLink;
 use migratory_proto::server::{
-    self as core, Dest, ServerConfig, ServerEvent, ServerStats, SessionHandle,
+    self as core, Dest, Direction, MigrationOutcome, MigrationReport, ServerConfig, ServerEvent,
+    ServerStats, SessionHandle,
 };
-use migratory_proto::types::{Alternate, Epoch, ServerId, SessionId};
+use migratory_proto::types::{Alternate, Epoch, IncarnationId, ServerId, SessionId};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -38,6 +40,31 @@ use crate::error::Error;
 /// is a migratory client: a client that sends nothing first (a protocol
 /// where the server speaks first) is served as plain TCP after this.
 pub const DEFAULT_PREAMBLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Gauge: sessions held by the server (`server` label).
+pub const SESSIONS_OPEN: &str = "migratory_sessions_open";
+/// Counter: finished migrations (`server`, `direction` in/out, `cause`
+/// requested/trigger/server_failed/retry, `outcome` moved/failover/expired
+/// or a reject reason).
+pub const MIGRATIONS: &str = "migratory_migrations_total";
+/// Histogram: duration of successful migrations, in seconds (`server`,
+/// `direction`).
+pub const MIGRATION_SECONDS: &str = "migratory_migration_duration_seconds";
+/// Counter: up bytes handed back to applications to re-read after
+/// migrations in (`server`).
+pub const BYTES_REPLAYED: &str = "migratory_bytes_replayed_total";
+/// Counter: down bytes of re-executed writes discarded after migrations in
+/// (`server`).
+pub const BYTES_DISCARDED: &str = "migratory_bytes_discarded_total";
+/// Gauge: peers with a control connection up (`server`).
+pub const PEERS_UP: &str = "migratory_peers_up";
+
+/// The id an operator (`migratory sessions`, `migratory migrate`)
+/// authenticates with on a control connection; no server may take it.
+pub const OPERATOR_ID: &str = "operator";
+
+/// Longest wait an operator push may ask for.
+const MAX_PUSH_WAIT: Duration = Duration::from_secs(600);
 
 /// Bound on connecting to a peer and authenticating it.
 const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,7 +178,13 @@ impl ServerBuilder {
     fn validate(&self) -> Result<Validated, Error> {
         let cfg_err = |s: String| Error::Config(s);
         let id = ServerId::new(self.id.clone())
-            .ok_or_else(|| cfg_err(format!("id {:?}: must be 1 to 64 bytes", self.id)))?;
+            .filter(|id| id.as_str() != OPERATOR_ID)
+            .ok_or_else(|| {
+                cfg_err(format!(
+                    "id {:?}: must be 1 to 64 bytes, and not {OPERATOR_ID:?}",
+                    self.id
+                ))
+            })?;
         let key = self
             .cluster_key
             .clone()
@@ -169,7 +202,13 @@ impl ServerBuilder {
         let mut alternates = Vec::new();
         for p in &self.peers {
             let pid = ServerId::new(p.id.clone())
-                .ok_or_else(|| cfg_err(format!("peer id {:?}: must be 1 to 64 bytes", p.id)))?;
+                .filter(|id| id.as_str() != OPERATOR_ID)
+                .ok_or_else(|| {
+                    cfg_err(format!(
+                        "peer id {:?}: must be 1 to 64 bytes, and not {OPERATOR_ID:?}",
+                        p.id
+                    ))
+                })?;
             if pid == id || controls.insert(pid.clone(), p.control).is_some() {
                 return Err(cfg_err(format!("peer id {:?}: duplicate server id", p.id)));
             }
@@ -235,9 +274,11 @@ impl ServerBuilder {
             controls,
             preamble_wait: self.preamble_wait,
             timer: Notify::new(),
+            changed: Notify::new(),
             state: Mutex::new(State {
                 core: core::Server::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
                 conns: HashMap::new(),
+                moves: HashMap::new(),
                 links: HashMap::new(),
                 read_wakers: HashMap::new(),
                 write_wakers: HashMap::new(),
@@ -364,13 +405,135 @@ impl ServerHandle {
     }
 }
 
+impl ServerHandle {
+    /// The sessions this server owns, oldest first, as an operator sees
+    /// them.
+    pub fn session_rows(&self) -> Vec<SessionRow> {
+        let now = Instant::now();
+        let st = self.shared.lock();
+        let mut infos = st.core.session_infos();
+        infos.sort_by_key(|i| i.since);
+        infos
+            .into_iter()
+            .map(|i| SessionRow {
+                session: i.session,
+                epoch: i.epoch,
+                client: i
+                    .inc
+                    .and_then(|inc| st.conns.get(&inc))
+                    .map(|(_, addr)| *addr),
+                age_ms: now.saturating_duration_since(i.since).as_millis() as u64,
+                up: i.up,
+                down: i.down,
+            })
+            .collect()
+    }
+
+    /// Server push for an operator (MTCP 3.2.1 case a): sends the selected
+    /// sessions' clients a Trigger to `dest`, then waits until each moved,
+    /// ended, or `timeout` passed. Sessions are taken oldest first.
+    pub async fn push(
+        &self,
+        dest: &str,
+        select: Selection,
+        timeout: Duration,
+    ) -> Result<Vec<(SessionId, PushOutcome)>, Error> {
+        let dest = self.shared.peer_id(dest)?;
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout.min(MAX_PUSH_WAIT);
+        let mut results: Vec<(SessionId, Option<PushOutcome>)> = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            let mut infos = st.core.session_infos();
+            infos.sort_by_key(|i| i.since);
+            let chosen: Vec<SessionId> = match select {
+                Selection::Session(sid) => vec![sid],
+                Selection::Count(n) => infos.iter().take(n as usize).map(|i| i.session).collect(),
+                Selection::All => infos.iter().map(|i| i.session).collect(),
+            };
+            for sid in chosen {
+                let outcome = if !infos.iter().any(|i| i.session == sid) {
+                    Some(PushOutcome::NotFound)
+                } else if st.core.trigger(sid, Some(dest.clone())) {
+                    st.moves.insert(sid, None);
+                    None
+                } else {
+                    Some(PushOutcome::NotConnected)
+                };
+                results.push((sid, outcome));
+            }
+            self.shared.pump(&mut st);
+        }
+        info!(server = %self.shared.me, %dest, sessions = results.len(), "operator push");
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let pending = {
+                let st = self.shared.lock();
+                for (sid, outcome) in results.iter_mut().filter(|(_, o)| o.is_none()) {
+                    if let Some(Some(to)) = st.moves.get(sid) {
+                        *outcome = Some(PushOutcome::Moved {
+                            to: to.clone(),
+                            millis: start.elapsed().as_millis() as u64,
+                        });
+                    } else if !st.core.holds(*sid) {
+                        *outcome = Some(PushOutcome::Ended);
+                    }
+                }
+                results.iter().any(|(_, o)| o.is_none())
+            };
+            if !pending || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let mut st = self.shared.lock();
+        for (sid, _) in &results {
+            st.moves.remove(sid);
+        }
+        Ok(results
+            .into_iter()
+            .map(|(sid, o)| (sid, o.unwrap_or(PushOutcome::TimedOut)))
+            .collect())
+    }
+
+    /// Answers one operator request.
+    async fn operator_request(&self, msg: ControlMessage) -> ControlMessage {
+        match msg {
+            ControlMessage::OperatorList { req } => ControlMessage::OperatorSessions {
+                req,
+                sessions: self.session_rows(),
+            },
+            ControlMessage::OperatorPush {
+                req,
+                dest,
+                select,
+                timeout_ms,
+            } => match self
+                .push(dest.as_str(), select, Duration::from_millis(timeout_ms))
+                .await
+            {
+                Ok(results) => ControlMessage::OperatorPushed { req, results },
+                Err(e) => ControlMessage::OperatorError {
+                    req,
+                    text: e.to_string(),
+                },
+            },
+            other => ControlMessage::OperatorError {
+                req: 0,
+                text: format!("{} is not an operator request", other.name()),
+            },
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
         let mut st = self.shared.lock();
-        for (_, tx) in st.conns.drain() {
+        for (_, (tx, _)) in st.conns.drain() {
             let _ = tx.send(Out::Close);
         }
         for (_, link) in st.links.drain() {
@@ -399,7 +562,10 @@ fn next_link_id() -> u64 {
 
 struct State {
     core: core::Server,
-    conns: HashMap<migratory_proto::types::IncarnationId, Tx>,
+    /// Client connections: their write queue and address.
+    conns: HashMap<IncarnationId, (Tx, SocketAddr)>,
+    /// Sessions an operator push waits for: where each went and when.
+    moves: HashMap<SessionId, Option<ServerId>>,
     links: HashMap<ServerId, Link>,
     read_wakers: HashMap<SessionHandle, Waker>,
     write_wakers: HashMap<SessionHandle, Waker>,
@@ -413,7 +579,18 @@ struct Shared {
     controls: HashMap<ServerId, SocketAddr>,
     preamble_wait: Duration,
     timer: Notify,
+    /// Woken when a session ends or migrates (operator pushes wait on it).
+    changed: Notify,
     state: Mutex<State>,
+}
+
+/// What kind of event, for the sessions-open gauge.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EvKind {
+    Accepted,
+    Ended,
+    Migration,
+    Other,
 }
 
 impl std::fmt::Debug for Shared {
@@ -444,7 +621,7 @@ impl Shared {
                 let segs = std::mem::take(&mut st.segs);
                 match dest {
                     Dest::Incarnation(inc) => {
-                        if let Some(tx) = st.conns.get(&inc) {
+                        if let Some((tx, _)) = st.conns.get(&inc) {
                             let _ = tx.send(Out::Data(segs));
                         }
                     }
@@ -463,6 +640,14 @@ impl Shared {
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ServerEvent) {
+        let ev_kind = match &ev {
+            ServerEvent::Accepted { .. } => EvKind::Accepted,
+            ServerEvent::MigratedAway(_) | ServerEvent::Finished(_) | ServerEvent::Dropped(_) => {
+                EvKind::Ended
+            }
+            ServerEvent::Migration(_) => EvKind::Migration,
+            _ => EvKind::Other,
+        };
         let wake = |m: &mut HashMap<SessionHandle, Waker>, h: &SessionHandle| {
             if let Some(w) = m.remove(h) {
                 w.wake();
@@ -509,12 +694,13 @@ impl Shared {
             ServerEvent::Writable(h) => wake(&mut st.write_wakers, &h),
             ServerEvent::MigratedAway(h) | ServerEvent::Finished(h) | ServerEvent::Dropped(h) => {
                 debug!(server = %self.me, ?h, "session ended here");
+                self.changed.notify_waiters();
                 wake(&mut st.read_wakers, &h);
                 wake(&mut st.write_wakers, &h);
             }
             ServerEvent::CloseIncarnation { inc, reason } => {
                 debug!(server = %self.me, %inc, %reason, "closing connection");
-                if let Some(tx) = st.conns.remove(&inc) {
+                if let Some((tx, _)) = st.conns.remove(&inc) {
                     let _ = tx.send(Out::Close);
                 }
             }
@@ -522,8 +708,73 @@ impl Shared {
             ServerEvent::PlainClient { inc, .. } => {
                 st.conns.remove(&inc);
             }
+            ServerEvent::Migration(r) => self.on_migration(st, r),
             ServerEvent::PeerLoad { peer, permille } => debug!(%peer, permille, "peer load"),
         }
+        if matches!(
+            ev_kind,
+            EvKind::Accepted | EvKind::Ended | EvKind::Migration
+        ) {
+            metrics::gauge!(SESSIONS_OPEN, "server" => self.me.to_string())
+                .set(st.core.session_count() as f64);
+        }
+    }
+
+    /// Counts a finished migration (metrics), logs it, and tells an
+    /// operator push waiting for it.
+    fn on_migration(&self, st: &mut State, r: MigrationReport) {
+        let server = self.me.to_string();
+        metrics::counter!(
+            MIGRATIONS,
+            "server" => server.clone(),
+            "direction" => r.direction.as_str(),
+            "cause" => r.cause.as_str(),
+            "outcome" => r.outcome.as_str(),
+        )
+        .increment(1);
+        if matches!(
+            r.outcome,
+            MigrationOutcome::Moved | MigrationOutcome::Failover
+        ) {
+            metrics::histogram!(
+                MIGRATION_SECONDS,
+                "server" => server.clone(),
+                "direction" => r.direction.as_str(),
+            )
+            .record(r.duration.as_secs_f64());
+        }
+        if r.direction == Direction::In {
+            metrics::counter!(BYTES_REPLAYED, "server" => server.clone()).increment(r.replayed);
+            metrics::counter!(BYTES_DISCARDED, "server" => server).increment(r.discarded);
+        }
+        info!(
+            server = %self.me,
+            session = %r.session,
+            direction = r.direction.as_str(),
+            peer = %r.peer,
+            cause = r.cause.as_str(),
+            outcome = r.outcome.as_str(),
+            duration_ms = r.duration.as_secs_f64() * 1e3,
+            replayed = r.replayed,
+            discarded = r.discarded,
+            "migration"
+        );
+        if r.direction == Direction::Out && r.outcome == MigrationOutcome::Moved {
+            if let Some(slot) = st.moves.get_mut(&r.session) {
+                *slot = Some(r.peer);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Publishes how many peers have a control connection up.
+    fn count_peers(&self, st: &State) {
+        let up = st
+            .links
+            .values()
+            .filter(|l| matches!(l, Link::Up(..)))
+            .count();
+        metrics::gauge!(PEERS_UP, "server" => self.me.to_string()).set(up as f64);
     }
 
     fn send_peer(self: &Arc<Self>, st: &mut State, peer: ServerId, segs: Vec<Bytes>) {
@@ -597,7 +848,7 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
     let (tx, rx) = mpsc::unbounded_channel();
     let mut st = shared.lock();
     let inc = st.core.new_incarnation(Instant::now());
-    st.conns.insert(inc, tx);
+    st.conns.insert(inc, (tx, addr));
     drop(st);
     let (s1, s2) = (shared.clone(), shared.clone());
     conn::start(
@@ -636,13 +887,14 @@ async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
 
 /// Runs the authentication handshake on a control connection; returns the
 /// authenticated link.
-async fn handshake(
-    shared: &Shared,
+pub(crate) async fn handshake(
+    me: &ServerId,
+    key: &[u8],
     stream: &mut TcpStream,
     expected: Option<ServerId>,
 ) -> Result<PeerLink, String> {
     let nonce: [u8; 32] = rand::random();
-    let mut link = PeerLink::new(shared.me.clone(), &shared.key, nonce, expected);
+    let mut link = PeerLink::new(me.clone(), key, nonce, expected);
     let mut buf = vec![0u8; 4096];
     let run = async {
         loop {
@@ -693,7 +945,7 @@ fn link_reader(
 }
 
 async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
-    let link = match handshake(&shared, &mut stream, None).await {
+    let link = match handshake(&shared.me, &shared.key, &mut stream, None).await {
         Ok(link) => link,
         Err(e) => {
             warn!(server = %shared.me, %addr, error = %e, "control connection refused");
@@ -701,6 +953,10 @@ async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr
         }
     };
     let peer = link.peer().expect("authenticated").clone();
+    if peer.as_str() == OPERATOR_ID {
+        info!(server = %shared.me, %addr, "operator connected");
+        return serve_operator(ServerHandle { shared }, stream, link).await;
+    }
     if !shared.controls.contains_key(&peer) {
         warn!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
         return;
@@ -736,6 +992,7 @@ fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx) -> u64 {
         let _ = tx.send(Out::Data(segs));
     }
     st.links.insert(peer.clone(), Link::Up(tx, id));
+    shared.count_peers(&st);
     st.core.handle_peer_up(Instant::now(), peer);
     shared.pump(&mut st);
     id
@@ -757,6 +1014,7 @@ fn link_closed(
             if let Some(Link::Up(tx, _)) = st.links.remove(&peer) {
                 let _ = tx.send(Out::Close);
             }
+            shared.count_peers(&st);
             st.core.handle_peer_down(Instant::now(), &peer);
             shared.pump(&mut st);
         } else {
@@ -771,7 +1029,7 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
     let addr = shared.controls[&peer];
     let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
         let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let link = handshake(&shared, &mut stream, Some(peer.clone())).await?;
+        let link = handshake(&shared.me, &shared.key, &mut stream, Some(peer.clone())).await?;
         Ok::<_, String>((stream, link))
     })
     .await
@@ -796,6 +1054,28 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
                 st.core.handle_peer_down(Instant::now(), &peer);
                 shared.pump(&mut st);
             }
+        }
+    }
+}
+
+/// Answers an operator's requests, one at a time, until it disconnects.
+async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: PeerLink) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while let Some(msg) = link.poll_message() {
+            let reply = handle.operator_request(msg).await;
+            link.send(&reply);
+            if stream.write_all(&link.take_output()).await.is_err() {
+                return;
+            }
+        }
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Err(e) = link.handle_input(&buf[..n]) {
+            warn!(server = %handle.shared.me, error = %e, "bad operator input: closing");
+            return;
         }
     }
 }

@@ -12,9 +12,11 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use migratory::proto::control::{PushOutcome, Selection};
+use migratory::proto::types::SessionId;
 use migratory::{
-    transfer, ClientControl, MigratoryStream, Peer, Server, ServerBuilder, ServerHandle, Session,
-    SessionControl,
+    transfer, ClientControl, MigratoryStream, Operator, Peer, Server, ServerBuilder, ServerHandle,
+    Session, SessionControl,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -23,6 +25,7 @@ const KEY: &[u8] = b"loopback test cluster key 0123456789";
 struct Pool {
     handles: Vec<ServerHandle>,
     service: Vec<SocketAddr>,
+    control: Vec<SocketAddr>,
     /// The latest session control per server (for server push).
     controls: Arc<Mutex<HashMap<usize, SessionControl>>>,
 }
@@ -98,6 +101,7 @@ async fn pool(n: usize, app: App) -> Pool {
     Pool {
         handles,
         service,
+        control,
         controls,
     }
 }
@@ -236,4 +240,102 @@ async fn plain_tcp_client_is_served_as_plain() {
     let mut buf = [0u8; 18];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"GET / HTTP/1.0\r\n\r\n");
+}
+
+/// Writes 100 kB and reads its echo.
+async fn echo_round(stream: &mut MigratoryStream, i: u8, sent: &mut Vec<u8>, got: &mut Vec<u8>) {
+    let chunk = pattern(100_000, i);
+    sent.extend_from_slice(&chunk);
+    stream.write_all(&chunk).await.expect("write");
+    let mut back = vec![0u8; chunk.len()];
+    stream.read_exact(&mut back).await.expect("read");
+    got.extend_from_slice(&back);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_lists_and_pushes_sessions_over_the_control_address() {
+    let pool = pool(3, App::Echo).await;
+    let mut stream = MigratoryStream::connect(&pool.service[..1])
+        .await
+        .expect("connect");
+    let sid = stream.session().expect("session");
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    echo_round(&mut stream, 1, &mut sent, &mut got).await;
+
+    let mut op = Operator::connect(pool.control[0], KEY, "s1")
+        .await
+        .expect("operator connects");
+    let rows = op.sessions().await.expect("list");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].session, sid);
+    let client = rows[0].client.expect("client connected");
+    assert!(client.ip().is_loopback() && client.port() != 0, "{client}");
+    assert_eq!((rows[0].up, rows[0].down), (100_000, 100_000));
+
+    // Push it to s2 and back to s1 by the session id, with data between.
+    let res = op
+        .push("s2", Selection::Session(sid), Duration::from_secs(10))
+        .await
+        .expect("push");
+    assert!(
+        matches!(&res[..], [(s, PushOutcome::Moved { to, .. })] if *s == sid && to.as_str() == "s2"),
+        "{res:?}"
+    );
+    assert!(op.sessions().await.expect("list").is_empty());
+    echo_round(&mut stream, 2, &mut sent, &mut got).await;
+    let mut op2 = Operator::connect(pool.control[1], KEY, "s2")
+        .await
+        .expect("operator connects to s2");
+    let res = op2
+        .push("s1", Selection::All, Duration::from_secs(10))
+        .await
+        .expect("push all");
+    assert!(
+        matches!(&res[..], [(_, PushOutcome::Moved { to, .. })] if to.as_str() == "s1"),
+        "{res:?}"
+    );
+    echo_round(&mut stream, 3, &mut sent, &mut got).await;
+    assert_eq!(got, sent, "every byte echoed exactly once");
+
+    // Nothing to move, an unknown session, a destination that is no peer.
+    let res = op2
+        .push("s3", Selection::Count(5), Duration::from_secs(1))
+        .await
+        .expect("push none");
+    assert!(res.is_empty(), "{res:?}");
+    let res = op2
+        .push(
+            "s3",
+            Selection::Session(SessionId(7)),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("push unknown");
+    assert_eq!(res, vec![(SessionId(7), PushOutcome::NotFound)]);
+    let err = op2
+        .push("nope", Selection::All, Duration::from_secs(1))
+        .await
+        .expect_err("not a peer");
+    assert!(err.to_string().contains("not a peer"), "{err}");
+    // The connection is still usable after a refused request.
+    assert!(op2.sessions().await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_with_a_wrong_key_or_server_is_refused() {
+    let pool = pool(2, App::Echo).await;
+    let err = Operator::connect(pool.control[0], b"not the cluster key at all", "s1")
+        .await
+        .expect_err("wrong key");
+    assert!(err.to_string().contains("authentication"), "{err}");
+    let err = Operator::connect(pool.control[0], KEY, "s2")
+        .await
+        .expect_err("wrong server");
+    assert!(err.to_string().contains("unexpected peer"), "{err}");
+    let closed = free_addrs(1)[0];
+    let err = Operator::connect(closed, KEY, "s1")
+        .await
+        .expect_err("nobody there");
+    assert!(matches!(err, migratory::Error::Connect { .. }), "{err}");
 }
