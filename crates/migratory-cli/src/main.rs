@@ -1,17 +1,28 @@
-//! The `migratory` command: `demo` runs a pool of three server processes
-//! and moves a live transfer between them; more subcommands (serve, proxy,
-//! sock, bench) arrive with their issues.
+//! The `migratory` command: run a pool (`serve`), let unmodified clients
+//! use it (`proxy`), operate it (`sessions`, `migrate`), and see it all at
+//! once (`demo`).
 
+mod config;
 mod demo;
+mod operate;
+mod proxy;
+mod serve;
+mod service;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// Live migration of TCP connections.
 #[derive(Parser, Debug)]
 #[command(name = "migratory", version, about, long_about = None)]
 struct Cli {
+    /// Log as JSON lines (on stderr) instead of human-readable text. The
+    /// level comes from RUST_LOG (default: info for serve and proxy, warn
+    /// otherwise).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,16 +37,44 @@ enum Command {
     /// One server of the demo pool (started by `demo`).
     #[command(hide = true)]
     DemoServer(demo::ServerArgs),
+    /// Run one server of a pool (from its configuration file) with a
+    /// built-in service: http, echo or counter. Stops on SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Client sidecar: every TCP connection accepted on --listen becomes
+    /// one migratory session to the pool, so unmodified programs (curl, nc)
+    /// keep their connection while its server end moves.
+    Proxy(proxy::ProxyArgs),
+    /// List a running server's sessions (id, client, age, bytes, epoch).
+    Sessions(operate::SessionsArgs),
+    /// Ask a running server to push sessions to a peer, wait for the
+    /// outcome and print it (exit status 1 unless every one moved).
+    Migrate(operate::MigrateArgs),
+    /// Print a new random cluster key (64 hex digits) for a pool's
+    /// `cluster_key_file`.
+    Keygen,
     /// Print the session-protocol version this build speaks.
     ProtocolVersion,
 }
 
+fn init_logs(json: bool, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        fmt.json().try_init()
+    } else {
+        fmt.try_init()
+    };
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Proxy(_) => "info",
+        _ => "warn",
+    };
+    init_logs(cli.log_json, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,11 +88,26 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => rt.block_on(demo::run(args)),
         Command::DemoServer(args) => rt.block_on(demo::serve(args)),
+        Command::Serve(args) => rt.block_on(serve::run(args)),
+        Command::Proxy(args) => rt.block_on(proxy::run(args)),
+        Command::Sessions(args) => rt.block_on(operate::sessions(args)),
+        Command::Migrate(args) => rt.block_on(operate::migrate(args)),
+        Command::Keygen => {
+            let key: [u8; 32] = rand::random();
+            println!(
+                "{}",
+                key.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            Ok(true)
+        }
         Command::ProtocolVersion => {
             println!("{}", migratory::proto::frame::VERSION);
             Ok(true)
         }
     };
+    // Tasks still running (connections being closed) must not hold the
+    // exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

@@ -1,0 +1,434 @@
+//! The pool configuration file (TOML): the cluster key, every server's
+//! addresses, and the limits and timeouts they share.
+//!
+//! ```toml
+//! cluster_key_file = "cluster.key"     # or cluster_key = "..."; never logged
+//! [[server]]
+//! id = "s1"
+//! service = "127.0.0.1:7101"           # clients connect here
+//! control = "127.0.0.1:7201"           # peers and operators connect here
+//! ```
+//!
+//! Every error is one line naming the file and the key at fault.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use migratory::proto::config::{Limits, ServerTimeouts};
+use migratory::server::DEFAULT_PREAMBLE_WAIT;
+use migratory::{Peer, ServerBuilder, OPERATOR_ID};
+use serde::Deserialize;
+
+/// Shortest cluster key accepted, in bytes.
+const MIN_KEY_LEN: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster_key: Option<String>,
+    cluster_key_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    preamble_wait: Option<Duration>,
+    max_state: Option<usize>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    #[serde(rename = "server", default)]
+    servers: Vec<RawServer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_frame: Option<usize>,
+    max_data_frame: Option<usize>,
+    recv_window: Option<u64>,
+    send_buffer: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    #[serde(default, with = "humantime_serde")]
+    handshake: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    state_request: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    frozen: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    orphan: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    id: String,
+    service: SocketAddr,
+    control: SocketAddr,
+    backup: Option<String>,
+}
+
+/// One server of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    /// Its id.
+    pub id: String,
+    /// Where clients connect.
+    pub service: SocketAddr,
+    /// Where peers and operators connect.
+    pub control: SocketAddr,
+    /// The peer that keeps eager replicas of its sessions.
+    pub backup: Option<String>,
+}
+
+/// A checked pool configuration.
+#[derive(Clone)]
+pub struct PoolConfig {
+    /// Where it was read from.
+    pub path: PathBuf,
+    key: Vec<u8>,
+    /// The servers, in file order.
+    pub servers: Vec<ServerEntry>,
+    limits: Limits,
+    timeouts: ServerTimeouts,
+    preamble_wait: Duration,
+    max_state: usize,
+}
+
+impl fmt::Debug for PoolConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key.
+        f.debug_struct("PoolConfig")
+            .field("path", &self.path)
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration error: one line, naming the file and the key at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PoolConfig {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text`, read from `path` (relative key files are
+    /// found beside it).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display();
+        let at = |key: &str, what: String| ConfigError(format!("{file}: {key}: {what}"));
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let line = e.span().map_or(0, |s| line_of(text, s.start));
+            ConfigError(format!("{file}: line {line}: {}", e.message()))
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let line = e.inner().span().map_or(0, |s| line_of(text, s.start));
+            let path = e.path().to_string();
+            let key = if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            };
+            ConfigError(format!(
+                "{file}: {key} (line {line}): {}",
+                e.inner().message()
+            ))
+        })?;
+        let key = match (&raw.cluster_key, &raw.cluster_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(at(
+                    "cluster_key_file",
+                    "give cluster_key or cluster_key_file, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(at(
+                    "cluster_key_file",
+                    "missing (or give cluster_key); `migratory keygen` makes one".into(),
+                ))
+            }
+            (Some(k), None) => {
+                let k = k.trim().as_bytes().to_vec();
+                if k.len() < MIN_KEY_LEN {
+                    return Err(at(
+                        "cluster_key",
+                        format!("must be at least {MIN_KEY_LEN} bytes"),
+                    ));
+                }
+                k
+            }
+            (None, Some(f)) => {
+                let full = path.parent().unwrap_or(Path::new(".")).join(f);
+                let content = std::fs::read_to_string(&full).map_err(|e| {
+                    at(
+                        "cluster_key_file",
+                        format!("cannot read {}: {e}", full.display()),
+                    )
+                })?;
+                let k = content.trim().as_bytes().to_vec();
+                if k.len() < MIN_KEY_LEN {
+                    return Err(at(
+                        "cluster_key_file",
+                        format!(
+                            "{}: the key must be at least {MIN_KEY_LEN} bytes",
+                            full.display()
+                        ),
+                    ));
+                }
+                k
+            }
+        };
+        if raw.servers.is_empty() {
+            return Err(at("server", "no [[server]] entries".into()));
+        }
+        let mut servers: Vec<ServerEntry> = Vec::new();
+        for (i, s) in raw.servers.iter().enumerate() {
+            let key = |k: &str| format!("server[{i}].{k}");
+            if s.id.is_empty() || s.id.len() > 64 || s.id == OPERATOR_ID {
+                return Err(at(
+                    &key("id"),
+                    format!("{:?}: must be 1 to 64 bytes, and not {OPERATOR_ID:?}", s.id),
+                ));
+            }
+            if let Some(j) = servers.iter().position(|o| o.id == s.id) {
+                return Err(at(
+                    &key("id"),
+                    format!("{:?} is also the id of server[{j}]", s.id),
+                ));
+            }
+            for (k, addr) in [("service", s.service), ("control", s.control)] {
+                let clash = servers
+                    .iter()
+                    .position(|o| o.service == addr || o.control == addr);
+                if let Some(j) = clash {
+                    return Err(at(
+                        &key(k),
+                        format!("{addr} is already used by server[{j}]"),
+                    ));
+                }
+            }
+            if s.service == s.control {
+                return Err(at(&key("control"), "must differ from service".into()));
+            }
+            servers.push(ServerEntry {
+                id: s.id.clone(),
+                service: s.service,
+                control: s.control,
+                backup: s.backup.clone(),
+            });
+        }
+        for (i, s) in servers.iter().enumerate() {
+            if let Some(b) = &s.backup {
+                if *b == s.id || !servers.iter().any(|o| o.id == *b) {
+                    return Err(at(
+                        &format!("server[{i}].backup"),
+                        format!("{b:?} is not another server of the pool"),
+                    ));
+                }
+            }
+        }
+        let mut limits = Limits::default();
+        let l = &raw.limits;
+        limits.max_frame = l.max_frame.unwrap_or(limits.max_frame);
+        limits.max_data_frame = l.max_data_frame.unwrap_or(limits.max_data_frame);
+        limits.recv_window = l.recv_window.unwrap_or(limits.recv_window);
+        limits.send_buffer = l.send_buffer.unwrap_or(limits.send_buffer);
+        if !(1024..=16 << 20).contains(&limits.max_data_frame) {
+            return Err(at(
+                "limits.max_data_frame",
+                "must be 1 KiB to 16 MiB".into(),
+            ));
+        }
+        if limits.max_frame < limits.max_data_frame + 64 {
+            return Err(at(
+                "limits.max_frame",
+                "must exceed limits.max_data_frame by at least 64 bytes".into(),
+            ));
+        }
+        if limits.recv_window < 64 * 1024 || limits.recv_window > 1 << 30 {
+            return Err(at("limits.recv_window", "must be 64 KiB to 1 GiB".into()));
+        }
+        if limits.send_buffer < 64 * 1024 || limits.send_buffer > 1 << 30 {
+            return Err(at("limits.send_buffer", "must be 64 KiB to 1 GiB".into()));
+        }
+        let mut timeouts = ServerTimeouts::default();
+        let t = &raw.timeouts;
+        for (name, given, slot) in [
+            ("handshake", t.handshake, &mut timeouts.handshake),
+            (
+                "state_request",
+                t.state_request,
+                &mut timeouts.state_request,
+            ),
+            ("frozen", t.frozen, &mut timeouts.frozen),
+            ("orphan", t.orphan, &mut timeouts.orphan),
+        ] {
+            if let Some(d) = given {
+                if d.is_zero() {
+                    return Err(at(&format!("timeouts.{name}"), "must be above zero".into()));
+                }
+                *slot = d;
+            }
+        }
+        let max_state = raw.max_state.unwrap_or(1 << 20);
+        if max_state > 64 << 20 {
+            return Err(at("max_state", "must be at most 64 MiB".into()));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            key,
+            servers,
+            limits,
+            timeouts,
+            preamble_wait: raw.preamble_wait.unwrap_or(DEFAULT_PREAMBLE_WAIT),
+            max_state,
+        })
+    }
+
+    /// The cluster key.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The server called `id`.
+    pub fn server(&self, id: &str) -> Result<&ServerEntry, ConfigError> {
+        self.servers.iter().find(|s| s.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.servers.iter().map(|s| s.id.as_str()).collect();
+            ConfigError(format!(
+                "{}: no server {id:?} (the pool has {})",
+                self.path.display(),
+                ids.join(", ")
+            ))
+        })
+    }
+
+    /// A builder for server `id`, with every other server as its peer.
+    pub fn builder(&self, id: &str) -> Result<ServerBuilder, ConfigError> {
+        let me = self.server(id)?;
+        let mut b = ServerBuilder::new(&me.id);
+        b.service(me.service)
+            .control(me.control)
+            .cluster_key(self.key.clone())
+            .limits(self.limits.clone())
+            .timeouts(self.timeouts.clone())
+            .max_state(self.max_state)
+            .preamble_wait(self.preamble_wait);
+        if let Some(backup) = &me.backup {
+            b.backup(backup);
+        }
+        for p in self.servers.iter().filter(|s| s.id != me.id) {
+            b.peer(Peer {
+                id: p.id.clone(),
+                service: p.service,
+                control: p.control,
+            });
+        }
+        Ok(b)
+    }
+}
+
+/// The 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_key = "0123456789abcdef0123"
+[timeouts]
+orphan = "2m"
+[[server]]
+id = "s1"
+service = "127.0.0.1:7101"
+control = "127.0.0.1:7201"
+backup = "s2"
+[[server]]
+id = "s2"
+service = "127.0.0.1:7102"
+control = "127.0.0.1:7202"
+"#;
+
+    fn err(text: &str) -> String {
+        PoolConfig::parse(text, Path::new("pool.toml"))
+            .expect_err("invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn a_good_config_builds_every_server() {
+        let c = PoolConfig::parse(GOOD, Path::new("pool.toml")).expect("valid");
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.key(), b"0123456789abcdef0123");
+        assert_eq!(c.timeouts.orphan, Duration::from_secs(120));
+        assert_eq!(c.server("s1").unwrap().backup.as_deref(), Some("s2"));
+        assert!(c.builder("s2").is_ok());
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "key not shown"
+        );
+        assert!(c.server("s9").unwrap_err().to_string().contains("s1, s2"));
+    }
+
+    #[test]
+    fn each_error_is_one_line_naming_the_key() {
+        let cases = [
+            (GOOD.replace("7101\"", "7101x\""), "server[0].service"),
+            (
+                GOOD.replace("backup = \"s2\"", "backup = \"s7\""),
+                "server[0].backup",
+            ),
+            (GOOD.replace("id = \"s2\"", "id = \"s1\""), "server[1].id"),
+            (GOOD.replace("7202", "7201"), "server[1].control"),
+            (
+                GOOD.replace("orphan = \"2m\"", "orphan = \"2 parsecs\""),
+                "timeouts.orphan",
+            ),
+            (GOOD.replace("orphan", "orphn"), "timeouts.orphn"),
+            (GOOD.replace("0123456789abcdef0123", "short"), "cluster_key"),
+            (
+                GOOD.replace("cluster_key", "cluster_key_file"),
+                "cluster_key_file",
+            ),
+            (
+                GOOD.replace("id = \"s1\"", "id = \"operator\""),
+                "server[0].id",
+            ),
+            (
+                GOOD.replace("[timeouts]", "[limits]\nrecv_window = 5\n[timeouts]"),
+                "limits.recv_window",
+            ),
+            (
+                "cluster_key = \"0123456789abcdef0123\"\n".to_string(),
+                "server",
+            ),
+            ("cluster_key = oops\n".to_string(), "line 1"),
+        ];
+        for (text, key) in cases {
+            let e = err(&text);
+            assert!(e.starts_with("pool.toml: "), "{e}");
+            assert!(e.contains(key), "{key:?} not named in {e:?}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+}

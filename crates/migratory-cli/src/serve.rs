@@ -1,0 +1,116 @@
+//! `migratory serve`: one server of a pool, running a built-in service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tracing::{debug, info, warn};
+
+use crate::config::PoolConfig;
+use crate::service::{self, Kind, Options};
+
+/// Options of `migratory serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The pool configuration file (TOML): cluster key and every server's
+    /// service and control addresses.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Which server of the pool this is (its `id` in the configuration).
+    #[arg(long, value_name = "ID")]
+    id: String,
+    /// The built-in service to run: `http` (static files from --root),
+    /// `echo`, or `counter` (MIGSOCK's count server).
+    #[arg(long, value_enum, value_name = "SERVICE")]
+    service: Kind,
+    /// http: the directory to serve (every server of the pool should serve
+    /// the same files).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    root: PathBuf,
+    /// counter: pause between two numbers (e.g. 1s, 100ms; 0 = as fast as
+    /// the client reads).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    counter_interval: Duration,
+    /// Serve Prometheus metrics over HTTP at this address (any path, e.g.
+    /// http://ADDR/metrics).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// Buckets of the migration duration histogram, in seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// Runs the server until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<bool, String> {
+    let config = PoolConfig::load(&args.config).map_err(|e| e.to_string())?;
+    if args.service == Kind::Http && !args.root.is_dir() {
+        return Err(format!("--root {}: not a directory", args.root.display()));
+    }
+    let builder = config.builder(&args.id).map_err(|e| e.to_string())?;
+    if let Some(addr) = args.metrics {
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(
+                Matcher::Full(migratory::server::MIGRATION_SECONDS.into()),
+                DURATION_BUCKETS,
+            )
+            .map_err(|e| format!("--metrics: {e}"))?
+            .install()
+            .map_err(|e| format!("--metrics {addr}: {e}"))?;
+        info!(%addr, "metrics at http://{addr}/metrics");
+    }
+    let mut server = builder.bind().await.map_err(|e| e.to_string())?;
+    info!(
+        server = %args.id,
+        service = ?args.service,
+        addr = %server.service_addr(),
+        control = %server.control_addr(),
+        "serving"
+    );
+    let opts = Arc::new(Options {
+        root: args.root.clone(),
+        counter_interval: args.counter_interval,
+    });
+    let kind = args.service;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            next = server.accept() => {
+                let Some((session, arrival)) = next else { break };
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    let id = session.id();
+                    if let Err(e) = service::serve(kind, session, arrival, opts).await {
+                        debug!(session = ?id, error = %e, "session ended with an error");
+                    }
+                });
+            }
+            signal = &mut stop => {
+                match signal {
+                    Ok(name) => info!(server = %args.id, signal = name, "stopping"),
+                    Err(e) => warn!(error = %e, "cannot wait for signals: stopping"),
+                }
+                break;
+            }
+        }
+    }
+    drop(server);
+    Ok(true)
+}
+
+/// Resolves on the first SIGINT (Ctrl-C) or SIGTERM, with its name.
+pub async fn shutdown_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        _ = int.recv() => Ok("SIGINT"),
+    }
+}

@@ -1,0 +1,164 @@
+//! Echo: whatever is read is written back.
+//!
+//! The output depends only on the input, so the state is empty: after each
+//! chunk is written back in full the service snapshots, and a server that
+//! resumes the session reads from the first byte not yet echoed.
+
+use std::io;
+
+use migratory::{Arrival, Session};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{invalid, snapshot};
+
+/// Largest chunk read (and written back) at once.
+const CHUNK: usize = 64 * 1024;
+
+/// Serves one echo session until the client closes its side (then closes
+/// ours) or the session moves away.
+pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
+    if let Arrival::Migrated { state } = &arrival {
+        if !state.is_empty() {
+            return Err(invalid(format!(
+                "echo: a migrated session brought a {}-byte state, not an echo session's (empty)",
+                state.len()
+            )));
+        }
+    }
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            s.shutdown().await?;
+            return snapshot(s, &[]);
+        }
+        s.write_all(&buf[..n]).await?;
+        snapshot(s, &[])?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use migratory::MigratoryStream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::super::tests::{options, pattern, pool, TempDir, TEST_TIMEOUT};
+    use super::super::Kind;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn echo_is_exact_across_migrations() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("echo");
+            let o = options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Echo, vec![o.clone(), o.clone(), o]).await;
+            const LEN: usize = 3 << 20;
+            let data = pattern(LEN, 7);
+            let stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let mut ctl = stream.control();
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let up = Arc::new(data.clone());
+            // The session must stay open until the last migration.
+            let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+            let writer = tokio::spawn(async move {
+                for c in up.chunks(10_000) {
+                    wr.write_all(c).await.unwrap();
+                }
+                done.await.unwrap();
+                wr.shutdown().await.unwrap();
+                wr
+            });
+            let mut done_tx = Some(done_tx);
+            let moves = [
+                (100_000, "s2"),
+                (900_000, "s3"),
+                (1_500_000, "s1"),
+                (2_600_000, "s2"),
+            ];
+            let mut got = Vec::with_capacity(LEN);
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut next = 0;
+            loop {
+                if next < moves.len() && got.len() >= moves[next].0 {
+                    assert_eq!(
+                        ctl.migrate(Some(moves[next].1)).await.unwrap().as_str(),
+                        moves[next].1
+                    );
+                    next += 1;
+                }
+                if next == moves.len() {
+                    if let Some(tx) = done_tx.take() {
+                        tx.send(()).unwrap();
+                    }
+                }
+                let n = rd.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                assert!(got.len() <= LEN, "more bytes than were sent");
+            }
+            assert_eq!(next, moves.len());
+            assert!(got == data, "echoed bytes differ");
+            let _wr = writer.await.unwrap();
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn echo_with_migrations_between_exchanges() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("echo2");
+            let o = options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Echo, vec![o.clone(), o]).await;
+            let mut stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            for i in 0..6u8 {
+                let msg = pattern(1000 + usize::from(i) * 777, i);
+                stream.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                stream.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, msg);
+                let dest = if i % 2 == 0 { "s2" } else { "s1" };
+                stream.migrate(Some(dest)).await.unwrap();
+            }
+            stream.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn echo_serves_a_plain_tcp_client() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("echo3");
+            let o = options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Echo, vec![o.clone(), o]).await;
+            let s = tokio::net::TcpStream::connect(pool.service[1])
+                .await
+                .unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            let data = pattern(1 << 20, 3);
+            let up = data.clone();
+            let writer = tokio::spawn(async move {
+                wr.write_all(&up).await.unwrap();
+                wr.shutdown().await.unwrap();
+                wr
+            });
+            let mut got = Vec::new();
+            rd.read_to_end(&mut got).await.unwrap();
+            assert!(got == data);
+            let _wr = writer.await.unwrap();
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+        .expect("test timed out");
+    }
+}
