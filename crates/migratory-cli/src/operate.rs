@@ -46,9 +46,17 @@ pub struct MigrateArgs {
     /// Move every session of the server.
     #[arg(long)]
     all: bool,
-    /// How long to wait for the clients to move.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long to wait for the clients to move (at most 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: must be above zero and at most 10m"));
+    }
+    Ok(d)
 }
 
 fn parse_session(s: &str) -> Result<SessionId, String> {

@@ -56,3 +56,46 @@ fn an_address_that_does_not_parse_fails_with_one_clear_line() {
         "{stderr}"
     );
 }
+
+#[test]
+fn every_flag_error_is_one_line_with_exit_status_2() {
+    for args in [
+        &["demo", "--size", "12parsecs"][..],
+        &["serve", "--bogus"],
+        &[
+            "serve",
+            "--config",
+            "x.toml",
+            "--id",
+            "s1",
+            "--service",
+            "ftp",
+        ],
+        &[
+            "migrate", "--config", "x.toml", "--from", "s1", "--to", "s2",
+        ],
+        &[
+            "migrate",
+            "--config",
+            "x.toml",
+            "--from",
+            "s1",
+            "--to",
+            "s2",
+            "--all",
+            "--timeout",
+            "1h",
+        ],
+        &["proxy", "--listen", "127.0.0.1:1", "--service", "nowhere"],
+        &["servee"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_migratory"))
+            .args(args)
+            .output()
+            .expect("run migratory");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("migratory: "), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}

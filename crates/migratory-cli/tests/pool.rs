@@ -29,15 +29,19 @@ fn free_addrs(n: usize) -> Vec<SocketAddr> {
     ls.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
-fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
+/// Waits until `addr` accepts; false if `child` exited first (its port
+/// was taken between `free_addrs` and its bind: the caller retries).
+fn listening(addr: SocketAddr, child: &mut Child, what: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(addr).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited early: {status}");
+            eprintln!("{what} exited early ({status}): retrying on other ports");
+            return false;
         }
         assert!(Instant::now() < deadline, "{what} never listened on {addr}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// Deterministic file content.
@@ -96,7 +100,10 @@ impl Drop for Pool {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A pool that failed to start leaves the directory to the retry.
+        if self.children.len() == 4 {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -120,6 +127,17 @@ impl Pool {
             "pool test cluster key 0123456789\n",
         )
         .unwrap();
+        for _attempt in 0..3 {
+            if let Some(pool) = Self::spawn(&dir, &root, service) {
+                return (pool, sums);
+            }
+        }
+        panic!("could not start the pool in three attempts");
+    }
+
+    /// Starts three servers and a proxy on free ports; `None` if one exited
+    /// before listening (its port was taken meanwhile).
+    fn spawn(dir: &Path, root: &Path, service: &str) -> Option<Pool> {
         let addrs = free_addrs(10);
         let mut config = String::from(
             "cluster_key_file = \"cluster.key\"\n\
@@ -135,49 +153,44 @@ impl Pool {
         }
         let cfg = dir.join("pool.toml");
         std::fs::write(&cfg, config).unwrap();
-        let metrics: Vec<SocketAddr> = addrs[6..9].to_vec();
-        let mut children = Vec::new();
-        for i in 0..3 {
+        let mut pool = Pool {
+            dir: dir.to_path_buf(),
+            config: cfg.clone(),
+            children: Vec::new(),
+            metrics: addrs[6..9].to_vec(),
+            proxy: addrs[9],
+            owner: 0,
+        };
+        for (i, &service_addr) in addrs[..3].iter().enumerate() {
             let mut c = Command::new(BIN)
                 .args(["serve", "--config"])
                 .arg(&cfg)
                 .args(["--id", &id(i), "--service", service, "--root"])
-                .arg(&root)
+                .arg(root)
                 .args(["--counter-interval", "0s"])
-                .args(["--metrics", &metrics[i].to_string()])
+                .args(["--metrics", &pool.metrics[i].to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start migratory serve");
-            wait_listening(addrs[i], &mut c, &id(i));
-            wait_listening(metrics[i], &mut c, &id(i));
-            children.push(c);
+            let up = listening(service_addr, &mut c, &id(i))
+                && listening(pool.metrics[i], &mut c, &id(i));
+            pool.children.push(c);
+            if !up {
+                return None; // Drop kills what started
+            }
         }
-        let proxy = addrs[9];
         let services = format!("{},{},{}", addrs[0], addrs[1], addrs[2]);
         let mut p = Command::new(BIN)
-            .args([
-                "proxy",
-                "--listen",
-                &proxy.to_string(),
-                "--service",
-                &services,
-            ])
+            .args(["proxy", "--listen", &pool.proxy.to_string()])
+            .args(["--service", &services])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start migratory proxy");
-        wait_listening(proxy, &mut p, "proxy");
-        children.push(p);
-        let pool = Pool {
-            dir,
-            config: cfg,
-            children,
-            metrics,
-            proxy,
-            owner: 0,
-        };
-        (pool, sums)
+        let up = listening(pool.proxy, &mut p, "proxy");
+        pool.children.push(p);
+        up.then_some(pool)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -217,12 +230,11 @@ impl Pool {
             "10s",
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
         let moved = stdout.contains(&format!("moved to {}", id(to)));
-        assert!(
-            out.status.success(),
-            "migrate failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // Not moving is allowed (the transfer may end meanwhile); failing
+        // to ask is not.
+        assert!(!stderr.contains("migratory:"), "migrate failed: {stderr}");
         if moved {
             self.owner = to;
         }
@@ -321,7 +333,8 @@ fn curl_downloads_256_mib_through_the_proxy_across_ten_migrations() {
         &["direction=\"in\""],
     );
     assert!(timed >= moves as f64, "{timed}");
-    assert_eq!(pool.scrape("migratory_peers_up", &[]) as usize % 2, 0);
+    // The ring s1 -> s2 -> s3 -> s1 used every pair: two peers up each.
+    assert_eq!(pool.scrape("migratory_peers_up", &[]), 6.0);
 }
 
 #[test]
@@ -528,7 +541,7 @@ fn serve_logs_json_and_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_listening(addrs[0], &mut c, "s1");
+    assert!(listening(addrs[0], &mut c, "s1"));
     // A plain TCP client of the counter service (it speaks first: served
     // as plain TCP after the preamble wait).
     let mut s = TcpStream::connect(addrs[0]).unwrap();

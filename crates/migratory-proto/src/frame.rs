@@ -14,7 +14,7 @@ use crate::types::{Alternate, Epoch, MigrationCause, Pos, ServerId, SessionId};
 use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
 /// Protocol version carried in the preamble.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// What a migratory client sends first: magic `MIGR\r\n` and the version.
 pub const PREAMBLE: [u8; 8] = [b'M', b'I', b'G', b'R', b'\r', b'\n', 0, VERSION as u8];

@@ -1152,10 +1152,14 @@ fn preamble() {
         check_preamble(b"MIGR\n\r\0\x01"),
         Err(DecodeError::NotMigratory)
     );
-    // Other versions.
+    // Other versions (1: before the Migrate carried its cause).
     assert_eq!(
-        check_preamble(b"MIGR\r\n\0\x02"),
-        Err(DecodeError::UnsupportedVersion(2))
+        check_preamble(b"MIGR\r\n\0\x01"),
+        Err(DecodeError::UnsupportedVersion(1))
+    );
+    assert_eq!(
+        check_preamble(b"MIGR\r\n\0\x03"),
+        Err(DecodeError::UnsupportedVersion(3))
     );
     assert_eq!(
         check_preamble(b"MIGR\r\n\x01\x00"),

@@ -97,7 +97,10 @@ impl Operator {
             select,
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
         };
-        match self.call(msg, timeout + REQUEST_TIMEOUT).await? {
+        match self
+            .call(msg, timeout.saturating_add(REQUEST_TIMEOUT))
+            .await?
+        {
             ControlMessage::OperatorPushed { results, .. } => Ok(results),
             other => Err(self.unexpected(other)),
         }

@@ -29,7 +29,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -275,10 +275,12 @@ impl ServerBuilder {
             preamble_wait: self.preamble_wait,
             timer: Notify::new(),
             changed: Notify::new(),
+            stop: watch::channel(false).0,
             state: Mutex::new(State {
                 core: core::Server::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
                 conns: HashMap::new(),
-                moves: HashMap::new(),
+                watched: HashMap::new(),
+                move_seq: 0,
                 links: HashMap::new(),
                 read_wakers: HashMap::new(),
                 write_wakers: HashMap::new(),
@@ -442,8 +444,15 @@ impl ServerHandle {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_PUSH_WAIT);
         let mut results: Vec<(SessionId, Option<PushOutcome>)> = Vec::new();
-        {
+        // Unregisters this push's interest however it ends (even dropped).
+        let mut guard = PushGuard {
+            shared: &self.shared,
+            sessions: Vec::new(),
+        };
+        let mut stopped = self.shared.stop.subscribe();
+        let first_move = {
             let mut st = self.shared.lock();
+            let first_move = st.move_seq + 1;
             let mut infos = st.core.session_infos();
             infos.sort_by_key(|i| i.since);
             let chosen: Vec<SessionId> = match select {
@@ -455,7 +464,8 @@ impl ServerHandle {
                 let outcome = if !infos.iter().any(|i| i.session == sid) {
                     Some(PushOutcome::NotFound)
                 } else if st.core.trigger(sid, Some(dest.clone())) {
-                    st.moves.insert(sid, None);
+                    st.watched.entry(sid).or_default().waiters += 1;
+                    guard.sessions.push(sid);
                     None
                 } else {
                     Some(PushOutcome::NotConnected)
@@ -463,7 +473,8 @@ impl ServerHandle {
                 results.push((sid, outcome));
             }
             self.shared.pump(&mut st);
-        }
+            first_move
+        };
         info!(server = %self.shared.me, %dest, sessions = results.len(), "operator push");
         loop {
             let notified = self.shared.changed.notified();
@@ -472,7 +483,8 @@ impl ServerHandle {
             let pending = {
                 let st = self.shared.lock();
                 for (sid, outcome) in results.iter_mut().filter(|(_, o)| o.is_none()) {
-                    if let Some(Some(to)) = st.moves.get(sid) {
+                    let moved = st.watched.get(sid).and_then(|w| w.moved.as_ref());
+                    if let Some((_, to)) = moved.filter(|(seq, _)| *seq >= first_move) {
                         *outcome = Some(PushOutcome::Moved {
                             to: to.clone(),
                             millis: start.elapsed().as_millis() as u64,
@@ -483,14 +495,16 @@ impl ServerHandle {
                 }
                 results.iter().any(|(_, o)| o.is_none())
             };
-            if !pending || tokio::time::timeout_at(deadline, notified).await.is_err() {
+            if !pending {
                 break;
             }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stopped.wait_for(|s| *s) => return Err(Error::Stopped),
+            }
         }
-        let mut st = self.shared.lock();
-        for (sid, _) in &results {
-            st.moves.remove(sid);
-        }
+        drop(guard);
         Ok(results
             .into_iter()
             .map(|(sid, o)| (sid, o.unwrap_or(PushOutcome::TimedOut)))
@@ -527,8 +541,38 @@ impl ServerHandle {
     }
 }
 
+/// Removes a push's interest in its sessions' moves when the push ends.
+struct PushGuard<'a> {
+    shared: &'a Arc<Shared>,
+    sessions: Vec<SessionId>,
+}
+
+impl Drop for PushGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        for sid in &self.sessions {
+            if let Some(w) = st.watched.get_mut(sid) {
+                w.waiters -= 1;
+                if w.waiters == 0 {
+                    st.watched.remove(sid);
+                }
+            }
+        }
+    }
+}
+
+/// What operator pushes waiting on a session know of its moves.
+#[derive(Debug, Default)]
+struct Watch {
+    /// Pushes waiting.
+    waiters: usize,
+    /// Its latest move out while watched: (move number, destination).
+    moved: Option<(u64, ServerId)>,
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
+        self.shared.stop.send_replace(true);
         for t in &self.tasks {
             t.abort();
         }
@@ -565,7 +609,9 @@ struct State {
     /// Client connections: their write queue and address.
     conns: HashMap<IncarnationId, (Tx, SocketAddr)>,
     /// Sessions an operator push waits for: where each went and when.
-    moves: HashMap<SessionId, Option<ServerId>>,
+    watched: HashMap<SessionId, Watch>,
+    /// Moves out so far (numbers them for [`Watch`]).
+    move_seq: u64,
     links: HashMap<ServerId, Link>,
     read_wakers: HashMap<SessionHandle, Waker>,
     write_wakers: HashMap<SessionHandle, Waker>,
@@ -581,6 +627,8 @@ struct Shared {
     timer: Notify,
     /// Woken when a session ends or migrates (operator pushes wait on it).
     changed: Notify,
+    /// Set when the [`Server`] is dropped: operator connections end.
+    stop: watch::Sender<bool>,
     state: Mutex<State>,
 }
 
@@ -760,8 +808,10 @@ impl Shared {
             "migration"
         );
         if r.direction == Direction::Out && r.outcome == MigrationOutcome::Moved {
-            if let Some(slot) = st.moves.get_mut(&r.session) {
-                *slot = Some(r.peer);
+            st.move_seq += 1;
+            let seq = st.move_seq;
+            if let Some(w) = st.watched.get_mut(&r.session) {
+                w.moved = Some((seq, r.peer));
             }
         }
         self.changed.notify_waiters();
@@ -1060,6 +1110,14 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
 
 /// Answers an operator's requests, one at a time, until it disconnects.
 async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: PeerLink) {
+    let mut stopped = handle.shared.stop.subscribe();
+    tokio::select! {
+        _ = operator_requests(&handle, &mut stream, &mut link) => {}
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+}
+
+async fn operator_requests(handle: &ServerHandle, stream: &mut TcpStream, link: &mut PeerLink) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         while let Some(msg) = link.poll_message() {

@@ -296,11 +296,36 @@ async fn operator_lists_and_pushes_sessions_over_the_control_address() {
         "{res:?}"
     );
     echo_round(&mut stream, 3, &mut sent, &mut got).await;
+    // Two operators push the same session at once: each sees it move, or
+    // (when its request came after the move) not here; never "ended".
+    let mut op3 = Operator::connect(pool.control[0], KEY, "s1")
+        .await
+        .expect("second operator");
+    let wait = Duration::from_secs(10);
+    let (a, b) = tokio::join!(
+        op.push("s3", Selection::Session(sid), wait),
+        op3.push("s3", Selection::Session(sid), wait)
+    );
+    let (a, b) = (a.expect("push"), b.expect("push"));
+    for res in [&a, &b] {
+        assert!(
+            matches!(&res[..], [(_, PushOutcome::Moved { to, .. })] if to.as_str() == "s3")
+                || res[..] == [(sid, PushOutcome::NotFound)],
+            "{res:?}"
+        );
+    }
+    assert!(
+        a.iter()
+            .chain(&b)
+            .any(|(_, o)| matches!(o, PushOutcome::Moved { .. })),
+        "{a:?} {b:?}"
+    );
+    echo_round(&mut stream, 4, &mut sent, &mut got).await;
     assert_eq!(got, sent, "every byte echoed exactly once");
 
     // Nothing to move, an unknown session, a destination that is no peer.
     let res = op2
-        .push("s3", Selection::Count(5), Duration::from_secs(1))
+        .push("s1", Selection::Count(5), Duration::from_secs(1))
         .await
         .expect("push none");
     assert!(res.is_empty(), "{res:?}");

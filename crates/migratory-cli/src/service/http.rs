@@ -612,7 +612,12 @@ async fn respond(req: &Request, root: &Path) -> Response {
 fn request_path(target: &str) -> Result<String, u16> {
     let mut t = target;
     for scheme in ["http://", "https://"] {
-        if t.len() >= scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        let prefixed = t
+            .as_bytes()
+            .get(..scheme.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(scheme.as_bytes()));
+        if prefixed {
+            // An ASCII prefix: the rest starts on a character boundary.
             let rest = &t[scheme.len()..];
             t = rest.find('/').map_or("/", |i| &rest[i..]);
         }
@@ -1488,6 +1493,10 @@ mod tests {
         assert_eq!(request_path("*"), Err(400));
         assert_eq!(request_path("/a/%2e%2E"), Err(403));
         assert_eq!(request_path("HTTP://h"), Ok(String::new()));
+        // Non-ASCII where a scheme would end: no slicing inside a character.
+        assert_eq!(request_path("/abcdeé"), Ok("abcdeé".into()));
+        assert_eq!(request_path("/abcdefé"), Ok("abcdefé".into()));
+        assert_eq!(request_path("éééé"), Err(400));
         assert_eq!(content_type("x/Y.HTML"), "text/html; charset=utf-8");
         assert_eq!(content_type("x.tar.gz"), "application/octet-stream");
         assert_eq!(content_type("dir.json/file"), "application/octet-stream");
