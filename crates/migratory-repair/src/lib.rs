@@ -2,7 +2,14 @@
 //! sockets between processes (DESIGN.md section 5).
 //!
 //! This is the only crate of the workspace allowed to use `unsafe`, each
-//! block with a `// SAFETY:` comment. It is empty until the socket
-//! checkpoint/restore issue fills it; nothing here claims to work yet.
+//! block with a `// SAFETY:` comment.
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+pub mod handoff;
+pub mod image;
+mod repair;
+mod sys;
+
+pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
+pub use repair::{checkpoint, restore, resume, state_name, RepairError};

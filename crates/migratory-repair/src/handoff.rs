@@ -1,0 +1,1 @@
+//! Handing live sockets to another process (being written).

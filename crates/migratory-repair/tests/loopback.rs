@@ -1,0 +1,213 @@
+//! Checkpoint and restore of real kernel TCP sockets over loopback, in one
+//! process: the peer is a plain `std` TcpStream that never knows. Needs
+//! CAP_NET_ADMIN: each test skips, saying so, when not root.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
+
+use migratory_repair::{checkpoint, restore, RepairError, TcpState};
+
+fn root() -> bool {
+    // SAFETY-free check: effective uid from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("");
+    if euid != "0" {
+        eprintln!("skipped: TCP_REPAIR needs CAP_NET_ADMIN (run the tests as root)");
+        return false;
+    }
+    true
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+/// A connected pair: (our server-side socket, the plain peer).
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (ours, _) = l.accept().unwrap();
+    // The listener must go: a restored socket re-binds its port.
+    drop(l);
+    for s in [&ours, &peer] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    (ours, peer)
+}
+
+/// Writes without blocking forever: as much of `data` as fits.
+fn write_some(s: &TcpStream, data: &[u8]) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut n = 0;
+    let mut w = s;
+    while n < data.len() {
+        match w.write(&data[n..]) {
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    n
+}
+
+#[test]
+fn established_socket_with_data_queued_both_ways_continues_exactly() {
+    if !root() {
+        return;
+    }
+    let (ours, mut peer) = pair();
+    ours.set_nodelay(true).unwrap();
+    // Up: the peer writes; we never read it (our receive queue).
+    let up = pattern(100_000, 1);
+    peer.write_all(&up).unwrap();
+    // Down: we write more than the peer's buffers take (sent-unacked and
+    // never-sent data in our send queue).
+    let down = pattern(8 << 20, 2);
+    let queued = write_some(&ours, &down);
+    assert!(queued > 0);
+    std::thread::sleep(Duration::from_millis(100));
+
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.state, TcpState::Established);
+    assert_eq!(
+        image.received, up,
+        "the receive queue is what the peer wrote"
+    );
+    assert!(
+        !image.unsent.is_empty(),
+        "part of the send queue was never sent"
+    );
+    assert!(image.options.nodelay);
+    let in_image = image.sent.len() + image.unsent.len();
+    drop(ours); // silent: still in repair mode
+
+    let mut restored = restore(&image).expect("restore");
+    assert!(restored.nodelay().unwrap());
+    // Everything written before the checkpoint reaches the peer, once.
+    let mut got = vec![0u8; queued];
+    let reader = std::thread::spawn(move || {
+        peer.read_exact(&mut got).unwrap();
+        (peer, got)
+    });
+    let (mut peer, got) = reader.join().unwrap();
+    assert_eq!(got, down[..queued], "down stream exact");
+    assert!(queued >= in_image);
+    // The restored socket reads the queued up bytes, then carries on.
+    let mut back = vec![0u8; up.len()];
+    restored.read_exact(&mut back).unwrap();
+    assert_eq!(back, up);
+    peer.write_all(b"after").unwrap();
+    let mut after = [0u8; 5];
+    restored.read_exact(&mut after).unwrap();
+    assert_eq!(&after, b"after");
+    restored.write_all(b"and back").unwrap();
+    let mut and_back = [0u8; 8];
+    peer.read_exact(&mut and_back).unwrap();
+    assert_eq!(&and_back, b"and back");
+    // A clean close both ways.
+    restored.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    peer.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    peer.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    restored.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
+
+#[test]
+fn our_half_close_restores_and_finishes() {
+    if !root() {
+        return;
+    }
+    // FIN_WAIT2: we closed our side, the peer acknowledged, and may still
+    // send.
+    let (ours, mut peer) = pair();
+    ours.shutdown(Shutdown::Write).unwrap();
+    let mut eof = Vec::new();
+    peer.read_to_end(&mut eof).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    peer.write_all(b"late data").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.state, TcpState::FinWait2);
+    assert_eq!(image.received, b"late data");
+    drop(ours);
+    let mut restored = restore(&image).expect("restore");
+    peer.write_all(b" and more").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    let mut all = Vec::new();
+    restored.read_to_end(&mut all).unwrap();
+    assert_eq!(all, b"late data and more");
+}
+
+#[test]
+fn fin_wait1_with_unsent_data_restores_and_finishes() {
+    if !root() {
+        return;
+    }
+    // FIN_WAIT1: we wrote more than the peer takes, then closed: the FIN
+    // waits behind never-sent data.
+    let (ours, mut peer) = pair();
+    let down = pattern(8 << 20, 3);
+    let queued = write_some(&ours, &down);
+    ours.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.state, TcpState::FinWait1);
+    drop(ours);
+    let restored = restore(&image).expect("restore");
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), queued);
+    assert!(got == down[..queued], "down stream exact, then EOF");
+    drop(restored);
+}
+
+#[test]
+fn peer_closed_states_and_bad_descriptors_are_refused() {
+    if !root() {
+        return;
+    }
+    let (ours, peer) = pair();
+    peer.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    match checkpoint(&ours) {
+        Err(RepairError::UnsupportedState(s)) => assert_eq!(s, "CLOSE_WAIT"),
+        other => panic!("{other:?}"),
+    }
+    // Refused before repair mode: the socket still works.
+    (&ours).write_all(b"x").unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    assert!(matches!(checkpoint(&l), Err(RepairError::Listening)));
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert!(matches!(checkpoint(&u), Err(RepairError::NotTcp)));
+    let f = std::fs::File::open("/proc/self/status").unwrap();
+    assert!(matches!(checkpoint(&f), Err(RepairError::NotTcp)));
+}
+
+#[test]
+fn restoring_onto_an_address_not_on_this_host_is_refused() {
+    if !root() {
+        return;
+    }
+    let (ours, _peer) = pair();
+    let mut image = checkpoint(&ours).expect("checkpoint");
+    migratory_repair::resume(&ours).expect("resume");
+    image.local = "192.0.2.7:4000".parse().unwrap(); // TEST-NET-1
+    match restore(&image) {
+        Err(RepairError::AddressNotLocal(a)) => assert_eq!(a, image.local),
+        other => panic!("{other:?}"),
+    }
+    // The original socket was resumed and still works.
+    (&ours).write_all(b"still fine").unwrap();
+}
