@@ -100,15 +100,16 @@ pub(crate) fn ioctl_int(fd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Resul
 
 /// `recv` with flags (e.g. `MSG_PEEK | MSG_DONTWAIT`) into `buf`.
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: `buf` is valid and writable for `buf.len()` bytes.
-    let n =
-        syscall!(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) })?;
+    let (ptr, len) = (buf.as_mut_ptr().cast(), buf.len());
+    // SAFETY: `ptr` is valid and writable for `len` bytes (it is `buf`).
+    let n = syscall!(unsafe { libc::recv(fd.as_raw_fd(), ptr, len, flags) })?;
     Ok(n as usize)
 }
 
 /// `send` with flags.
 pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
-    // SAFETY: `buf` is valid and readable for `buf.len()` bytes.
-    let n = syscall!(unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), flags) })?;
+    let (ptr, len) = (buf.as_ptr().cast(), buf.len());
+    // SAFETY: `ptr` is valid and readable for `len` bytes (it is `buf`).
+    let n = syscall!(unsafe { libc::send(fd.as_raw_fd(), ptr, len, flags) })?;
     Ok(n as usize)
 }
