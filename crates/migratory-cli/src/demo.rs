@@ -50,7 +50,7 @@ pub struct ServerArgs {
 }
 
 /// Parses `64MiB`, `1GiB`, `10MB`, `4096`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

@@ -2,12 +2,14 @@
 //! use it (`proxy`), operate it (`sessions`, `migrate`), and see it all at
 //! once (`demo`).
 
+mod bench;
 mod config;
 mod demo;
 mod operate;
 mod proxy;
 mod serve;
 mod service;
+mod sock;
 
 use std::process::ExitCode;
 
@@ -49,6 +51,19 @@ enum Command {
     /// Ask a running server to push sessions to a peer, wait for the
     /// outcome and print it (exit status 1 unless every one moved).
     Migrate(operate::MigrateArgs),
+    /// Socket checkpoint/restore with TCP_REPAIR (MIGSOCK) and same-host
+    /// socket handoff: checkpoint, restore, inspect, handoff.
+    Sock {
+        /// What to do.
+        #[command(subcommand)]
+        command: sock::SockCommand,
+    },
+    /// Benchmarks (results in BENCHMARKS.md).
+    Bench {
+        /// Which.
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
     /// Print a new random cluster key (64 hex digits) for a pool's
     /// `cluster_key_file`.
     Keygen,
@@ -109,6 +124,8 @@ fn main() -> ExitCode {
         Command::Proxy(args) => rt.block_on(proxy::run(args)),
         Command::Sessions(args) => rt.block_on(operate::sessions(args)),
         Command::Migrate(args) => rt.block_on(operate::migrate(args)),
+        Command::Sock { command } => sock::run(command),
+        Command::Bench { command } => bench::run(command),
         Command::Keygen => {
             let key: [u8; 32] = rand::random();
             println!(

@@ -12,4 +12,4 @@ mod repair;
 mod sys;
 
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
-pub use repair::{checkpoint, restore, resume, state_name, RepairError};
+pub use repair::{checkpoint, is_tcp_listener, restore, resume, state_name, RepairError};

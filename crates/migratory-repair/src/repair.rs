@@ -57,6 +57,12 @@ pub enum RepairError {
     /// The image's local address does not exist on this host.
     #[error("local address {0} is not on this host: move the address here first")]
     AddressNotLocal(SocketAddr),
+    /// A socket for this very connection still exists on this host (close
+    /// the checkpointed one first).
+    #[error(
+        "a socket for {0} -> {1} still exists on this host (close the checkpointed one first)"
+    )]
+    ConnectionExists(SocketAddr, SocketAddr),
     /// The local address and port are taken by another socket.
     #[error("local address {0} is in use by another socket")]
     AddressInUse(SocketAddr),
@@ -156,6 +162,15 @@ fn read_queue(
     }
     data.truncate(len);
     Ok((seq, data))
+}
+
+/// Whether `socket` is a listening TCP socket (what a zero-downtime
+/// restart hands over).
+pub fn is_tcp_listener(socket: &impl AsFd) -> bool {
+    let fd = socket.as_fd();
+    let int = |name| getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, name).map(|(v, _)| v);
+    matches!(int(libc::SO_PROTOCOL), Ok(libc::IPPROTO_TCP))
+        && matches!(int(libc::SO_ACCEPTCONN), Ok(v) if v != 0)
 }
 
 /// Checks that `fd` is a connected TCP socket and returns its `TCP_INFO`.
@@ -399,7 +414,11 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     )
     .map_err(sys("TCP_QUEUE_SEQ (send)"))?;
     // In repair mode connect sends no SYN; it still needs a route.
-    sock.connect(&image.peer.into()).map_err(sys("connect"))?;
+    sock.connect(&image.peer.into())
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EADDRNOTAVAIL) => RepairError::ConnectionExists(image.local, image.peer),
+            _ => sys("connect")(e),
+        })?;
     let mut opts = Vec::with_capacity(32);
     let mut opt = |code: u32, value: u32| {
         opts.extend_from_slice(&code.to_ne_bytes());
