@@ -461,3 +461,38 @@ fn bad_input_gives_one_clear_line() {
     }
     let _ = std::fs::remove_file(img);
 }
+
+#[test]
+fn benchmarks_run() {
+    if !root() {
+        return;
+    }
+    for args in [
+        &[
+            "bench",
+            "sock",
+            "--sockets",
+            "3",
+            "--queued",
+            "1KiB",
+            "--rounds",
+            "3",
+        ][..],
+        &[
+            "bench",
+            "sock",
+            "--sockets",
+            "1",
+            "--queued",
+            "1MiB",
+            "--rounds",
+            "2",
+        ],
+        &["bench", "handoff", "--rounds", "2"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(" us"), "{args:?}: {text}");
+    }
+}
