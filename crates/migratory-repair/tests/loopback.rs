@@ -211,3 +211,52 @@ fn restoring_onto_an_address_not_on_this_host_is_refused() {
     // The original socket was resumed and still works.
     (&ours).write_all(b"still fine").unwrap();
 }
+
+#[test]
+fn ipv6_socket_with_keepalive_options_restores() {
+    if !root() {
+        return;
+    }
+    let Ok(l) = TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    };
+    let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (ours, _) = l.accept().unwrap();
+    drop(l);
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(33))
+        .with_interval(Duration::from_secs(7))
+        .with_retries(4);
+    socket2::SockRef::from(&ours)
+        .set_tcp_keepalive(&ka)
+        .unwrap();
+    peer.write_all(b"v6 up").unwrap();
+    (&ours).write_all(b"v6 down").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert!(image.local.is_ipv6() && image.peer.is_ipv6());
+    assert_eq!(image.received, b"v6 up");
+    let o = image.options;
+    assert!(o.keepalive);
+    assert_eq!((o.keepidle, o.keepintvl, o.keepcnt), (33, 7, 4));
+    drop(ours);
+    let mut restored = restore(&image).expect("restore");
+    let r = socket2::SockRef::from(&restored);
+    assert!(r.keepalive().unwrap());
+    assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(33));
+    assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
+    assert_eq!(r.tcp_keepalive_retries().unwrap(), 4);
+    let mut down = [0u8; 7];
+    peer.read_exact(&mut down).unwrap();
+    assert_eq!(&down, b"v6 down");
+    let mut up = [0u8; 5];
+    restored.read_exact(&mut up).unwrap();
+    assert_eq!(&up, b"v6 up");
+    restored.write_all(b"!").unwrap();
+    let mut bang = [0u8; 1];
+    peer.read_exact(&mut bang).unwrap();
+    assert_eq!(&bang, b"!");
+}

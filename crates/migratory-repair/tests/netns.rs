@@ -58,8 +58,8 @@ struct Net {
 }
 
 impl Net {
-    fn new() -> Net {
-        let tag = std::process::id();
+    fn new(test: &str) -> Net {
+        let tag = format!("{}{test}", std::process::id());
         let n = Net {
             client: format!("migc{tag}"),
             a: format!("miga{tag}"),
@@ -216,50 +216,120 @@ fn socket_moves_to_another_host_with_data_in_flight_both_ways() {
         eprintln!("skipped: {why}");
         return;
     }
-    let net = Net::new();
+    migrate_across_hosts(Peer::Std);
+}
+
+#[test]
+fn socket_moves_to_another_host_under_socat() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if Command::new("socat").arg("-V").output().is_err() {
+        eprintln!("skipped: socat is not installed");
+        return;
+    }
+    migrate_across_hosts(Peer::Socat);
+}
+
+/// The unmodified program at the other end.
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    /// A plain std TcpStream program (threads of this test in `client`).
+    Std,
+    /// `socat - TCP:...` run in `client`, fed and read through pipes.
+    Socat,
+}
+
+/// Streams the up bytes into `w`, then closes it.
+fn feed(mut w: impl Write) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = 0u64;
+    while pos < UP_LEN {
+        let n = (UP_LEN - pos).min(buf.len() as u64) as usize;
+        fill(1, pos, &mut buf[..n]);
+        w.write_all(&buf[..n]).expect("peer write: no reset");
+        pos += n as u64;
+    }
+}
+
+/// Reads the down bytes to EOF: their digest and the longest wait
+/// between two reads.
+fn drain(mut r: impl Read, got: &AtomicU64) -> ([u8; 32], Duration) {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut last = Instant::now();
+    let mut stall = Duration::ZERO;
+    loop {
+        let n = r.read(&mut buf).expect("peer read: no reset");
+        let now = Instant::now();
+        stall = stall.max(now - last);
+        last = now;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    (h.finalize().into(), stall)
+}
+
+fn migrate_across_hosts(kind: Peer) {
+    let net = Net::new(match kind {
+        Peer::Std => "s",
+        Peer::Socat => "x",
+    });
     let service: SocketAddr = format!("{SERVICE}:7000").parse().unwrap();
     let listener = in_ns(&net.a, move || TcpListener::bind(service).unwrap())
         .join()
         .unwrap();
 
-    // The unmodified peer: a plain std TcpStream in `client`.
     let received = Arc::new(AtomicU64::new(0));
     let got = received.clone();
-    let peer = in_ns(&net.client, move || {
-        let s = TcpStream::connect(service).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let writer = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            let mut pos = 0u64;
-            while pos < UP_LEN {
-                let n = (UP_LEN - pos).min(buf.len() as u64) as usize;
-                fill(1, pos, &mut buf[..n]);
-                w.write_all(&buf[..n]).expect("peer write: no reset");
-                pos += n as u64;
-            }
-            w.shutdown(Shutdown::Write).unwrap();
-        });
-        let mut r = s;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 64 << 10];
-        let mut last = Instant::now();
-        let mut stall = Duration::ZERO;
-        loop {
-            let n = r.read(&mut buf).expect("peer read: no reset");
-            let now = Instant::now();
-            stall = stall.max(now - last);
-            last = now;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            got.fetch_add(n as u64, Ordering::SeqCst);
+    let peer = match kind {
+        Peer::Std => in_ns(&net.client, move || {
+            let s = TcpStream::connect(service).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+            let w = s.try_clone().unwrap();
+            let writer = std::thread::spawn(move || {
+                feed(&w);
+                w.shutdown(Shutdown::Write).unwrap();
+            });
+            let out = drain(&s, &got);
+            writer.join().unwrap();
+            out
+        }),
+        Peer::Socat => {
+            let mut child = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &net.client,
+                    "socat",
+                    "-b",
+                    "65536",
+                    "-t",
+                    "30",
+                    "-",
+                ])
+                .arg(format!("TCP:{service}"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start socat");
+            let stdin = child.stdin.take().unwrap();
+            let stdout = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let writer = std::thread::spawn(move || feed(stdin));
+                let out = drain(stdout, &got);
+                writer.join().unwrap();
+                let status = child.wait().unwrap();
+                assert!(status.success(), "socat: {status}");
+                out
+            })
         }
-        writer.join().unwrap();
-        (<[u8; 32]>::from(h.finalize()), stall)
-    });
+    };
     let (sock, _) = listener.accept().unwrap();
     drop(listener);
     let mut app = ServerApp {
@@ -343,6 +413,7 @@ fn socket_moves_to_another_host_with_data_in_flight_both_ways() {
     let no_pause = AtomicBool::new(false);
     let sock = serve(restored, &mut app, &no_pause);
     let (down_digest, stall) = peer.join().expect("the peer saw no reset");
+    eprintln!("peer: {kind:?}");
     drop(sock);
     assert_eq!(app.up_len, UP_LEN);
     assert_eq!(
