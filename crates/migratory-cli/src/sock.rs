@@ -11,7 +11,9 @@ use std::process::Command;
 
 use clap::{Args, Subcommand};
 use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
-use migratory_repair::{checkpoint, is_tcp_listener, restore, resume, ImageFile, RepairError};
+use migratory_repair::{
+    abandon, checkpoint, is_tcp_listener, restore, resume, unchanged, ImageFile, RepairError,
+};
 
 /// `migratory sock` subcommands.
 #[derive(Subcommand, Debug)]
@@ -116,9 +118,18 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
         a.fds.clone()
     };
     let mut taken: Vec<OwnedFd> = Vec::new();
+    let mut kept = Vec::new();
     for fd in &fds {
-        taken.push(take_fd(a.pid, *fd).map_err(|e| format!("pid {} fd {fd}: {e}", a.pid))?);
+        match stopped.take_fd(*fd) {
+            Ok(s) => {
+                taken.push(s);
+                kept.push(*fd);
+            }
+            Err(handoff::HandoffError::NoSuchFd { .. }) if auto => {}
+            Err(e) => return Err(format!("pid {} fd {fd}: {e}", a.pid)),
+        }
     }
+    let fds = kept;
     let mut image = ImageFile::default();
     let mut frozen: Vec<&OwnedFd> = Vec::new();
     let mut failure = None;
@@ -147,8 +158,8 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
     if let Some(e) = failure {
         // Nothing half-done: the sockets leave repair mode, the process
         // carries on.
-        for s in frozen {
-            let _ = resume(s);
+        for (s, img) in frozen.iter().zip(&image.sockets) {
+            let _ = resume(*s, img);
         }
         stopped
             .resume()
@@ -165,48 +176,104 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
         // Its descriptors close; ours keep the sockets (in repair mode)
         // until we exit, and then they close silently.
         stopped.kill().map_err(|e| format!("pid {}: {e}", a.pid))?;
-    } else {
-        for s in frozen {
-            resume(s).map_err(|e| e.to_string())?;
+        // A frozen socket still takes in what its peer sends: look again
+        // just before closing, and write the image again if anything came
+        // (bounded: a peer that never stops needs its packets held back).
+        for _ in 0..10 {
+            let mut changed = false;
+            for (sock, img) in frozen.iter().zip(image.sockets.iter_mut()) {
+                if !unchanged(*sock, img).map_err(|e| e.to_string())? {
+                    *img = checkpoint(*sock).map_err(|e| format!("checkpoint again: {e}"))?;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(true);
+            }
+            image.write_to(&a.output).map_err(|e| e.to_string())?;
+            eprintln!("{}: rewritten (data arrived meanwhile)", a.output.display());
         }
+        return Err("the peers keep sending: hold their packets back while checkpointing".into());
+    } else {
+        // Every socket is resumed before any error is reported.
+        let errors: Vec<String> = frozen
+            .iter()
+            .zip(&image.sockets)
+            .filter_map(|(s, img)| resume(*s, img).err().map(|e| e.to_string()))
+            .collect();
         stopped
             .resume()
             .map_err(|e| format!("pid {}: {e}", a.pid))?;
+        if !errors.is_empty() {
+            return Err(format!("resuming the sockets: {}", errors.join("; ")));
+        }
     }
     Ok(true)
 }
 
 fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
     let image = ImageFile::read_from(&a.image).map_err(|e| e.to_string())?;
-    let mut sockets = Vec::new();
+    // Where the sockets go is checked first: a restored socket that cannot
+    // be handed on is abandoned (closed silently), and the image stays
+    // good for another try.
+    let channel = match &a.send {
+        Some(target) => {
+            let path = target
+                .strip_prefix("unix:")
+                .ok_or_else(|| format!("--send {target:?}: want unix:PATH"))?;
+            Some((
+                path.to_string(),
+                UnixStream::connect(path).map_err(|e| format!("--send {path}: {e}"))?,
+            ))
+        }
+        None => None,
+    };
+    let mut sockets: Vec<OwnedFd> = Vec::new();
+    let give_up = |sockets: &[OwnedFd], e: String| {
+        for s in sockets {
+            let _ = abandon(s);
+        }
+        e
+    };
     for (i, s) in image.sockets.iter().enumerate() {
-        // On error, the sockets restored so far close (silently enough: the
-        // connection is lost either way) and nothing is handed on.
-        let stream =
-            restore(s).map_err(|e| format!("socket {i} ({} -> {}): {e}", s.local, s.peer))?;
-        sockets.push(OwnedFd::from(stream));
+        match restore(s) {
+            Ok(stream) => sockets.push(OwnedFd::from(stream)),
+            Err(e) => {
+                let e = format!("socket {i} ({} -> {}): {e}", s.local, s.peer);
+                return Err(give_up(&sockets, e));
+            }
+        }
     }
     eprintln!(
         "{}: {} socket(s) restored",
         a.image.display(),
         sockets.len()
     );
-    if let Some(target) = a.send {
-        let path = target
-            .strip_prefix("unix:")
-            .ok_or_else(|| format!("--send {target:?}: want unix:PATH"))?;
-        let channel = UnixStream::connect(path).map_err(|e| format!("--send {path}: {e}"))?;
+    if let Some((path, channel)) = channel {
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
-        send_sockets(&channel, &fds, &image.app_state)
-            .map_err(|e| format!("--send {path}: {e}"))?;
+        if let Err(e) = send_sockets(&channel, &fds, &image.app_state) {
+            return Err(give_up(&sockets, format!("--send {path}: {e}")));
+        }
         eprintln!("{} socket(s) sent to {path}", sockets.len());
         return Ok(true);
     }
     let argv = a.exec.unwrap_or_default();
-    let (prog, args) = argv.split_first().ok_or("--exec needs a command")?;
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(give_up(&sockets, "--exec needs a command".into()));
+    };
     let mut cmd = Command::new(prog);
     cmd.args(args);
-    let mut child = exec_with_fds(&mut cmd, sockets).map_err(|e| format!("--exec {prog}: {e}"))?;
+    // The child gets copies; ours make a failed start silent.
+    let copies = sockets
+        .iter()
+        .map(|s| s.try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| give_up(&sockets, format!("dup: {e}")))?;
+    let mut child = match exec_with_fds(&mut cmd, copies) {
+        Ok(c) => c,
+        Err(e) => return Err(give_up(&sockets, format!("--exec {prog}: {e}"))),
+    };
+    drop(sockets);
     let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
     Ok(status.success())
 }
@@ -223,9 +290,12 @@ fn handoff_cmd(a: HandoffArgs) -> Result<bool, String> {
         None => {
             let mut found = Vec::new();
             for fd in handoff::socket_fds(a.pid).map_err(|e| format!("pid {}: {e}", a.pid))? {
-                let s = take_fd(a.pid, fd).map_err(|e| format!("pid {} fd {fd}: {e}", a.pid))?;
-                if is_tcp_listener(&s) {
-                    found.push(s);
+                match take_fd(a.pid, fd) {
+                    Ok(s) if is_tcp_listener(&s) => found.push(s),
+                    Ok(_) => {}
+                    // A connection that closed since the listing.
+                    Err(handoff::HandoffError::NoSuchFd { .. }) => {}
+                    Err(e) => return Err(format!("pid {} fd {fd}: {e}", a.pid)),
                 }
             }
             if found.len() != 1 {

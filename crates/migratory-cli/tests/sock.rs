@@ -56,13 +56,30 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("migratory-sock-{}-{name}", std::process::id()))
 }
 
+/// Kills a process and its children (restored servers run as children of
+/// `migratory sock restore` / `handoff`) when the test ends, passing or
+/// not.
 struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for pid in children(self.0.id()) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// Starts `migratory sock restore ...` and waits until its sockets are
 /// restored (it says so on stderr): only then may the peer send.
 fn restore_spawn(cmd: &mut Command) -> Kill {
     use std::io::BufRead;
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
@@ -70,13 +87,6 @@ fn restore_spawn(cmd: &mut Command) -> Kill {
     // Keep draining stderr so the child never blocks on it.
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     Kill(child)
-}
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn sock(args: &[&str]) -> Output {
@@ -332,18 +342,30 @@ fn listening_socket_handoff_refuses_and_resets_nothing() {
     });
     wait_for("a few connections", || served.load(Ordering::SeqCst) > 50);
     let old_pid = old.0.id();
-    // (No pipes to the new service: it outlives this test's handles.)
-    let handoff = Kill(
+    // (No pipe to the new service's stdout: it outlives this test's
+    // handles; stderr tells why a handoff failed.)
+    let mut handoff = Kill(
         Command::new(BIN)
             .args(["sock", "handoff", "--pid", &old_pid.to_string(), "--exec"])
             .arg(&echo)
             .arg("--activated")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
-    wait_for("the old service to drain and exit", || gone(old_pid));
+    wait_for("the old service to drain and exit", || {
+        if let Ok(Some(status)) = handoff.0.try_wait() {
+            let mut err = String::new();
+            let _ = handoff
+                .0
+                .stderr
+                .take()
+                .map(|mut e| e.read_to_string(&mut err));
+            panic!("handoff exited early ({status}): {err}");
+        }
+        gone(old_pid)
+    });
     let at_handoff = served.load(Ordering::SeqCst);
     wait_for("connections served by the new process", || {
         served.load(Ordering::SeqCst) > at_handoff + 50
@@ -356,10 +378,6 @@ fn listening_socket_handoff_refuses_and_resets_nothing() {
         served.load(Ordering::SeqCst),
         served.load(Ordering::SeqCst) - at_handoff
     );
-    // The new service is the handoff command's child: stop it first.
-    for pid in children(handoff.0.id()) {
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-    }
     drop((old, handoff));
 }
 

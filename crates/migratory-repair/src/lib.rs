@@ -12,4 +12,6 @@ mod repair;
 mod sys;
 
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
-pub use repair::{checkpoint, is_tcp_listener, restore, resume, state_name, RepairError};
+pub use repair::{
+    abandon, checkpoint, is_tcp_listener, restore, resume, state_name, unchanged, RepairError,
+};

@@ -84,10 +84,7 @@ pub enum RepairError {
 }
 
 fn sys(op: &'static str) -> impl Fn(io::Error) -> RepairError {
-    move |source| match source.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => RepairError::NotPermitted,
-        _ => RepairError::Sys { op, source },
-    }
+    move |source| RepairError::Sys { op, source }
 }
 
 /// The kernel's name of a TCP state number.
@@ -109,7 +106,46 @@ pub fn state_name(s: u8) -> &'static str {
 }
 
 fn set_repair(fd: BorrowedFd<'_>, value: libc::c_int) -> Result<(), RepairError> {
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, value).map_err(sys("TCP_REPAIR"))
+    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, value).map_err(|e| {
+        match e.raw_os_error() {
+            // Only here does EPERM mean "no CAP_NET_ADMIN".
+            Some(libc::EPERM) | Some(libc::EACCES) => RepairError::NotPermitted,
+            _ => sys("TCP_REPAIR")(e),
+        }
+    })
+}
+
+fn get_window(fd: BorrowedFd<'_>) -> Result<RepairWindow, RepairError> {
+    let (w, len) = getsockopt::<[u32; 5]>(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW)
+        .map_err(sys("TCP_REPAIR_WINDOW"))?;
+    if len != 20 {
+        return Err(RepairError::Sys {
+            op: "TCP_REPAIR_WINDOW",
+            source: io::Error::new(io::ErrorKind::InvalidData, "unexpected size"),
+        });
+    }
+    Ok(RepairWindow {
+        snd_wl1: w[0],
+        snd_wnd: w[1],
+        max_window: w[2],
+        rcv_wnd: w[3],
+        rcv_wup: w[4],
+    })
+}
+
+fn set_window(fd: BorrowedFd<'_>, w: &RepairWindow) -> Result<(), RepairError> {
+    let mut win = Vec::with_capacity(20);
+    for v in [w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup] {
+        win.extend_from_slice(&v.to_ne_bytes());
+    }
+    setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &win)
+        .map_err(sys("TCP_REPAIR_WINDOW"))
+}
+
+/// The receive queue's end (`rcv_nxt`), in repair mode.
+fn rcv_nxt(fd: BorrowedFd<'_>) -> Result<u32, RepairError> {
+    select_queue(fd, TCP_RECV_QUEUE)?;
+    Ok(get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32)
 }
 
 fn select_queue(fd: BorrowedFd<'_>, queue: libc::c_int) -> Result<(), RepairError> {
@@ -230,12 +266,51 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
     ) {
         return Err(RepairError::UnsupportedState(state_name(info.tcpi_state)));
     }
+    let reuseaddr = SockRef::from(&fd).reuse_address().unwrap_or(false);
+    let was_repairing = get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
     set_repair(fd, TCP_REPAIR_ON)?;
     let image = read_image(fd, state, &info);
-    if image.is_err() {
+    if image.is_err() && !was_repairing {
         let _ = set_repair(fd, TCP_REPAIR_OFF);
+        let _ = SockRef::from(&fd).set_reuse_address(reuseaddr);
     }
     image
+}
+
+/// Whether a checkpointed socket (still in repair mode) is still as its
+/// image says. A socket in repair mode goes on taking in and acknowledging
+/// the peer's segments: check this just before closing it, and checkpoint
+/// it again (the image would miss what came) when it says `false`.
+pub fn unchanged(socket: &impl AsFd, image: &SocketImage) -> Result<bool, RepairError> {
+    let fd = socket.as_fd();
+    let [state, outq, _, inq, snd, rcv] = queue_marks(fd)?;
+    let fin = u64::from(matches!(
+        image.state,
+        TcpState::FinWait1 | TcpState::FinWait2
+    ));
+    let queued = (image.sent.len() + image.unsent.len()) as u64;
+    Ok(state == u64::from(image.state.to_linux())
+        && inq == image.received.len() as u64
+        && rcv == u64::from(image.rcv_seq)
+        && snd == u64::from(image.snd_seq)
+        && outq.saturating_sub(if outq > 0 { fin } else { 0 }) == queued)
+}
+
+/// Sizes and sequence numbers of both queues, and the state (raw, as the
+/// kernel reports them): read twice to tell whether anything moved.
+fn queue_marks(fd: BorrowedFd<'_>) -> Result<[u64; 6], RepairError> {
+    let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map_err(sys("TCP_INFO"))?;
+    select_queue(fd, TCP_SEND_QUEUE)?;
+    let snd = get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    Ok([
+        u64::from(info.tcpi_state),
+        queue_len(fd, SIOCOUTQ, "SIOCOUTQ")? as u64,
+        queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")? as u64,
+        queue_len(fd, SIOCINQ, "SIOCINQ")? as u64,
+        u64::from(snd),
+        u64::from(rcv_nxt(fd)?),
+    ])
 }
 
 fn read_image(
@@ -250,6 +325,10 @@ fn read_image(
     let peer = addr(sock.peer_addr(), "getpeername")?;
     // A set SO_PEEK_OFF would move our peeks off the queue heads.
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+    let marks = queue_marks(fd)?;
+    if marks[0] != u64::from(info.tcpi_state) {
+        return Err(RepairError::QueueChanged("state"));
+    }
     let fin_states = matches!(state, TcpState::FinWait1 | TcpState::FinWait2);
     let mut outq = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
     let mut unsent = queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
@@ -273,13 +352,10 @@ fn read_image(
         let b = info.tcpi_snd_rcv_wscale;
         (b & 0x0f, b >> 4)
     });
-    let (w, len) = getsockopt::<[u32; 5]>(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW)
-        .map_err(sys("TCP_REPAIR_WINDOW"))?;
-    if len != 20 {
-        return Err(RepairError::Sys {
-            op: "TCP_REPAIR_WINDOW",
-            source: io::Error::new(io::ErrorKind::InvalidData, "unexpected size"),
-        });
+    let window = get_window(fd)?;
+    // Nothing may have moved while we read (data, the peer's FIN, an ACK).
+    if queue_marks(fd)? != marks {
+        return Err(RepairError::QueueChanged("send or receive"));
     }
     let split = outq - unsent;
     Ok(SocketImage {
@@ -295,21 +371,29 @@ fn read_image(
         wscale,
         sack: info.tcpi_options & TCPI_OPT_SACK != 0,
         timestamp,
-        window: RepairWindow {
-            snd_wl1: w[0],
-            snd_wnd: w[1],
-            max_window: w[2],
-            rcv_wnd: w[3],
-            rcv_wup: w[4],
-        },
+        window,
         options: options_of(&sock)?,
     })
 }
 
 /// Takes a checkpointed socket out of repair mode: it carries on as if
-/// nothing happened (e.g. when saving its image failed).
-pub fn resume(socket: &impl AsFd) -> Result<(), RepairError> {
-    set_repair(socket.as_fd(), TCP_REPAIR_OFF)
+/// nothing happened (e.g. when saving its image failed, or for a
+/// snapshot). `image` is its checkpoint (for the options repair mode
+/// clears).
+pub fn resume(socket: &impl AsFd, image: &SocketImage) -> Result<(), RepairError> {
+    let fd = socket.as_fd();
+    set_repair(fd, TCP_REPAIR_OFF)?;
+    // Leaving repair mode clears SO_REUSEADDR.
+    SockRef::from(&fd)
+        .set_reuse_address(image.options.reuseaddr)
+        .map_err(sys("SO_REUSEADDR"))
+}
+
+/// Puts a socket (back) into repair mode so that closing it sends neither
+/// FIN nor RST: for a restored socket that cannot be handed on after all
+/// (its image still holds the connection).
+pub fn abandon(socket: &impl AsFd) -> Result<(), RepairError> {
+    set_repair(socket.as_fd(), TCP_REPAIR_ON)
 }
 
 /// Rebuilds a socket from its image: bound to the image's local address
@@ -329,9 +413,21 @@ pub fn restore(image: &SocketImage) -> Result<TcpStream, RepairError> {
     // From here on, dropping `sock` closes it silently (repair mode).
     rebuild(&sock, image)?;
     set_repair(fd, TCP_REPAIR_OFF)?;
-    // The never-sent tail goes out as ordinary writes, then our FIN if it
-    // was never sent either.
     let mut stream = TcpStream::from(sock);
+    if let Err(e) = finish(&mut stream, image) {
+        // Back to repair mode: dropping it now says nothing to the peer.
+        let _ = abandon(&stream);
+        return Err(e);
+    }
+    Ok(stream)
+}
+
+/// After repair mode: the options it clears, the never-sent tail as
+/// ordinary writes, then our FIN if it was never sent either.
+fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError> {
+    SockRef::from(&*stream)
+        .set_reuse_address(image.options.reuseaddr)
+        .map_err(sys("SO_REUSEADDR"))?;
     if !image.unsent.is_empty() {
         stream
             .set_write_timeout(Some(UNSENT_TIMEOUT))
@@ -346,7 +442,7 @@ pub fn restore(image: &SocketImage) -> Result<TcpStream, RepairError> {
                 .map_err(sys("shutdown"))?;
         }
     }
-    Ok(stream)
+    Ok(())
 }
 
 fn check_image(image: &SocketImage) -> Result<(), RepairError> {
@@ -454,13 +550,7 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         sock.shutdown(std::net::Shutdown::Write)
             .map_err(sys("shutdown (repair)"))?;
     }
-    let w = &image.window;
-    let mut win = Vec::with_capacity(20);
-    for v in [w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup] {
-        win.extend_from_slice(&v.to_ne_bytes());
-    }
-    setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_WINDOW, &win)
-        .map_err(sys("TCP_REPAIR_WINDOW"))?;
+    set_window(fd, &image.window)?;
     let o = &image.options;
     sock.set_tcp_nodelay(o.nodelay)
         .map_err(sys("TCP_NODELAY"))?;
@@ -477,8 +567,6 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         }
         sock.set_tcp_keepalive(&ka).map_err(sys("SO_KEEPALIVE"))?;
     }
-    sock.set_reuse_address(o.reuseaddr)
-        .map_err(sys("SO_REUSEADDR"))?;
     Ok(())
 }
 

@@ -202,7 +202,7 @@ fn restoring_onto_an_address_not_on_this_host_is_refused() {
     }
     let (ours, _peer) = pair();
     let mut image = checkpoint(&ours).expect("checkpoint");
-    migratory_repair::resume(&ours).expect("resume");
+    migratory_repair::resume(&ours, &image).expect("resume");
     image.local = "192.0.2.7:4000".parse().unwrap(); // TEST-NET-1
     match restore(&image) {
         Err(RepairError::AddressNotLocal(a)) => assert_eq!(a, image.local),
@@ -259,4 +259,53 @@ fn ipv6_socket_with_keepalive_options_restores() {
     let mut bang = [0u8; 1];
     peer.read_exact(&mut bang).unwrap();
     assert_eq!(&bang, b"!");
+}
+
+#[test]
+fn data_the_peer_sends_while_the_socket_is_frozen_is_caught_before_closing() {
+    if !root() {
+        return;
+    }
+    // A frozen socket still takes in (and acknowledges) what the peer
+    // sends: `unchanged` notices before the socket is closed, and a second
+    // checkpoint catches the bytes instead of losing them.
+    let (ours, mut peer) = pair();
+    peer.write_all(b"before|").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.received, b"before|");
+    assert!(migratory_repair::unchanged(&ours, &image).unwrap());
+    peer.write_all(b"while frozen|").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!migratory_repair::unchanged(&ours, &image).unwrap());
+    let image = checkpoint(&ours).expect("checkpoint again");
+    assert_eq!(image.received, b"before|while frozen|");
+    assert!(migratory_repair::unchanged(&ours, &image).unwrap());
+    drop(ours);
+    let mut restored = restore(&image).expect("restore");
+    restored
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    peer.write_all(b"after").unwrap();
+    let mut got = vec![0u8; 25];
+    restored
+        .read_exact(&mut got)
+        .expect("everything arrives, once");
+    assert_eq!(got, b"before|while frozen|after");
+
+    // Resuming after a checkpoint: the socket reads on, options intact.
+    let (ours, mut peer) = pair();
+    let image = checkpoint(&ours).expect("checkpoint");
+    peer.write_all(b"during").unwrap();
+    migratory_repair::resume(&ours, &image).expect("resume");
+    assert!(
+        socket2::SockRef::from(&ours).reuse_address().unwrap(),
+        "SO_REUSEADDR kept"
+    );
+    peer.write_all(b"|after").unwrap();
+    let mut got = vec![0u8; 12];
+    (&ours)
+        .read_exact(&mut got)
+        .expect("resumed socket reads on");
+    assert_eq!(got, b"during|after");
 }

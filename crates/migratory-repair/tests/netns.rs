@@ -316,6 +316,7 @@ fn migrate_across_hosts(kind: Peer) {
                 .arg(format!("TCP:{service}"))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("start socat");
             let stdin = child.stdin.take().unwrap();
