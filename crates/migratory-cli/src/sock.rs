@@ -4,16 +4,15 @@
 //! inspect images, and hand a listening socket to a new process for a
 //! zero-downtime restart.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
 
 use clap::{Args, Subcommand};
 use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
-use migratory_repair::{
-    abandon, checkpoint, is_tcp_listener, restore, resume, unchanged, ImageFile, RepairError,
-};
+use migratory_repair::process::{abandon_all, checkpoint_process, restore_all, After};
+use migratory_repair::{is_tcp_listener, ImageFile};
 
 /// `migratory sock` subcommands.
 #[derive(Subcommand, Debug)]
@@ -110,104 +109,14 @@ pub fn run(cmd: SockCommand) -> Result<bool, String> {
 }
 
 fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
-    let stopped = handoff::stop(a.pid).map_err(|e| format!("pid {}: {e}", a.pid))?;
-    let auto = a.fds.is_empty();
-    let fds = if auto {
-        handoff::socket_fds(a.pid).map_err(|e| format!("pid {}: {e}", a.pid))?
-    } else {
-        a.fds.clone()
-    };
-    let mut taken: Vec<OwnedFd> = Vec::new();
-    let mut kept = Vec::new();
-    for fd in &fds {
-        match stopped.take_fd(*fd) {
-            Ok(s) => {
-                taken.push(s);
-                kept.push(*fd);
-            }
-            Err(handoff::HandoffError::NoSuchFd { .. }) if auto => {}
-            Err(e) => return Err(format!("pid {} fd {fd}: {e}", a.pid)),
-        }
-    }
-    let fds = kept;
-    let mut image = ImageFile::default();
-    let mut frozen: Vec<&OwnedFd> = Vec::new();
-    let mut failure = None;
-    for (fd, sock) in fds.iter().zip(&taken) {
-        match checkpoint(sock) {
-            Ok(s) => {
-                image.sockets.push(s);
-                frozen.push(sock);
-            }
-            // Picking automatically: listeners and other sockets stay.
-            Err(RepairError::NotTcp | RepairError::Listening) if auto => {}
-            Err(e) => {
-                failure = Some(format!("pid {} fd {fd}: {e}", a.pid));
-                break;
-            }
-        }
-    }
-    if failure.is_none() && image.sockets.is_empty() {
-        failure = Some(format!("pid {}: no connected TCP socket", a.pid));
-    }
-    if failure.is_none() {
-        if let Err(e) = image.write_to(&a.output) {
-            failure = Some(e.to_string());
-        }
-    }
-    if let Some(e) = failure {
-        // Nothing half-done: the sockets leave repair mode, the process
-        // carries on.
-        for (s, img) in frozen.iter().zip(&image.sockets) {
-            let _ = resume(*s, img);
-        }
-        stopped
-            .resume()
-            .map_err(|r| format!("{e}; and resuming failed: {r}"))?;
-        return Err(e);
-    }
+    let after = if a.kill { After::Kill } else { After::Continue };
+    let image = checkpoint_process(a.pid, &a.fds, after, &a.output).map_err(|e| e.to_string())?;
     eprintln!(
         "{}: {} socket(s) from pid {}",
         a.output.display(),
         image.sockets.len(),
         a.pid
     );
-    if a.kill {
-        // Its descriptors close; ours keep the sockets (in repair mode)
-        // until we exit, and then they close silently.
-        stopped.kill().map_err(|e| format!("pid {}: {e}", a.pid))?;
-        // A frozen socket still takes in what its peer sends: look again
-        // just before closing, and write the image again if anything came
-        // (bounded: a peer that never stops needs its packets held back).
-        for _ in 0..10 {
-            let mut changed = false;
-            for (sock, img) in frozen.iter().zip(image.sockets.iter_mut()) {
-                if !unchanged(*sock, img).map_err(|e| e.to_string())? {
-                    *img = checkpoint(*sock).map_err(|e| format!("checkpoint again: {e}"))?;
-                    changed = true;
-                }
-            }
-            if !changed {
-                return Ok(true);
-            }
-            image.write_to(&a.output).map_err(|e| e.to_string())?;
-            eprintln!("{}: rewritten (data arrived meanwhile)", a.output.display());
-        }
-        return Err("the peers keep sending: hold their packets back while checkpointing".into());
-    } else {
-        // Every socket is resumed before any error is reported.
-        let errors: Vec<String> = frozen
-            .iter()
-            .zip(&image.sockets)
-            .filter_map(|(s, img)| resume(*s, img).err().map(|e| e.to_string()))
-            .collect();
-        stopped
-            .resume()
-            .map_err(|e| format!("pid {}: {e}", a.pid))?;
-        if !errors.is_empty() {
-            return Err(format!("resuming the sockets: {}", errors.join("; ")));
-        }
-    }
     Ok(true)
 }
 
@@ -221,46 +130,33 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
             let path = target
                 .strip_prefix("unix:")
                 .ok_or_else(|| format!("--send {target:?}: want unix:PATH"))?;
-            Some((
-                path.to_string(),
-                UnixStream::connect(path).map_err(|e| format!("--send {path}: {e}"))?,
-            ))
+            let channel = UnixStream::connect(path).map_err(|e| format!("--send {path}: {e}"))?;
+            Some((path.to_string(), channel))
         }
         None => None,
     };
-    let mut sockets: Vec<OwnedFd> = Vec::new();
-    let give_up = |sockets: &[OwnedFd], e: String| {
-        for s in sockets {
-            let _ = abandon(s);
-        }
-        e
-    };
-    for (i, s) in image.sockets.iter().enumerate() {
-        match restore(s) {
-            Ok(stream) => sockets.push(OwnedFd::from(stream)),
-            Err(e) => {
-                let e = format!("socket {i} ({} -> {}): {e}", s.local, s.peer);
-                return Err(give_up(&sockets, e));
-            }
-        }
+    let argv = a.exec.unwrap_or_default();
+    if channel.is_none() && argv.is_empty() {
+        return Err("--exec needs a command".into());
     }
+    let sockets = restore_all(&image).map_err(|e| e.to_string())?;
     eprintln!(
         "{}: {} socket(s) restored",
         a.image.display(),
         sockets.len()
     );
+    let give_up = |e: String| {
+        abandon_all(&sockets);
+        e
+    };
     if let Some((path, channel)) = channel {
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
-        if let Err(e) = send_sockets(&channel, &fds, &image.app_state) {
-            return Err(give_up(&sockets, format!("--send {path}: {e}")));
-        }
+        send_sockets(&channel, &fds, &image.app_state)
+            .map_err(|e| give_up(format!("--send {path}: {e}")))?;
         eprintln!("{} socket(s) sent to {path}", sockets.len());
         return Ok(true);
     }
-    let argv = a.exec.unwrap_or_default();
-    let Some((prog, args)) = argv.split_first() else {
-        return Err(give_up(&sockets, "--exec needs a command".into()));
-    };
+    let (prog, args) = argv.split_first().expect("checked above");
     let mut cmd = Command::new(prog);
     cmd.args(args);
     // The child gets copies; ours make a failed start silent.
@@ -268,11 +164,9 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
         .iter()
         .map(|s| s.try_clone())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| give_up(&sockets, format!("dup: {e}")))?;
-    let mut child = match exec_with_fds(&mut cmd, copies) {
-        Ok(c) => c,
-        Err(e) => return Err(give_up(&sockets, format!("--exec {prog}: {e}"))),
-    };
+        .map_err(|e| give_up(format!("dup: {e}")))?;
+    let mut child =
+        exec_with_fds(&mut cmd, copies).map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
     drop(sockets);
     let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
     Ok(status.success())

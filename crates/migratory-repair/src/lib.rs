@@ -8,6 +8,7 @@
 
 pub mod handoff;
 pub mod image;
+pub mod process;
 mod repair;
 mod sys;
 
