@@ -358,7 +358,15 @@ fn migrate_across_hosts(kind: Peer) {
         app.down_off < DOWN_LEN && app.up_len < UP_LEN,
         "paused mid-stream"
     );
-    // The peer keeps sending into our receive queue for a moment.
+    // The peer keeps sending into our receive queue (wait until some is
+    // there: under load the peer may lag).
+    sock.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(sock.peek(&mut [0u8; 1]), Ok(n) if n > 0) {
+        assert!(Instant::now() < deadline, "the peer sends nothing");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    sock.set_nonblocking(false).unwrap();
     std::thread::sleep(Duration::from_millis(20));
 
     // hostA gives up the address (the peer's segments are now dropped,
