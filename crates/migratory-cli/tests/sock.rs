@@ -17,6 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../../migratory/tests/common/mod.rs"]
+mod common;
+
+use common::free_addrs;
+
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
 
 fn root() -> bool {
@@ -46,10 +51,7 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    free_addrs(1)[0]
 }
 
 fn tmp(name: &str) -> PathBuf {

@@ -142,10 +142,23 @@ fn set_window(fd: BorrowedFd<'_>, w: &RepairWindow) -> Result<(), RepairError> {
         .map_err(sys("TCP_REPAIR_WINDOW"))
 }
 
-/// The receive queue's end (`rcv_nxt`), in repair mode.
-fn rcv_nxt(fd: BorrowedFd<'_>) -> Result<u32, RepairError> {
-    select_queue(fd, TCP_RECV_QUEUE)?;
+/// A queue's sequence number in repair mode: for the receive queue
+/// `rcv_nxt`, for the send queue `write_seq` (its end).
+fn queue_seq(fd: BorrowedFd<'_>, queue: libc::c_int) -> Result<u32, RepairError> {
+    select_queue(fd, queue)?;
     Ok(get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32)
+}
+
+/// Sets where an empty queue starts (repair mode, before `connect`).
+fn set_queue_seq(fd: BorrowedFd<'_>, queue: libc::c_int, seq: u32) -> Result<(), RepairError> {
+    select_queue(fd, queue)?;
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        seq as libc::c_int,
+    )
+    .map_err(sys("TCP_QUEUE_SEQ"))
 }
 
 fn select_queue(fd: BorrowedFd<'_>, queue: libc::c_int) -> Result<(), RepairError> {
@@ -183,8 +196,7 @@ fn read_queue(
     len: usize,
     name: &'static str,
 ) -> Result<(u32, Vec<u8>), RepairError> {
-    select_queue(fd, queue)?;
-    let seq = get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    let seq = queue_seq(fd, queue)?;
     let mut data = vec![0u8; len + 1];
     let n = if len == 0 {
         0
@@ -301,15 +313,14 @@ pub fn unchanged(socket: &impl AsFd, image: &SocketImage) -> Result<bool, Repair
 fn queue_marks(fd: BorrowedFd<'_>) -> Result<[u64; 6], RepairError> {
     let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
         .map_err(sys("TCP_INFO"))?;
-    select_queue(fd, TCP_SEND_QUEUE)?;
-    let snd = get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32;
+    let snd = queue_seq(fd, TCP_SEND_QUEUE)?;
     Ok([
         u64::from(info.tcpi_state),
         queue_len(fd, SIOCOUTQ, "SIOCOUTQ")? as u64,
         queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")? as u64,
         queue_len(fd, SIOCINQ, "SIOCINQ")? as u64,
         u64::from(snd),
-        u64::from(rcv_nxt(fd)?),
+        u64::from(queue_seq(fd, TCP_RECV_QUEUE)?),
     ])
 }
 
@@ -493,22 +504,8 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     ));
     let rcv_start = image.rcv_seq.wrapping_sub(image.received.len() as u32);
     let snd_start = image.snd_seq.wrapping_sub(fin).wrapping_sub(queued as u32);
-    select_queue(fd, TCP_RECV_QUEUE)?;
-    setsockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_QUEUE_SEQ,
-        rcv_start as libc::c_int,
-    )
-    .map_err(sys("TCP_QUEUE_SEQ (receive)"))?;
-    select_queue(fd, TCP_SEND_QUEUE)?;
-    setsockopt_int(
-        fd,
-        libc::IPPROTO_TCP,
-        libc::TCP_QUEUE_SEQ,
-        snd_start as libc::c_int,
-    )
-    .map_err(sys("TCP_QUEUE_SEQ (send)"))?;
+    set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
+    set_queue_seq(fd, TCP_SEND_QUEUE, snd_start)?;
     // In repair mode connect sends no SYN; it still needs a route.
     sock.connect(&image.peer.into())
         .map_err(|e| match e.raw_os_error() {

@@ -9,18 +9,11 @@ use std::time::Duration;
 use migratory_repair::{checkpoint, restore, RepairError, TcpState};
 
 fn root() -> bool {
-    // SAFETY-free check: effective uid from /proc.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("");
-    if euid != "0" {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
         eprintln!("skipped: TCP_REPAIR needs CAP_NET_ADMIN (run the tests as root)");
-        return false;
     }
-    true
+    root
 }
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {

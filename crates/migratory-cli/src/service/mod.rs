@@ -82,6 +82,11 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// The runtime tests' helpers (free loopback addresses).
+#[cfg(test)]
+#[path = "../../../migratory/tests/common/mod.rs"]
+mod test_common;
+
 /// A pool of in-process servers for the services' tests.
 #[cfg(test)]
 pub(crate) mod tests {
@@ -97,29 +102,12 @@ pub(crate) mod tests {
 
     use super::{serve, Kind, Options};
 
+    use super::test_common::free_addrs;
+
     const KEY: &[u8] = b"service test cluster key 0123456789";
 
     /// Bound on every test.
     pub(crate) const TEST_TIMEOUT: Duration = Duration::from_secs(90);
-
-    /// Free loopback addresses: bound, then released for the test to bind.
-    fn free_addrs(n: usize) -> Vec<SocketAddr> {
-        // Below the ephemeral range (32768-60999 by default), so that no
-        // outgoing connection of a concurrent test takes the port between now
-        // and the bind; spread over processes, stepped within one.
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let base = std::process::id().wrapping_mul(7919) % 20_000;
-        let mut held = Vec::new();
-        while held.len() < n {
-            let k = NEXT.fetch_add(1, Ordering::Relaxed);
-            let port = 10_000 + (base + k) % 20_000;
-            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
-                held.push(l);
-            }
-        }
-        held.iter().map(|l| l.local_addr().unwrap()).collect()
-    }
 
     /// Servers `s1..sn` serving one kind of service; each server may have
     /// its own options. Errors of the services (not migrations) are kept.
