@@ -2,16 +2,22 @@
 //! TCP sockets into an image file, restore them here or on another host
 //! (that took over the address) into a cooperating process or a command,
 //! inspect images, and hand a listening socket to a new process for a
-//! zero-downtime restart.
+//! zero-downtime restart. While a connection moves, a network lock
+//! (nftables, `migratory_repair::lock`) keeps its packets from reaching a
+//! socket that is frozen or not yet restored.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
-use migratory_repair::process::{abandon_all, checkpoint_process, restore_all, After};
+use migratory_repair::lock::{self, Direction, DEFAULT_TIMEOUT};
+use migratory_repair::process::{
+    abandon_all, checkpoint_process, image_lock, restore_all, After, CheckpointOptions, FailPoint,
+};
 use migratory_repair::{is_tcp_listener, ImageFile};
 
 /// `migratory sock` subcommands.
@@ -27,6 +33,13 @@ pub enum SockCommand {
     Restore(RestoreArgs),
     /// Print what an image holds.
     Inspect(InspectArgs),
+    /// On the host that will restore an image, drop its connections'
+    /// packets from now on (before the address moves here), until
+    /// `restore` lifts the lock or it expires.
+    Lock(LockArgs),
+    /// Remove network locks: an image's, or every lock this tool left on
+    /// this host (e.g. after it was killed mid-move).
+    Unlock(UnlockArgs),
     /// Zero-downtime restart of a listening service: start a new process
     /// with the old one's listening socket as fd 3 (LISTEN_FDS), then stop
     /// the old one. The socket never closes, so no connection is refused.
@@ -50,6 +63,53 @@ pub struct CheckpointArgs {
     /// it, the sockets leave repair mode and the process continues.
     #[arg(long)]
     kill: bool,
+    #[command(flatten)]
+    lock: LockOpts,
+    /// Fail on purpose after this step (tests of the failure paths):
+    /// stopped, checkpointed, written, verified, lock-checked.
+    #[arg(long, value_name = "STEP", hide = true)]
+    fail_at: Option<FailPoint>,
+}
+
+/// The network lock options.
+#[derive(Args, Debug)]
+pub struct LockOpts {
+    /// Take no network lock: the caller holds the peers' packets back
+    /// itself (the behaviour before locks existed).
+    #[arg(long)]
+    no_lock: bool,
+    /// How long the lock holds if nobody lifts it (e.g. this tool is
+    /// killed): traffic then resumes by itself.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    lock_timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > lock::MAX_TIMEOUT {
+        return Err("must be between 1s and 24h".into());
+    }
+    Ok(d)
+}
+
+/// Options of `migratory sock lock`.
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    /// The image whose connections to lock.
+    #[arg(value_name = "IMAGE")]
+    image: PathBuf,
+    /// How long the lock holds if nobody lifts it.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    lock_timeout: Duration,
+}
+
+/// Options of `migratory sock unlock`.
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Lift only this image's lock. Default: every lock left on this host
+    /// (in this network namespace).
+    #[arg(value_name = "IMAGE")]
+    image: Option<PathBuf>,
 }
 
 /// Options of `migratory sock restore`.
@@ -68,6 +128,9 @@ pub struct RestoreArgs {
     /// TCP:backend:80`.
     #[arg(long, value_name = "CMD", num_args = 1.., allow_hyphen_values = true)]
     exec: Option<Vec<String>>,
+    /// Lift no network lock (none was taken, or the caller lifts it).
+    #[arg(long)]
+    no_lock: bool,
 }
 
 /// Options of `migratory sock inspect`.
@@ -104,13 +167,44 @@ pub fn run(cmd: SockCommand) -> Result<bool, String> {
             println!("{image}");
             Ok(true)
         }
+        SockCommand::Lock(a) => {
+            let image = ImageFile::read_from(&a.image).map_err(|e| e.to_string())?;
+            let lock = image_lock(&image, a.lock_timeout).map_err(|e| e.to_string())?;
+            lock.take(&[Direction::Inbound])
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "{}: {} connection(s) locked for at most {}",
+                a.image.display(),
+                lock.connections().len(),
+                humantime::format_duration(a.lock_timeout)
+            );
+            Ok(true)
+        }
+        SockCommand::Unlock(a) => {
+            let removed = match a.image {
+                Some(path) => {
+                    let image = ImageFile::read_from(&path).map_err(|e| e.to_string())?;
+                    let lock = image_lock(&image, DEFAULT_TIMEOUT).map_err(|e| e.to_string())?;
+                    lock.release().map_err(|e| e.to_string())?;
+                    vec![lock.table().to_string()]
+                }
+                None => lock::release_all().map_err(|e| e.to_string())?,
+            };
+            eprintln!("{} lock table(s) removed", removed.len());
+            Ok(true)
+        }
         SockCommand::Handoff(a) => handoff_cmd(a),
     }
 }
 
 fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
     let after = if a.kill { After::Kill } else { After::Continue };
-    let image = checkpoint_process(a.pid, &a.fds, after, &a.output).map_err(|e| e.to_string())?;
+    let options = CheckpointOptions {
+        lock: (!a.lock.no_lock).then_some(a.lock.lock_timeout),
+        fail_at: a.fail_at,
+    };
+    let image =
+        checkpoint_process(a.pid, &a.fds, after, &a.output, &options).map_err(|e| e.to_string())?;
     eprintln!(
         "{}: {} socket(s) from pid {}",
         a.output.display(),
@@ -139,7 +233,21 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
     if channel.is_none() && argv.is_empty() {
         return Err("--exec needs a command".into());
     }
-    let sockets = restore_all(&image).map_err(|e| e.to_string())?;
+    let lock = if a.no_lock {
+        None
+    } else {
+        Some(image_lock(&image, DEFAULT_TIMEOUT).map_err(|e| e.to_string())?)
+    };
+    let sockets = restore_all(&image, lock.as_ref()).map_err(|e| e.to_string())?;
+    // The sockets are live and the packets flow; the lock's (empty) table
+    // goes once the new owner has them.
+    let release = || {
+        if let Some(lock) = &lock {
+            if let Err(e) = lock.release() {
+                eprintln!("warning: {e}");
+            }
+        }
+    };
     eprintln!(
         "{}: {} socket(s) restored",
         a.image.display(),
@@ -154,6 +262,7 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
         send_sockets(&channel, &fds, &image.app_state)
             .map_err(|e| give_up(format!("--send {path}: {e}")))?;
         eprintln!("{} socket(s) sent to {path}", sockets.len());
+        release();
         return Ok(true);
     }
     let (prog, args) = argv.split_first().expect("checked above");
@@ -168,6 +277,7 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
     let mut child =
         exec_with_fds(&mut cmd, copies).map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
     drop(sockets);
+    release();
     let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
     Ok(status.success())
 }

@@ -1109,10 +1109,16 @@ enum ProcState {
 }
 
 fn process_state(pid: i32) -> Result<ProcState, HandoffError> {
+    Ok(summarize(&thread_states(pid)?))
+}
+
+/// The state letter of every live thread of `pid` (`/proc/PID/task/*/stat`;
+/// empty if the process is gone).
+pub(crate) fn thread_states(pid: i32) -> Result<Vec<char>, HandoffError> {
     let dir = format!("/proc/{pid}/task");
     let tasks = match fs::read_dir(&dir) {
         Ok(tasks) => tasks,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ProcState::Gone),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(os(format!("reading {dir}"), e)),
     };
     let mut states = Vec::new();
@@ -1125,7 +1131,7 @@ fn process_state(pid: i32) -> Result<ProcState, HandoffError> {
             }
         }
     }
-    Ok(summarize(&states))
+    Ok(states)
 }
 
 /// The state letter of a `/proc/.../stat` line: the first field after the

@@ -8,11 +8,14 @@
 
 pub mod handoff;
 pub mod image;
+pub mod lock;
 pub mod process;
 mod repair;
 mod sys;
 
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
+pub use lock::{Connection, NetLock};
 pub use repair::{
-    abandon, checkpoint, is_tcp_listener, restore, resume, state_name, unchanged, RepairError,
+    abandon, bytes_received, checkpoint, connection, is_tcp_listener, prepare, restore, resume,
+    state_name, unchanged, Prepared, RepairError,
 };

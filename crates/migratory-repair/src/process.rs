@@ -1,21 +1,59 @@
 //! MIGSOCK's controlling program (seed 004, start_migrate and
 //! finish_migrate): checkpoint the TCP sockets of a running process into an
-//! image file, and restore an image's sockets to hand them on. Nothing is
-//! left half-done: a failed checkpoint resumes the sockets and the process,
-//! a failed restore closes what it restored silently.
+//! image file, and restore an image's sockets to hand them on.
+//!
+//! # A checkpoint never loses the connection
+//!
+//! With a network lock (the default, [`CheckpointOptions::lock`]):
+//!
+//! 1. the sockets are taken from the running process (`pidfd_getfd`) and
+//!    our packets to their peers are dropped ([`Direction::Outbound`]):
+//!    a peer that streams stops once its window is out, with everything
+//!    it sent in our receive queue;
+//! 2. then the peers' packets are dropped too ([`Direction::Inbound`]),
+//!    and the process gets a moment to finish with what it already
+//!    received (until all its threads sleep);
+//! 3. the process is stopped, the sockets frozen (repair mode) and read,
+//!    the image written, read back and compared, and the lock checked;
+//! 4. only then is the process killed ([`After::Kill`]); its sockets close
+//!    silently, and the lock stays until the restore lifts it.
+//!
+//! A failure at any point before 4 lifts the lock, takes the sockets out
+//! of repair mode, lets the process continue and removes the image: the
+//! peer sees at most a pause. [`FailPoint`] forces such failures in tests.
+//!
+//! A failed restore closes what it restored silently and keeps the lock:
+//! the image still holds the connections, and can be restored again.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::handoff::{self, HandoffError};
+use crate::handoff::{self, HandoffError, Stopped};
 use crate::image::{ImageError, ImageFile};
-use crate::repair::{abandon, checkpoint, restore, resume, unchanged, RepairError};
+use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
+use crate::repair::{
+    abandon, bytes_received, checkpoint, connection, prepare, resume, unchanged, RepairError,
+};
 
 /// Times a killed process's sockets are checked again (and re-read) before
 /// they close.
 const RECHECKS: usize = 10;
+
+/// How long the peers must have sent nothing new, with our packets to them
+/// held back, before theirs are dropped too.
+const PEERS_QUIET: Duration = Duration::from_millis(2);
+
+/// The longest the outbound-only phase of the lock lasts (a peer with a
+/// large window may not run out of it sooner).
+const PEERS_QUIET_MAX: Duration = Duration::from_millis(30);
+
+/// The longest the process gets, once the lock holds, to finish with what
+/// it received before it is stopped.
+const SETTLE_MAX: Duration = Duration::from_millis(50);
 
 /// What becomes of the process once its sockets are in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +63,78 @@ pub enum After {
     Kill,
     /// Resume its sockets and let it carry on (a snapshot).
     Continue,
+}
+
+/// A step of [`checkpoint_process`] after which a test can make it fail
+/// (fault injection), to see that nothing is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailPoint {
+    /// The process is stopped, its sockets not yet frozen.
+    Stopped,
+    /// Every socket is frozen and read.
+    Checkpointed,
+    /// The image is written.
+    Written,
+    /// The image is read back and matches.
+    Verified,
+    /// The lock was checked to hold; the process would be killed next.
+    LockChecked,
+}
+
+impl FailPoint {
+    /// Every point, in the order they are passed.
+    pub const ALL: [FailPoint; 5] = [
+        FailPoint::Stopped,
+        FailPoint::Checkpointed,
+        FailPoint::Written,
+        FailPoint::Verified,
+        FailPoint::LockChecked,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailPoint::Stopped => "stopped",
+            FailPoint::Checkpointed => "checkpointed",
+            FailPoint::Written => "written",
+            FailPoint::Verified => "verified",
+            FailPoint::LockChecked => "lock-checked",
+        }
+    }
+}
+
+impl FromStr for FailPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FailPoint, String> {
+        FailPoint::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = FailPoint::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown fail point {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// How [`checkpoint_process`] goes about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointOptions {
+    /// Lock the connections while they move, for at most this long if
+    /// nobody lifts the lock; `None` takes no lock (the caller holds the
+    /// peers' packets back itself).
+    pub lock: Option<Duration>,
+    /// Fail on purpose after this step (tests).
+    pub fail_at: Option<FailPoint>,
+}
+
+impl Default for CheckpointOptions {
+    fn default() -> Self {
+        CheckpointOptions {
+            lock: Some(DEFAULT_TIMEOUT),
+            fail_at: None,
+        }
+    }
 }
 
 /// What can go wrong checkpointing a process or restoring an image.
@@ -64,6 +174,15 @@ pub enum ProcessError {
     /// The image could not be written or read.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The image read back differs from the one written.
+    #[error("{0}: the image read back differs from the one written")]
+    Verify(String),
+    /// The network lock could not be taken, checked or lifted.
+    #[error("network lock: {0}")]
+    Lock(#[from] LockError),
+    /// A failure forced by [`CheckpointOptions::fail_at`].
+    #[error("failure injected after step {}", .0.name())]
+    Injected(FailPoint),
     /// Data kept arriving at the frozen sockets after the process was
     /// killed: the peers' packets must be held back.
     #[error("the peers keep sending: hold their packets back while checkpointing")]
@@ -80,78 +199,204 @@ pub enum ProcessError {
     },
 }
 
-/// Stops process `pid`, checkpoints its sockets `fds` (empty: every
-/// connected TCP socket it has), writes the image to `output`, then kills
-/// the process or lets it continue. On any error the sockets leave repair
-/// mode and the process continues.
+/// The sockets taken from the process: its descriptor number and our copy.
+type Taken = Vec<(RawFd, OwnedFd)>;
+
+/// Checkpoints the sockets `fds` (empty: every connected TCP socket) of
+/// process `pid` into the image file `output`, then kills the process or
+/// lets it continue (see the [module docs](self) for the steps). On any
+/// error the process continues, its sockets leave repair mode, the lock is
+/// lifted and no image is left at `output`.
 ///
-/// With [`After::Kill`], a frozen socket still takes in what its peer sends
-/// until it closes: each is checked again after the kill, and re-read (and
-/// the image rewritten) if anything came.
+/// Without a lock the process is stopped first, and with [`After::Kill`] a
+/// frozen socket still takes in what its peer sends until it closes: each
+/// is checked again after the kill, and re-read (and the image rewritten)
+/// if anything came.
 pub fn checkpoint_process(
     pid: i32,
     fds: &[RawFd],
     after: After,
     output: &Path,
+    options: &CheckpointOptions,
 ) -> Result<ImageFile, ProcessError> {
     let process = |source| ProcessError::Process { pid, source };
-    let stopped = handoff::stop(pid).map_err(process)?;
+    let Some(timeout) = options.lock else {
+        let stopped = handoff::stop(pid).map_err(process)?;
+        let taken = take_sockets(pid, fds, |fd| stopped.take_fd(fd))?;
+        return finish_checkpoint(pid, stopped, taken, None, after, output, options);
+    };
+    // With a lock: the sockets are taken and locked while the process
+    // runs, so that it can finish with what it received before it stops.
+    let taken = take_sockets(pid, fds, |fd| handoff::take_fd(pid, fd))?;
+    let conns = taken
+        .iter()
+        .map(|(fd, s)| {
+            connection(s).map_err(|source| ProcessError::Socket {
+                pid,
+                fd: *fd,
+                source,
+            })
+        })
+        .collect::<Result<Vec<Connection>, _>>()?;
+    let lock = NetLock::new(&conns, timeout)?;
+    lock.take(&[Direction::Outbound])?;
+    let locked = (|| {
+        wait_peers_quiet(&taken);
+        lock.block(Direction::Inbound)?;
+        wait_settled(pid);
+        handoff::stop(pid).map_err(process)
+    })();
+    let stopped = match locked {
+        Ok(stopped) => stopped,
+        Err(e) => {
+            let _ = lock.release();
+            return Err(e);
+        }
+    };
+    finish_checkpoint(pid, stopped, taken, Some(&lock), after, output, options)
+}
+
+/// The descriptors to take (all sockets when `fds` is empty, keeping the
+/// connected TCP ones), taken with `take`.
+fn take_sockets(
+    pid: i32,
+    fds: &[RawFd],
+    take: impl Fn(RawFd) -> Result<OwnedFd, HandoffError>,
+) -> Result<Taken, ProcessError> {
     let auto = fds.is_empty();
     let fds = if auto {
-        handoff::socket_fds(pid).map_err(process)?
+        handoff::socket_fds(pid).map_err(|source| ProcessError::Process { pid, source })?
     } else {
         fds.to_vec()
     };
-    let mut taken: Vec<(RawFd, OwnedFd)> = Vec::new();
+    let mut taken = Vec::new();
     for fd in fds {
-        match stopped.take_fd(fd) {
-            Ok(s) => taken.push((fd, s)),
+        let sock = match take(fd) {
+            Ok(s) => s,
             // Picking automatically: a descriptor closed since the listing.
-            Err(HandoffError::NoSuchFd { .. }) if auto => {}
+            Err(HandoffError::NoSuchFd { .. }) if auto => continue,
             Err(source) => return Err(ProcessError::Fd { pid, fd, source }),
-        }
-    }
-    let mut image = ImageFile::default();
-    let mut frozen: Vec<&OwnedFd> = Vec::new();
-    let mut failure = None;
-    for (fd, sock) in &taken {
-        match checkpoint(sock) {
-            Ok(s) => {
-                image.sockets.push(s);
-                frozen.push(sock);
-            }
+        };
+        match connection(&sock) {
+            Ok(_) => taken.push((fd, sock)),
             // Picking automatically: listeners and other sockets stay.
             Err(RepairError::NotTcp | RepairError::Listening) if auto => {}
-            Err(source) => {
-                failure = Some(ProcessError::Socket {
-                    pid,
-                    fd: *fd,
-                    source,
-                });
-                break;
-            }
+            Err(source) => return Err(ProcessError::Socket { pid, fd, source }),
         }
     }
-    if failure.is_none() && image.sockets.is_empty() {
-        failure = Some(ProcessError::NoSockets(pid));
+    if taken.is_empty() {
+        return Err(ProcessError::NoSockets(pid));
     }
-    if failure.is_none() {
-        failure = image.write_to(output).err().map(ProcessError::from);
+    Ok(taken)
+}
+
+/// With our packets held back, waits (at most [`PEERS_QUIET_MAX`]) until
+/// no socket has received anything for [`PEERS_QUIET`].
+fn wait_peers_quiet(taken: &Taken) {
+    let total = || {
+        taken
+            .iter()
+            .map(|(_, s)| bytes_received(s).unwrap_or(0))
+            .sum::<u64>()
+    };
+    let start = Instant::now();
+    let mut last = total();
+    let mut since = Instant::now();
+    while start.elapsed() < PEERS_QUIET_MAX && since.elapsed() < PEERS_QUIET {
+        std::thread::sleep(Duration::from_micros(200));
+        let now = total();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
     }
-    if let Some(e) = failure {
-        for (s, img) in frozen.iter().zip(&image.sockets) {
-            let _ = resume(*s, img);
+}
+
+/// Waits (at most [`SETTLE_MAX`]) until every thread of `pid` sleeps, seen
+/// twice in a row: a server that only reacts to its peers has then done
+/// with what it received (nothing new can arrive through the lock).
+fn wait_settled(pid: i32) {
+    let start = Instant::now();
+    let mut asleep = 0;
+    while asleep < 2 && start.elapsed() < SETTLE_MAX {
+        match handoff::thread_states(pid) {
+            Ok(states) if !states.is_empty() && states.iter().all(|&s| s == 'S') => asleep += 1,
+            _ => asleep = 0,
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Steps 3 and 4 of the [module docs](self), with the process stopped.
+fn finish_checkpoint(
+    pid: i32,
+    stopped: Stopped,
+    taken: Taken,
+    lock: Option<&NetLock>,
+    after: After,
+    output: &Path,
+    options: &CheckpointOptions,
+) -> Result<ImageFile, ProcessError> {
+    let process = |source| ProcessError::Process { pid, source };
+    let fail = |point| match options.fail_at {
+        Some(p) if p == point => Err(ProcessError::Injected(point)),
+        _ => Ok(()),
+    };
+    let mut image = ImageFile::default();
+    let mut written = false;
+    let result = (|| {
+        fail(FailPoint::Stopped)?;
+        for (fd, sock) in &taken {
+            let s = checkpoint(sock).map_err(|source| ProcessError::Socket {
+                pid,
+                fd: *fd,
+                source,
+            })?;
+            image.sockets.push(s);
+        }
+        fail(FailPoint::Checkpointed)?;
+        image.write_to(output)?;
+        written = true;
+        fail(FailPoint::Written)?;
+        if ImageFile::read_from(output)? != image {
+            return Err(ProcessError::Verify(output.display().to_string()));
+        }
+        fail(FailPoint::Verified)?;
+        if let Some(lock) = lock {
+            lock.check(Direction::Inbound)?;
+        }
+        fail(FailPoint::LockChecked)
+    })();
+    let frozen = || taken.iter().zip(&image.sockets);
+    if let Err(e) = result {
+        // Undo in order: packets flow again, the sockets leave repair mode
+        // (the kernel's window probe then finds where the peer is), the
+        // process continues, the lock's table and the image go.
+        if let Some(lock) = lock {
+            let _ = lock.unblock(&[Direction::Inbound, Direction::Outbound]);
+        }
+        for ((_, s), img) in frozen() {
+            let _ = resume(s, img);
         }
         // (The guard resumes the process when dropped.)
         drop(stopped);
+        if let Some(lock) = lock {
+            let _ = lock.release();
+        }
+        if written {
+            let _ = std::fs::remove_file(output);
+        }
         return Err(e);
     }
     match after {
         After::Continue => {
+            if let Some(lock) = lock {
+                let _ = lock.unblock(&[Direction::Inbound, Direction::Outbound]);
+            }
             // Every socket is resumed before any error is reported.
             let mut first_error = None;
-            for ((fd, _), (s, img)) in taken.iter().zip(frozen.iter().zip(&image.sockets)) {
-                if let Err(source) = resume(*s, img) {
+            for ((fd, s), img) in frozen() {
+                if let Err(source) = resume(s, img) {
                     first_error.get_or_insert(ProcessError::Socket {
                         pid,
                         fd: *fd,
@@ -160,23 +405,23 @@ pub fn checkpoint_process(
                 }
             }
             stopped.resume().map_err(process)?;
+            if let Some(lock) = lock {
+                lock.release()?;
+            }
             first_error.map_or(Ok(image), Err)
         }
         After::Kill => {
             stopped.kill().map_err(process)?;
             for _ in 0..RECHECKS {
                 let mut changed = false;
-                for ((fd, _), (sock, img)) in taken
-                    .iter()
-                    .zip(frozen.iter().zip(image.sockets.iter_mut()))
-                {
+                for ((fd, sock), img) in taken.iter().zip(image.sockets.iter_mut()) {
                     let socket = |source| ProcessError::Socket {
                         pid,
                         fd: *fd,
                         source,
                     };
-                    if !unchanged(*sock, img).map_err(socket)? {
-                        *img = checkpoint(*sock).map_err(socket)?;
+                    if !unchanged(sock, img).map_err(socket)? {
+                        *img = checkpoint(sock).map_err(socket)?;
                         changed = true;
                     }
                 }
@@ -190,25 +435,58 @@ pub fn checkpoint_process(
     }
 }
 
-/// Restores every socket of `image`. If one fails, those already restored
-/// are abandoned (closed silently: the image still holds their
-/// connections).
-pub fn restore_all(image: &ImageFile) -> Result<Vec<OwnedFd>, ProcessError> {
-    let mut sockets = Vec::with_capacity(image.sockets.len());
+/// Restores every socket of `image`: all are rebuilt in repair mode
+/// first, then `lock` (the image's network lock on this host, if any) lets
+/// their packets through, then each goes live. If one fails, those already
+/// restored are abandoned (closed silently: the image still holds their
+/// connections) and the lock, if it was not lifted yet, stays.
+///
+/// The lock's table is left in place (empty): remove it with
+/// [`NetLock::release`] once the sockets are handed on (that takes tens of
+/// milliseconds, which the new owner should not wait for).
+pub fn restore_all(
+    image: &ImageFile,
+    lock: Option<&NetLock>,
+) -> Result<Vec<OwnedFd>, ProcessError> {
+    let failed = |index: usize, source: RepairError| {
+        let s = &image.sockets[index];
+        ProcessError::Restore {
+            index,
+            connection: format!("{} -> {}", s.local, s.peer),
+            source: Box::new(source),
+        }
+    };
+    let mut prepared = Vec::with_capacity(image.sockets.len());
     for (index, s) in image.sockets.iter().enumerate() {
-        match restore(s) {
+        prepared.push(prepare(s).map_err(|e| failed(index, e))?);
+    }
+    if let Some(lock) = lock {
+        lock.unblock(&[Direction::Inbound, Direction::Outbound])?;
+    }
+    let mut sockets = Vec::with_capacity(prepared.len());
+    for (index, p) in prepared.into_iter().enumerate() {
+        match p.go_live() {
             Ok(stream) => sockets.push(OwnedFd::from(stream)),
             Err(source) => {
                 abandon_all(&sockets);
-                return Err(ProcessError::Restore {
-                    index,
-                    connection: format!("{} -> {}", s.local, s.peer),
-                    source: Box::new(source),
-                });
+                return Err(failed(index, source));
             }
         }
     }
     Ok(sockets)
+}
+
+/// The network lock of an image's connections (the same on every host).
+pub fn image_lock(image: &ImageFile, timeout: Duration) -> Result<NetLock, LockError> {
+    let conns: Vec<Connection> = image
+        .sockets
+        .iter()
+        .map(|s| Connection {
+            local: s.local,
+            peer: s.peer,
+        })
+        .collect();
+    NetLock::new(&conns, timeout)
 }
 
 /// Puts restored sockets back into repair mode so that dropping them says
@@ -216,5 +494,19 @@ pub fn restore_all(image: &ImageFile) -> Result<Vec<OwnedFd>, ProcessError> {
 pub fn abandon_all(sockets: &[OwnedFd]) {
     for s in sockets {
         let _ = abandon(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_points_parse_by_name() {
+        for p in FailPoint::ALL {
+            assert_eq!(p.name().parse::<FailPoint>().unwrap(), p);
+        }
+        let e = "nope".parse::<FailPoint>().unwrap_err();
+        assert!(e.contains("lock-checked"), "{e}");
     }
 }

@@ -1,16 +1,21 @@
 //! Checkpoint and restore of one kernel TCP socket with `TCP_REPAIR`
 //! (DESIGN.md section 5; the sequences of `notes/tcp-repair.md`).
 //!
-//! Supported states: ESTABLISHED, and the half-closes where only our side
-//! closed: FIN_WAIT1 (our FIN not yet acknowledged, or not yet sent) and
-//! FIN_WAIT2 (acknowledged; the peer may still send). States where the
-//! peer's FIN was received (CLOSE_WAIT, LAST_ACK, CLOSING) are refused with
-//! [`RepairError::UnsupportedState`]: re-creating a received FIN needs a
-//! forged packet (CRIU injects one through a raw socket), which this crate
-//! does not do.
+//! Every state of an open connection is supported: ESTABLISHED; the
+//! half-closes where only our side closed, FIN_WAIT1 (our FIN not yet
+//! acknowledged, or not yet sent) and FIN_WAIT2; and those where the peer's
+//! FIN was received, CLOSE_WAIT, LAST_ACK and CLOSING. A received FIN
+//! cannot be put into a socket by any socket option: as CRIU does, the
+//! restore re-creates it with a raw packet from the peer's address, marked
+//! [`crate::lock::LOCK_MARK`] so that a network lock lets it through.
+//!
+//! A restored socket sends the data that was in flight (sent, not yet
+//! acknowledged) again at once, instead of waiting for its retransmission
+//! timer (a second for a new socket): the peer may have lost it to the
+//! network lock, and a duplicate costs it nothing.
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
@@ -18,6 +23,7 @@ use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 use thiserror::Error;
 
 use crate::image::{RepairWindow, SocketImage, SocketOptions, TcpState};
+use crate::lock::{Connection, LOCK_MARK};
 use crate::sys::{getsockopt, ioctl_int, recv, send, setsockopt_bytes, setsockopt_int};
 
 // Kernel constants libc lacks (include/uapi/linux/tcp.h, sockios.h).
@@ -39,6 +45,9 @@ const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 /// How long restoring the never-sent tail may wait for send-buffer room.
 const UNSENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a re-created FIN may take to reach the restored socket.
+const FIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What can go wrong checkpointing or restoring a socket.
 #[derive(Debug, Error)]
 pub enum RepairError {
@@ -52,8 +61,17 @@ pub enum RepairError {
     #[error("a listening socket cannot be checkpointed (hand it over instead)")]
     Listening,
     /// The connection is in a state this crate cannot restore.
-    #[error("TCP state {0} is not supported (ESTABLISHED, FIN_WAIT1 and FIN_WAIT2 are)")]
+    #[error("TCP state {0} cannot be moved (a connection that is open, or half-closed, can)")]
     UnsupportedState(&'static str),
+    /// The peer's FIN, re-created with a raw packet, did not take: the
+    /// restored socket did not reach the image's state.
+    #[error("the re-created FIN of the peer was not taken: state {got} instead of {want}")]
+    FinNotTaken {
+        /// The state expected.
+        want: &'static str,
+        /// The state reached.
+        got: &'static str,
+    },
     /// The image's local address does not exist on this host.
     #[error("local address {0} is not on this host: move the address here first")]
     AddressNotLocal(SocketAddr),
@@ -272,12 +290,6 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
     let info = tcp_info(fd)?;
     let state = TcpState::from_linux(info.tcpi_state)
         .ok_or(RepairError::UnsupportedState(state_name(info.tcpi_state)))?;
-    if !matches!(
-        state,
-        TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
-    ) {
-        return Err(RepairError::UnsupportedState(state_name(info.tcpi_state)));
-    }
     let reuseaddr = SockRef::from(&fd).reuse_address().unwrap_or(false);
     let was_repairing = get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
     set_repair(fd, TCP_REPAIR_ON)?;
@@ -296,10 +308,7 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
 pub fn unchanged(socket: &impl AsFd, image: &SocketImage) -> Result<bool, RepairError> {
     let fd = socket.as_fd();
     let [state, outq, _, inq, snd, rcv] = queue_marks(fd)?;
-    let fin = u64::from(matches!(
-        image.state,
-        TcpState::FinWait1 | TcpState::FinWait2
-    ));
+    let fin = u64::from(fin_out(image.state));
     let queued = (image.sent.len() + image.unsent.len()) as u64;
     Ok(state == u64::from(image.state.to_linux())
         && inq == image.received.len() as u64
@@ -340,7 +349,7 @@ fn read_image(
     if marks[0] != u64::from(info.tcpi_state) {
         return Err(RepairError::QueueChanged("state"));
     }
-    let fin_states = matches!(state, TcpState::FinWait1 | TcpState::FinWait2);
+    let fin_states = fin_out(state);
     let mut outq = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
     let mut unsent = queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
     let inq = queue_len(fd, SIOCINQ, "SIOCINQ")?;
@@ -407,53 +416,273 @@ pub fn abandon(socket: &impl AsFd) -> Result<(), RepairError> {
     set_repair(socket.as_fd(), TCP_REPAIR_ON)
 }
 
+/// Whether our FIN is part of the state (sent, or at least queued).
+fn fin_out(state: TcpState) -> bool {
+    matches!(
+        state,
+        TcpState::FinWait1 | TcpState::FinWait2 | TcpState::Closing | TcpState::LastAck
+    )
+}
+
+/// Whether the peer's FIN was received.
+fn fin_in(state: TcpState) -> bool {
+    matches!(
+        state,
+        TcpState::CloseWait | TcpState::LastAck | TcpState::Closing
+    )
+}
+
+/// The connection of a socket that [`checkpoint`] can take: a connected
+/// TCP socket in a state it supports. Reads only (no repair mode): what a
+/// network lock needs before the socket is frozen.
+pub fn connection(socket: &impl AsFd) -> Result<Connection, RepairError> {
+    let fd = socket.as_fd();
+    let info = tcp_info(fd)?;
+    TcpState::from_linux(info.tcpi_state)
+        .ok_or(RepairError::UnsupportedState(state_name(info.tcpi_state)))?;
+    let sock = SockRef::from(&fd);
+    let addr =
+        |a: io::Result<SockAddr>, op| a.map_err(sys(op))?.as_socket().ok_or(RepairError::NotTcp);
+    Ok(Connection {
+        local: addr(sock.local_addr(), "getsockname")?,
+        peer: addr(sock.peer_addr(), "getpeername")?,
+    })
+}
+
+/// Bytes received on a socket so far (`tcpi_bytes_received`): a peer that
+/// still sends makes it grow.
+pub fn bytes_received(socket: &impl AsFd) -> Result<u64, RepairError> {
+    let (info, _) = getsockopt::<libc::tcp_info>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map_err(sys("TCP_INFO"))?;
+    Ok(info.tcpi_bytes_received)
+}
+
 /// Rebuilds a socket from its image: bound to the image's local address
 /// (which must exist on this host), connected to its peer without a
 /// handshake, with its queues, options and window, out of repair mode. The
 /// peer sees no reset and no gap. A half-closed image comes back
 /// half-closed. On any error nothing is left behind (the new socket is
 /// closed silently).
+///
+/// This is [`prepare`] then [`Prepared::go_live`]; a network lock must be
+/// lifted between the two (see [`crate::process::restore_all`]).
 pub fn restore(image: &SocketImage) -> Result<TcpStream, RepairError> {
+    prepare(image)?.go_live()
+}
+
+/// A socket rebuilt from its image, still in repair mode: it sends nothing
+/// yet, and dropping it closes it silently.
+#[derive(Debug)]
+pub struct Prepared<'a> {
+    socket: Socket,
+    image: &'a SocketImage,
+}
+
+/// The first half of [`restore`]: a new socket in repair mode with the
+/// image's addresses, sequence numbers, options, receive queue and window.
+pub fn prepare(image: &SocketImage) -> Result<Prepared<'_>, RepairError> {
     check_image(image)?;
     let domain = Domain::for_address(image.local);
     let sock =
         Socket::new(domain, Type::STREAM, Some(socket2::Protocol::TCP)).map_err(sys("socket"))?;
-    let fd = sock.as_fd();
     sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
-    set_repair(fd, TCP_REPAIR_ON)?;
+    set_repair(sock.as_fd(), TCP_REPAIR_ON)?;
     // From here on, dropping `sock` closes it silently (repair mode).
     rebuild(&sock, image)?;
-    set_repair(fd, TCP_REPAIR_OFF)?;
-    let mut stream = TcpStream::from(sock);
-    if let Err(e) = finish(&mut stream, image) {
-        // Back to repair mode: dropping it now says nothing to the peer.
-        let _ = abandon(&stream);
-        return Err(e);
-    }
-    Ok(stream)
+    Ok(Prepared {
+        socket: sock,
+        image,
+    })
 }
 
-/// After repair mode: the options it clears, the never-sent tail as
-/// ordinary writes, then our FIN if it was never sent either.
+impl Prepared<'_> {
+    /// The second half of [`restore`]: out of repair mode (the kernel sends
+    /// a window probe, whose answer tells the socket where the peer is),
+    /// the peer's FIN re-created if it had been received, the data that
+    /// was in flight and the data never sent written anew, and our FIN
+    /// sent again if it was not acknowledged. On error the socket is put
+    /// back into repair mode and closed silently.
+    pub fn go_live(self) -> Result<TcpStream, RepairError> {
+        let image = self.image;
+        set_repair(self.socket.as_fd(), TCP_REPAIR_OFF)?;
+        let mut stream = TcpStream::from(self.socket);
+        if let Err(e) = finish(&mut stream, image) {
+            // Back to repair mode: dropping it now says nothing to the peer.
+            let _ = abandon(&stream);
+            return Err(e);
+        }
+        Ok(stream)
+    }
+}
+
+/// After repair mode: the options it clears, the peer's FIN, the queued
+/// data as ordinary writes, then our FIN.
 fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError> {
     SockRef::from(&*stream)
         .set_reuse_address(image.options.reuseaddr)
         .map_err(sys("SO_REUSEADDR"))?;
-    if !image.unsent.is_empty() {
+    let fin = u32::from(fin_out(image.state));
+    let queued = image.sent.len() + image.unsent.len();
+    let snd_una = image.snd_seq.wrapping_sub(fin).wrapping_sub(queued as u32);
+    if matches!(image.state, TcpState::CloseWait | TcpState::LastAck) {
+        // ESTABLISHED -> CLOSE_WAIT, before anything of ours is sent.
+        inject_fin(image, snd_una)?;
+        wait_state(stream, &[TcpState::CloseWait.to_linux()], "CLOSE_WAIT")?;
+    }
+    if queued > 0 {
         stream
             .set_write_timeout(Some(UNSENT_TIMEOUT))
             .map_err(sys("SO_SNDTIMEO"))?;
         stream
-            .write_all(&image.unsent)
-            .map_err(sys("send (unsent data)"))?;
+            .write_all(&image.sent)
+            .and_then(|()| stream.write_all(&image.unsent))
+            .map_err(sys("send (queued data)"))?;
         stream.set_write_timeout(None).map_err(sys("SO_SNDTIMEO"))?;
-        if image.state == TcpState::FinWait1 {
-            stream
-                .shutdown(std::net::Shutdown::Write)
-                .map_err(sys("shutdown"))?;
-        }
+    }
+    if fin == 1 && image.state != TcpState::FinWait2 {
+        // FIN_WAIT1 / LAST_ACK / CLOSING: our FIN, not acknowledged, goes
+        // out again after the data.
+        stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(sys("shutdown"))?;
+    }
+    if image.state == TcpState::Closing {
+        // FIN_WAIT1 -> CLOSING (or on, if the peer's ACK of our FIN came
+        // first: FIN_WAIT2 -> TIME_WAIT).
+        inject_fin(image, snd_una)?;
+        wait_state(stream, &[11, 6, 7], "CLOSING")?;
     }
     Ok(())
+}
+
+/// Waits (at most a second) until the socket is in one of `states`.
+fn wait_state(stream: &TcpStream, states: &[u8], want: &'static str) -> Result<(), RepairError> {
+    let start = std::time::Instant::now();
+    loop {
+        let (info, _) =
+            getsockopt::<libc::tcp_info>(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+                .map_err(sys("TCP_INFO"))?;
+        if states.contains(&info.tcpi_state) {
+            return Ok(());
+        }
+        if start.elapsed() > FIN_TIMEOUT {
+            return Err(RepairError::FinNotTaken {
+                want,
+                got: state_name(info.tcpi_state),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// Sends the peer's FIN to the restored socket, as the peer sent it: from
+/// the peer's address and port, sequence number the image's `rcv_seq - 1`,
+/// acknowledging `ack` (which acknowledges nothing new), through a raw
+/// socket whose packets carry [`LOCK_MARK`].
+fn inject_fin(image: &SocketImage, ack: u32) -> Result<(), RepairError> {
+    let window = image.window.snd_wnd >> image.wscale.map_or(0, |(snd, _)| snd);
+    let tcp = tcp_segment(
+        image.peer,
+        image.local,
+        image.rcv_seq.wrapping_sub(1),
+        ack,
+        window.min(0xffff) as u16,
+    );
+    let (domain, packet) = match (image.peer.ip(), image.local.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => (Domain::IPV4, ipv4_packet(src, dst, &tcp)),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => (Domain::IPV6, ipv6_packet(src, dst, &tcp)),
+        _ => return Err(RepairError::InvalidImage("mixed address families".into())),
+    };
+    let raw = Socket::new(domain, Type::RAW, Some(socket2::Protocol::TCP))
+        .map_err(sys("socket (raw)"))?;
+    if domain == Domain::IPV4 {
+        raw.set_header_included_v4(true)
+            .map_err(sys("IP_HDRINCL"))?;
+    } else {
+        raw.set_header_included_v6(true)
+            .map_err(sys("IPV6_HDRINCL"))?;
+    }
+    raw.set_mark(LOCK_MARK).map_err(sys("SO_MARK"))?;
+    let to = SocketAddr::new(image.local.ip(), 0);
+    raw.send_to(&packet, &to.into())
+        .map_err(sys("send (raw FIN)"))?;
+    Ok(())
+}
+
+/// A 20-byte TCP header with FIN and ACK set and its checksum over the
+/// pseudo-header of `src -> dst`.
+fn tcp_segment(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, window: u16) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h.extend_from_slice(&seq.to_be_bytes());
+    h.extend_from_slice(&ack.to_be_bytes());
+    h.push(5 << 4); // data offset: 5 words, no options
+    h.push(0x11); // FIN | ACK
+    h.extend_from_slice(&window.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    let mut pseudo = Vec::with_capacity(40 + h.len());
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            pseudo.extend_from_slice(&s.octets());
+            pseudo.extend_from_slice(&d.octets());
+            pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+            pseudo.extend_from_slice(&(h.len() as u16).to_be_bytes());
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            };
+            pseudo.extend_from_slice(&v6(s));
+            pseudo.extend_from_slice(&v6(d));
+            pseudo.extend_from_slice(&(h.len() as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, libc::IPPROTO_TCP as u8]);
+        }
+    }
+    pseudo.extend_from_slice(&h);
+    let sum = checksum(&pseudo);
+    h[16..18].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet around `payload` (the kernel fills in the header
+/// checksum and, if zero, the id).
+fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(20 + payload.len());
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0x40, 0]); // id, don't fragment
+    p.extend_from_slice(&[64, libc::IPPROTO_TCP as u8, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An IPv6 packet around `payload`.
+fn ipv6_packet(src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40 + payload.len());
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[libc::IPPROTO_TCP as u8, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(payload);
+    p
 }
 
 fn check_image(image: &SocketImage) -> Result<(), RepairError> {
@@ -463,12 +692,6 @@ fn check_image(image: &SocketImage) -> Result<(), RepairError> {
     }
     if image.wscale.is_some_and(|(s, r)| s > 14 || r > 14) {
         return bad("window scale above 14");
-    }
-    if !matches!(
-        image.state,
-        TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
-    ) {
-        return Err(RepairError::UnsupportedState(image.state.name()));
     }
     if image.state == TcpState::FinWait2 && !(image.sent.is_empty() && image.unsent.is_empty()) {
         return bad("FIN_WAIT2 with data still queued to send");
@@ -496,14 +719,17 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         sock.set_recv_buffer_size(want).map_err(sys("SO_RCVBUF"))?;
     }
     // Sequence numbers: the receive queue starts `received` bytes before
-    // rcv_nxt, the send queue `sent + unsent` bytes before write_seq (less
-    // our FIN's number in the FIN states).
-    let fin = u32::from(matches!(
-        image.state,
-        TcpState::FinWait1 | TcpState::FinWait2
-    ));
-    let rcv_start = image.rcv_seq.wrapping_sub(image.received.len() as u32);
-    let snd_start = image.snd_seq.wrapping_sub(fin).wrapping_sub(queued as u32);
+    // rcv_nxt (less the peer's FIN, re-created after repair mode); the send
+    // queue starts at snd_una, `sent + unsent` bytes before write_seq (less
+    // our FIN): everything from snd_una is written again once live.
+    let rcv_start = image
+        .rcv_seq
+        .wrapping_sub(u32::from(fin_in(image.state)))
+        .wrapping_sub(image.received.len() as u32);
+    let snd_start = image
+        .snd_seq
+        .wrapping_sub(u32::from(fin_out(image.state)))
+        .wrapping_sub(queued as u32);
     set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
     set_queue_seq(fd, TCP_SEND_QUEUE, snd_start)?;
     // In repair mode connect sends no SYN; it still needs a route.
@@ -540,14 +766,21 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     }
     select_queue(fd, TCP_RECV_QUEUE)?;
     fill_queue(fd, &image.received, "send (receive queue)")?;
-    select_queue(fd, TCP_SEND_QUEUE)?;
-    fill_queue(fd, &image.sent, "send (send queue)")?;
-    if fin == 1 && image.unsent.is_empty() {
-        // Our FIN was sent: queue it as sent, with the send queue selected.
+    if image.state == TcpState::FinWait2 {
+        // Our FIN was sent and acknowledged: queue it as sent, with the
+        // send queue selected (the window probe's answer acknowledges it).
+        select_queue(fd, TCP_SEND_QUEUE)?;
         sock.shutdown(std::net::Shutdown::Write)
             .map_err(sys("shutdown (repair)"))?;
     }
-    set_window(fd, &image.window)?;
+    // The kernel refuses a window update point past rcv_nxt: without the
+    // peer's FIN (re-created later), rcv_nxt is one less than it was.
+    let mut window = image.window;
+    let rcv_nxt = rcv_start.wrapping_add(image.received.len() as u32);
+    if (window.rcv_wup.wrapping_sub(rcv_nxt) as i32) > 0 {
+        window.rcv_wup = rcv_nxt;
+    }
+    set_window(fd, &window)?;
     let o = &image.options;
     sock.set_tcp_nodelay(o.nodelay)
         .map_err(sys("TCP_NODELAY"))?;

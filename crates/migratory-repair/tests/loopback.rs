@@ -167,25 +167,49 @@ fn fin_wait1_with_unsent_data_restores_and_finishes() {
 }
 
 #[test]
-fn peer_closed_states_and_bad_descriptors_are_refused() {
+fn bad_descriptors_are_refused() {
     if !root() {
         return;
     }
-    let (ours, peer) = pair();
-    peer.shutdown(Shutdown::Write).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
-    match checkpoint(&ours) {
-        Err(RepairError::UnsupportedState(s)) => assert_eq!(s, "CLOSE_WAIT"),
-        other => panic!("{other:?}"),
-    }
-    // Refused before repair mode: the socket still works.
-    (&ours).write_all(b"x").unwrap();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     assert!(matches!(checkpoint(&l), Err(RepairError::Listening)));
     let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     assert!(matches!(checkpoint(&u), Err(RepairError::NotTcp)));
     let f = std::fs::File::open("/proc/self/status").unwrap();
     assert!(matches!(checkpoint(&f), Err(RepairError::NotTcp)));
+}
+
+/// CLOSE_WAIT: the peer's FIN was received, we still have data both ways
+/// (unread from the peer, unsent to it). The restored socket gets the FIN
+/// again (a raw packet) and reads it after the data; our data and FIN
+/// reach the peer.
+#[test]
+fn close_wait_restores_with_the_peers_fin() {
+    if !root() {
+        return;
+    }
+    let (ours, mut peer) = pair();
+    let up = pattern(50_000, 7);
+    peer.write_all(&up).unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let down = pattern(30_000, 8);
+    (&ours).write_all(&down).unwrap();
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.state, TcpState::CloseWait);
+    assert_eq!(image.received, up);
+    drop(ours);
+    let mut restored = restore(&image).expect("restore");
+    let mut got = Vec::new();
+    restored.read_to_end(&mut got).unwrap();
+    assert!(got == up, "up stream exact, then the peer's FIN");
+    restored.write_all(b"after").unwrap();
+    restored.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    peer.read_to_end(&mut back).unwrap();
+    let mut want = down.clone();
+    want.extend_from_slice(b"after");
+    assert!(back == want, "down stream exact, then our FIN");
 }
 
 #[test]
