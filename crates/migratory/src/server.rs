@@ -752,6 +752,7 @@ impl Shared {
                     let _ = tx.send(Out::Close);
                 }
             }
+            ServerEvent::Attached { .. } => {}
             // Plain clients are recognised before a connection reaches the core.
             ServerEvent::PlainClient { inc, .. } => {
                 st.conns.remove(&inc);

@@ -1,0 +1,1358 @@
+//! One session's state machine at one server: its two byte streams with
+//! their logs and windows, half-closes, the application's snapshot, the
+//! gating of acknowledgements on its backup, and the client connection
+//! (incarnation) it is attached to.
+//!
+//! A [`Session`] is driven by whoever holds it — in the tokio runtime, the
+//! task that owns its client socket, under the session's own lock — and
+//! talks to its [`Endpoint`](super::Endpoint) only through
+//! [`Session::poll_endpoint_event`] (session finished, a deadline to
+//! watch) and [`Session::poll_control`] (messages for peers). The
+//! endpoint calls in for what arrives on the control plane (a state
+//! request, a replication acknowledgement, a trigger).
+//!
+//! # Driving it
+//!
+//! * [`Session::handle_input`] with every byte read from the attached
+//!   incarnation, [`Session::handle_incarnation_closed`] when it ends;
+//! * while the socket is writable and [`Session::wants_transmit`] says so,
+//!   [`Session::poll_transmit`], then [`Session::on_transmitted`] with the
+//!   number of bytes the socket took — bytes count as sent only then, and
+//!   a client that acknowledges more is closed with a protocol error;
+//! * the application's [`Session::read`], [`Session::write`],
+//!   [`Session::snapshot`], [`Session::close_write`], [`Session::release`];
+//! * after each of these, drain [`Session::poll_event`] (wakeups for the
+//!   application, connections to close), [`Session::poll_control`] and
+//!   [`Session::poll_endpoint_event`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::Limits;
+use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
+use crate::error::{AppError, ProtocolError, SessionError};
+use crate::frame::{Frame, Migrate, MigrateRequest, RejectReason};
+use crate::mac::verify_migrate;
+use crate::stream::{take_scratch, ByteQueue};
+use crate::sync::resume_point;
+use crate::types::{Epoch, IncarnationId, MigrationCause, Pos, Secret, ServerId, SessionId};
+
+use super::events::{Direction, MigrationOutcome, MigrationReport, ServerEvent, SessionInfo};
+use super::replica::{image_of, Held};
+use super::{ServerConfig, SessionHandle, FINISHED_TEXT};
+
+/// Where a session stands. One declared state instead of a set of flags:
+/// every transition is a method of [`Session`].
+#[derive(Debug)]
+enum Lifecycle {
+    /// The application serves it.
+    Live(Link),
+    /// The application released it; it finishes its close with the client
+    /// (input is discarded, the down direction is closed).
+    Releasing(Link),
+    /// Its state was handed to a destination for a migration (MTCP 4.2.3,
+    /// "once S1 receives the state request"); it waits for the
+    /// destination's StateAck, or for the client to come back for it.
+    Frozen(Frozen),
+    /// Gone from this server: finished, moved away, or dropped. Calls on it
+    /// fail with this error.
+    Ended(SessionError),
+}
+
+/// The client connection of a live session.
+#[derive(Debug, Clone, Copy)]
+enum Link {
+    /// Attached to this incarnation.
+    Attached(IncarnationId),
+    /// No connection since then; dropped after the orphan timeout unless
+    /// the client comes back.
+    Orphaned(Instant),
+}
+
+#[derive(Debug)]
+struct Frozen {
+    deadline: Instant,
+    /// When the first state request came, and why the client migrated.
+    since: Instant,
+    cause: MigrationCause,
+    /// State requests answered from this frozen state: (requester, req).
+    replied: Vec<(ServerId, u64)>,
+}
+
+#[derive(Debug)]
+struct Backup {
+    server: ServerId,
+    live: bool,
+    /// The replica holds every up byte below this.
+    held_up: Pos,
+    /// Down bytes below this were sent to the replica.
+    down_sent: Pos,
+    /// Last client ack forwarded.
+    acked_sent: Pos,
+    /// The epoch of the replica's last acknowledgement since the last full
+    /// state was sent.
+    acked_epoch: Option<Epoch>,
+}
+
+/// Something a [`Session`] tells its endpoint (see
+/// [`Endpoint::handle_endpoint_event`](super::Endpoint::handle_endpoint_event)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointEvent(pub(super) EndpointEventKind);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum EndpointEventKind {
+    /// The session's next deadline; the endpoint calls
+    /// [`Session::handle_timeout`] then.
+    Deadline(Instant),
+    /// The session ended here and leaves the session table: finished
+    /// (remembered as a tombstone), moved away (StateAck), or dropped.
+    Ended { finished: bool, moved: bool },
+    /// A migration of this session ended (for metrics).
+    Report(MigrationReport),
+}
+
+/// One session at one server. See the module documentation.
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    handle: SessionHandle,
+    cfg: Arc<ServerConfig>,
+    lifecycle: Lifecycle,
+    secret: Secret,
+    epoch: Epoch,
+    /// Next epoch this copy may hand out (one owner per epoch).
+    next_epoch: Epoch,
+    /// The newest Migrate attempt served: older ones still in flight are
+    /// superseded.
+    last_attempt: u64,
+    /// When the session started or arrived here.
+    since: Instant,
+    /// StateAck owed to the origin once the client confirms this incarnation.
+    owed_ack: Option<(ServerId, u64)>,
+    /// The epoch the client knew before this install, accepted until the
+    /// client confirms the new incarnation (its Resumed may be lost).
+    prev_epoch: Option<Epoch>,
+    // Up stream: [rcv_snap, rcv_nxt) is the read log plus receive buffer.
+    up: ByteQueue,
+    /// Position of the next byte arriving on the current incarnation; below
+    /// `rcv_nxt` after a resume from the commit point (a resend overlap).
+    rx_pos: Pos,
+    app_read: Pos,
+    up_fin: Option<Pos>,
+    ack_sent: Pos,
+    limit_sent: Pos,
+    fin_ack_sent: bool,
+    ack_due: bool,
+    // Down stream: [snd_una, app_write + discard) is the retransmit buffer.
+    down: ByteQueue,
+    /// Next down byte to frame on this incarnation.
+    snd_nxt: Pos,
+    /// Down bytes below this are in frames the socket took.
+    snd_taken: Pos,
+    app_write: Pos,
+    discard: u64,
+    down_snap: Pos,
+    down_limit: Pos,
+    down_fin: Option<Pos>,
+    fin_sent: bool,
+    fin_acked: bool,
+    snap_down_fin: Option<Pos>,
+    app_state: Bytes,
+    backup: Option<Backup>,
+    // The incarnation's wire.
+    /// Input not yet decoded.
+    rx: BytesMut,
+    /// Frames to send before any data (Welcome, Resumed, Pong, Trigger).
+    out: VecDeque<Frame>,
+    /// Wire bytes handed out by `poll_transmit` / taken by the socket on
+    /// this incarnation.
+    wire_out: u64,
+    wire_taken: u64,
+    /// (wire offset after a Data frame, down position after it), for the
+    /// frames handed out but not yet taken.
+    in_flight: VecDeque<(u64, Pos)>,
+    scratch: BytesMut,
+    // What the holder must act on.
+    events: VecDeque<ServerEvent>,
+    control: VecDeque<(ServerId, ControlMessage)>,
+    to_endpoint: VecDeque<EndpointEvent>,
+    /// The last time seen in a call.
+    last_now: Instant,
+}
+
+/// How a session starts at this server.
+pub(super) enum Start {
+    /// A new session (Hello) with the client's receive window.
+    Hello { window: u64 },
+    /// A migrated session, for this request; StateAck owed to the origin
+    /// once the client confirms the incarnation.
+    Resume {
+        request: MigrateRequest,
+        owed_ack: Option<(ServerId, u64)>,
+    },
+}
+
+/// What a client's Migrate to the session's own server did
+/// ([`Session::resume_here`]).
+pub(super) enum ResumeHere {
+    /// The client is attached to its live session on a new incarnation.
+    Reattached,
+    /// The session was frozen: resume from this image as a new arrival
+    /// (the old application instance stopped).
+    FromFrozen { image: SessionImage, epoch: Epoch },
+    /// Refused.
+    Reject(RejectReason, &'static str),
+}
+
+impl Session {
+    /// Installs a session from `image` attached to `inc` (MTCP 4.2.3,
+    /// "once the state reply reaches S2"); `rx` is what the connection
+    /// sent after its first frame. Queues Welcome or Resumed.
+    pub(super) fn install(
+        cfg: Arc<ServerConfig>,
+        handle: SessionHandle,
+        inc: IncarnationId,
+        image: SessionImage,
+        epoch: Epoch,
+        start: Start,
+        now: Instant,
+    ) -> Self {
+        let sid = image.session;
+        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, new) = match start {
+            Start::Hello { window } => (window, false, 0, None, None, true),
+            Start::Resume { request, owed_ack } => (
+                request.down.saturating_add(request.window),
+                request.down_fin,
+                request.attempt,
+                owed_ack,
+                Some(request.epoch),
+                false,
+            ),
+        };
+        let rp = resume_point(image.down_base, image.down_snap, image.down_base);
+        let mut up = ByteQueue::new(image.up_snap);
+        up.push(image.up_data);
+        let mut down = ByteQueue::new(rp.snd_max_seen);
+        down.push(image.down_data);
+        let limit = image.up_snap + cfg.limits.recv_window;
+        let backup = cfg.backup.clone().filter(|b| *b != cfg.id);
+        let mut s = Session {
+            id: sid,
+            handle,
+            lifecycle: Lifecycle::Live(Link::Attached(inc)),
+            secret: image.secret,
+            epoch,
+            next_epoch: epoch + 1,
+            last_attempt: attempt,
+            since: now,
+            owed_ack,
+            prev_epoch,
+            up,
+            rx_pos: 0,
+            app_read: image.up_snap,
+            up_fin: image.up_fin,
+            ack_sent: 0,
+            limit_sent: limit,
+            fin_ack_sent: false,
+            ack_due: false,
+            down,
+            snd_nxt: rp.snd_max_seen,
+            snd_taken: rp.snd_max_seen,
+            app_write: image.down_snap,
+            discard: rp.discard,
+            down_snap: image.down_snap,
+            down_limit,
+            down_fin: image.down_fin,
+            fin_sent: false,
+            fin_acked: down_fin_acked,
+            snap_down_fin: image.down_fin,
+            app_state: image.app_state,
+            backup: None,
+            rx: BytesMut::new(),
+            out: VecDeque::new(),
+            wire_out: 0,
+            wire_taken: 0,
+            in_flight: VecDeque::new(),
+            scratch: BytesMut::new(),
+            events: VecDeque::new(),
+            control: VecDeque::new(),
+            to_endpoint: VecDeque::new(),
+            last_now: now,
+            cfg,
+        };
+        s.ack_sent = s.rcv_nxt();
+        s.rx_pos = s.rcv_nxt();
+        s.fin_ack_sent = s.up_fin.is_some();
+        let first = if new {
+            Frame::Welcome {
+                session: sid,
+                secret: s.secret.clone(),
+                epoch,
+                server: s.cfg.id.clone(),
+                alternates: s.cfg.alternates.clone(),
+                window: s.cfg.limits.recv_window,
+            }
+        } else {
+            Frame::Resumed {
+                up: s.rcv_nxt(),
+                up_fin: s.up_fin.is_some(),
+                down: s.snd_nxt,
+                epoch,
+                server: s.cfg.id.clone(),
+                alternates: s.cfg.alternates.clone(),
+                window: limit.saturating_sub(s.rcv_nxt()),
+            }
+        };
+        if let Some(b) = backup {
+            let full = s.image();
+            s.backup = Some(Backup {
+                server: b.clone(),
+                live: true,
+                held_up: s.up.start(),
+                down_sent: s.down_snap,
+                acked_sent: s.down.start(),
+                acked_epoch: None,
+            });
+            s.replicate_to(b, ReplicaUpdate::Full { image: full });
+        }
+        s.out.push_back(first);
+        s.events.push_back(ServerEvent::Readable(handle));
+        s.events.push_back(ServerEvent::Writable(handle));
+        s
+    }
+
+    // ----- what the session is ----------------------------------------------
+
+    /// The session id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The application's handle on this installation of the session.
+    pub fn handle(&self) -> SessionHandle {
+        self.handle
+    }
+
+    /// The session's epoch here.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The client connection the session is attached to, if any.
+    pub fn incarnation(&self) -> Option<IncarnationId> {
+        match self.lifecycle {
+            Lifecycle::Live(Link::Attached(inc)) | Lifecycle::Releasing(Link::Attached(inc)) => {
+                Some(inc)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the session is owned here and not frozen (the application
+    /// may serve it, or it is finishing after the application let go).
+    pub fn is_owned(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Live(_) | Lifecycle::Releasing(_))
+    }
+
+    /// Whether the application serves the session here (not frozen, not
+    /// released, not ended).
+    pub fn is_live(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Live(_))
+    }
+
+    /// Whether the session is gone from this server (finished, moved away
+    /// or dropped).
+    pub fn is_ended(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Ended(_))
+    }
+
+    /// What an operator sees of it.
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            session: self.id,
+            epoch: self.epoch,
+            inc: self.incarnation(),
+            since: self.since,
+            up: self.rcv_nxt(),
+            down: self.app_write,
+        }
+    }
+
+    /// Whether the session would survive this server's crash: its backup
+    /// is connected and holds the whole state, including every up byte
+    /// acknowledged to the client (DESIGN.md 3.6).
+    pub fn crash_tolerant(&self) -> bool {
+        self.is_owned()
+            && self.backup.as_ref().is_some_and(|b| {
+                b.live && b.acked_epoch == Some(self.epoch) && b.held_up >= self.ack_sent
+            })
+    }
+
+    /// Number of up bytes the application can read now.
+    pub fn readable_bytes(&self) -> u64 {
+        if self.is_owned() {
+            self.rcv_nxt() - self.app_read
+        } else {
+            0
+        }
+    }
+
+    fn rcv_nxt(&self) -> Pos {
+        self.up.end()
+    }
+
+    fn app_gone(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Releasing(_))
+    }
+
+    /// The up position acknowledged to the client: everything received, or
+    /// with a live backup only what the backup holds (output commit,
+    /// DESIGN.md 3.6).
+    fn commit_point(&self) -> Pos {
+        match &self.backup {
+            Some(b) if b.live => self.rcv_nxt().min(b.held_up).max(self.ack_sent),
+            _ => self.rcv_nxt(),
+        }
+    }
+
+    fn up_limit(&self, limits: &Limits) -> Pos {
+        self.up.start() + limits.recv_window
+    }
+
+    /// MTCP 4.2.3 step 3 (INVALID_STATE): a session is not migratable once
+    /// both directions are closed and each side knows the other has its
+    /// Close — the client has nothing left to ask a server for.
+    fn migratable(&self) -> bool {
+        !(self.fin_ack_sent && self.up_fin.is_some() && self.fin_acked)
+    }
+
+    /// Both directions closed and acknowledged, and every up byte read:
+    /// nothing can happen on the session any more.
+    fn finished(&self) -> bool {
+        self.up_fin == Some(self.app_read) && self.fin_ack_sent && self.fin_acked
+    }
+
+    /// The whole state, independent of the client's position.
+    pub(super) fn image(&mut self) -> SessionImage {
+        image_of(
+            self.id,
+            Held {
+                secret: &self.secret,
+                epoch: self.epoch,
+                up: &mut self.up,
+                up_fin: self.up_fin,
+                down: &mut self.down,
+                down_snap: self.down_snap,
+                down_fin: self.snap_down_fin,
+                app_state: &self.app_state,
+            },
+        )
+    }
+
+    // ----- the client connection ---------------------------------------------
+
+    /// Whether this live session is the one a client's Migrate at `epoch`
+    /// means, even though it names another origin: we resumed it, but the
+    /// client never saw our Resumed and still names the previous owner.
+    pub(super) fn serves_epoch(&self, epoch: Epoch) -> bool {
+        self.is_owned() && (self.epoch == epoch || self.prev_epoch == Some(epoch))
+    }
+
+    /// Checks an authenticated Migrate against the holder's secret and
+    /// epoch (the nonce was fresh: this pool's destinations choose it) and,
+    /// at an owner, that no newer attempt of the client was served.
+    pub(super) fn check_migrate(
+        secret: &Secret,
+        epochs: (Epoch, Option<Epoch>),
+        last_attempt: Option<u64>,
+        m: &Migrate,
+    ) -> Result<(), (RejectReason, &'static str)> {
+        if !verify_migrate(secret, m) {
+            return Err((RejectReason::AuthFailed, "bad proof"));
+        }
+        if m.request.epoch != epochs.0 && Some(m.request.epoch) != epochs.1 {
+            return Err((RejectReason::AuthFailed, "stale epoch"));
+        }
+        if last_attempt.is_some_and(|a| m.request.attempt <= a) {
+            return Err((RejectReason::AuthFailed, "superseded attempt"));
+        }
+        Ok(())
+    }
+
+    /// The checks an owner (live or frozen) makes on a Migrate or a state
+    /// request for it.
+    fn admit(&self, m: &Migrate) -> Result<(), (RejectReason, &'static str)> {
+        if self.is_ended() {
+            return Err((RejectReason::NotFound, "no such session here"));
+        }
+        Self::check_migrate(
+            &self.secret,
+            (self.epoch, self.prev_epoch),
+            Some(self.last_attempt),
+            m,
+        )?;
+        if !self.migratable() {
+            return Err((RejectReason::InvalidState, FINISHED_TEXT));
+        }
+        if m.request.down > self.down.end() || m.request.down < self.down.start() {
+            return Err((
+                RejectReason::InvalidState,
+                "client position outside the stream",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The client comes back to the server that owns (or froze) its
+    /// session, on incarnation `inc`.
+    pub(super) fn resume_here(
+        &mut self,
+        now: Instant,
+        inc: IncarnationId,
+        m: &Migrate,
+    ) -> ResumeHere {
+        self.last_now = self.last_now.max(now);
+        if let Err((reason, text)) = self.admit(m) {
+            return ResumeHere::Reject(reason, text);
+        }
+        self.last_attempt = m.request.attempt;
+        let link = match &self.lifecycle {
+            Lifecycle::Frozen(_) => {
+                let epoch = self.next_epoch;
+                return ResumeHere::FromFrozen {
+                    image: self.image(),
+                    epoch,
+                };
+            }
+            Lifecycle::Live(l) | Lifecycle::Releasing(l) => *l,
+            Lifecycle::Ended(_) => unreachable!("refused by admit"),
+        };
+        // Still live here: only the incarnation changes; owner and epoch
+        // stay and the application carries on (requests other destinations
+        // made for older attempts are refused as superseded). Resend from
+        // the client's position.
+        self.set_link(Link::Attached(inc));
+        if let Link::Attached(old) = link {
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc: old,
+                reason: "client moved to a new incarnation".into(),
+            });
+        }
+        self.rx = BytesMut::new();
+        self.out.clear();
+        self.in_flight.clear();
+        self.wire_out = 0;
+        self.wire_taken = 0;
+        self.snd_nxt = m.request.down;
+        self.snd_taken = m.request.down;
+        self.down_limit = m.request.down.saturating_add(m.request.window);
+        self.fin_sent = false;
+        self.fin_acked |= m.request.down_fin;
+        self.ack_due = true;
+        // The client resends from what it may drop (the commit point);
+        // bytes this server already holds are skipped as they come again.
+        self.rx_pos = self.commit_point();
+        // The window is what the enforced limit leaves above the resend point.
+        self.limit_sent = self.limit_sent.max(self.up_limit(&self.cfg.limits));
+        self.out.push_back(Frame::Resumed {
+            up: self.rx_pos,
+            up_fin: self.up_fin.is_some() && self.rx_pos == self.rcv_nxt(),
+            down: m.request.down,
+            epoch: self.epoch,
+            server: self.cfg.id.clone(),
+            alternates: self.cfg.alternates.clone(),
+            window: self.limit_sent - self.rx_pos,
+        });
+        ResumeHere::Reattached
+    }
+
+    fn set_link(&mut self, link: Link) {
+        match &mut self.lifecycle {
+            Lifecycle::Live(l) | Lifecycle::Releasing(l) => *l = link,
+            _ => {}
+        }
+        if let Link::Orphaned(since) = link {
+            self.deadline(since + self.cfg.timeouts.orphan);
+        }
+    }
+
+    fn deadline(&mut self, at: Instant) {
+        self.to_endpoint
+            .push_back(EndpointEvent(EndpointEventKind::Deadline(at)));
+    }
+
+    /// Bytes read from incarnation `inc`. Input on any other connection is
+    /// ignored (MTCP's BLACKHOLE: an abandoned incarnation).
+    pub fn handle_input(&mut self, now: Instant, inc: IncarnationId, data: &[u8]) {
+        self.last_now = self.last_now.max(now);
+        if self.incarnation() != Some(inc) {
+            return;
+        }
+        self.rx.extend_from_slice(data);
+        if let Err(e) = self.process_input() {
+            self.close_incarnation(inc, e.to_string());
+        }
+    }
+
+    fn process_input(&mut self) -> Result<(), ProtocolError> {
+        let max_frame = self.cfg.limits.max_frame;
+        while self.incarnation().is_some() {
+            let Some(frame) = Frame::decode(&mut self.rx, max_frame)? else {
+                break;
+            };
+            self.on_frame(frame)?;
+        }
+        if self.rx.is_empty() && self.rx.capacity() > 0 {
+            // An idle session holds no input buffer.
+            self.rx = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// The client connection ended (EOF, reset or error).
+    pub fn handle_incarnation_closed(&mut self, now: Instant, inc: IncarnationId) {
+        self.last_now = self.last_now.max(now);
+        if self.incarnation() == Some(inc) {
+            self.detach(now);
+        }
+    }
+
+    fn detach(&mut self, now: Instant) {
+        self.set_link(Link::Orphaned(now));
+        self.rx = BytesMut::new();
+        self.out.clear();
+        self.in_flight.clear();
+    }
+
+    /// Closes the attached incarnation (after pending output): without a
+    /// client the session expires unless one comes back.
+    fn close_incarnation(&mut self, inc: IncarnationId, reason: String) {
+        if self.incarnation() == Some(inc) {
+            self.detach(self.last_now);
+        }
+        self.events
+            .push_back(ServerEvent::CloseIncarnation { inc, reason });
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        self.prev_epoch = None;
+        if let Some((origin, req)) = self.owed_ack.take() {
+            // The client confirmed this incarnation: the origin may forget.
+            self.control
+                .push_back((origin, ControlMessage::StateAck { req }));
+        }
+        let limits = &self.cfg.limits;
+        let mut replicate = None;
+        match frame {
+            Frame::Data(mut data) => {
+                let end = self.rx_pos + data.len() as u64;
+                if self.up_fin.is_some_and(|f| end > f) {
+                    return Err(ProtocolError::Position("data after Close"));
+                }
+                if end > self.limit_sent.max(self.rcv_nxt()) {
+                    return Err(ProtocolError::Position("data beyond the advertised window"));
+                }
+                // Skip what a resend overlaps with bytes already held.
+                let skip = self
+                    .rcv_nxt()
+                    .saturating_sub(self.rx_pos)
+                    .min(data.len() as u64);
+                self.rx_pos = end;
+                let _ = data.split_to(skip as usize);
+                if data.is_empty() {
+                    return Ok(());
+                }
+                if self.backup.as_ref().is_some_and(|b| b.live) {
+                    replicate = Some(ReplicaUpdate::Up {
+                        pos: self.rcv_nxt(),
+                        data: data.clone(),
+                    });
+                }
+                self.up.push(data);
+                if self.app_gone() {
+                    self.discard_input();
+                }
+                self.ack_due = true;
+                self.events.push_back(ServerEvent::Readable(self.handle));
+            }
+            Frame::Ack { pos, limit, fin } => {
+                // Bytes count as sent once the socket took them: an ack
+                // beyond that is a lie (TCP treats it the same way).
+                if pos > self.snd_taken {
+                    return Err(ProtocolError::Position("ack beyond the data sent"));
+                }
+                // The client may confirm a Close it got from an earlier
+                // server (its Migrate said so: `fin_acked`).
+                if fin && !self.fin_sent && !self.fin_acked {
+                    return Err(ProtocolError::Position("ack of a Close not sent"));
+                }
+                let freed = pos > self.down.start();
+                self.down.drop_to(pos);
+                self.down_limit = self.down_limit.max(limit);
+                self.fin_acked |= fin;
+                let step = limits.send_buffer / 4;
+                if let Some(b) = self.backup.as_mut().filter(|b| b.live) {
+                    if self.down.start() >= b.acked_sent + step {
+                        b.acked_sent = self.down.start();
+                        replicate = Some(ReplicaUpdate::Acked { down: b.acked_sent });
+                    }
+                }
+                if freed {
+                    self.events.push_back(ServerEvent::Writable(self.handle));
+                }
+                if fin && self.finished() {
+                    self.finish();
+                    return Ok(());
+                }
+            }
+            Frame::Close { pos } => {
+                if pos != self.rx_pos
+                    || pos != self.rcv_nxt()
+                    || self.up_fin.is_some_and(|f| f != pos)
+                {
+                    return Err(ProtocolError::Position("Close not at the end of the data"));
+                }
+                if self.up_fin.is_none() {
+                    self.up_fin = Some(pos);
+                    if self.backup.as_ref().is_some_and(|b| b.live) {
+                        replicate = Some(ReplicaUpdate::UpFin { pos });
+                    }
+                }
+                self.ack_due = true;
+                self.events.push_back(ServerEvent::Readable(self.handle));
+            }
+            Frame::Ping { nonce } => {
+                self.out.push_back(Frame::Pong { nonce });
+                return Ok(());
+            }
+            Frame::Pong { .. } => return Ok(()),
+            f => {
+                return Err(ProtocolError::Unexpected {
+                    frame: f.name(),
+                    why: "not allowed on an established incarnation",
+                });
+            }
+        }
+        if let Some(update) = replicate {
+            self.replicate(update);
+        }
+        Ok(())
+    }
+
+    fn replicate(&mut self, update: ReplicaUpdate) {
+        if let Some(b) = self.backup.as_ref() {
+            let server = b.server.clone();
+            self.replicate_to(server, update);
+        }
+    }
+
+    fn replicate_to(&mut self, server: ServerId, update: ReplicaUpdate) {
+        self.control.push_back((
+            server,
+            ControlMessage::Replicate {
+                session: self.id,
+                update,
+            },
+        ));
+    }
+
+    // ----- output ---------------------------------------------------------------
+
+    /// Whether [`Session::poll_transmit`] has something to send: frames,
+    /// data within the client's window, a Close, or an acknowledgement.
+    pub fn wants_transmit(&self) -> bool {
+        if self.incarnation().is_none() {
+            return false;
+        }
+        if !self.out.is_empty() {
+            return true;
+        }
+        let end = self.down.end().min(self.down_limit);
+        if self.snd_nxt < end {
+            return true;
+        }
+        if self.down_fin == Some(self.snd_nxt) && !self.fin_sent {
+            return true;
+        }
+        self.ack_needed().is_some()
+    }
+
+    /// The Ack to send now, if one is due: the commit point moved (or the
+    /// window by a step) since the last, the Close became acknowledged,
+    /// or the client is blocked on a window that has opened.
+    fn ack_needed(&self) -> Option<Frame> {
+        let limits = &self.cfg.limits;
+        let limit = self.up_limit(limits);
+        // Never acknowledge what the client has not (re)sent on this
+        // incarnation: after a reattach it resends from `rx_pos`.
+        let commit = self.commit_point().min(self.rx_pos.max(self.ack_sent));
+        let fin = self.up_fin.is_some_and(|f| f == commit);
+        let moved = commit > self.ack_sent || limit >= self.limit_sent + limits.window_step();
+        let blocked = limit > self.limit_sent && self.rcv_nxt() == self.limit_sent;
+        (fin != self.fin_ack_sent || blocked || (self.ack_due && moved)).then(|| Frame::Ack {
+            pos: commit,
+            limit: limit.max(self.limit_sent),
+            fin,
+        })
+    }
+
+    /// The next bytes for the attached incarnation: appends segments to
+    /// `out` (frame headers and zero-copy payload slices, to be written in
+    /// order, e.g. vectored), about `max` bytes at most. Returns the
+    /// incarnation they are for, or `None` when nothing is waiting. Call
+    /// [`Session::on_transmitted`] with what the socket took.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> Option<IncarnationId> {
+        self.last_now = self.last_now.max(now);
+        let inc = self.incarnation()?;
+        let start = out.len();
+        let mut hdr = take_scratch(&mut self.scratch);
+        for f in self.out.drain(..) {
+            f.encode(&mut hdr);
+        }
+        if !hdr.is_empty() {
+            let b = hdr.split().freeze();
+            self.wire_out += b.len() as u64;
+            out.push(b);
+        }
+        let limits = self.cfg.limits.clone();
+        let mut budget = max;
+        loop {
+            let end = self.down.end().min(self.down_limit);
+            if self.snd_nxt >= end || budget == 0 {
+                break;
+            }
+            let before = out.len();
+            let frame_end = end.min(self.snd_nxt + limits.max_data_frame as u64);
+            let mut next = self.snd_nxt;
+            self.down
+                .frame_data(&mut next, frame_end, limits.max_data_frame, &mut hdr, out);
+            if next == self.snd_nxt {
+                break;
+            }
+            let bytes: u64 = out[before..].iter().map(|b| b.len() as u64).sum();
+            self.wire_out += bytes;
+            self.snd_nxt = next;
+            self.in_flight.push_back((self.wire_out, next));
+            budget = budget.saturating_sub(bytes as usize);
+        }
+        if self.down_fin == Some(self.snd_nxt) && !self.fin_sent && self.snd_nxt == self.down.end()
+        {
+            Frame::Close { pos: self.snd_nxt }.encode(&mut hdr);
+            self.fin_sent = true;
+        }
+        if let Some(ack) = self.ack_needed() {
+            ack.encode(&mut hdr);
+            if let Frame::Ack { pos, limit, fin } = ack {
+                self.ack_sent = pos;
+                self.limit_sent = limit;
+                self.fin_ack_sent = fin;
+            }
+            self.ack_due = false;
+        }
+        if !hdr.is_empty() {
+            let b = hdr.split().freeze();
+            self.wire_out += b.len() as u64;
+            out.push(b);
+        }
+        self.scratch = hdr;
+        if self.finished() {
+            self.finish();
+        }
+        (out.len() > start).then_some(inc)
+    }
+
+    /// The socket took `bytes` more bytes of what
+    /// [`Session::poll_transmit`] handed out for incarnation `inc`: the
+    /// Data frames among them count as sent.
+    pub fn on_transmitted(&mut self, inc: IncarnationId, bytes: usize) {
+        if self.incarnation() != Some(inc) {
+            return;
+        }
+        self.wire_taken = (self.wire_taken + bytes as u64).min(self.wire_out);
+        while let Some(&(wire, pos)) = self.in_flight.front() {
+            if wire > self.wire_taken {
+                break;
+            }
+            self.snd_taken = self.snd_taken.max(pos);
+            self.in_flight.pop_front();
+        }
+    }
+
+    // ----- the application's calls ------------------------------------------
+
+    fn live(&mut self) -> Result<&mut Self, AppError> {
+        match &self.lifecycle {
+            Lifecycle::Live(_) => Ok(self),
+            Lifecycle::Ended(e) => Err(AppError::Session(e.clone())),
+            _ => Err(AppError::Session(SessionError::Migrated)),
+        }
+    }
+
+    /// Reads up-stream bytes: `Ok(Some(n))` with `n > 0` bytes, `Ok(Some(0))`
+    /// at the end of the stream, `Ok(None)` when nothing is there yet (wait
+    /// for [`ServerEvent::Readable`]). Read bytes stay in the read log until
+    /// the next [`Session::snapshot`].
+    pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, AppError> {
+        if matches!(self.lifecycle, Lifecycle::Ended(SessionError::Closed)) {
+            // A finished session read everything: only the end remains.
+            return Ok(Some(0));
+        }
+        let s = self.live()?;
+        if s.app_read == s.rcv_nxt() {
+            return Ok(if s.up_fin == Some(s.app_read) {
+                Some(0)
+            } else {
+                None
+            });
+        }
+        let n = s.up.copy_to(s.app_read, buf);
+        s.app_read += n as u64;
+        if s.up_fin == Some(s.app_read) {
+            s.maybe_finish();
+        }
+        Ok(Some(n))
+    }
+
+    /// Writes down-stream bytes; returns how many were taken (0 when the
+    /// send buffer is full: wait for [`ServerEvent::Writable`]). Bytes the
+    /// client already has from before a migration are counted and dropped.
+    pub fn write(&mut self, data: &[u8]) -> Result<usize, AppError> {
+        let send_buffer = self.cfg.limits.send_buffer;
+        let s = self.live()?;
+        if s.down_fin.is_some() {
+            return Err(AppError::WriteAfterClose);
+        }
+        let dropped = (s.discard.min(data.len() as u64)) as usize;
+        s.discard -= dropped as u64;
+        let room = send_buffer.saturating_sub(s.down.len()) as usize;
+        let take = (data.len() - dropped).min(room);
+        s.down.push_slice(&data[dropped..dropped + take]);
+        s.app_write += (dropped + take) as u64;
+        Ok(dropped + take)
+    }
+
+    /// Closes the down direction after the bytes written so far.
+    pub fn close_write(&mut self) -> Result<(), AppError> {
+        let s = self.live()?;
+        s.close_down();
+        Ok(())
+    }
+
+    fn close_down(&mut self) {
+        if self.down_fin.is_none() {
+            // A deterministic application never closes before the bytes
+            // the client already has; if it does, the stream ends there.
+            self.app_write += self.discard;
+            self.discard = 0;
+            self.down_fin = Some(self.app_write);
+        }
+    }
+
+    /// MTCP's `set_state` / `export_state`: records `state` as the restart
+    /// point. The read log is dropped and the write position remembered: a
+    /// server resuming from `state` will read from here and write from here.
+    pub fn snapshot(&mut self, state: &[u8]) -> Result<(), AppError> {
+        let max_state = self.cfg.max_state;
+        let step = self.cfg.limits.window_step();
+        let window = self.cfg.limits.recv_window;
+        if state.len() > max_state {
+            return Err(AppError::StateTooLarge {
+                len: state.len(),
+                max: max_state,
+            });
+        }
+        let s = self.live()?;
+        s.up.drop_to(s.app_read);
+        s.down_snap = s.app_write;
+        s.snap_down_fin = s.down_fin.filter(|f| *f == s.app_write);
+        s.app_state = Bytes::copy_from_slice(state);
+        let limit = s.up.start() + window;
+        if limit >= s.limit_sent + step || (limit > s.limit_sent && s.rcv_nxt() == s.limit_sent) {
+            s.ack_due = true;
+        }
+        if let Some(b) = s.backup.as_mut().filter(|b| b.live) {
+            let from = b.down_sent.max(s.down.start());
+            let down_data = s.down.slice(from, s.down_snap);
+            b.down_sent = b.down_sent.max(s.down_snap);
+            let update = ReplicaUpdate::Snapshot {
+                up_snap: s.up.start(),
+                down_snap: s.down_snap,
+                down_fin: s.snap_down_fin,
+                app_state: s.app_state.clone(),
+                down_pos: from.min(s.down_snap),
+                down_data,
+            };
+            s.replicate(update);
+        }
+        Ok(())
+    }
+
+    /// Server push (MTCP 3.2.1 case a): asks the client to migrate, to
+    /// `dest` if given. The client initiates the migration.
+    pub fn migrate_to(&mut self, dest: Option<ServerId>) -> Result<(), AppError> {
+        let s = self.live()?;
+        if s.incarnation().is_some() {
+            s.out.push_back(Frame::Trigger { dest });
+        }
+        Ok(())
+    }
+
+    /// Sends the client a Trigger towards `dest` if given (operator push,
+    /// destination pull); `false` when the session is not live here or
+    /// its client is not connected right now.
+    pub(super) fn trigger(&mut self, dest: Option<ServerId>) -> bool {
+        let ok = matches!(self.lifecycle, Lifecycle::Live(Link::Attached(_)));
+        if ok {
+            self.out.push_back(Frame::Trigger { dest });
+        }
+        ok
+    }
+
+    /// The application is done with the session (it dropped it). A session
+    /// still live here ends gracefully, as a TCP socket closed by its
+    /// application: the down direction is closed if it was not, unread and
+    /// further up bytes are discarded, and the session finishes once the
+    /// client closes too. Later calls fail with [`SessionError::Migrated`].
+    pub fn release(&mut self) {
+        match self.lifecycle {
+            Lifecycle::Live(link) => {
+                self.lifecycle = Lifecycle::Releasing(link);
+                self.close_down();
+                self.discard_input();
+                self.maybe_finish();
+            }
+            Lifecycle::Ended(_) => self.lifecycle = Lifecycle::Ended(SessionError::Migrated),
+            _ => {}
+        }
+    }
+
+    /// The application is gone: what arrived counts as read (and needs no
+    /// log: nobody will resume it).
+    fn discard_input(&mut self) {
+        self.app_read = self.rcv_nxt();
+        self.up.drop_to(self.app_read);
+    }
+
+    fn maybe_finish(&mut self) {
+        if self.is_owned() && self.finished() {
+            self.finish();
+        }
+    }
+
+    /// Both directions are closed and acknowledged: the session is gone
+    /// (its connection is closed after pending output).
+    fn finish(&mut self) {
+        if !self.is_owned() {
+            return;
+        }
+        let inc = self.incarnation();
+        let app = matches!(self.lifecycle, Lifecycle::Live(_));
+        self.lifecycle = Lifecycle::Ended(SessionError::Closed);
+        self.forget_backup();
+        if app {
+            self.events.push_back(ServerEvent::Finished(self.handle));
+        }
+        if let Some(inc) = inc {
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc,
+                reason: "session finished".into(),
+            });
+        }
+        self.to_endpoint
+            .push_back(EndpointEvent(EndpointEventKind::Ended {
+                finished: true,
+                moved: false,
+            }));
+    }
+
+    fn forget_backup(&mut self) {
+        if let Some(b) = self.backup.take() {
+            self.control
+                .push_back((b.server, ControlMessage::Forget { session: self.id }));
+        }
+    }
+
+    /// Ends the session here: an application still serving it gets
+    /// `event`, and `error` from then on.
+    fn end(&mut self, error: SessionError, event: ServerEvent, moved: bool) {
+        let app = matches!(self.lifecycle, Lifecycle::Live(_));
+        let inc = self.incarnation();
+        self.lifecycle = Lifecycle::Ended(error);
+        if app {
+            self.events.push_back(event);
+        }
+        if let Some(inc) = inc {
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc,
+                reason: "session ended".into(),
+            });
+        }
+        self.to_endpoint
+            .push_back(EndpointEvent(EndpointEventKind::Ended {
+                finished: false,
+                moved,
+            }));
+    }
+
+    /// Replaced by a newer installation of the same session here (or by the
+    /// owner's state): the application stops serving it.
+    pub(super) fn supersede(&mut self, reason: &str) {
+        let inc = self.incarnation();
+        let app = matches!(self.lifecycle, Lifecycle::Live(_));
+        self.lifecycle = Lifecycle::Ended(SessionError::Migrated);
+        if app {
+            self.events
+                .push_back(ServerEvent::MigratedAway(self.handle));
+        }
+        if let Some(inc) = inc {
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc,
+                reason: reason.into(),
+            });
+        }
+    }
+
+    // ----- the control plane ----------------------------------------------------
+
+    /// MTCP 4.2.3 "Once S1 receives the state request": verify, freeze,
+    /// pack the state for the client's position and reply.
+    pub(super) fn on_state_request(
+        &mut self,
+        now: Instant,
+        from: &ServerId,
+        req: u64,
+        m: &Migrate,
+    ) {
+        self.last_now = self.last_now.max(now);
+        if let Err((reason, text)) = self.admit(m) {
+            self.control.push_back((
+                from.clone(),
+                ControlMessage::StateReject {
+                    req,
+                    reason,
+                    text: text.to_string(),
+                },
+            ));
+            return;
+        }
+        self.last_attempt = m.request.attempt;
+        let frozen_timeout = self.cfg.timeouts.frozen;
+        let inc = self.incarnation();
+        let app = matches!(self.lifecycle, Lifecycle::Live(_));
+        if !matches!(self.lifecycle, Lifecycle::Frozen(_)) {
+            self.lifecycle = Lifecycle::Frozen(Frozen {
+                deadline: now + frozen_timeout,
+                since: now,
+                cause: m.request.cause,
+                replied: Vec::new(),
+            });
+        }
+        if let Lifecycle::Frozen(f) = &mut self.lifecycle {
+            f.replied.push((from.clone(), req));
+            f.deadline = now + frozen_timeout;
+        }
+        self.deadline(now + frozen_timeout);
+        let new_epoch = self.next_epoch;
+        self.next_epoch += 1;
+        if self.backup.as_ref().is_some_and(|b| b.live) {
+            let update = ReplicaUpdate::Epoch {
+                epoch: self.epoch,
+                next: self.next_epoch,
+            };
+            self.replicate(update);
+        }
+        let (image, _) = self.image().trim_for(m.request.down);
+        self.control.push_back((
+            from.clone(),
+            ControlMessage::StateReply {
+                req,
+                new_epoch,
+                image,
+            },
+        ));
+        self.rx = BytesMut::new();
+        self.out.clear();
+        self.in_flight.clear();
+        if app {
+            self.events
+                .push_back(ServerEvent::MigratedAway(self.handle));
+        }
+        if let Some(inc) = inc {
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc,
+                reason: "session migrated away".into(),
+            });
+        }
+    }
+
+    /// Whether this frozen session answered `from`'s request `req`.
+    pub(super) fn replied_to(&self, from: &ServerId, req: u64) -> bool {
+        matches!(&self.lifecycle, Lifecycle::Frozen(f)
+            if f.replied.iter().any(|(p, r)| p == from && *r == req))
+    }
+
+    /// The destination confirmed the session (StateAck): it is gone from
+    /// here (MTCP's BLACKHOLE for anything still arriving).
+    pub(super) fn on_state_ack(&mut self, from: &ServerId, req: u64) {
+        if !self.replied_to(from, req) {
+            return;
+        }
+        self.report_out(from.clone(), MigrationOutcome::Moved);
+        self.forget_backup();
+        self.end(
+            SessionError::Migrated,
+            ServerEvent::MigratedAway(self.handle),
+            true,
+        );
+    }
+
+    fn report_out(&mut self, to: ServerId, outcome: MigrationOutcome) {
+        let Lifecycle::Frozen(f) = &self.lifecycle else {
+            return;
+        };
+        let report = MigrationReport {
+            session: self.id,
+            direction: Direction::Out,
+            peer: to,
+            cause: f.cause,
+            outcome,
+            duration: self.last_now.saturating_duration_since(f.since),
+            replayed: 0,
+            discarded: 0,
+        };
+        self.to_endpoint
+            .push_back(EndpointEvent(EndpointEventKind::Report(report)));
+    }
+
+    /// The backup acknowledged replicated state up to `up` at `epoch`.
+    pub(super) fn on_replicate_ack(&mut self, from: &ServerId, up: Pos, epoch: Epoch) {
+        if let Some(b) = self.backup.as_mut().filter(|b| &b.server == from) {
+            b.acked_epoch = Some(epoch);
+            if up > b.held_up {
+                b.held_up = up;
+                self.ack_due = true;
+            }
+        }
+    }
+
+    /// The backup lost step: send it the whole state again.
+    pub(super) fn resync(&mut self, backup: &ServerId) {
+        if !self.is_owned() || self.backup.as_ref().is_none_or(|b| &b.server != backup) {
+            return;
+        }
+        let image = self.image();
+        let (down_snap, start) = (self.down_snap, self.down.start());
+        let b = self.backup.as_mut().expect("checked");
+        b.live = true;
+        b.acked_epoch = None;
+        b.down_sent = down_snap;
+        b.acked_sent = start;
+        let server = b.server.clone();
+        self.replicate_to(server, ReplicaUpdate::Full { image });
+    }
+
+    /// The backup `peer` will not keep this session, or is unreachable: the
+    /// session keeps running without crash tolerance (acks stop waiting
+    /// for it).
+    pub(super) fn backup_lost(&mut self, peer: &ServerId) {
+        if let Some(b) = self.backup.as_mut().filter(|b| &b.server == peer) {
+            b.live = false;
+            self.ack_due = true;
+        }
+    }
+
+    /// Whether `peer` backs this session up and is not live (to resync
+    /// when it comes back).
+    pub(super) fn backup_down_on(&self, peer: &ServerId) -> bool {
+        self.is_owned()
+            && self
+                .backup
+                .as_ref()
+                .is_some_and(|b| &b.server == peer && !b.live)
+    }
+
+    /// Whether `peer` backs this session up.
+    pub(super) fn backed_up_by(&self, peer: &ServerId) -> bool {
+        self.backup.as_ref().is_some_and(|b| &b.server == peer)
+    }
+
+    // ----- time ---------------------------------------------------------------
+
+    /// The session's next deadline, if any: the frozen timeout, or the
+    /// orphan timeout of a session without a client.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.lifecycle {
+            Lifecycle::Frozen(f) => Some(f.deadline),
+            Lifecycle::Live(Link::Orphaned(since))
+            | Lifecycle::Releasing(Link::Orphaned(since)) => {
+                Some(*since + self.cfg.timeouts.orphan)
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends the session if its deadline passed by `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
+        if self.poll_timeout().is_none_or(|t| t > now) {
+            return;
+        }
+        if let Lifecycle::Frozen(f) = &self.lifecycle {
+            if let Some((to, _)) = f.replied.last().cloned() {
+                self.report_out(to, MigrationOutcome::Expired);
+            }
+        }
+        self.forget_backup();
+        // An application that saw the session migrate away keeps seeing that.
+        let error = if matches!(self.lifecycle, Lifecycle::Live(_)) {
+            SessionError::NoServerLeft {
+                last: "the client never came back".into(),
+            }
+        } else {
+            SessionError::Migrated
+        };
+        self.end(error, ServerEvent::Dropped(self.handle), false);
+    }
+
+    // ----- what the holder acts on ---------------------------------------------
+
+    /// The next event for the application or the runtime.
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next message for a peer (replication, StateReply, StateAck,
+    /// Forget).
+    pub fn poll_control(&mut self) -> Option<(ServerId, ControlMessage)> {
+        self.control.pop_front()
+    }
+
+    /// The next event for the endpoint; give it to
+    /// [`Endpoint::handle_endpoint_event`](super::Endpoint::handle_endpoint_event).
+    pub fn poll_endpoint_event(&mut self) -> Option<EndpointEvent> {
+        self.to_endpoint.pop_front()
+    }
+
+    /// How long the session has been held here.
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.since)
+    }
+
+    /// The latest time the session saw in a call.
+    pub fn last_now(&self) -> Instant {
+        self.last_now
+    }
+
+    /// Largest payload of one Data frame this session sends.
+    pub fn max_data_frame(&self) -> usize {
+        self.cfg.limits.max_data_frame
+    }
+}
