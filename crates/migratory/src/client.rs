@@ -272,6 +272,7 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
         stream,
         rx,
         None,
+        None,
         move |data| {
             let mut st = s1.lock();
             st.core.handle_input(Instant::now(), inc, data);

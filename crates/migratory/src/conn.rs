@@ -3,6 +3,8 @@
 //! segments (zero-copy slices of the protocol core's buffers) in order.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,7 +29,8 @@ pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 
 /// Starts the reader and writer tasks of `stream`; the writer serves `rx`
 /// (make the channel first, so its sender is registered before any byte is
-/// read). `initial` is handed to `on_data` first (bytes already read);
+/// read) and, if given, takes what it wrote off `queued` (the senders add
+/// what they queue: the caller bounds the queue with it). `initial` is handed to `on_data` first (bytes already read);
 /// `on_data` runs for every chunk read and returns `false` to close the
 /// connection; `on_closed` runs once when it ends for any reason (EOF,
 /// error, `on_data` refusing, or `Out::Close`). Either way both halves are
@@ -35,6 +38,7 @@ pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 pub(crate) fn start<D, C>(
     stream: TcpStream,
     rx: mpsc::UnboundedReceiver<Out>,
+    queued: Option<Arc<AtomicUsize>>,
     initial: Option<Bytes>,
     on_data: D,
     on_closed: C,
@@ -45,7 +49,7 @@ pub(crate) fn start<D, C>(
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (stop_tx, stop_rx) = oneshot::channel();
-    let writer = tokio::spawn(write_loop(wr, rx, stop_tx));
+    let writer = tokio::spawn(write_loop(wr, rx, queued, stop_tx));
     tokio::spawn(async move {
         let reason = read_loop(rd, initial, on_data, stop_rx).await;
         // The writer ends with us (it may be blocked on a peer that does
@@ -89,6 +93,7 @@ where
 async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Out>,
+    queued: Option<Arc<AtomicUsize>>,
     stop: oneshot::Sender<()>,
 ) {
     while let Some(out) = rx.recv().await {
@@ -96,6 +101,10 @@ async fn write_loop(
             Out::Data(segs) => {
                 if write_segments(&mut wr, &segs).await.is_err() {
                     break;
+                }
+                if let Some(q) = &queued {
+                    let n: usize = segs.iter().map(Bytes::len).sum();
+                    q.fetch_sub(n, Ordering::Relaxed);
                 }
             }
             Out::Close => break,

@@ -2,39 +2,48 @@
 //! sessions to the application, and talks to its peers on its control
 //! address (DESIGN.md 3.3) to move sessions in and out.
 //!
-//! One [`migratory_proto::server::Server`] core holds the protocol state; the
-//! runtime feeds it what sockets read, writes what it emits, and wakes the
-//! application's reads and writes.
+//! The protocol core is split as quinn's is: one
+//! [`Endpoint`](migratory_proto::server::Endpoint) under the server's lock
+//! routes (admission, the session table, the control plane, timers), and
+//! each session's [`Session`](migratory_proto::server::Session) state
+//! machine sits behind its own lock, driven by the task that owns its
+//! client socket (`driver`). The server-wide lock is taken only to route:
+//! accept, attach, migrate, finish, control messages. Every queue is
+//! bounded: a session frames output only while its socket is writable,
+//! and a peer link that holds too much unsent is dropped (`peers`).
 
 use std::collections::HashMap;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use migratory_proto::config::{Limits, ServerTimeouts};
 use migratory_proto::control::{ControlMessage, PushOutcome, Selection, SessionRow};
-use migratory_proto::error::DecodeError;
-use migratory_proto::frame::{check_preamble, PreambleCheck};
-use migratory_proto::peer::PeerLink;
 use migratory_proto::server::{
-    self as core, Dest, Direction, MigrationOutcome, MigrationReport, ServerConfig, ServerEvent,
-    ServerStats, SessionHandle,
+    Direction, Endpoint, MigrationOutcome, MigrationReport, ServerConfig, ServerEvent, ServerStats,
 };
 use migratory_proto::types::{Alternate, Epoch, IncarnationId, ServerId, SessionId};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::conn::{self, Out, Tx};
 use crate::error::Error;
+
+mod driver;
+mod peers;
+mod session;
+
+pub use peers::MAX_LINK_QUEUE;
+pub use session::{Session, SessionControl};
+
+pub(crate) use peers::handshake;
+
+use driver::{ConnEntry, Slot};
+use peers::Link;
 
 /// Default bound on how long a new connection may take to show whether it
 /// is a migratory client: a client that sends nothing first (a protocol
@@ -65,12 +74,6 @@ pub const OPERATOR_ID: &str = "operator";
 
 /// Longest wait an operator push may ask for.
 const MAX_PUSH_WAIT: Duration = Duration::from_secs(600);
-
-/// Bound on connecting to a peer and authenticating it.
-const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Most message batches queued for a peer that is being dialled.
-const MAX_DIAL_QUEUE: usize = 4096;
 
 /// Another server of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,20 +280,18 @@ impl ServerBuilder {
             changed: Notify::new(),
             stop: watch::channel(false).0,
             state: Mutex::new(State {
-                core: core::Server::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
+                core: Endpoint::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
                 conns: HashMap::new(),
                 watched: HashMap::new(),
                 move_seq: 0,
-                links: HashMap::new(),
-                read_wakers: HashMap::new(),
-                write_wakers: HashMap::new(),
                 accept_tx,
                 segs: Vec::new(),
             }),
+            links: Mutex::new(HashMap::new()),
         });
         let tasks = vec![
-            tokio::spawn(accept_clients(shared.clone(), svc)),
-            tokio::spawn(accept_peers(shared.clone(), ctl)),
+            tokio::spawn(driver::accept_clients(shared.clone(), svc)),
+            tokio::spawn(peers::accept_peers(shared.clone(), ctl)),
             tokio::spawn(timer(shared.clone())),
         ];
         info!(server = %me, %service_addr, %control_addr, "server bound");
@@ -372,7 +373,7 @@ impl ServerHandle {
 
     /// Sessions this server owns, with their epochs.
     pub fn sessions(&self) -> Vec<(SessionId, Epoch)> {
-        self.shared.lock().core.owned_sessions().collect()
+        self.shared.lock().core.owned_sessions()
     }
 
     /// What the server has done so far.
@@ -420,10 +421,7 @@ impl ServerHandle {
             .map(|i| SessionRow {
                 session: i.session,
                 epoch: i.epoch,
-                client: i
-                    .inc
-                    .and_then(|inc| st.conns.get(&inc))
-                    .map(|(_, addr)| *addr),
+                client: i.inc.and_then(|inc| st.conns.get(&inc)).map(|c| c.addr),
                 age_ms: now.saturating_duration_since(i.since).as_millis() as u64,
                 up: i.up,
                 down: i.down,
@@ -577,44 +575,26 @@ impl Drop for Server {
             t.abort();
         }
         let mut st = self.shared.lock();
-        for (_, (tx, _)) in st.conns.drain() {
-            let _ = tx.send(Out::Close);
+        for (_, c) in st.conns.drain() {
+            c.wake.notify_one();
         }
-        for (_, link) in st.links.drain() {
-            if let Link::Up(tx, _) = link {
-                let _ = tx.send(Out::Close);
-            }
+        drop(st);
+        for (_, link) in self.shared.links().drain() {
+            link.close();
         }
     }
 }
 
-/// Our connection to a peer: one per pair, opened by whichever side needs
-/// it first and then used both ways.
-#[derive(Debug)]
-enum Link {
-    /// Connected (the number tells connections apart).
-    Up(Tx, u64),
-    /// Being dialled; messages wait here.
-    Dialing(Vec<Vec<Bytes>>),
-}
-
-static LINK_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
-fn next_link_id() -> u64 {
-    LINK_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
+/// What the server's lock guards: the endpoint and the runtime's routing
+/// tables.
 struct State {
-    core: core::Server,
-    /// Client connections: their write queue and address.
-    conns: HashMap<IncarnationId, (Tx, SocketAddr)>,
+    core: Endpoint<Slot>,
+    /// Client connections of this server, attached or not.
+    conns: HashMap<IncarnationId, ConnEntry>,
     /// Sessions an operator push waits for: where each went and when.
     watched: HashMap<SessionId, Watch>,
     /// Moves out so far (numbers them for [`Watch`]).
     move_seq: u64,
-    links: HashMap<ServerId, Link>,
-    read_wakers: HashMap<SessionHandle, Waker>,
-    write_wakers: HashMap<SessionHandle, Waker>,
     accept_tx: mpsc::UnboundedSender<(Session, Arrival)>,
     segs: Vec<Bytes>,
 }
@@ -627,18 +607,12 @@ struct Shared {
     timer: Notify,
     /// Woken when a session ends or migrates (operator pushes wait on it).
     changed: Notify,
-    /// Set when the [`Server`] is dropped: operator connections end.
+    /// Set when the [`Server`] is dropped: connections and operator
+    /// connections end.
     stop: watch::Sender<bool>,
     state: Mutex<State>,
-}
-
-/// What kind of event, for the sessions-open gauge.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum EvKind {
-    Accepted,
-    Ended,
-    Migration,
-    Other,
+    /// Control connections to peers. Taken after `state` when both are.
+    links: Mutex<HashMap<ServerId, Link>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -652,14 +626,18 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn links(&self) -> MutexGuard<'_, HashMap<ServerId, Link>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn peer_id(&self, id: &str) -> Result<ServerId, Error> {
         ServerId::new(id)
             .filter(|p| self.controls.contains_key(p))
             .ok_or_else(|| Error::Config(format!("{id:?} is not a peer of this server")))
     }
 
-    /// Performs everything the core asks for after a call: transmits to
-    /// clients and peers, events to the application and the sockets.
+    /// Performs everything the endpoint asks for after a call: messages to
+    /// peers, frames to connections being admitted, events.
     fn pump(self: &Arc<Self>, st: &mut State) {
         let now = Instant::now();
         loop {
@@ -668,12 +646,19 @@ impl Shared {
                 moved = true;
                 let segs = std::mem::take(&mut st.segs);
                 match dest {
-                    Dest::Incarnation(inc) => {
-                        if let Some((tx, _)) = st.conns.get(&inc) {
-                            let _ = tx.send(Out::Data(segs));
+                    migratory_proto::server::Dest::Incarnation(inc) => {
+                        if let Some(c) = st.conns.get_mut(&inc) {
+                            for s in segs {
+                                c.out.extend_from_slice(&s);
+                            }
+                            c.wake.notify_one();
                         }
                     }
-                    Dest::Peer(peer) => self.send_peer(st, peer, segs),
+                    migratory_proto::server::Dest::Peer(peer) => {
+                        for s in segs {
+                            self.send_peer(st, peer.clone(), s);
+                        }
+                    }
                 }
             }
             while let Some(ev) = st.core.poll_event() {
@@ -688,32 +673,20 @@ impl Shared {
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ServerEvent) {
-        let ev_kind = match &ev {
-            ServerEvent::Accepted { .. } => EvKind::Accepted,
-            ServerEvent::MigratedAway(_) | ServerEvent::Finished(_) | ServerEvent::Dropped(_) => {
-                EvKind::Ended
-            }
-            ServerEvent::Migration(_) => EvKind::Migration,
-            _ => EvKind::Other,
-        };
-        let wake = |m: &mut HashMap<SessionHandle, Waker>, h: &SessionHandle| {
-            if let Some(w) = m.remove(h) {
-                w.wake();
-            }
-        };
         match ev {
             ServerEvent::Accepted {
-                handle,
-                session,
-                arrival,
+                session, arrival, ..
             } => {
+                let Some(slot) = st.core.session(session) else {
+                    return;
+                };
                 let stats = st.core.stats().clone();
                 let arrival = match arrival {
-                    core::Arrival::New => {
+                    migratory_proto::server::Arrival::New => {
                         info!(server = %self.me, %session, "new session");
                         Arrival::New
                     }
-                    core::Arrival::Migrated { state } => {
+                    migratory_proto::server::Arrival::Migrated { state } => {
                         info!(
                             server = %self.me,
                             %session,
@@ -725,50 +698,52 @@ impl Shared {
                         Arrival::Migrated { state }
                     }
                 };
-                let s = Session {
-                    inner: Inner::Migratory {
-                        shared: self.clone(),
-                        handle,
-                        session,
-                    },
-                };
+                let s = Session::migratory(self.clone(), slot, session);
                 if let Err(unsent) = st.accept_tx.send((s, arrival)) {
                     // Nobody accepts any more. The session's Drop takes the
                     // lock we hold: drop it elsewhere, later.
                     tokio::spawn(async move { drop(unsent) });
                 }
+                self.count_sessions(st);
             }
-            ServerEvent::Readable(h) => wake(&mut st.read_wakers, &h),
-            ServerEvent::Writable(h) => wake(&mut st.write_wakers, &h),
+            ServerEvent::Attached { inc, session } => {
+                let slot = st.core.session(session);
+                if let Some(c) = st.conns.get_mut(&inc) {
+                    c.attached = slot;
+                    c.wake.notify_one();
+                }
+            }
+            // Sessions called through the endpoint wake their own
+            // application and driver (see `driver::Slot`).
+            ServerEvent::Readable(_) | ServerEvent::Writable(_) => {}
             ServerEvent::MigratedAway(h) | ServerEvent::Finished(h) | ServerEvent::Dropped(h) => {
                 debug!(server = %self.me, ?h, "session ended here");
                 self.changed.notify_waiters();
-                wake(&mut st.read_wakers, &h);
-                wake(&mut st.write_wakers, &h);
+                self.count_sessions(st);
             }
             ServerEvent::CloseIncarnation { inc, reason } => {
                 debug!(server = %self.me, %inc, %reason, "closing connection");
-                if let Some((tx, _)) = st.conns.remove(&inc) {
-                    let _ = tx.send(Out::Close);
+                if let Some(c) = st.conns.get_mut(&inc) {
+                    c.close = Some(reason);
+                    c.wake.notify_one();
                 }
             }
-            ServerEvent::Attached { .. } => {}
             // Plain clients are recognised before a connection reaches the core.
             ServerEvent::PlainClient { inc, .. } => {
                 st.conns.remove(&inc);
             }
-            ServerEvent::Migration(r) => self.on_migration(st, r),
+            ServerEvent::Migration(r) => {
+                self.on_migration(st, r);
+                self.count_sessions(st);
+            }
             ServerEvent::PeerLoad { peer, permille } => debug!(%peer, permille, "peer load"),
-        }
-        if matches!(
-            ev_kind,
-            EvKind::Accepted | EvKind::Ended | EvKind::Migration
-        ) {
-            metrics::gauge!(SESSIONS_OPEN, "server" => self.me.to_string())
-                .set(st.core.session_count() as f64);
         }
     }
 
+    fn count_sessions(&self, st: &State) {
+        metrics::gauge!(SESSIONS_OPEN, "server" => self.me.to_string())
+            .set(st.core.session_count() as f64);
+    }
     /// Counts a finished migration (metrics), logs it, and tells an
     /// operator push waiting for it.
     fn on_migration(&self, st: &mut State, r: MigrationReport) {
@@ -817,330 +792,10 @@ impl Shared {
         }
         self.changed.notify_waiters();
     }
-
-    /// Publishes how many peers have a control connection up.
-    fn count_peers(&self, st: &State) {
-        let up = st
-            .links
-            .values()
-            .filter(|l| matches!(l, Link::Up(..)))
-            .count();
-        metrics::gauge!(PEERS_UP, "server" => self.me.to_string()).set(up as f64);
-    }
-
-    fn send_peer(self: &Arc<Self>, st: &mut State, peer: ServerId, segs: Vec<Bytes>) {
-        match st.links.get_mut(&peer) {
-            Some(Link::Up(tx, _)) => {
-                let _ = tx.send(Out::Data(segs));
-            }
-            Some(Link::Dialing(queue)) if queue.len() < MAX_DIAL_QUEUE => queue.push(segs),
-            Some(Link::Dialing(_)) => {
-                // The peer has been unreachable for a while: it is down.
-                warn!(server = %self.me, %peer, "peer unreachable: dropping its queue");
-                st.links.remove(&peer);
-                st.core.handle_peer_down(Instant::now(), &peer);
-            }
-            None => {
-                st.links.insert(peer.clone(), Link::Dialing(vec![segs]));
-                tokio::spawn(dial(self.clone(), peer));
-            }
-        }
-    }
-}
-
-async fn accept_clients(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_client(shared.clone(), stream, addr));
-            }
-            Err(e) => {
-                warn!(server = %shared.me, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Reads the start of a connection, within the preamble wait, to tell a
-/// migratory client from a plain one.
-async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
-    let mut first = BytesMut::with_capacity(64);
-    let deadline = tokio::time::Instant::now() + shared.preamble_wait;
-    let migratory = loop {
-        match check_preamble(&first) {
-            Ok(PreambleCheck::Migratory) => break true,
-            Ok(PreambleCheck::NeedMore) => {}
-            Err(DecodeError::NotMigratory) => break false,
-            Err(e) => {
-                debug!(%addr, error = %e, "refusing connection");
-                return;
-            }
-        }
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => {}
-            // Silent client: a plain protocol where the server speaks first.
-            Err(_) => break false,
-        }
-    };
-    if !migratory {
-        debug!(%addr, "plain TCP client");
-        let s = Session {
-            inner: Inner::Plain {
-                initial: first.freeze(),
-                stream,
-            },
-        };
-        let st = shared.lock();
-        let _ = st.accept_tx.send((s, Arrival::Plain));
-        return;
-    }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut st = shared.lock();
-    let inc = st.core.new_incarnation(Instant::now());
-    st.conns.insert(inc, (tx, addr));
-    drop(st);
-    let (s1, s2) = (shared.clone(), shared.clone());
-    conn::start(
-        stream,
-        rx,
-        Some(first.freeze()),
-        move |data| {
-            let mut st = s1.lock();
-            st.core.handle_input(Instant::now(), inc, data);
-            s1.pump(&mut st);
-            true
-        },
-        move |reason| {
-            debug!(%inc, %reason, "client connection closed");
-            let mut st = s2.lock();
-            st.conns.remove(&inc);
-            st.core.handle_incarnation_closed(Instant::now(), inc);
-            s2.pump(&mut st);
-        },
-    );
-}
-
-async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_peer(shared.clone(), stream, addr));
-            }
-            Err(e) => {
-                warn!(server = %shared.me, error = %e, "control accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Runs the authentication handshake on a control connection; returns the
-/// authenticated link.
-pub(crate) async fn handshake(
-    me: &ServerId,
-    key: &[u8],
-    stream: &mut TcpStream,
-    expected: Option<ServerId>,
-) -> Result<PeerLink, String> {
-    let nonce: [u8; 32] = rand::random();
-    let mut link = PeerLink::new(me.clone(), key, nonce, expected);
-    let mut buf = vec![0u8; 4096];
-    let run = async {
-        loop {
-            let out = link.take_output();
-            if !out.is_empty() {
-                stream.write_all(&out).await.map_err(|e| e.to_string())?;
-            }
-            if link.peer().is_some() {
-                return Ok::<(), String>(());
-            }
-            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("closed during the handshake".into());
-            }
-            link.handle_input(&buf[..n]).map_err(|e| e.to_string())?;
-        }
-    };
-    tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, run)
-        .await
-        .map_err(|_| "handshake timed out".to_string())??;
-    Ok(link)
-}
-
-fn link_reader(
-    shared: Arc<Shared>,
-    mut link: PeerLink,
-    peer: ServerId,
-) -> impl FnMut(&[u8]) -> bool + Send + 'static {
-    let deliver = move |shared: &Arc<Shared>, link: &mut PeerLink| {
-        let mut st = shared.lock();
-        while let Some(msg) = link.poll_message() {
-            st.core.handle_control(Instant::now(), &peer, msg);
-        }
-        shared.pump(&mut st);
-    };
-    // Messages that came in the same read as the end of the handshake.
-    deliver(&shared, &mut link);
-    move |data| {
-        let ok = link.handle_input(data);
-        // What decoded before a bad frame still counts.
-        deliver(&shared, &mut link);
-        if let Err(e) = ok {
-            warn!(server = %shared.me, error = %e, "bad control input: closing the link");
-            return false;
-        }
-        true
-    }
-}
-
-async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
-    let link = match handshake(&shared.me, &shared.key, &mut stream, None).await {
-        Ok(link) => link,
-        Err(e) => {
-            warn!(server = %shared.me, %addr, error = %e, "control connection refused");
-            return;
-        }
-    };
-    let peer = link.peer().expect("authenticated").clone();
-    if peer.as_str() == OPERATOR_ID {
-        info!(server = %shared.me, %addr, "operator connected");
-        return serve_operator(ServerHandle { shared }, stream, link).await;
-    }
-    if !shared.controls.contains_key(&peer) {
-        warn!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
-        return;
-    }
-    debug!(server = %shared.me, %peer, "peer connected in");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let id = register_link(&shared, &peer, tx.clone());
-    let reader = link_reader(shared.clone(), link, peer.clone());
-    let closed = link_closed(shared.clone(), peer, id);
-    // The writer lives as long as the connection even when it is not the
-    // link (it is then only read).
-    conn::start(stream, rx, None, reader, move |reason| {
-        drop(tx);
-        closed(reason);
-    });
-}
-
-/// Makes a new authenticated connection the link to `peer`, unless one is
-/// up already (then it is only read: both sides dialled at once). Queued
-/// messages go out on it.
-fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx) -> u64 {
-    let id = next_link_id();
-    let mut st = shared.lock();
-    let queued = match st.links.remove(peer) {
-        Some(Link::Up(old, old_id)) => {
-            st.links.insert(peer.clone(), Link::Up(old, old_id));
-            return 0;
-        }
-        Some(Link::Dialing(q)) => q,
-        None => Vec::new(),
-    };
-    for segs in queued {
-        let _ = tx.send(Out::Data(segs));
-    }
-    st.links.insert(peer.clone(), Link::Up(tx, id));
-    shared.count_peers(&st);
-    st.core.handle_peer_up(Instant::now(), peer);
-    shared.pump(&mut st);
-    id
-}
-
-/// What to do when a control connection ends: if it was the link, the core
-/// learns the peer is down (pending requests fall back, replication stops
-/// gating acks) and the next message dials again.
-fn link_closed(
-    shared: Arc<Shared>,
-    peer: ServerId,
-    id: u64,
-) -> impl FnOnce(String) + Send + 'static {
-    move |reason| {
-        let mut st = shared.lock();
-        let was_link = matches!(st.links.get(&peer), Some(Link::Up(_, i)) if *i == id);
-        if was_link {
-            warn!(server = %shared.me, %peer, %reason, "control connection lost");
-            if let Some(Link::Up(tx, _)) = st.links.remove(&peer) {
-                let _ = tx.send(Out::Close);
-            }
-            shared.count_peers(&st);
-            st.core.handle_peer_down(Instant::now(), &peer);
-            shared.pump(&mut st);
-        } else {
-            debug!(server = %shared.me, %peer, %reason, "extra control connection closed");
-        }
-    }
-}
-
-/// Opens our control connection to `peer` and flushes what was queued; on
-/// failure the core learns the peer is down (requests fall back).
-async fn dial(shared: Arc<Shared>, peer: ServerId) {
-    let addr = shared.controls[&peer];
-    let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let link = handshake(&shared.me, &shared.key, &mut stream, Some(peer.clone())).await?;
-        Ok::<_, String>((stream, link))
-    })
-    .await
-    .unwrap_or_else(|_| Err("connect timed out".into()));
-    match result {
-        Ok((stream, link)) => {
-            debug!(server = %shared.me, %peer, "peer connected out");
-            let (tx, rx) = mpsc::unbounded_channel();
-            let id = register_link(&shared, &peer, tx.clone());
-            let reader = link_reader(shared.clone(), link, peer.clone());
-            let closed = link_closed(shared, peer, id);
-            conn::start(stream, rx, None, reader, move |reason| {
-                drop(tx);
-                closed(reason);
-            });
-        }
-        Err(e) => {
-            warn!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
-            let mut st = shared.lock();
-            if matches!(st.links.get(&peer), Some(Link::Dialing(_))) {
-                st.links.remove(&peer);
-                st.core.handle_peer_down(Instant::now(), &peer);
-                shared.pump(&mut st);
-            }
-        }
-    }
-}
-
-/// Answers an operator's requests, one at a time, until it disconnects.
-async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: PeerLink) {
-    let mut stopped = handle.shared.stop.subscribe();
-    tokio::select! {
-        _ = operator_requests(&handle, &mut stream, &mut link) => {}
-        _ = stopped.wait_for(|s| *s) => {}
-    }
-}
-
-async fn operator_requests(handle: &ServerHandle, stream: &mut TcpStream, link: &mut PeerLink) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        while let Some(msg) = link.poll_message() {
-            let reply = handle.operator_request(msg).await;
-            link.send(&reply);
-            if stream.write_all(&link.take_output()).await.is_err() {
-                return;
-            }
-        }
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if let Err(e) = link.handle_input(&buf[..n]) {
-            warn!(server = %handle.shared.me, error = %e, "bad operator input: closing");
-            return;
-        }
-    }
 }
 
 async fn timer(shared: Arc<Shared>) {
-    conn::run_timer(
+    crate::conn::run_timer(
         &shared.timer,
         || shared.lock().core.poll_timeout(),
         || {
@@ -1150,212 +805,4 @@ async fn timer(shared: Arc<Shared>) {
         },
     )
     .await;
-}
-
-enum Inner {
-    Migratory {
-        shared: Arc<Shared>,
-        handle: SessionHandle,
-        session: SessionId,
-    },
-    Plain {
-        initial: Bytes,
-        stream: TcpStream,
-    },
-}
-
-/// One client's session at this server: `AsyncRead + AsyncWrite`, plus the
-/// migration calls. After the session moved away every read and write
-/// fails with an error for which [`crate::is_migrated`] is true (MTCP's
-/// `EMIGRATED`): stop serving it.
-pub struct Session {
-    inner: Inner,
-}
-
-impl std::fmt::Debug for Session {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.inner {
-            Inner::Migratory { session, .. } => write!(f, "Session({session})"),
-            Inner::Plain { .. } => f.write_str("Session(plain)"),
-        }
-    }
-}
-
-impl Session {
-    /// The session id (`None` for a plain TCP client).
-    pub fn id(&self) -> Option<SessionId> {
-        match &self.inner {
-            Inner::Migratory { session, .. } => Some(*session),
-            Inner::Plain { .. } => None,
-        }
-    }
-
-    /// MTCP's `set_state`: records `state` as this session's restart point.
-    /// A server resuming from it reads and writes from here on. A no-op for
-    /// a plain TCP client.
-    pub fn snapshot(&self, state: &[u8]) -> Result<(), Error> {
-        match self.control() {
-            Some(c) => c.snapshot(state),
-            None => Ok(()),
-        }
-    }
-
-    /// Server push (MTCP 3.2.1): asks the client to migrate, to `dest` if
-    /// given. Fails for a plain TCP client.
-    pub fn migrate_to(&self, dest: Option<&str>) -> Result<(), Error> {
-        match self.control() {
-            Some(c) => c.migrate_to(dest),
-            None => Err(Error::Config("a plain TCP client cannot migrate".into())),
-        }
-    }
-
-    /// A cloneable handle for [`Session::snapshot`] and
-    /// [`Session::migrate_to`], for use while the session's IO runs
-    /// elsewhere (`None` for a plain TCP client).
-    pub fn control(&self) -> Option<SessionControl> {
-        match &self.inner {
-            Inner::Migratory {
-                shared,
-                handle,
-                session,
-            } => Some(SessionControl {
-                shared: shared.clone(),
-                handle: *handle,
-                session: *session,
-            }),
-            Inner::Plain { .. } => None,
-        }
-    }
-}
-
-/// Snapshot and migration calls on a session, detached from its IO.
-#[derive(Debug, Clone)]
-pub struct SessionControl {
-    shared: Arc<Shared>,
-    handle: SessionHandle,
-    session: SessionId,
-}
-
-impl SessionControl {
-    /// The session id.
-    pub fn id(&self) -> SessionId {
-        self.session
-    }
-
-    /// See [`Session::snapshot`].
-    pub fn snapshot(&self, state: &[u8]) -> Result<(), Error> {
-        let mut st = self.shared.lock();
-        st.core.snapshot(self.handle, state)?;
-        self.shared.pump(&mut st);
-        Ok(())
-    }
-
-    /// See [`Session::migrate_to`].
-    pub fn migrate_to(&self, dest: Option<&str>) -> Result<(), Error> {
-        let dest = match dest {
-            Some(d) => Some(self.shared.peer_id(d)?),
-            None => None,
-        };
-        let mut st = self.shared.lock();
-        st.core.migrate_to(self.handle, dest)?;
-        self.shared.pump(&mut st);
-        Ok(())
-    }
-}
-
-impl AsyncRead for Session {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Inner::Plain { initial, stream } => {
-                if !initial.is_empty() {
-                    let n = initial.len().min(buf.remaining());
-                    buf.put_slice(&initial.split_to(n));
-                    return Poll::Ready(Ok(()));
-                }
-                Pin::new(stream).poll_read(cx, buf)
-            }
-            Inner::Migratory { shared, handle, .. } => {
-                let mut st = shared.lock();
-                match st.core.read(*handle, buf.initialize_unfilled()) {
-                    Ok(Some(n)) => {
-                        buf.advance(n);
-                        if n > 0 {
-                            shared.pump(&mut st);
-                        }
-                        Poll::Ready(Ok(()))
-                    }
-                    Ok(None) => {
-                        st.read_wakers.insert(*handle, cx.waker().clone());
-                        Poll::Pending
-                    }
-                    Err(e) => Poll::Ready(Err(Error::from(e).into())),
-                }
-            }
-        }
-    }
-}
-
-impl AsyncWrite for Session {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.inner {
-            Inner::Plain { stream, .. } => Pin::new(stream).poll_write(cx, data),
-            Inner::Migratory { shared, handle, .. } => {
-                let mut st = shared.lock();
-                match st.core.write(*handle, data) {
-                    Ok(0) if !data.is_empty() => {
-                        st.write_wakers.insert(*handle, cx.waker().clone());
-                        Poll::Pending
-                    }
-                    Ok(n) => {
-                        shared.pump(&mut st);
-                        Poll::Ready(Ok(n))
-                    }
-                    Err(e) => Poll::Ready(Err(Error::from(e).into())),
-                }
-            }
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Inner::Plain { stream, .. } => Pin::new(stream).poll_flush(cx),
-            // Written bytes are in the session's retransmit buffer, which is
-            // what survives a migration; the socket drains it on its own.
-            Inner::Migratory { .. } => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            Inner::Plain { stream, .. } => Pin::new(stream).poll_shutdown(cx),
-            Inner::Migratory { shared, handle, .. } => {
-                let mut st = shared.lock();
-                let r = st.core.close_write(*handle);
-                shared.pump(&mut st);
-                Poll::Ready(r.map_err(|e| Error::from(e).into()))
-            }
-        }
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        if let Inner::Migratory { shared, handle, .. } = &self.inner {
-            let mut st = shared.lock();
-            st.read_wakers.remove(handle);
-            st.write_wakers.remove(handle);
-            // A session dropped while live ends gracefully (Close sent,
-            // further input discarded), as a closed TCP socket would.
-            st.core.release(*handle);
-            shared.pump(&mut st);
-        }
-    }
 }

@@ -1,0 +1,453 @@
+//! Client connections: one task per connection admits it through the
+//! endpoint (preamble, Hello or Migrate with its challenge, the wait for
+//! the origin's state) and then drives the session it was attached to.
+//!
+//! The driver owns the socket and holds the session's own lock only for
+//! each step. It reads into the session, and frames output only while the
+//! socket is writable: [`Session::poll_transmit`] hands out at most one
+//! batch beyond what the kernel took, and [`Session::on_transmitted`]
+//! counts bytes as sent only once the socket took them. A client's
+//! memory cost at the server is thus its windows, one batch and the
+//! kernel's buffers, whatever it acknowledges. Read buffers are per
+//! thread, not per session, so an idle session holds no buffer at all.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use migratory_proto::error::DecodeError;
+use migratory_proto::frame::{check_preamble, PreambleCheck};
+use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
+use migratory_proto::types::IncarnationId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::{Arrival, Session, Shared};
+
+/// Bytes of output one driver frames at a time, beyond what the socket
+/// took.
+const BATCH: usize = 256 * 1024;
+
+/// Most bytes one driver reads before it lets others run.
+const READ_BUDGET: usize = 1024 * 1024;
+
+/// Bound on writing the last bytes of a connection that is closing.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+thread_local! {
+    /// The read buffer of every driver on this thread.
+    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
+}
+
+/// A session behind its own lock, with the wakers of its application and
+/// its driver.
+#[derive(Debug)]
+pub(crate) struct SessionCell {
+    state: Mutex<CellState>,
+}
+
+#[derive(Debug)]
+pub(crate) struct CellState {
+    pub(crate) core: CoreSession,
+    pub(crate) read_waker: Option<Waker>,
+    pub(crate) write_waker: Option<Waker>,
+    /// The task driving the session's current connection.
+    pub(crate) driver: Option<Arc<Notify>>,
+}
+
+/// How the endpoint, the driver and the application share a session.
+#[derive(Debug, Clone)]
+pub(crate) struct Slot(Arc<SessionCell>);
+
+impl SessionSlot for Slot {
+    fn new(core: CoreSession) -> Self {
+        Slot(Arc::new(SessionCell {
+            state: Mutex::new(CellState {
+                core,
+                read_waker: None,
+                write_waker: None,
+                driver: None,
+            }),
+        }))
+    }
+
+    /// The endpoint's calls (state requests, triggers, replication acks)
+    /// are rare: everyone interested is woken after each.
+    fn with<R>(&self, f: impl FnOnce(&mut CoreSession) -> R) -> R {
+        let mut st = self.lock();
+        let r = f(&mut st.core);
+        let wakers = [st.read_waker.take(), st.write_waker.take()];
+        let driver = st.driver.clone();
+        drop(st);
+        wakers.into_iter().flatten().for_each(Waker::wake);
+        if let Some(d) = driver {
+            d.notify_one();
+        }
+        r
+    }
+}
+
+impl Slot {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, CellState> {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// After the application or a driver called its session directly: wakes
+/// whom its events concern, sends its messages to peers, and tells the
+/// endpoint what it must know. Takes the session's guard and releases it
+/// before touching anything else (the endpoint's lock is taken before a
+/// session's, never after).
+pub(crate) fn settle(shared: &Arc<Shared>, mut st: MutexGuard<'_, CellState>) {
+    let (mut read, mut write, mut ended) = (false, false, false);
+    let mut close = Vec::new();
+    while let Some(ev) = st.core.poll_event() {
+        match ev {
+            ServerEvent::Readable(_) => read = true,
+            ServerEvent::Writable(_) => write = true,
+            ServerEvent::MigratedAway(_) | ServerEvent::Finished(_) | ServerEvent::Dropped(_) => {
+                (read, write, ended) = (true, true, true)
+            }
+            ServerEvent::CloseIncarnation { inc, reason } => close.push((inc, reason)),
+            _ => {}
+        }
+    }
+    let control: Vec<_> = std::iter::from_fn(|| st.core.poll_control()).collect();
+    let endpoint: Vec<_> = std::iter::from_fn(|| st.core.poll_endpoint_event()).collect();
+    let (sid, handle) = (st.core.id(), st.core.handle());
+    let rw = if read { st.read_waker.take() } else { None };
+    let ww = if write { st.write_waker.take() } else { None };
+    drop(st);
+    rw.into_iter().chain(ww).for_each(Waker::wake);
+    for (peer, msg) in control {
+        shared.send_control(peer, &msg);
+    }
+    if !endpoint.is_empty() || !close.is_empty() {
+        let now = Instant::now();
+        let mut ep = shared.lock();
+        for ev in endpoint {
+            ep.core.handle_endpoint_event(now, sid, handle, ev);
+        }
+        for (inc, reason) in close {
+            if let Some(c) = ep.conns.get_mut(&inc) {
+                debug!(server = %shared.me, %inc, %reason, "closing connection");
+                c.close = Some(reason);
+                c.wake.notify_one();
+            }
+        }
+        shared.pump(&mut ep);
+    }
+    if ended {
+        shared.changed.notify_waiters();
+    }
+}
+
+/// What the runtime knows of one client connection (under the server's
+/// lock).
+#[derive(Debug)]
+pub(crate) struct ConnEntry {
+    pub(crate) addr: SocketAddr,
+    /// Wakes the connection's task.
+    pub(crate) wake: Arc<Notify>,
+    /// Frames from the endpoint, while the connection is being admitted.
+    pub(crate) out: BytesMut,
+    /// Close the connection (after `out`), for this reason.
+    pub(crate) close: Option<String>,
+    /// The session the connection now carries.
+    pub(crate) attached: Option<Slot>,
+}
+
+pub(super) async fn accept_clients(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                tokio::spawn(serve_client(shared.clone(), stream, addr));
+            }
+            Err(e) => {
+                warn!(server = %shared.me, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Reads the start of a connection, within the preamble wait, to tell a
+/// migratory client from a plain one; serves a migratory one.
+async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+    let mut first = BytesMut::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + shared.preamble_wait;
+    let migratory = loop {
+        match check_preamble(&first) {
+            Ok(PreambleCheck::Migratory) => break true,
+            Ok(PreambleCheck::NeedMore) => {}
+            Err(DecodeError::NotMigratory) => break false,
+            Err(e) => {
+                debug!(%addr, error = %e, "refusing connection");
+                return;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+            // Silent client: a plain protocol where the server speaks first.
+            Err(_) => break false,
+        }
+    };
+    if !migratory {
+        debug!(%addr, "plain TCP client");
+        let s = Session::plain(first.freeze(), stream);
+        let st = shared.lock();
+        let _ = st.accept_tx.send((s, Arrival::Plain));
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let wake = Arc::new(Notify::new());
+    let inc = {
+        let mut st = shared.lock();
+        let inc = st.core.new_incarnation(Instant::now());
+        st.conns.insert(
+            inc,
+            ConnEntry {
+                addr,
+                wake: wake.clone(),
+                out: BytesMut::new(),
+                close: None,
+                attached: None,
+            },
+        );
+        st.core.handle_input(Instant::now(), inc, &first);
+        shared.pump(&mut st);
+        inc
+    };
+    let reason = match admit(&shared, &mut stream, inc, &wake).await {
+        Ok(Some(slot)) => drive(&shared, &mut stream, inc, &slot, &wake).await,
+        Ok(None) => "refused".to_string(),
+        Err(e) => e,
+    };
+    debug!(server = %shared.me, %inc, %reason, "client connection closed");
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.shutdown()).await;
+    let mut st = shared.lock();
+    st.conns.remove(&inc);
+    st.core.handle_incarnation_closed(Instant::now(), inc);
+    shared.pump(&mut st);
+}
+
+/// Runs a connection through admission: returns the session it was
+/// attached to, `None` when the endpoint closed it (after sending its
+/// frames), or why it ended.
+async fn admit(
+    shared: &Arc<Shared>,
+    stream: &mut TcpStream,
+    inc: IncarnationId,
+    wake: &Notify,
+) -> Result<Option<Slot>, String> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (out, close, attached) = {
+            let mut st = shared.lock();
+            let Some(c) = st.conns.get_mut(&inc) else {
+                return Err("server stopped".into());
+            };
+            (c.out.split(), c.close.clone(), c.attached.clone())
+        };
+        if !out.is_empty() {
+            tokio::time::timeout(FLUSH_TIMEOUT, stream.write_all(&out))
+                .await
+                .map_err(|_| "write timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(slot) = attached {
+            return Ok(Some(slot));
+        }
+        if close.is_some() {
+            return Ok(None);
+        }
+        tokio::select! {
+            r = stream.read(&mut buf) => match r {
+                Ok(0) => return Err("EOF".into()),
+                Ok(n) => {
+                    let mut st = shared.lock();
+                    st.core.handle_input(Instant::now(), inc, &buf[..n]);
+                    shared.pump(&mut st);
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+            _ = wake.notified() => {}
+        }
+    }
+}
+
+/// Drives `slot`'s session over the connection until the connection ends
+/// or the session leaves it; returns why.
+async fn drive(
+    shared: &Arc<Shared>,
+    stream: &mut TcpStream,
+    inc: IncarnationId,
+    slot: &Slot,
+    wake: &Arc<Notify>,
+) -> String {
+    slot.lock().driver = Some(wake.clone());
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut segs = Vec::new();
+    let mut stop = shared.stop.subscribe();
+    let reason = loop {
+        let (current, wants) = {
+            let st = slot.lock();
+            (st.core.incarnation() == Some(inc), st.core.wants_transmit())
+        };
+        if !current {
+            break flush(shared, stream, inc, &mut pending).await;
+        }
+        let want_write = wants || !pending.is_empty();
+        tokio::select! {
+            r = stream.readable() => {
+                if let Err(e) = r {
+                    break closed(shared, inc, slot, e.to_string());
+                }
+                if let Err(e) = read_some(shared, stream, inc, slot) {
+                    break closed(shared, inc, slot, e);
+                }
+            }
+            r = stream.writable(), if want_write => {
+                if let Err(e) = r {
+                    break closed(shared, inc, slot, e.to_string());
+                }
+                if let Err(e) = write_some(shared, stream, inc, slot, &mut pending, &mut segs) {
+                    break closed(shared, inc, slot, e.to_string());
+                }
+            }
+            _ = wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => break "server stopped".into(),
+        }
+    };
+    let mut st = slot.lock();
+    if st.driver.as_ref().is_some_and(|d| Arc::ptr_eq(d, wake)) {
+        st.driver = None;
+    }
+    reason
+}
+
+/// The connection failed or ended: the session learns it.
+fn closed(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot, reason: String) -> String {
+    let mut st = slot.lock();
+    st.core.handle_incarnation_closed(Instant::now(), inc);
+    settle(shared, st);
+    reason
+}
+
+/// Reads what the socket has (up to a budget) into the session.
+fn read_some(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    inc: IncarnationId,
+    slot: &Slot,
+) -> Result<(), String> {
+    let mut total = 0;
+    while total < READ_BUDGET {
+        let r = READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            match stream.try_read(&mut buf) {
+                Ok(0) => Err("EOF".to_string()),
+                Ok(n) => {
+                    let mut st = slot.lock();
+                    st.core.handle_input(Instant::now(), inc, &buf[..n]);
+                    settle(shared, st);
+                    Ok(n)
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                Err(e) => Err(e.to_string()),
+            }
+        })?;
+        if r == 0 {
+            break;
+        }
+        total += r;
+    }
+    Ok(())
+}
+
+/// Writes while the socket takes bytes, framing the next batch each time
+/// the last one went out. What the socket took is reported to the session
+/// before this returns, so input read afterwards may acknowledge it.
+fn write_some(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    inc: IncarnationId,
+    slot: &Slot,
+    pending: &mut VecDeque<Bytes>,
+    segs: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut taken = 0;
+    let result = loop {
+        if pending.is_empty() {
+            let mut st = slot.lock();
+            st.core.on_transmitted(inc, std::mem::take(&mut taken));
+            let polled = st.core.poll_transmit(Instant::now(), segs, BATCH);
+            pending.extend(segs.drain(..));
+            settle(shared, st);
+            if polled.is_none() {
+                return Ok(());
+            }
+        }
+        let slices: Vec<IoSlice<'_>> = pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        match stream.try_write_vectored(&slices) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                taken += n;
+                advance(pending, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    if taken > 0 {
+        slot.lock().core.on_transmitted(inc, taken);
+    }
+    result
+}
+
+/// Drops the first `n` bytes of `pending`.
+fn advance(pending: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = pending.front_mut() else {
+            return;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            pending.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
+/// The session left this connection (it finished, moved, or the client
+/// came back on another): writes what was framed for it, within a bound.
+async fn flush(
+    shared: &Arc<Shared>,
+    stream: &mut TcpStream,
+    inc: IncarnationId,
+    pending: &mut VecDeque<Bytes>,
+) -> String {
+    let write = async {
+        while let Some(b) = pending.pop_front() {
+            stream.write_all(&b).await?;
+        }
+        Ok::<(), io::Error>(())
+    };
+    let _ = tokio::time::timeout(FLUSH_TIMEOUT, write).await;
+    shared
+        .lock()
+        .conns
+        .get(&inc)
+        .and_then(|c| c.close.clone())
+        .unwrap_or_else(|| "session left the connection".into())
+}

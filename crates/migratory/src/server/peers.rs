@@ -1,0 +1,369 @@
+//! Control connections between the servers of a pool (DESIGN.md 3.3):
+//! authentication, one link per pair of peers, and operators.
+//!
+//! Every link is bounded. Messages for a peer (replication, state
+//! requests and replies) queue on its link up to [`MAX_LINK_QUEUE`]
+//! bytes; a peer that lets more pile up unsent — a stalled or slow backup
+//! — is dropped: the link is closed and the endpoint learns the peer is
+//! down, so the sessions it backs up continue without crash tolerance
+//! (acknowledgements stop waiting for it) and migrations through it fall
+//! back. The link is dialled again by the next message, and a backup
+//! that is back receives each session's whole state anew.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use migratory_proto::control::ControlMessage;
+use migratory_proto::peer::PeerLink;
+use migratory_proto::types::ServerId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{ServerHandle, Shared, State, OPERATOR_ID, PEERS_UP};
+use crate::conn::{self, Out, Tx};
+
+/// Bound on connecting to a peer and authenticating it.
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most bytes queued for one peer, unsent: past this the peer is stalled
+/// and its link is dropped.
+pub const MAX_LINK_QUEUE: usize = 16 * 1024 * 1024;
+
+/// Our connection to a peer: one per pair, opened by whichever side needs
+/// it first and then used both ways.
+#[derive(Debug)]
+pub(crate) enum Link {
+    /// Connected: the writer's queue, the bytes in it, and a number that
+    /// tells connections apart.
+    Up {
+        tx: Tx,
+        queued: Arc<AtomicUsize>,
+        id: u64,
+    },
+    /// Being dialled; messages wait here.
+    Dialing { queue: Vec<Bytes>, bytes: usize },
+}
+
+impl Link {
+    /// Closes the connection (after what is queued).
+    pub(crate) fn close(self) {
+        if let Link::Up { tx, .. } = self {
+            let _ = tx.send(Out::Close);
+        }
+    }
+}
+
+static LINK_IDS: AtomicU64 = AtomicU64::new(1);
+
+fn next_link_id() -> u64 {
+    LINK_IDS.fetch_add(1, Ordering::Relaxed)
+}
+
+impl Shared {
+    /// Publishes how many peers have a control connection up.
+    pub(crate) fn count_peers(&self, links: &HashMap<ServerId, Link>) {
+        let up = links
+            .values()
+            .filter(|l| matches!(l, Link::Up { .. }))
+            .count();
+        metrics::gauge!(PEERS_UP, "server" => self.me.to_string()).set(up as f64);
+    }
+
+    /// Queues `msg` for `peer`, dialling it if needed. Returns the peer
+    /// if its link stalled and was dropped: the caller tells the endpoint
+    /// it is down.
+    pub(crate) fn send_link(
+        self: &Arc<Self>,
+        links: &mut HashMap<ServerId, Link>,
+        peer: ServerId,
+        msg: Bytes,
+    ) -> Option<ServerId> {
+        let len = msg.len();
+        match links.get_mut(&peer) {
+            Some(Link::Up { tx, queued, .. }) => {
+                if queued.load(Ordering::Relaxed) + len > MAX_LINK_QUEUE {
+                    warn!(server = %self.me, %peer, "peer stalled: dropping its link");
+                    if let Some(link) = links.remove(&peer) {
+                        link.close();
+                    }
+                    self.count_peers(links);
+                    return Some(peer);
+                }
+                queued.fetch_add(len, Ordering::Relaxed);
+                let _ = tx.send(Out::Data(vec![msg]));
+            }
+            Some(Link::Dialing { queue, bytes }) => {
+                if *bytes + len > MAX_LINK_QUEUE {
+                    warn!(server = %self.me, %peer, "peer unreachable: dropping its queue");
+                    links.remove(&peer);
+                    return Some(peer);
+                }
+                *bytes += len;
+                queue.push(msg);
+            }
+            None => {
+                links.insert(
+                    peer.clone(),
+                    Link::Dialing {
+                        queue: vec![msg],
+                        bytes: len,
+                    },
+                );
+                tokio::spawn(dial(self.clone(), peer));
+            }
+        }
+        None
+    }
+
+    /// Sends a message to a peer from under the server's lock.
+    pub(crate) fn send_peer(self: &Arc<Self>, st: &mut State, peer: ServerId, msg: Bytes) {
+        let stalled = self.send_link(&mut self.links(), peer, msg);
+        if let Some(peer) = stalled {
+            st.core.handle_peer_down(Instant::now(), &peer);
+        }
+    }
+
+    /// Sends a message to a peer from outside the server's lock.
+    pub(crate) fn send_control(self: &Arc<Self>, peer: ServerId, msg: &ControlMessage) {
+        let mut b = bytes::BytesMut::new();
+        msg.encode(&mut b);
+        let stalled = self.send_link(&mut self.links(), peer, b.freeze());
+        if let Some(peer) = stalled {
+            let mut st = self.lock();
+            st.core.handle_peer_down(Instant::now(), &peer);
+            self.pump(&mut st);
+        }
+    }
+}
+
+pub(super) async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                tokio::spawn(serve_peer(shared.clone(), stream, addr));
+            }
+            Err(e) => {
+                warn!(server = %shared.me, error = %e, "control accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs the authentication handshake on a control connection; returns the
+/// authenticated link.
+pub(crate) async fn handshake(
+    me: &ServerId,
+    key: &[u8],
+    stream: &mut TcpStream,
+    expected: Option<ServerId>,
+) -> Result<PeerLink, String> {
+    let nonce: [u8; 32] = rand::random();
+    let mut link = PeerLink::new(me.clone(), key, nonce, expected);
+    let mut buf = vec![0u8; 4096];
+    let run = async {
+        loop {
+            let out = link.take_output();
+            if !out.is_empty() {
+                stream.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
+            if link.peer().is_some() {
+                return Ok::<(), String>(());
+            }
+            let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during the handshake".into());
+            }
+            link.handle_input(&buf[..n]).map_err(|e| e.to_string())?;
+        }
+    };
+    tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, run)
+        .await
+        .map_err(|_| "handshake timed out".to_string())??;
+    Ok(link)
+}
+
+fn link_reader(
+    shared: Arc<Shared>,
+    mut link: PeerLink,
+    peer: ServerId,
+) -> impl FnMut(&[u8]) -> bool + Send + 'static {
+    let deliver = move |shared: &Arc<Shared>, link: &mut PeerLink| {
+        let mut st = shared.lock();
+        while let Some(msg) = link.poll_message() {
+            st.core.handle_control(Instant::now(), &peer, msg);
+        }
+        shared.pump(&mut st);
+    };
+    // Messages that came in the same read as the end of the handshake.
+    deliver(&shared, &mut link);
+    move |data| {
+        let ok = link.handle_input(data);
+        // What decoded before a bad frame still counts.
+        deliver(&shared, &mut link);
+        if let Err(e) = ok {
+            warn!(server = %shared.me, error = %e, "bad control input: closing the link");
+            return false;
+        }
+        true
+    }
+}
+
+async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+    let link = match handshake(&shared.me, &shared.key, &mut stream, None).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(server = %shared.me, %addr, error = %e, "control connection refused");
+            return;
+        }
+    };
+    let peer = link.peer().expect("authenticated").clone();
+    if peer.as_str() == OPERATOR_ID {
+        info!(server = %shared.me, %addr, "operator connected");
+        return serve_operator(ServerHandle { shared }, stream, link).await;
+    }
+    if !shared.controls.contains_key(&peer) {
+        warn!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
+        return;
+    }
+    debug!(server = %shared.me, %peer, "peer connected in");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let id = register_link(&shared, &peer, tx.clone(), queued.clone());
+    let reader = link_reader(shared.clone(), link, peer.clone());
+    let closed = link_closed(shared.clone(), peer, id);
+    // The writer lives as long as the connection even when it is not the
+    // link (it is then only read).
+    conn::start(stream, rx, Some(queued), None, reader, move |reason| {
+        drop(tx);
+        closed(reason);
+    });
+}
+
+/// Makes a new authenticated connection the link to `peer`, unless one is
+/// up already (then it is only read: both sides dialled at once). Queued
+/// messages go out on it.
+fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx, queued: Arc<AtomicUsize>) -> u64 {
+    let id = next_link_id();
+    let mut st = shared.lock();
+    let mut links = shared.links();
+    let waiting = match links.remove(peer) {
+        Some(up @ Link::Up { .. }) => {
+            links.insert(peer.clone(), up);
+            return 0;
+        }
+        Some(Link::Dialing { queue, .. }) => queue,
+        None => Vec::new(),
+    };
+    let bytes: usize = waiting.iter().map(Bytes::len).sum();
+    queued.fetch_add(bytes, Ordering::Relaxed);
+    if !waiting.is_empty() {
+        let _ = tx.send(Out::Data(waiting));
+    }
+    links.insert(peer.clone(), Link::Up { tx, queued, id });
+    shared.count_peers(&links);
+    drop(links);
+    st.core.handle_peer_up(Instant::now(), peer);
+    shared.pump(&mut st);
+    id
+}
+
+/// What to do when a control connection ends: if it was the link, the core
+/// learns the peer is down (pending requests fall back, replication stops
+/// gating acks) and the next message dials again.
+fn link_closed(
+    shared: Arc<Shared>,
+    peer: ServerId,
+    id: u64,
+) -> impl FnOnce(String) + Send + 'static {
+    move |reason| {
+        let mut st = shared.lock();
+        let mut links = shared.links();
+        let was_link = matches!(links.get(&peer), Some(Link::Up { id: i, .. }) if *i == id);
+        if was_link {
+            warn!(server = %shared.me, %peer, %reason, "control connection lost");
+            if let Some(link) = links.remove(&peer) {
+                link.close();
+            }
+            shared.count_peers(&links);
+            drop(links);
+            st.core.handle_peer_down(Instant::now(), &peer);
+            shared.pump(&mut st);
+        } else {
+            debug!(server = %shared.me, %peer, %reason, "extra control connection closed");
+        }
+    }
+}
+
+/// Opens our control connection to `peer` and flushes what was queued; on
+/// failure the core learns the peer is down (requests fall back).
+async fn dial(shared: Arc<Shared>, peer: ServerId) {
+    let addr = shared.controls[&peer];
+    let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let link = handshake(&shared.me, &shared.key, &mut stream, Some(peer.clone())).await?;
+        Ok::<_, String>((stream, link))
+    })
+    .await
+    .unwrap_or_else(|_| Err("connect timed out".into()));
+    match result {
+        Ok((stream, link)) => {
+            debug!(server = %shared.me, %peer, "peer connected out");
+            let (tx, rx) = mpsc::unbounded_channel();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let id = register_link(&shared, &peer, tx.clone(), queued.clone());
+            let reader = link_reader(shared.clone(), link, peer.clone());
+            let closed = link_closed(shared, peer, id);
+            conn::start(stream, rx, Some(queued), None, reader, move |reason| {
+                drop(tx);
+                closed(reason);
+            });
+        }
+        Err(e) => {
+            warn!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
+            let mut st = shared.lock();
+            let dialing = matches!(shared.links().get(&peer), Some(Link::Dialing { .. }));
+            if dialing {
+                shared.links().remove(&peer);
+                st.core.handle_peer_down(Instant::now(), &peer);
+                shared.pump(&mut st);
+            }
+        }
+    }
+}
+
+/// Answers an operator's requests, one at a time, until it disconnects.
+async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: PeerLink) {
+    let mut stopped = handle.shared.stop.subscribe();
+    tokio::select! {
+        _ = operator_requests(&handle, &mut stream, &mut link) => {}
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+}
+
+async fn operator_requests(handle: &ServerHandle, stream: &mut TcpStream, link: &mut PeerLink) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while let Some(msg) = link.poll_message() {
+            let reply = handle.operator_request(msg).await;
+            link.send(&reply);
+            if stream.write_all(&link.take_output()).await.is_err() {
+                return;
+            }
+        }
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Err(e) = link.handle_input(&buf[..n]) {
+            warn!(server = %handle.shared.me, error = %e, "bad operator input: closing");
+            return;
+        }
+    }
+}
