@@ -17,6 +17,7 @@ use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
 use migratory_repair::lock::{self, Direction, DEFAULT_TIMEOUT};
 use migratory_repair::process::{
     abandon_all, checkpoint_process, image_lock, restore_all, After, CheckpointOptions, FailPoint,
+    Fault,
 };
 use migratory_repair::{is_tcp_listener, ImageFile};
 
@@ -66,9 +67,13 @@ pub struct CheckpointArgs {
     #[command(flatten)]
     lock: LockOpts,
     /// Fail on purpose after this step (tests of the failure paths):
-    /// stopped, checkpointed, written, verified, lock-checked.
+    /// locked, stopped, checkpointed, written, verified, lock-checked.
     #[arg(long, value_name = "STEP", hide = true)]
     fail_at: Option<FailPoint>,
+    /// Hang (for a minute, then fail) after this step: tests kill the tool
+    /// there.
+    #[arg(long, value_name = "STEP", hide = true, conflicts_with = "fail_at")]
+    hang_at: Option<FailPoint>,
 }
 
 /// The network lock options.
@@ -201,7 +206,11 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
     let after = if a.kill { After::Kill } else { After::Continue };
     let options = CheckpointOptions {
         lock: (!a.lock.no_lock).then_some(a.lock.lock_timeout),
-        fail_at: a.fail_at,
+        fault: match (a.fail_at, a.hang_at) {
+            (Some(p), _) => Some((p, Fault::Fail)),
+            (None, Some(p)) => Some((p, Fault::Hang)),
+            (None, None) => None,
+        },
     };
     let image =
         checkpoint_process(a.pid, &a.fds, after, &a.output, &options).map_err(|e| e.to_string())?;

@@ -1,13 +1,16 @@
-//! `migratory sock` end to end on one host: real server processes (socat,
-//! and the MIGSOCK II shapes of `examples/socket_echo.rs`), their live
-//! connections checkpointed out of them and restored into new processes,
-//! a listening socket handed to a new process under a client loop, and bad
-//! input. Needs root (TCP_REPAIR, pidfd_getfd): skips, saying so, when not.
+//! `migratory sock` end to end: real server processes (socat, and the
+//! MIGSOCK II shapes of `examples/socket_echo.rs`), their live connections
+//! checkpointed out of them and restored into new processes, a listening
+//! socket handed to a new process under a client loop, and bad input. Needs
+//! root (TCP_REPAIR, pidfd_getfd) and `nft` (the network lock): skips,
+//! saying so, without them.
 //!
-//! Same host, so there is no way to hold the peer's packets back while a
-//! socket is gone (the cross-host test in migratory-repair does that): each
-//! client waits for its echo before a migration, so nothing is in flight
-//! in user space or on the wire while the sockets are closed.
+//! The loopback tests wait for each echo before a migration. The network
+//! namespace tests (`ns_*`) do not: an unmodified peer (socat) streams 16
+//! KiB every 0.5 ms both ways and checks every echoed byte while the server
+//! (socat) is checkpointed, killed and restored 20 times, on one host and
+//! between two hosts; checkpoints forced to fail at each step, and the tool
+//! killed while it holds the lock, leave the stream intact.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,8 +36,24 @@ fn root() -> bool {
         == Some("0");
     if !root {
         eprintln!("skipped: needs root (TCP_REPAIR and pidfd_getfd)");
+        return false;
     }
-    root
+    if !have("nft", "--version") {
+        eprintln!(
+            "skipped: needs nft for the network lock (apt-get install nftables; .ci/run does)"
+        );
+        return false;
+    }
+    true
+}
+
+fn have(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
 }
 
 fn example(name: &str) -> PathBuf {
@@ -86,8 +105,9 @@ fn restore_spawn(cmd: &mut Command) -> Kill {
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
     assert!(line.contains("restored"), "restore failed: {line}");
-    // Keep draining stderr so the child never blocks on it.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    // Keep draining stderr so the child never blocks on it (into ours:
+    // what the restored program says shows with a failing test).
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::stderr()));
     Kill(child)
 }
 
@@ -515,4 +535,565 @@ fn benchmarks_run() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(" us"), "{args:?}: {text}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Network namespaces: a peer that never stops streaming
+// ---------------------------------------------------------------------------
+
+/// Bytes the peer writes at a time, and how often.
+const CHUNK: usize = 16 << 10;
+const EVERY: Duration = Duration::from_micros(500);
+/// Migrations per run.
+const MOVES: usize = 20;
+/// The service's address (on `host`, or moving between `hostA` and
+/// `hostB`).
+const SERVICE: &str = "10.79.0.10";
+const PORT: u16 = 7000;
+
+fn ns_ready() -> bool {
+    if !root() {
+        return false;
+    }
+    for (tool, arg) in [("ip", "-V"), ("socat", "-V")] {
+        if !have(tool, arg) {
+            eprintln!("skipped: needs {tool} (.ci/run installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Network namespaces made for one test, deleted on drop: `client` with a
+/// bridge, and hosts attached to it (10.79.0.2, .3, ...). The service
+/// address starts on the first host.
+struct Net {
+    client: String,
+    hosts: Vec<String>,
+}
+
+impl Net {
+    fn new(tag: &str, hosts: usize) -> Net {
+        let id = format!("{}{tag}", std::process::id());
+        let n = Net {
+            client: format!("mscl{id}"),
+            hosts: (0..hosts).map(|i| format!("msh{i}{id}")).collect(),
+        };
+        for ns in std::iter::once(&n.client).chain(&n.hosts) {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let c = n.client.as_str();
+        ip(&["-n", c, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", c, "link", "set", "br0", "up"]);
+        ip(&["-n", c, "addr", "add", "10.79.0.1/24", "dev", "br0"]);
+        for (i, host) in n.hosts.iter().enumerate() {
+            let port = format!("p{i}");
+            ip(&[
+                "-n", c, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                host,
+            ]);
+            ip(&["-n", c, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", host, "link", "set", "eth0", "up"]);
+            let addr = format!("10.79.0.{}/24", i + 2);
+            ip(&["-n", host, "addr", "add", &addr, "dev", "eth0"]);
+        }
+        n.move_address(None, 0);
+        n
+    }
+
+    /// Moves the service address to host `to` (from host `from`), and
+    /// refreshes the client's neighbour entry (a gratuitous ARP would).
+    fn move_address(&self, from: Option<usize>, to: usize) {
+        let a = format!("{SERVICE}/24");
+        if let Some(from) = from {
+            ip(&["-n", &self.hosts[from], "addr", "del", &a, "dev", "eth0"]);
+        }
+        ip(&["-n", &self.hosts[to], "addr", "add", &a, "dev", "eth0"]);
+        ip(&["-n", &self.client, "neigh", "flush", "dev", "br0"]);
+    }
+
+    /// `cmd` run inside namespace `ns`.
+    fn exec(&self, ns: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).args(cmd);
+        c
+    }
+
+    /// The lock tables present in `ns`.
+    fn lock_tables(&self, ns: &str) -> Vec<String> {
+        let out = self.exec(ns, &["nft", "list", "tables"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("migratory_"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in std::iter::once(&self.client).chain(&self.hosts) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// The peer's stream repeats this many bytes (a prime: no chunk size
+/// divides it, so a lost or repeated piece shows).
+const PERIOD: usize = 65521;
+
+/// Two periods of the peer's stream: its bytes `pos..pos + n` (for `n` up
+/// to a period) are `pattern[pos % PERIOD..][..n]`, compared at memcmp
+/// speed so that checking never holds the peer back.
+fn pattern() -> Arc<Vec<u8>> {
+    let one: Vec<u8> = (0..PERIOD as u64)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+        .collect();
+    Arc::new([one.as_slice(), one.as_slice()].concat())
+}
+
+/// The unmodified peer: `socat - TCP:service` in `client`, fed 16 KiB
+/// every 0.5 ms and its output (the echo) checked byte by byte.
+struct Peer {
+    child: Kill,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    echoed: Arc<AtomicU64>,
+    writer: std::thread::JoinHandle<Result<(), String>>,
+    reader: std::thread::JoinHandle<Result<Vec<(Instant, u64)>, String>>,
+}
+
+impl Peer {
+    fn start(net: &Net) -> Peer {
+        let target = format!("TCP:{SERVICE}:{PORT}");
+        let mut child = net
+            .exec(
+                &net.client,
+                &["socat", "-b", "65536", "-t", "5", "-", &target],
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start socat");
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (stop, sent, echoed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let writer = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            let pattern = pattern();
+            std::thread::spawn(move || {
+                let mut pos = 0u64;
+                let start = Instant::now();
+                let mut k = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    let off = (pos % PERIOD as u64) as usize;
+                    stdin
+                        .write_all(&pattern[off..off + CHUNK])
+                        .map_err(|e| format!("peer write: {e}"))?;
+                    pos += CHUNK as u64;
+                    sent.store(pos, Ordering::SeqCst);
+                    k += 1;
+                    if let Some(wait) = (start + EVERY * k).checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                Ok(())
+                // (Dropping stdin closes the peer's sending half.)
+            })
+        };
+        let reader = {
+            let echoed = echoed.clone();
+            let pattern = pattern();
+            std::thread::spawn(move || {
+                let mut pos = 0u64;
+                let mut buf = vec![0u8; PERIOD];
+                let mut arrivals = Vec::new();
+                loop {
+                    let n = stdout
+                        .read(&mut buf)
+                        .map_err(|e| format!("peer read: {e}"))?;
+                    if n == 0 {
+                        return Ok(arrivals);
+                    }
+                    let off = (pos % PERIOD as u64) as usize;
+                    if buf[..n] != pattern[off..off + n] {
+                        // Said at once: the test fails later, waiting.
+                        let i = (0..n).find(|&i| buf[i] != pattern[off + i]).unwrap_or(0);
+                        let e = format!("echoed byte {} differs", pos + i as u64);
+                        eprintln!("peer: {e}");
+                        return Err(e);
+                    }
+                    pos += n as u64;
+                    echoed.store(pos, Ordering::SeqCst);
+                    arrivals.push((Instant::now(), pos));
+                }
+            })
+        };
+        Peer {
+            child: Kill(child),
+            stop,
+            sent,
+            echoed,
+            writer,
+            reader,
+        }
+    }
+
+    fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `more` bytes beyond what is echoed now come back.
+    fn wait_more(&self, more: u64, what: &str) {
+        let target = self.echoed() + more;
+        wait_for(what, || self.echoed() >= target);
+    }
+
+    /// Stops streaming, waits for the last echo and EOF; checks that
+    /// everything sent came back exactly and that socat saw no error.
+    /// Returns the arrival times of the echo.
+    fn finish(mut self) -> Vec<(Instant, u64)> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.writer
+            .join()
+            .unwrap()
+            .expect("the peer wrote everything: no reset");
+        let sent = self.sent.load(Ordering::SeqCst);
+        // socat ends after EOF both ways; a reset ends it early.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the peer never finished");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let echoed = self.echoed.clone();
+        let arrivals = self.reader.join().unwrap().expect("echo exact");
+        let mut err = String::new();
+        if let Some(mut e) = self.child.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        assert!(status.success(), "peer socat: {status}: {err}");
+        assert_eq!(
+            echoed.load(Ordering::SeqCst),
+            sent,
+            "every byte sent came back"
+        );
+        arrivals
+    }
+}
+
+/// What the peer saw of each move: the largest gap between two echo
+/// arrivals from the move's start to the next one's (the last: `tail`).
+fn stalls(arrivals: &[(Instant, u64)], starts: &[Instant], tail: Duration) -> Vec<Duration> {
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let end = starts.get(i + 1).copied().unwrap_or(t + tail);
+            arrivals
+                .windows(2)
+                .filter(|w| w[1].0 >= t && w[0].0 <= end)
+                .map(|w| w[1].0 - w[0].0)
+                .max()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn summary(what: &str, mut d: Vec<Duration>) -> String {
+    d.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "{what}: median {:.1} ms, max {:.1} ms over {} moves",
+        ms(d[d.len() / 2]),
+        ms(d[d.len() - 1]),
+        d.len()
+    )
+}
+
+/// The server: an unmodified socat echoing through a pipe, in `ns`. Its
+/// blocks are one page (`-b 4096`): socat writes to its own pipe only when
+/// the pipe has room, and a write of at most a page into a pipe with room
+/// never blocks; with 8 KiB blocks it can block on its own pipe, with
+/// nobody left to empty it, whenever its socket stops taking data for a
+/// while (with or without a migration).
+fn socat_server(net: &Net, ns: &str) -> Kill {
+    let listen = format!("TCP-LISTEN:{PORT},bind={SERVICE},reuseaddr");
+    let child = net
+        .exec(ns, &["socat", "-b", "4096", &listen, "PIPE"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Kill(child)
+}
+
+fn wait_listening(net: &Net, ns: &str) {
+    wait_for("the server to listen", || {
+        let out = net
+            .exec(ns, &["ss", "-Htln", &format!("sport = :{PORT}")])
+            .output()
+            .unwrap();
+        !out.stdout.is_empty()
+    });
+}
+
+/// `migratory sock ARGS` in `ns`.
+fn sock_in(net: &Net, ns: &str, args: &[&str]) -> Output {
+    let mut cmd = vec![BIN, "sock"];
+    cmd.extend_from_slice(args);
+    net.exec(ns, &cmd).output().unwrap()
+}
+
+/// The pid of the socat that `migratory sock restore --exec` started.
+fn restored_server(restore: &Kill) -> u32 {
+    let mut pid = None;
+    wait_for("the restored server to start", || {
+        pid = children(restore.0.id()).first().copied();
+        pid.is_some()
+    });
+    pid.unwrap()
+}
+
+/// Checkpoints the server `pid` in `from` (killing it) and restores it in
+/// `to` under a new socat; the address moves when the hosts differ.
+/// Returns the new restore process, and how long the address move took.
+fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Duration) {
+    let imgs = img.to_str().unwrap();
+    let (a, b) = (&net.hosts[from], &net.hosts[to]);
+    let out = sock_in(
+        net,
+        a,
+        &[
+            "checkpoint",
+            "--pid",
+            &pid.to_string(),
+            "-o",
+            imgs,
+            "--kill",
+        ],
+    );
+    ok(&out);
+    let mut moved = Duration::ZERO;
+    if from != to {
+        // The new host drops the connection's packets before it has the
+        // address; then the address moves.
+        ok(&sock_in(net, b, &["lock", imgs]));
+        let t = Instant::now();
+        net.move_address(Some(from), to);
+        moved = t.elapsed();
+    }
+    let restore = restore_spawn(&mut net.exec(
+        b,
+        &[
+            BIN, "sock", "restore", imgs, "--exec", "socat", "-b", "4096", "FD:3", "PIPE",
+        ],
+    ));
+    if from != to {
+        // The old host's lock is of no use any more.
+        ok(&sock_in(net, a, &["unlock", imgs]));
+    }
+    let _ = std::fs::remove_file(img);
+    (restore, moved)
+}
+
+fn moves(tag: &str, hosts: usize) {
+    let net = Net::new(tag, hosts);
+    let server = socat_server(&net, &net.hosts[0]);
+    wait_listening(&net, &net.hosts[0]);
+    let peer = Peer::start(&net);
+    peer.wait_more(4 * CHUNK as u64, "the echo to start");
+    let img = tmp(&format!("ns-{tag}.img"));
+    let mut pid = server.0.id();
+    let mut keep = vec![server];
+    let mut starts = Vec::new();
+    let mut address_moves = Vec::new();
+    let mut at = 0;
+    for _ in 0..MOVES {
+        let to = (at + 1) % hosts;
+        starts.push(Instant::now());
+        let (restore, moved) = migrate(&net, pid, at, to, &img);
+        address_moves.push(moved);
+        pid = restored_server(&restore);
+        keep.push(restore);
+        at = to;
+        // The stream goes on through the new server.
+        peer.wait_more(8 * CHUNK as u64, "the echo after a move");
+    }
+    let arrivals = peer.finish();
+    let label = if hosts == 1 {
+        "same host"
+    } else {
+        "cross host"
+    };
+    eprintln!(
+        "{}",
+        summary(
+            &format!("{label}: peer-observed stall"),
+            stalls(&arrivals, &starts, Duration::from_secs(2))
+        )
+    );
+    if hosts > 1 {
+        eprintln!("{}", summary("address move (ip commands)", address_moves));
+    }
+    for ns in &net.hosts {
+        assert!(net.lock_tables(ns).is_empty() || hosts > 1, "lock left");
+    }
+    drop(keep);
+}
+
+/// One host: an unmodified socat echo server is checkpointed and killed,
+/// then restored under a new socat, 20 times, while the peer streams both
+/// ways; every byte comes back, and the peer sees no reset.
+#[test]
+fn ns_same_host_twenty_moves_under_a_streaming_peer() {
+    if !ns_ready() {
+        return;
+    }
+    moves("s", 1);
+}
+
+/// Two hosts on a bridge: the server moves from one to the other and back,
+/// 20 times, with its address; the restoring host locks the connection
+/// before the address arrives (no hand-made blackhole route).
+#[test]
+fn ns_cross_host_twenty_moves_under_a_streaming_peer() {
+    if !ns_ready() {
+        return;
+    }
+    moves("x", 2);
+}
+
+/// A checkpoint forced to fail after each of its steps: the server lives
+/// on, the stream continues byte-exact, no lock and no image are left.
+#[test]
+fn ns_failed_checkpoints_lose_nothing() {
+    if !ns_ready() {
+        return;
+    }
+    let net = Net::new("f", 1);
+    let host = net.hosts[0].clone();
+    let server = socat_server(&net, &host);
+    wait_listening(&net, &host);
+    let peer = Peer::start(&net);
+    peer.wait_more(4 * CHUNK as u64, "the echo to start");
+    let img = tmp("ns-fail.img");
+    let imgs = img.to_str().unwrap();
+    let pid = server.0.id().to_string();
+    for step in [
+        "locked",
+        "stopped",
+        "checkpointed",
+        "written",
+        "verified",
+        "lock-checked",
+    ] {
+        let out = sock_in(
+            &net,
+            &host,
+            &[
+                "checkpoint",
+                "--pid",
+                &pid,
+                "-o",
+                imgs,
+                "--kill",
+                "--fail-at",
+                step,
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{step}: succeeded");
+        assert!(err.contains(step), "{step}: {err}");
+        assert!(!gone(server.0.id()), "{step}: the server was killed");
+        assert!(!img.exists(), "{step}: an image was left");
+        assert!(net.lock_tables(&host).is_empty(), "{step}: a lock was left");
+        peer.wait_more(8 * CHUNK as u64, "the echo after a failed checkpoint");
+    }
+    peer.finish();
+    drop(server);
+}
+
+/// The tool is killed (SIGKILL) while it holds the lock: the lock expires
+/// by itself and the stream resumes; `sock unlock` removes the leftover
+/// table.
+#[test]
+fn ns_killed_tool_lock_expires() {
+    if !ns_ready() {
+        return;
+    }
+    let net = Net::new("k", 1);
+    let host = net.hosts[0].clone();
+    let server = socat_server(&net, &host);
+    wait_listening(&net, &host);
+    let peer = Peer::start(&net);
+    peer.wait_more(4 * CHUNK as u64, "the echo to start");
+    let img = tmp("ns-kill.img");
+    let pid = server.0.id().to_string();
+    let mut tool = Kill(
+        net.exec(
+            &host,
+            &[
+                BIN,
+                "sock",
+                "checkpoint",
+                "--pid",
+                &pid,
+                "-o",
+                img.to_str().unwrap(),
+                "--kill",
+                "--lock-timeout",
+                "2s",
+                "--hang-at",
+                "locked",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    wait_for("the lock", || !net.lock_tables(&host).is_empty());
+    // Both directions are locked now (the tool hangs after that step).
+    std::thread::sleep(Duration::from_millis(200));
+    let locked_at = peer.echoed();
+    let t = Instant::now();
+    // `ip netns exec` ran the tool in place: this is the tool itself.
+    tool.0.kill().unwrap();
+    let _ = tool.0.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        peer.echoed() - locked_at <= 2 * (CHUNK as u64) * 64,
+        "the lock held"
+    );
+    peer.wait_more(8 * CHUNK as u64, "the stream to resume after the timeout");
+    eprintln!(
+        "stream resumed {:.2} s after the tool was killed (lock timeout 2 s)",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(!gone(server.0.id()));
+    assert!(!img.exists());
+    // The expired lock's table is still there; unlock removes it.
+    assert!(!net.lock_tables(&host).is_empty());
+    let out = sock_in(&net, &host, &["unlock"]);
+    ok(&out);
+    assert!(net.lock_tables(&host).is_empty());
+    peer.finish();
+    drop(server);
 }

@@ -1000,6 +1000,17 @@ pub fn take_fd(pid: i32, fd: RawFd) -> Result<OwnedFd, HandoffError> {
 /// The descriptors of process `pid` that are sockets (`/proc/PID/fd/N` links
 /// to `socket:[inode]`), in increasing order.
 pub fn socket_fds(pid: i32) -> Result<Vec<RawFd>, HandoffError> {
+    fds_of_kind(pid, b"socket:[")
+}
+
+/// The descriptors of process `pid` that are pipes (`pipe:[inode]`), in
+/// increasing order.
+pub fn pipe_fds(pid: i32) -> Result<Vec<RawFd>, HandoffError> {
+    fds_of_kind(pid, b"pipe:[")
+}
+
+/// The descriptors of `pid` whose `/proc/PID/fd/N` link starts with `kind`.
+fn fds_of_kind(pid: i32, kind: &[u8]) -> Result<Vec<RawFd>, HandoffError> {
     check_pid(pid)?;
     let dir = format!("/proc/{pid}/fd");
     let entries = fs::read_dir(&dir).map_err(|e| match e.kind() {
@@ -1023,9 +1034,7 @@ pub fn socket_fds(pid: i32) -> Result<Vec<RawFd>, HandoffError> {
             continue;
         };
         match fs::read_link(entry.path()) {
-            Ok(target) if target.as_os_str().as_bytes().starts_with(b"socket:[") => {
-                sockets.push(fd)
-            }
+            Ok(target) if target.as_os_str().as_bytes().starts_with(kind) => sockets.push(fd),
             Ok(_) => {}
             // Closed meanwhile.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

@@ -16,6 +16,6 @@ mod sys;
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
 pub use lock::{Connection, NetLock};
 pub use repair::{
-    abandon, bytes_received, checkpoint, connection, is_tcp_listener, prepare, restore, resume,
-    state_name, unchanged, Prepared, RepairError,
+    abandon, bytes_received, checkpoint, connection, is_tcp_listener, prepare, reserve_send_buffer,
+    restore, resume, state_name, unchanged, unread, writable, Prepared, RepairError,
 };

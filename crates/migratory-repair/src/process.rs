@@ -36,7 +36,8 @@ use crate::handoff::{self, HandoffError, Stopped};
 use crate::image::{ImageError, ImageFile};
 use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
 use crate::repair::{
-    abandon, bytes_received, checkpoint, connection, prepare, resume, unchanged, RepairError,
+    abandon, bytes_received, checkpoint, connection, prepare, reserve_send_buffer, resume,
+    unchanged, unread, writable, RepairError,
 };
 
 /// Times a killed process's sockets are checked again (and re-read) before
@@ -53,7 +54,7 @@ const PEERS_QUIET_MAX: Duration = Duration::from_millis(30);
 
 /// The longest the process gets, once the lock holds, to finish with what
 /// it received before it is stopped.
-const SETTLE_MAX: Duration = Duration::from_millis(50);
+const SETTLE_MAX: Duration = Duration::from_millis(100);
 
 /// What becomes of the process once its sockets are in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +66,15 @@ pub enum After {
     Continue,
 }
 
+/// How long [`Fault::Hang`] hangs (a test kills the tool meanwhile).
+pub const HANG: Duration = Duration::from_secs(60);
+
 /// A step of [`checkpoint_process`] after which a test can make it fail
-/// (fault injection), to see that nothing is lost.
+/// or hang (fault injection), to see that nothing is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailPoint {
+    /// The lock holds both ways; the process still runs.
+    Locked,
     /// The process is stopped, its sockets not yet frozen.
     Stopped,
     /// Every socket is frozen and read.
@@ -83,7 +89,8 @@ pub enum FailPoint {
 
 impl FailPoint {
     /// Every point, in the order they are passed.
-    pub const ALL: [FailPoint; 5] = [
+    pub const ALL: [FailPoint; 6] = [
+        FailPoint::Locked,
         FailPoint::Stopped,
         FailPoint::Checkpointed,
         FailPoint::Written,
@@ -94,6 +101,7 @@ impl FailPoint {
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
+            FailPoint::Locked => "locked",
             FailPoint::Stopped => "stopped",
             FailPoint::Checkpointed => "checkpointed",
             FailPoint::Written => "written",
@@ -117,6 +125,16 @@ impl FromStr for FailPoint {
     }
 }
 
+/// What an injected fault does at its [`FailPoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail with [`ProcessError::Injected`] (and undo everything).
+    Fail,
+    /// Sleep for [`HANG`] first (a test kills the tool meanwhile), then
+    /// fail.
+    Hang,
+}
+
 /// How [`checkpoint_process`] goes about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointOptions {
@@ -124,15 +142,30 @@ pub struct CheckpointOptions {
     /// nobody lifts the lock; `None` takes no lock (the caller holds the
     /// peers' packets back itself).
     pub lock: Option<Duration>,
-    /// Fail on purpose after this step (tests).
-    pub fail_at: Option<FailPoint>,
+    /// A fault to inject after a step (tests).
+    pub fault: Option<(FailPoint, Fault)>,
+}
+
+impl CheckpointOptions {
+    /// The injected fault, if it is at `point`.
+    fn fault(&self, point: FailPoint) -> Result<(), ProcessError> {
+        match self.fault {
+            Some((p, fault)) if p == point => {
+                if fault == Fault::Hang {
+                    std::thread::sleep(HANG);
+                }
+                Err(ProcessError::Injected(point))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Default for CheckpointOptions {
     fn default() -> Self {
         CheckpointOptions {
             lock: Some(DEFAULT_TIMEOUT),
-            fail_at: None,
+            fault: None,
         }
     }
 }
@@ -239,11 +272,19 @@ pub fn checkpoint_process(
         })
         .collect::<Result<Vec<Connection>, _>>()?;
     let lock = NetLock::new(&conns, timeout)?;
+    for (fd, s) in &taken {
+        reserve_send_buffer(s).map_err(|source| ProcessError::Socket {
+            pid,
+            fd: *fd,
+            source,
+        })?;
+    }
     lock.take(&[Direction::Outbound])?;
     let locked = (|| {
         wait_peers_quiet(&taken);
         lock.block(Direction::Inbound)?;
-        wait_settled(pid);
+        options.fault(FailPoint::Locked)?;
+        wait_settled(pid, &taken);
         handoff::stop(pid).map_err(process)
     })();
     let stopped = match locked {
@@ -312,17 +353,33 @@ fn wait_peers_quiet(taken: &Taken) {
     }
 }
 
-/// Waits (at most [`SETTLE_MAX`]) until every thread of `pid` sleeps, seen
-/// twice in a row: a server that only reacts to its peers has then done
-/// with what it received (nothing new can arrive through the lock).
-fn wait_settled(pid: i32) {
+/// Waits (at most [`SETTLE_MAX`]) until the process is idle, seen twice in
+/// a row: every thread sleeps, its sockets have nothing left to read and
+/// room to write, and none of its pipes holds data. A server that only
+/// reacts to its peers has then done with what it received (nothing new
+/// can arrive through the lock) and holds none of it in its own buffers or
+/// pipes. A process still busy at the deadline is stopped where it is
+/// (what it holds in its memory then dies with it).
+fn wait_settled(pid: i32, taken: &Taken) {
+    let pipes: Vec<OwnedFd> = handoff::pipe_fds(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|fd| handoff::take_fd(pid, fd).ok())
+        .collect();
     let start = Instant::now();
-    let mut asleep = 0;
-    while asleep < 2 && start.elapsed() < SETTLE_MAX {
-        match handoff::thread_states(pid) {
-            Ok(states) if !states.is_empty() && states.iter().all(|&s| s == 'S') => asleep += 1,
-            _ => asleep = 0,
-        }
+    let mut settled = 0;
+    while settled < 2 && start.elapsed() < SETTLE_MAX {
+        let asleep = matches!(handoff::thread_states(pid),
+            Ok(states) if !states.is_empty() && states.iter().all(|&s| s == 'S'));
+        let sockets = taken
+            .iter()
+            .all(|(_, s)| writable(s).unwrap_or(true) && unread(s).unwrap_or(0) == 0);
+        let pipes_empty = pipes.iter().all(|p| unread(p).unwrap_or(0) == 0);
+        settled = if asleep && sockets && pipes_empty {
+            settled + 1
+        } else {
+            0
+        };
         std::thread::sleep(Duration::from_micros(200));
     }
 }
@@ -338,10 +395,7 @@ fn finish_checkpoint(
     options: &CheckpointOptions,
 ) -> Result<ImageFile, ProcessError> {
     let process = |source| ProcessError::Process { pid, source };
-    let fail = |point| match options.fail_at {
-        Some(p) if p == point => Err(ProcessError::Injected(point)),
-        _ => Ok(()),
-    };
+    let fail = |point| options.fault(point);
     let mut image = ImageFile::default();
     let mut written = false;
     let result = (|| {

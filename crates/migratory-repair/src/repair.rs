@@ -9,10 +9,12 @@
 //! restore re-creates it with a raw packet from the peer's address, marked
 //! [`crate::lock::LOCK_MARK`] so that a network lock lets it through.
 //!
-//! A restored socket sends the data that was in flight (sent, not yet
-//! acknowledged) again at once, instead of waiting for its retransmission
-//! timer (a second for a new socket): the peer may have lost it to the
-//! network lock, and a duplicate costs it nothing.
+//! Data that was sent but not acknowledged goes back into the socket as
+//! sent (the peer may hold it and acknowledge it: the socket must know it
+//! was sent); data never sent is written once the socket is live. Under
+//! [`crate::process`]'s network lock, what the socket tries to send while
+//! the lock drops it is never counted as sent, so it is in the second part
+//! and goes out at once after the restore.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
@@ -449,6 +451,45 @@ pub fn connection(socket: &impl AsFd) -> Result<Connection, RepairError> {
     })
 }
 
+/// Lets the send queue of a live socket grow by what its owner may have to
+/// answer to everything it can receive (`SO_SNDBUFFORCE` to its send
+/// buffer plus four times its receive buffer, for the kernel's per-packet
+/// overhead, and at least 32 MiB more; this also ends the automatic sizing
+/// of the send buffer; only what is queued takes memory).
+/// While a network lock holds, nothing the socket sends is acknowledged,
+/// and the peer cannot send more than the receive buffer holds: this gives
+/// an owner that answers what it receives (an echo, a proxy) room to write
+/// its answers, instead of blocking with them in its own memory.
+pub fn reserve_send_buffer(socket: &impl AsFd) -> Result<(), RepairError> {
+    let sock = SockRef::from(socket);
+    let snd = sock.send_buffer_size().map_err(sys("SO_SNDBUF"))?;
+    let rcv = sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))?;
+    // The kernel doubles the value it is given. The receive buffer may
+    // still grow (autotuning) while the peer sends: at least 32 MiB more.
+    let half = (snd / 2).saturating_add(rcv.saturating_mul(2).max(16 << 20));
+    let half = libc::c_int::try_from(half).unwrap_or(libc::c_int::MAX / 2);
+    setsockopt_int(socket.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, half)
+        .map_err(sys("SO_SNDBUFFORCE"))
+}
+
+/// Whether a write to the socket would not block now (its owner is not
+/// held up by a full send queue).
+pub fn writable(socket: &impl AsFd) -> Result<bool, RepairError> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(socket, PollFlags::OUT)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let n = poll(&mut fds, Some(&zero)).map_err(|e| sys("poll")(e.into()))?;
+    Ok(n == 1 && fds[0].revents().contains(PollFlags::OUT))
+}
+
+/// Bytes waiting to be read from a socket or a pipe (`FIONREAD`).
+pub fn unread(fd: &impl AsFd) -> Result<usize, RepairError> {
+    queue_len(fd.as_fd(), SIOCINQ, "FIONREAD")
+}
+
 /// Bytes received on a socket so far (`tcpi_bytes_received`): a peer that
 /// still sends makes it grow.
 pub fn bytes_received(socket: &impl AsFd) -> Result<u64, RepairError> {
@@ -498,9 +539,8 @@ pub fn prepare(image: &SocketImage) -> Result<Prepared<'_>, RepairError> {
 impl Prepared<'_> {
     /// The second half of [`restore`]: out of repair mode (the kernel sends
     /// a window probe, whose answer tells the socket where the peer is),
-    /// the peer's FIN re-created if it had been received, the data that
-    /// was in flight and the data never sent written anew, and our FIN
-    /// sent again if it was not acknowledged. On error the socket is put
+    /// the peer's FIN re-created if it had been received, the data never
+    /// sent written, and our FIN sent again if it was not acknowledged. On error the socket is put
     /// back into repair mode and closed silently.
     pub fn go_live(self) -> Result<TcpStream, RepairError> {
         let image = self.image;
@@ -529,14 +569,22 @@ fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError
         inject_fin(image, snd_una)?;
         wait_state(stream, &[TcpState::CloseWait.to_linux()], "CLOSE_WAIT")?;
     }
-    if queued > 0 {
+    if !image.unsent.is_empty() {
+        // Room for the whole queue at once, so that writing it never waits
+        // for the peer (an explicit size stops autotuning: only when the
+        // default is too small).
+        let sock = SockRef::from(&*stream);
+        if queued > sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? {
+            let want = libc::c_int::try_from(queued).unwrap_or(libc::c_int::MAX / 2);
+            setsockopt_int(stream.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
+                .map_err(sys("SO_SNDBUFFORCE"))?;
+        }
         stream
             .set_write_timeout(Some(UNSENT_TIMEOUT))
             .map_err(sys("SO_SNDTIMEO"))?;
         stream
-            .write_all(&image.sent)
-            .and_then(|()| stream.write_all(&image.unsent))
-            .map_err(sys("send (queued data)"))?;
+            .write_all(&image.unsent)
+            .map_err(sys("send (unsent data)"))?;
         stream.set_write_timeout(None).map_err(sys("SO_SNDTIMEO"))?;
     }
     if fin == 1 && image.state != TcpState::FinWait2 {
@@ -707,21 +755,26 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
             Some(libc::EADDRINUSE) => RepairError::AddressInUse(image.local),
             _ => sys("bind")(e),
         })?;
-    // Enough buffer for the queues (an explicit size stops autotuning, so
-    // only when the default is too small).
-    let queued = image.sent.len() + image.unsent.len();
-    if queued > sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? {
-        let want = (image.options.sndbuf as usize / 2).max(queued);
-        sock.set_send_buffer_size(want).map_err(sys("SO_SNDBUF"))?;
+    // Enough buffer for the queues filled in repair mode (an explicit size
+    // stops autotuning, so only when the default is too small; forced past
+    // rmem_max/wmem_max, as the old socket's queues were). The unsent data
+    // gets its room once the socket is live.
+    if image.sent.len() > sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? {
+        let want = libc::c_int::try_from(image.sent.len()).unwrap_or(libc::c_int::MAX / 2);
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
+            .map_err(sys("SO_SNDBUFFORCE"))?;
     }
+    let queued = image.sent.len() + image.unsent.len();
     if image.received.len() > sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))? / 2 {
         let want = (image.options.rcvbuf as usize / 2).max(image.received.len() * 2);
-        sock.set_recv_buffer_size(want).map_err(sys("SO_RCVBUF"))?;
+        let want = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
+        setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want)
+            .map_err(sys("SO_RCVBUFFORCE"))?;
     }
     // Sequence numbers: the receive queue starts `received` bytes before
     // rcv_nxt (less the peer's FIN, re-created after repair mode); the send
     // queue starts at snd_una, `sent + unsent` bytes before write_seq (less
-    // our FIN): everything from snd_una is written again once live.
+    // our FIN).
     let rcv_start = image
         .rcv_seq
         .wrapping_sub(u32::from(fin_in(image.state)))
@@ -766,10 +819,11 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     }
     select_queue(fd, TCP_RECV_QUEUE)?;
     fill_queue(fd, &image.received, "send (receive queue)")?;
+    select_queue(fd, TCP_SEND_QUEUE)?;
+    fill_queue(fd, &image.sent, "send (send queue)")?;
     if image.state == TcpState::FinWait2 {
         // Our FIN was sent and acknowledged: queue it as sent, with the
         // send queue selected (the window probe's answer acknowledges it).
-        select_queue(fd, TCP_SEND_QUEUE)?;
         sock.shutdown(std::net::Shutdown::Write)
             .map_err(sys("shutdown (repair)"))?;
     }
