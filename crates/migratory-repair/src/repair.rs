@@ -47,6 +47,9 @@ const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 /// How long restoring the never-sent tail may wait for send-buffer room.
 const UNSENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a just-closed socket of the same connection may linger.
+const CLOSE_GRACE: Duration = Duration::from_millis(50);
+
 /// How long a re-created FIN may take to reach the restored socket.
 const FIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -485,6 +488,14 @@ pub fn writable(socket: &impl AsFd) -> Result<bool, RepairError> {
     Ok(n == 1 && fds[0].revents().contains(PollFlags::OUT))
 }
 
+/// The kernel's name of a TCP socket's state now (`"ESTABLISHED"`,
+/// `"CLOSE"` once both sides finished, ...).
+pub fn tcp_state(socket: &impl AsFd) -> Result<&'static str, RepairError> {
+    let (info, _) = getsockopt::<libc::tcp_info>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map_err(sys("TCP_INFO"))?;
+    Ok(state_name(info.tcpi_state))
+}
+
 /// Bytes waiting to be read from a socket or a pipe (`FIONREAD`).
 pub fn unread(fd: &impl AsFd) -> Result<usize, RepairError> {
     queue_len(fd.as_fd(), SIOCINQ, "FIONREAD")
@@ -785,12 +796,23 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         .wrapping_sub(queued as u32);
     set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
     set_queue_seq(fd, TCP_SEND_QUEUE, snd_start)?;
-    // In repair mode connect sends no SYN; it still needs a route.
-    sock.connect(&image.peer.into())
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EADDRNOTAVAIL) => RepairError::ConnectionExists(image.local, image.peer),
-            _ => sys("connect")(e),
-        })?;
+    // In repair mode connect sends no SYN; it still needs a route. A
+    // socket of this connection closed a moment ago (silently, in repair
+    // mode) can take a little while to leave the kernel's table: try again
+    // for a short while before saying it still exists.
+    let start = std::time::Instant::now();
+    loop {
+        match sock.connect(&image.peer.into()) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                if start.elapsed() >= CLOSE_GRACE {
+                    return Err(RepairError::ConnectionExists(image.local, image.peer));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(sys("connect")(e)),
+        }
+    }
     let mut opts = Vec::with_capacity(32);
     let mut opt = |code: u32, value: u32| {
         opts.extend_from_slice(&code.to_ne_bytes());
