@@ -17,5 +17,6 @@ pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
 pub use lock::{Connection, NetLock};
 pub use repair::{
     abandon, bytes_received, checkpoint, connection, is_tcp_listener, prepare, reserve_send_buffer,
-    restore, resume, state_name, tcp_state, unchanged, unread, writable, Prepared, RepairError,
+    restore, resume, smoothed_rtt, state_name, tcp_state, unchanged, unread, writable, Prepared,
+    RepairError,
 };

@@ -17,8 +17,11 @@
 //!
 //! Both chains first accept packets marked [`LOCK_MARK`] (0xC114, CRIU's
 //! mark): the peer's FIN that a restore re-creates passes the lock that
-//! way. The policy of both chains is `accept`: nothing but the locked
-//! 4-tuples is touched.
+//! way; then packets whose 4-tuple is in the `pass` set: lifting a lock at
+//! the moment a restored socket goes live is adding to that set, which the
+//! kernel does at once (removing set elements waits for an RCU grace
+//! period, about 15 ms here). The policy of both chains is `accept`:
+//! nothing but the locked 4-tuples is touched.
 //!
 //! # It cannot leak
 //!
@@ -178,6 +181,14 @@ impl NetLock {
             s,
             "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
         );
+        for v6 in [false, true] {
+            let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
+            let _ = writeln!(
+                s,
+                "  set pass{} {{ type {ty} . inet_service . {ty} . inet_service; flags timeout; }}",
+                if v6 { 6 } else { 4 }
+            );
+        }
         for (dir, name) in [(Direction::Inbound, "in"), (Direction::Outbound, "out")] {
             for v6 in [false, true] {
                 let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
@@ -201,7 +212,7 @@ impl NetLock {
         ] {
             let _ = writeln!(
                 s,
-                "  chain {chain} {{ type filter hook {hook} priority raw; policy accept;\n    meta mark {LOCK_MARK:#010x} accept\n    ip saddr . tcp sport . ip daddr . tcp dport @{set}4 drop\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @{set}6 drop\n  }}"
+                "  chain {chain} {{ type filter hook {hook} priority raw; policy accept;\n    meta mark {LOCK_MARK:#010x} accept\n    ip saddr . tcp sport . ip daddr . tcp dport @pass4 accept\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @pass6 accept\n    ip saddr . tcp sport . ip daddr . tcp dport @{set}4 drop\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @{set}6 drop\n  }}"
             );
         }
         s.push_str("}\n");
@@ -225,20 +236,21 @@ impl NetLock {
         nft_script("lock", &s)
     }
 
-    /// Lifts `direction` of the lock but keeps its table: the fast way
-    /// (one transaction) to let packets through at the moment a restored
-    /// socket goes live. Elements already gone are no error.
+    /// Lifts `directions` of the lock but keeps its table (their 4-tuples
+    /// go into the `pass` set): the fast way, one transaction that takes
+    /// effect at once, to let packets through at the moment a restored
+    /// socket goes live. Lifting what is not locked is no error.
     pub fn unblock(&self, directions: &[Direction]) -> Result<(), LockError> {
         let mut s = String::new();
         for &dir in directions {
             for v6 in [false, true] {
-                for c in self.family(v6) {
+                let elems = self.elements(dir, v6, true);
+                if !elems.is_empty() {
                     let _ = writeln!(
                         s,
-                        "delete element inet {} {} {{ {} }}",
+                        "add element inet {} pass{} {{ {elems} }}",
                         self.table,
-                        set_name(dir, v6),
-                        element(dir, c, None)
+                        if v6 { 6 } else { 4 }
                     );
                 }
             }
@@ -247,24 +259,15 @@ impl NetLock {
             return Ok(());
         }
         match nft_script("unlock", &s) {
-            // One element already gone (expired) fails the whole
-            // transaction: delete them one by one then.
-            Err(LockError::Nft { .. }) => {
-                for line in s.lines() {
-                    match nft_script("unlock", line) {
-                        Ok(()) => {}
-                        Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(())
-            }
+            // No table: nothing is locked.
+            Err(LockError::Nft { stderr, .. }) if gone(&stderr) => Ok(()),
             other => other,
         }
     }
 
     /// Whether every element of `direction` is still in place (the lock
-    /// holds: it has neither expired nor been removed).
+    /// holds: it has neither expired nor been removed). Lifting with
+    /// [`NetLock::unblock`] is this crate's own doing, not checked.
     pub fn check(&self, direction: Direction) -> Result<(), LockError> {
         for v6 in [false, true] {
             let elems = self.elements(direction, v6, false);

@@ -37,7 +37,7 @@ use crate::image::{ImageError, ImageFile};
 use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
 use crate::repair::{
     abandon, bytes_received, checkpoint, connection, prepare, reserve_send_buffer, resume,
-    unchanged, unread, writable, RepairError,
+    smoothed_rtt, unchanged, unread, writable, RepairError,
 };
 
 /// Times a killed process's sockets are checked again (and re-read) before
@@ -45,8 +45,9 @@ use crate::repair::{
 const RECHECKS: usize = 10;
 
 /// How long the peers must have sent nothing new, with our packets to them
-/// held back, before theirs are dropped too.
-const PEERS_QUIET: Duration = Duration::from_millis(2);
+/// held back, before theirs are dropped too: at least this, and at least
+/// two round trips.
+const PEERS_QUIET: Duration = Duration::from_millis(1);
 
 /// The longest the outbound-only phase of the lock lasts (a peer with a
 /// large window may not run out of it sooner).
@@ -279,8 +280,12 @@ pub fn checkpoint_process(
             source,
         })?;
     }
-    lock.take(&[Direction::Outbound])?;
+    // The table first (tens of milliseconds: its chains are hooked in),
+    // while nothing is dropped yet; then each direction is one quick set
+    // update.
+    lock.take(&[])?;
     let locked = (|| {
+        lock.block(Direction::Outbound)?;
         wait_peers_quiet(&taken);
         lock.block(Direction::Inbound)?;
         options.fault(FailPoint::Locked)?;
@@ -332,8 +337,14 @@ fn take_sockets(
 }
 
 /// With our packets held back, waits (at most [`PEERS_QUIET_MAX`]) until
-/// no socket has received anything for [`PEERS_QUIET`].
+/// no socket has received anything for [`PEERS_QUIET`] or two round trips.
 fn wait_peers_quiet(taken: &Taken) {
+    let rtt = taken
+        .iter()
+        .filter_map(|(_, s)| smoothed_rtt(s).ok())
+        .max()
+        .unwrap_or_default();
+    let quiet = PEERS_QUIET.max(2 * rtt);
     let total = || {
         taken
             .iter()
@@ -343,7 +354,7 @@ fn wait_peers_quiet(taken: &Taken) {
     let start = Instant::now();
     let mut last = total();
     let mut since = Instant::now();
-    while start.elapsed() < PEERS_QUIET_MAX && since.elapsed() < PEERS_QUIET {
+    while start.elapsed() < PEERS_QUIET_MAX && since.elapsed() < quiet {
         std::thread::sleep(Duration::from_micros(200));
         let now = total();
         if now != last {
@@ -409,17 +420,21 @@ fn finish_checkpoint(
             image.sockets.push(s);
         }
         fail(FailPoint::Checkpointed)?;
-        image.write_to(output)?;
-        written = true;
-        fail(FailPoint::Written)?;
-        if ImageFile::read_from(output)? != image {
-            return Err(ProcessError::Verify(output.display().to_string()));
-        }
-        fail(FailPoint::Verified)?;
-        if let Some(lock) = lock {
-            lock.check(Direction::Inbound)?;
-        }
-        fail(FailPoint::LockChecked)
+        // The lock is checked (an `nft` run) while the image is written.
+        std::thread::scope(|scope| {
+            let check = lock.map(|l| scope.spawn(|| l.check(Direction::Inbound)));
+            image.write_to(output)?;
+            written = true;
+            fail(FailPoint::Written)?;
+            if ImageFile::read_from(output)? != image {
+                return Err(ProcessError::Verify(output.display().to_string()));
+            }
+            fail(FailPoint::Verified)?;
+            if let Some(check) = check {
+                check.join().map_err(|_| LockError::NotHeld)??;
+            }
+            fail(FailPoint::LockChecked)
+        })
     })();
     let frozen = || taken.iter().zip(&image.sockets);
     if let Err(e) = result {

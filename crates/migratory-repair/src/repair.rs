@@ -501,6 +501,13 @@ pub fn unread(fd: &impl AsFd) -> Result<usize, RepairError> {
     queue_len(fd.as_fd(), SIOCINQ, "FIONREAD")
 }
 
+/// The socket's smoothed round-trip time (`tcpi_rtt`).
+pub fn smoothed_rtt(socket: &impl AsFd) -> Result<Duration, RepairError> {
+    let (info, _) = getsockopt::<libc::tcp_info>(socket.as_fd(), libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map_err(sys("TCP_INFO"))?;
+    Ok(Duration::from_micros(info.tcpi_rtt.into()))
+}
+
 /// Bytes received on a socket so far (`tcpi_bytes_received`): a peer that
 /// still sends makes it grow.
 pub fn bytes_received(socket: &impl AsFd) -> Result<u64, RepairError> {
