@@ -20,6 +20,15 @@ use migratory_repair::{checkpoint, restore};
 /// `migratory bench` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Bulk transfer, server to client and back: raw tokio TCP vs a
+    /// migratory session vs the proxy path, same process, same run.
+    Throughput(crate::netbench::ThroughputArgs),
+    /// 1-byte request/response round trips (p50/p99): raw TCP vs session
+    /// vs proxy.
+    Rtt(crate::netbench::RttArgs),
+    /// MTCP fig 5.2/5.3: idle migrations for several state sizes next to a
+    /// raw connect plus two round trips; then under a full-speed stream.
+    Migrate(crate::netbench::MigrateArgs),
     /// Checkpoint and restore N loopback TCP sockets, each with data
     /// queued, several rounds; prints the median time per socket.
     Sock(SockBenchArgs),
@@ -62,6 +71,9 @@ pub struct SockBenchArgs {
 /// Runs a benchmark.
 pub fn run(cmd: BenchCommand) -> Result<bool, String> {
     match cmd {
+        BenchCommand::Throughput(a) => crate::netbench::throughput(a),
+        BenchCommand::Rtt(a) => crate::netbench::rtt(a),
+        BenchCommand::Migrate(a) => crate::netbench::migrate(a),
         BenchCommand::Sock(a) => sock(a),
         BenchCommand::Handoff(a) => handoff(a),
         BenchCommand::HandoffReceiver { socket } => receive(&socket),

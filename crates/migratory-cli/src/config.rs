@@ -60,6 +60,8 @@ struct RawTimeouts {
     frozen: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     orphan: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    backup: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +278,7 @@ impl PoolConfig {
             ),
             ("frozen", t.frozen, &mut timeouts.frozen),
             ("orphan", t.orphan, &mut timeouts.orphan),
+            ("backup", t.backup, &mut timeouts.backup),
         ] {
             if let Some(d) = given {
                 if d.is_zero() {

@@ -5,6 +5,7 @@
 mod bench;
 mod config;
 mod demo;
+mod netbench;
 mod operate;
 mod proxy;
 mod serve;

@@ -66,7 +66,7 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
 /// Carries one local connection over one migratory session, both ways,
 /// half-closes included. The only buffering is the session's own plus one
 /// copy buffer per direction.
-async fn relay(mut conn: TcpStream, peer: SocketAddr, service: Vec<SocketAddr>) {
+pub(crate) async fn relay(mut conn: TcpStream, peer: SocketAddr, service: Vec<SocketAddr>) {
     let _ = conn.set_nodelay(true);
     let mut session = match MigratoryStream::connect(&service).await {
         Ok(s) => s,

@@ -50,6 +50,11 @@ pub struct ServerTimeouts {
     pub frozen: Duration,
     /// How long a session with no client connection is kept.
     pub orphan: Duration,
+    /// How long a session waits for its backup to acknowledge replicated
+    /// state before it gives the backup up: a stalled backup must not
+    /// stall the sessions it protects (they continue without crash
+    /// tolerance, as when the backup is unreachable).
+    pub backup: Duration,
 }
 
 impl Default for ServerTimeouts {
@@ -59,6 +64,7 @@ impl Default for ServerTimeouts {
             state_request: Duration::from_secs(5),
             frozen: Duration::from_secs(60),
             orphan: Duration::from_secs(300),
+            backup: Duration::from_secs(5),
         }
     }
 }

@@ -767,7 +767,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.on_replicate(from, session, update)
             }
             ControlMessage::ReplicateAck { session, up, epoch } => {
-                self.call(session, |s| s.on_replicate_ack(from, up, epoch));
+                self.call(session, |s| s.on_replicate_ack(now, from, up, epoch));
             }
             ControlMessage::ReplicateResync { session } => {
                 self.call(session, |s| s.resync(from));

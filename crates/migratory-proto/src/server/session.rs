@@ -95,6 +95,9 @@ struct Backup {
     /// The epoch of the replica's last acknowledgement since the last full
     /// state was sent.
     acked_epoch: Option<Epoch>,
+    /// Since when replicated state waits for the backup's acknowledgement
+    /// (`None`: everything sent was acknowledged).
+    waiting_since: Option<Instant>,
 }
 
 /// Something a [`Session`] tells its endpoint (see
@@ -181,6 +184,8 @@ pub struct Session {
     to_endpoint: VecDeque<EndpointEvent>,
     /// The last time seen in a call.
     last_now: Instant,
+    /// The earliest deadline the endpoint was asked to watch.
+    armed: Option<Instant>,
 }
 
 /// How a session starts at this server.
@@ -281,6 +286,7 @@ impl Session {
             control: VecDeque::new(),
             to_endpoint: VecDeque::new(),
             last_now: now,
+            armed: None,
             cfg,
         };
         s.ack_sent = s.rcv_nxt();
@@ -315,6 +321,7 @@ impl Session {
                 down_sent: s.down_snap,
                 acked_sent: s.down.start(),
                 acked_epoch: None,
+                waiting_since: None,
             });
             s.replicate_to(b, ReplicaUpdate::Full { image: full });
         }
@@ -579,9 +586,14 @@ impl Session {
         }
     }
 
+    /// Asks the endpoint to call [`Session::handle_timeout`] at `at`,
+    /// unless it will call it sooner anyway.
     fn deadline(&mut self, at: Instant) {
-        self.to_endpoint
-            .push_back(EndpointEvent(EndpointEventKind::Deadline(at)));
+        if self.armed.is_none_or(|a| at < a) {
+            self.armed = Some(at);
+            self.to_endpoint
+                .push_back(EndpointEvent(EndpointEventKind::Deadline(at)));
+        }
     }
 
     /// Bytes read from incarnation `inc`. Input on any other connection is
@@ -750,6 +762,16 @@ impl Session {
     }
 
     fn replicate_to(&mut self, server: ServerId, update: ReplicaUpdate) {
+        let now = self.last_now;
+        let waiting = self
+            .backup
+            .as_mut()
+            .filter(|b| b.live && b.waiting_since.is_none());
+        if let Some(b) = waiting {
+            b.waiting_since = Some(now);
+            let at = now + self.cfg.timeouts.backup;
+            self.deadline(at);
+        }
         self.control.push_back((
             server,
             ControlMessage::Replicate {
@@ -1233,13 +1255,28 @@ impl Session {
     }
 
     /// The backup acknowledged replicated state up to `up` at `epoch`.
-    pub(super) fn on_replicate_ack(&mut self, from: &ServerId, up: Pos, epoch: Epoch) {
+    pub(super) fn on_replicate_ack(
+        &mut self,
+        now: Instant,
+        from: &ServerId,
+        up: Pos,
+        epoch: Epoch,
+    ) {
+        self.last_now = self.last_now.max(now);
+        let rcv_nxt = self.rcv_nxt();
+        let mut rearm = None;
         if let Some(b) = self.backup.as_mut().filter(|b| &b.server == from) {
             b.acked_epoch = Some(epoch);
             if up > b.held_up {
                 b.held_up = up;
                 self.ack_due = true;
             }
+            // Progress restarts the wait for what is still unacknowledged.
+            b.waiting_since = (b.held_up < rcv_nxt).then_some(now);
+            rearm = b.waiting_since;
+        }
+        if let Some(since) = rearm {
+            self.deadline(since + self.cfg.timeouts.backup);
         }
     }
 
@@ -1253,6 +1290,7 @@ impl Session {
         let b = self.backup.as_mut().expect("checked");
         b.live = true;
         b.acked_epoch = None;
+        b.waiting_since = None;
         b.down_sent = down_snap;
         b.acked_sent = start;
         let server = b.server.clone();
@@ -1265,6 +1303,7 @@ impl Session {
     pub(super) fn backup_lost(&mut self, peer: &ServerId) {
         if let Some(b) = self.backup.as_mut().filter(|b| &b.server == peer) {
             b.live = false;
+            b.waiting_since = None;
             self.ack_due = true;
         }
     }
@@ -1286,9 +1325,17 @@ impl Session {
 
     // ----- time ---------------------------------------------------------------
 
-    /// The session's next deadline, if any: the frozen timeout, or the
-    /// orphan timeout of a session without a client.
+    /// The session's next deadline, if any: the frozen timeout, the
+    /// orphan timeout of a session without a client, or the wait for a
+    /// backup's acknowledgement.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.end_deadline()
+            .into_iter()
+            .chain(self.backup_deadline())
+            .min()
+    }
+
+    fn end_deadline(&self) -> Option<Instant> {
         match &self.lifecycle {
             Lifecycle::Frozen(f) => Some(f.deadline),
             Lifecycle::Live(Link::Orphaned(since))
@@ -1299,10 +1346,30 @@ impl Session {
         }
     }
 
-    /// Ends the session if its deadline passed by `now`.
+    fn backup_deadline(&self) -> Option<Instant> {
+        let b = self.backup.as_ref().filter(|b| b.live && self.is_owned())?;
+        Some(b.waiting_since? + self.cfg.timeouts.backup)
+    }
+
+    /// Gives up a stalled backup, or ends the session, if its deadline
+    /// passed by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = self.last_now.max(now);
-        if self.poll_timeout().is_none_or(|t| t > now) {
+        if self.armed.is_some_and(|a| a <= now) {
+            self.armed = None;
+        }
+        if self.backup_deadline().is_some_and(|t| t <= now) {
+            // The backup stalled: continue without crash tolerance (as
+            // when it is unreachable) and tell it to drop its stale copy.
+            let server = self.backup.as_ref().expect("deadline").server.clone();
+            self.backup_lost(&server);
+            self.control
+                .push_back((server, ControlMessage::Forget { session: self.id }));
+        }
+        if self.end_deadline().is_none_or(|t| t > now) {
+            if let Some(t) = self.poll_timeout() {
+                self.deadline(t);
+            }
             return;
         }
         if let Lifecycle::Frozen(f) = &self.lifecycle {

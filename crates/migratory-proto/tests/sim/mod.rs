@@ -243,6 +243,7 @@ impl World {
             state_request: Duration::from_millis(400),
             frozen: Duration::from_secs(30),
             orphan: Duration::from_secs(60),
+            backup: Duration::from_secs(60),
         };
         ServerNode {
             core: Server::new(sc, Box::new(SmallRng::seed_from_u64(seed)), now),

@@ -1,0 +1,643 @@
+//! `migratory bench throughput | rtt | migrate`: migratory sessions against
+//! the raw tokio TCP they ride on, both measured in the same process and
+//! the same run, on loopback. Each prints the baseline, the session and
+//! their ratio; `--json` prints one JSON object instead.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use migratory::{Arrival, MigratoryStream, ServerBuilder, Session};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+const KEY: &[u8] = b"migratory bench cluster key, loopback only";
+
+/// Options of `migratory bench throughput`.
+#[derive(Args, Debug)]
+pub struct ThroughputArgs {
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    streams: u32,
+    /// Bytes each stream carries, e.g. 256MiB.
+    #[arg(long, default_value = "256MiB", value_parser = crate::demo::parse_size)]
+    size: u64,
+    /// Runs of each measurement (medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `migratory bench rtt`.
+#[derive(Args, Debug)]
+pub struct RttArgs {
+    /// Round trips measured per path.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(10..=10_000_000))]
+    count: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `migratory bench migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Application state sizes to measure, e.g. 0,5KiB,10KiB,64KiB,1MiB.
+    #[arg(long, value_delimiter = ',', default_value = "0,5KiB,10KiB,64KiB,1MiB", value_parser = crate::demo::parse_size)]
+    state: Vec<u64>,
+    /// Migrations per state size (back and forth between two servers).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..=100_000))]
+    rounds: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn emit(json_out: bool, v: Value, text: String) -> Result<bool, String> {
+    if json_out {
+        println!("{v}");
+    } else {
+        print!("{text}");
+    }
+    Ok(true)
+}
+
+// ----- servers and clients of the three paths -----------------------------
+
+/// What a benchmark server's application does with each connection.
+#[derive(Clone, Copy)]
+enum App {
+    /// Writes `n` bytes, then closes.
+    Source(u64),
+    /// Reads until EOF, then closes.
+    Sink,
+    /// Echoes.
+    Echo,
+    /// Writes for ever, taking a snapshot (its position) every MiB; a
+    /// migrated instance resumes from the snapshot.
+    Stream,
+}
+
+async fn run_app<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, app: App) {
+    let mut buf = vec![0u8; 256 * 1024];
+    match app {
+        App::Source(n) => {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(buf.len() as u64) as usize;
+                if s.write_all(&buf[..k]).await.is_err() {
+                    return;
+                }
+                left -= k as u64;
+            }
+            let _ = s.shutdown().await;
+        }
+        App::Sink => {
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = s.shutdown().await;
+        }
+        App::Stream => {}
+        App::Echo => loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if s.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        },
+    }
+}
+
+/// A raw tokio TCP server running `app`.
+async fn raw_server(app: App) -> Result<SocketAddr, String> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(run_app(s, app));
+        }
+    });
+    Ok(addr)
+}
+
+/// A pool of `n` migratory servers s1..sn running `app`; each session
+/// takes a snapshot of `state` bytes when it starts. Returns the service
+/// addresses.
+async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, String> {
+    let mut listeners = Vec::new();
+    for _ in 0..2 * n {
+        listeners.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
+    }
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    drop(listeners);
+    let state = Arc::new(vec![0x5a; state]);
+    for i in 0..n {
+        let mut b = ServerBuilder::new(format!("s{}", i + 1));
+        b.service(addrs[2 * i])
+            .control(addrs[2 * i + 1])
+            .cluster_key(KEY)
+            .max_state(state.len().max(64 * 1024));
+        for j in (0..n).filter(|j| *j != i) {
+            b.peer(migratory::Peer {
+                id: format!("s{}", j + 1),
+                service: addrs[2 * j],
+                control: addrs[2 * j + 1],
+            });
+        }
+        let mut server = b.bind().await.map_err(|e| e.to_string())?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            while let Some((s, arrival)) = server.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    if matches!(arrival, Arrival::New) && !state.is_empty() {
+                        let _ = s.snapshot(&state);
+                    }
+                    serve_session(s, arrival, app).await;
+                });
+            }
+        });
+    }
+    Ok((0..n).map(|i| addrs[2 * i]).collect())
+}
+
+async fn serve_session(s: Session, arrival: Arrival, app: App) {
+    if let App::Sink | App::Echo = app {
+        // What was read is done with: each read is a snapshot (MTCP's
+        // contract), so the read log does not hold the window shut.
+        return run_app(Snapshotting(s), app).await;
+    }
+    let App::Stream = app else {
+        return run_app(s, app).await;
+    };
+    let mut s = s;
+    let mut pos = match arrival {
+        Arrival::Migrated { state } if state.len() >= 8 => {
+            u64::from_le_bytes(state[..8].try_into().expect("8 bytes"))
+        }
+        _ => 0,
+    };
+    let buf = vec![0u8; 1 << 20];
+    loop {
+        if s.write_all(&buf).await.is_err() {
+            return;
+        }
+        pos += buf.len() as u64;
+        if s.snapshot(&pos.to_le_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A session whose application takes a snapshot after every read.
+struct Snapshotting(Session);
+
+impl AsyncRead for Snapshotting {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = r {
+            let _ = self.0.snapshot(b"");
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Snapshotting {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// A local proxy (as `migratory proxy` runs it) in front of `service`.
+async fn proxy(service: Vec<SocketAddr>) -> Result<SocketAddr, String> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| e.to_string())?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while let Ok((conn, peer)) = l.accept().await {
+            tokio::spawn(crate::proxy::relay(conn, peer, service.clone()));
+        }
+    });
+    Ok(addr)
+}
+
+#[derive(Clone, Copy)]
+enum Path {
+    Raw,
+    Session,
+    Proxy,
+}
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Raw => "raw TCP",
+            Path::Session => "session",
+            Path::Proxy => "proxy",
+        }
+    }
+}
+
+/// A connected client stream of either kind.
+enum Client {
+    Tcp(TcpStream),
+    Session(Box<MigratoryStream>),
+}
+
+async fn connect(path: Path, addr: SocketAddr) -> Result<Client, String> {
+    match path {
+        Path::Raw | Path::Proxy => {
+            let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            let _ = s.set_nodelay(true);
+            Ok(Client::Tcp(s))
+        }
+        Path::Session => Ok(Client::Session(Box::new(
+            MigratoryStream::connect(&[addr])
+                .await
+                .map_err(|e| e.to_string())?,
+        ))),
+    }
+}
+
+async fn drive_client(c: Client, app: App) -> Result<u64, String> {
+    match c {
+        Client::Tcp(s) => client_io(s, app).await,
+        Client::Session(s) => client_io(*s, app).await,
+    }
+}
+
+/// The client side of a transfer: reads everything (the server is a
+/// source) or writes `n` bytes and waits for the end (the server is a
+/// sink). Returns the bytes moved.
+async fn client_io<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, app: App) -> Result<u64, String> {
+    let mut buf = vec![0u8; 256 * 1024];
+    match app {
+        App::Source(_) => {
+            let mut got = 0u64;
+            loop {
+                let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Ok(got);
+                }
+                got += n as u64;
+            }
+        }
+        App::Sink | App::Echo | App::Stream => Err("not a client of this app".into()),
+    }
+}
+
+async fn upload<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, n: u64) -> Result<u64, String> {
+    let buf = vec![0u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).await.map_err(|e| e.to_string())?;
+        left -= k as u64;
+    }
+    s.shutdown().await.map_err(|e| e.to_string())?;
+    // The server closes after reading everything.
+    let mut rest = [0u8; 16];
+    while s.read(&mut rest).await.map_err(|e| e.to_string())? > 0 {}
+    Ok(n)
+}
+
+/// One throughput measurement: `streams` transfers of `size` bytes at
+/// once; returns bytes per second.
+async fn transfer(
+    path: Path,
+    addr: SocketAddr,
+    streams: u32,
+    size: u64,
+    down: bool,
+) -> Result<f64, String> {
+    let mut clients = Vec::new();
+    for _ in 0..streams {
+        clients.push(connect(path, addr).await?);
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                if down {
+                    drive_client(c, App::Source(size)).await
+                } else {
+                    match c {
+                        Client::Tcp(s) => upload(s, size).await,
+                        Client::Session(s) => upload(*s, size).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut total = 0u64;
+    for t in tasks {
+        total += t.await.map_err(|e| e.to_string())??;
+    }
+    if total != size * u64::from(streams) {
+        return Err(format!(
+            "moved {total} bytes instead of {}",
+            size * u64::from(streams)
+        ));
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `migratory bench throughput`.
+pub fn throughput(a: ThroughputArgs) -> Result<bool, String> {
+    runtime()?.block_on(async {
+        let mut rows = Vec::new();
+        let mut text = format!(
+            "throughput, {} stream(s) of {} MiB, median of {} runs (GB/s)\n",
+            a.streams,
+            a.size >> 20,
+            a.runs
+        );
+        for down in [true, false] {
+            let app = if down { App::Source(a.size) } else { App::Sink };
+            let raw = raw_server(app).await?;
+            let svc = pool(1, app, 0).await?;
+            let prx = proxy(svc.clone()).await?;
+            let mut got: Vec<Vec<f64>> = vec![Vec::new(); 3];
+            for _ in 0..a.runs {
+                // Interleaved, so each path sees the same machine.
+                for (k, (path, addr)) in [
+                    (Path::Raw, raw),
+                    (Path::Session, svc[0]),
+                    (Path::Proxy, prx),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    got[k].push(transfer(path, addr, a.streams, a.size, down).await?);
+                }
+            }
+            let med: Vec<f64> = got.into_iter().map(median).collect();
+            let dir = if down {
+                "server writes"
+            } else {
+                "client writes"
+            };
+            for (k, path) in [Path::Session, Path::Proxy].into_iter().enumerate() {
+                text += &format!(
+                    "  {dir:<14} {:<8} {:>6.2}  raw TCP {:>6.2}  ratio {:.2}\n",
+                    path.name(),
+                    med[k + 1] / 1e9,
+                    med[0] / 1e9,
+                    med[k + 1] / med[0]
+                );
+            }
+            rows.push(json!({
+                "direction": if down { "down" } else { "up" },
+                "raw_gbps": med[0] / 1e9,
+                "session_gbps": med[1] / 1e9,
+                "proxy_gbps": med[2] / 1e9,
+                "session_ratio": med[1] / med[0],
+                "proxy_ratio": med[2] / med[0],
+            }));
+        }
+        let v = json!({
+            "bench": "throughput",
+            "streams": a.streams,
+            "size": a.size,
+            "runs": a.runs,
+            "results": rows,
+        });
+        emit(a.json, v, text)
+    })
+}
+
+/// Round trips of one byte on one connection; returns the histogram (ns).
+async fn round_trips(c: Client, count: u32) -> Result<Histogram<u64>, String> {
+    async fn go<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        count: u32,
+    ) -> Result<Histogram<u64>, String> {
+        let mut h = Histogram::new(3).map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        // Warm up, then measure.
+        for i in 0..count + count / 10 {
+            let t = Instant::now();
+            s.write_all(&[7]).await.map_err(|e| e.to_string())?;
+            s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            if i >= count / 10 {
+                h.record(t.elapsed().as_nanos() as u64)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(h)
+    }
+    match c {
+        Client::Tcp(s) => go(s, count).await,
+        Client::Session(s) => go(*s, count).await,
+    }
+}
+
+/// `migratory bench rtt`.
+pub fn rtt(a: RttArgs) -> Result<bool, String> {
+    runtime()?.block_on(async {
+        let raw = raw_server(App::Echo).await?;
+        let svc = pool(1, App::Echo, 0).await?;
+        let prx = proxy(svc.clone()).await?;
+        let mut text = format!("1-byte round trips, {} each (us)\n", a.count);
+        let mut out = serde_json::Map::new();
+        let mut base = (0.0, 0.0);
+        for (path, addr) in [
+            (Path::Raw, raw),
+            (Path::Session, svc[0]),
+            (Path::Proxy, prx),
+        ] {
+            let c = connect(path, addr).await?;
+            let h = round_trips(c, a.count).await?;
+            let (p50, p99) = (
+                h.value_at_quantile(0.5) as f64 / 1e3,
+                h.value_at_quantile(0.99) as f64 / 1e3,
+            );
+            if matches!(path, Path::Raw) {
+                base = (p50, p99);
+            }
+            text += &format!(
+                "  {:<8} p50 {:>7.1}  p99 {:>7.1}  p50 ratio {:.2}\n",
+                path.name(),
+                p50,
+                p99,
+                p50 / base.0
+            );
+            out.insert(
+                path.name().replace(' ', "_"),
+                json!({"p50_us": p50, "p99_us": p99, "p50_ratio": p50 / base.0}),
+            );
+        }
+        let v = json!({"bench": "rtt", "count": a.count, "results": out});
+        emit(a.json, v, text)
+    })
+}
+
+/// `migratory bench migrate`: MTCP fig 5.2/5.3 — an idle session moved
+/// back and forth between two servers, for each state size, next to a raw
+/// TCP connect plus two raw round trips; then the same while the session
+/// streams at full speed.
+pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
+    runtime()?.block_on(async {
+        let raw = raw_server(App::Echo).await?;
+        let baseline = {
+            let mut v = Vec::new();
+            for _ in 0..a.rounds.min(200) {
+                let t = Instant::now();
+                let mut s = TcpStream::connect(raw).await.map_err(|e| e.to_string())?;
+                let _ = s.set_nodelay(true);
+                let mut b = [0u8; 1];
+                for _ in 0..2 {
+                    s.write_all(&[1]).await.map_err(|e| e.to_string())?;
+                    s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                }
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            median(v)
+        };
+        let mut text = format!(
+            "migration of an idle session, {} moves per state size (p50, us)\n  raw connect + 2 round trips: {:.0}\n",
+            a.rounds, baseline
+        );
+        let mut rows = Vec::new();
+        for &state in &a.state {
+            let state = usize::try_from(state).map_err(|_| "--state too large")?;
+            let svc = pool(2, App::Echo, state).await?;
+            let mut c = MigratoryStream::connect(&[svc[0]])
+                .await
+                .map_err(|e| e.to_string())?;
+            // One exchange, so the session (and its snapshot) exists.
+            let mut b = [0u8; 1];
+            c.write_all(&[1]).await.map_err(|e| e.to_string())?;
+            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            let mut times = Vec::new();
+            for i in 0..a.rounds {
+                let dest = if i % 2 == 0 { "s2" } else { "s1" };
+                let t = Instant::now();
+                c.migrate(Some(dest)).await.map_err(|e| e.to_string())?;
+                times.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            // Still the same conversation.
+            c.write_all(&[9]).await.map_err(|e| e.to_string())?;
+            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            if b[0] != 9 {
+                return Err("echo lost after the migrations".into());
+            }
+            let p50 = median(times);
+            text += &format!(
+                "  state {:>8} B: {:>7.0}  ratio to baseline {:.2}\n",
+                state,
+                p50,
+                p50 / baseline
+            );
+            rows.push(json!({"state": state, "p50_us": p50, "ratio": p50 / baseline}));
+        }
+        let loaded = loaded_migrations(a.rounds.min(50)).await?;
+        text += &format!(
+            "  while streaming at full speed (0 B state): {:>7.0}\n",
+            loaded
+        );
+        let v = json!({
+            "bench": "migrate",
+            "rounds": a.rounds,
+            "baseline_us": baseline,
+            "idle": rows,
+            "loaded_p50_us": loaded,
+        });
+        emit(a.json, v, text)
+    })
+}
+
+/// Migrations of a session whose server streams to it at full speed; the
+/// client reads everything meanwhile. Returns the median time (us).
+async fn loaded_migrations(rounds: u32) -> Result<f64, String> {
+    let svc = pool(2, App::Stream, 0).await?;
+    let c = MigratoryStream::connect(&[svc[0]])
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut control = c.control();
+    let stop = Arc::new(Semaphore::new(0));
+    let reader = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut c = c;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                tokio::select! {
+                    r = c.read(&mut buf) => match r {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                    _ = stop.acquire() => return,
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut times = Vec::new();
+    for i in 0..rounds {
+        let dest = if i % 2 == 0 { "s2" } else { "s1" };
+        let t = Instant::now();
+        control
+            .migrate(Some(dest))
+            .await
+            .map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.add_permits(1);
+    let _ = reader.await;
+    Ok(median(times))
+}
