@@ -541,6 +541,32 @@ impl Client {
 
     /// Bytes read from the connection of `inc`.
     pub fn handle_input(&mut self, now: Instant, inc: IncarnationId, data: &[u8]) {
+        if let Some(c) = self.incs.get_mut(&inc) {
+            c.rx.extend_from_slice(data);
+        }
+        self.process_input(now, inc);
+    }
+
+    /// Like [`Client::handle_input`], for a caller that reads into its own
+    /// buffer: `buf` holds what this call left last time followed by what
+    /// was just read. The frames are taken out of it without a copy; what
+    /// is left (a partial frame) stays for the next read to append to.
+    pub fn handle_input_buf(&mut self, now: Instant, inc: IncarnationId, buf: &mut BytesMut) {
+        if let Some(c) = self.incs.get_mut(&inc) {
+            if c.rx.is_empty() {
+                std::mem::swap(&mut c.rx, buf);
+            } else {
+                c.rx.extend_from_slice(buf);
+                buf.clear();
+            }
+        }
+        self.process_input(now, inc);
+        if let Some(c) = self.incs.get_mut(&inc) {
+            std::mem::swap(&mut c.rx, buf);
+        }
+    }
+
+    fn process_input(&mut self, now: Instant, inc: IncarnationId) {
         let expected = match self.phase {
             Phase::Connecting { inc: i, .. } | Phase::Migrating { inc: i, .. } => Some(i),
             Phase::Established => self.cur,
@@ -550,10 +576,9 @@ impl Client {
             // An abandoned incarnation (MTCP's BLACKHOLE) or a stray one.
             return;
         }
-        let Some(c) = self.incs.get_mut(&inc) else {
+        if !self.incs.contains_key(&inc) {
             return;
-        };
-        c.rx.extend_from_slice(data);
+        }
         self.last_rx = now;
         self.ping_sent = None;
         let max_frame = self.cfg.limits.max_frame;

@@ -273,9 +273,9 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
         rx,
         None,
         None,
-        move |data| {
+        move |buf| {
             let mut st = s1.lock();
-            st.core.handle_input(Instant::now(), inc, data);
+            st.core.handle_input_buf(Instant::now(), inc, buf);
             s1.pump(&mut st);
             true
         },

@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -30,9 +30,12 @@ pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 /// Starts the reader and writer tasks of `stream`; the writer serves `rx`
 /// (make the channel first, so its sender is registered before any byte is
 /// read) and, if given, takes what it wrote off `queued` (the senders add
-/// what they queue: the caller bounds the queue with it). `initial` is handed to `on_data` first (bytes already read);
-/// `on_data` runs for every chunk read and returns `false` to close the
-/// connection; `on_closed` runs once when it ends for any reason (EOF,
+/// what they queue: the caller bounds the queue with it). `initial` is
+/// handed to `on_data` first (bytes already read). `on_data` runs after
+/// every read with the input buffer: what it left there last time,
+/// followed by what was read. It takes what it can use and leaves the rest
+/// (a partial frame) for the next read to append to, and returns `false`
+/// to close the connection; `on_closed` runs once when it ends for any reason (EOF,
 /// error, `on_data` refusing, or `Out::Close`). Either way both halves are
 /// closed: nothing is left half-open.
 pub(crate) fn start<D, C>(
@@ -43,7 +46,7 @@ pub(crate) fn start<D, C>(
     on_data: D,
     on_closed: C,
 ) where
-    D: FnMut(&[u8]) -> bool + Send + 'static,
+    D: FnMut(&mut BytesMut) -> bool + Send + 'static,
     C: FnOnce(String) + Send + 'static,
 {
     let _ = stream.set_nodelay(true);
@@ -66,20 +69,26 @@ async fn read_loop<D>(
     mut stop: oneshot::Receiver<()>,
 ) -> String
 where
-    D: FnMut(&[u8]) -> bool,
+    D: FnMut(&mut BytesMut) -> bool,
 {
+    // The socket reads straight into this buffer, after what the last
+    // round left unprocessed: no copy of our own.
+    let mut buf = BytesMut::new();
     if let Some(b) = initial {
-        if !on_data(&b) {
+        buf.extend_from_slice(&b);
+        if !on_data(&mut buf) {
             return "input refused".into();
         }
     }
-    let mut buf = vec![0u8; READ_CHUNK];
     loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
         tokio::select! {
-            r = rd.read(&mut buf) => match r {
+            r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => return "EOF".into(),
-                Ok(n) => {
-                    if !on_data(&buf[..n]) {
+                Ok(_) => {
+                    if !on_data(&mut buf) {
                         return "input refused".into();
                     }
                 }

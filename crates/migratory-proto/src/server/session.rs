@@ -609,6 +609,29 @@ impl Session {
         }
     }
 
+    /// Like [`Session::handle_input`], for a caller that reads into its own
+    /// buffer: `buf` holds what this call left last time followed by what
+    /// was just read. Frames are taken out of it without a copy; what is
+    /// left (a partial frame) stays for the next read to append to.
+    pub fn handle_input_buf(&mut self, now: Instant, inc: IncarnationId, buf: &mut BytesMut) {
+        self.last_now = self.last_now.max(now);
+        if self.incarnation() != Some(inc) {
+            buf.clear();
+            return;
+        }
+        if self.rx.is_empty() {
+            std::mem::swap(&mut self.rx, buf);
+        } else {
+            self.rx.extend_from_slice(buf);
+            buf.clear();
+        }
+        let r = self.process_input();
+        std::mem::swap(&mut self.rx, buf);
+        if let Err(e) = r {
+            self.close_incarnation(inc, e.to_string());
+        }
+    }
+
     fn process_input(&mut self) -> Result<(), ProtocolError> {
         let max_frame = self.cfg.limits.max_frame;
         while self.incarnation().is_some() {

@@ -8,10 +8,10 @@
 //! batch beyond what the kernel took, and [`Session::on_transmitted`]
 //! counts bytes as sent only once the socket took them. A client's
 //! memory cost at the server is thus its windows, one batch and the
-//! kernel's buffers, whatever it acknowledges. Read buffers are per
-//! thread, not per session, so an idle session holds no buffer at all.
+//! kernel's buffers, whatever it acknowledges. The socket reads straight
+//! into the session's input buffer, and a connection with nothing to read
+//! gives it back, so an idle session holds no buffer at all.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -41,10 +41,8 @@ const READ_BUDGET: usize = 1024 * 1024;
 /// Bound on writing the last bytes of a connection that is closing.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
-thread_local! {
-    /// The read buffer of every driver on this thread.
-    static READ_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; 64 * 1024]);
-}
+/// Room made for one socket read.
+const READ_CHUNK: usize = 64 * 1024;
 
 /// A session behind its own lock, with the wakers of its application and
 /// its driver.
@@ -295,6 +293,7 @@ async fn drive(
 ) -> String {
     slot.lock().driver = Some(wake.clone());
     let mut pending: VecDeque<Bytes> = VecDeque::new();
+    let mut input = BytesMut::new();
     let mut segs = Vec::new();
     let mut stop = shared.stop.subscribe();
     let reason = loop {
@@ -311,7 +310,7 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                if let Err(e) = read_some(shared, stream, inc, slot) {
+                if let Err(e) = read_some(shared, stream, inc, slot, &mut input) {
                     break closed(shared, inc, slot, e);
                 }
             }
@@ -342,33 +341,37 @@ fn closed(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot, reason: String)
     reason
 }
 
-/// Reads what the socket has (up to a budget) into the session.
+/// Reads what the socket has (up to a budget) into the session. The
+/// socket reads straight into `buf`, after the partial frame the session
+/// left there; an idle connection gives its buffer back.
 fn read_some(
     shared: &Arc<Shared>,
     stream: &TcpStream,
     inc: IncarnationId,
     slot: &Slot,
+    buf: &mut BytesMut,
 ) -> Result<(), String> {
     let mut total = 0;
     while total < READ_BUDGET {
-        let r = READ_BUF.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            match stream.try_read(&mut buf) {
-                Ok(0) => Err("EOF".to_string()),
-                Ok(n) => {
-                    let mut st = slot.lock();
-                    st.core.handle_input(Instant::now(), inc, &buf[..n]);
-                    settle(shared, st);
-                    Ok(n)
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                Err(e) => Err(e.to_string()),
-            }
-        })?;
-        if r == 0 {
-            break;
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
         }
-        total += r;
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Err("EOF".to_string()),
+            Ok(n) => {
+                total += n;
+                let mut st = slot.lock();
+                st.core.handle_input_buf(Instant::now(), inc, buf);
+                settle(shared, st);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if buf.is_empty() {
+                    *buf = BytesMut::new();
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
     Ok(())
 }

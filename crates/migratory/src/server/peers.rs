@@ -193,7 +193,7 @@ fn link_reader(
     shared: Arc<Shared>,
     mut link: PeerLink,
     peer: ServerId,
-) -> impl FnMut(&[u8]) -> bool + Send + 'static {
+) -> impl FnMut(&mut bytes::BytesMut) -> bool + Send + 'static {
     let deliver = move |shared: &Arc<Shared>, link: &mut PeerLink| {
         let mut st = shared.lock();
         while let Some(msg) = link.poll_message() {
@@ -203,8 +203,9 @@ fn link_reader(
     };
     // Messages that came in the same read as the end of the handshake.
     deliver(&shared, &mut link);
-    move |data| {
-        let ok = link.handle_input(data);
+    move |buf| {
+        let ok = link.handle_input(buf);
+        buf.clear();
         // What decoded before a bad frame still counts.
         deliver(&shared, &mut link);
         if let Err(e) = ok {
