@@ -29,6 +29,10 @@ pub enum BenchCommand {
     /// MTCP fig 5.2/5.3: idle migrations for several state sizes next to a
     /// raw connect plus two round trips; then under a full-speed stream.
     Migrate(crate::netbench::MigrateArgs),
+    /// What idle sessions cost: RSS per session in `serve` and `proxy`,
+    /// `serve`'s CPU while they sit idle, and the p99 round trip of active
+    /// sessions beside them vs beside none.
+    Idle(crate::netbench::IdleArgs),
     /// Checkpoint and restore N loopback TCP sockets, each with data
     /// queued, several rounds; prints the median time per socket.
     Sock(SockBenchArgs),
@@ -74,6 +78,7 @@ pub fn run(cmd: BenchCommand) -> Result<bool, String> {
         BenchCommand::Throughput(a) => crate::netbench::throughput(a),
         BenchCommand::Rtt(a) => crate::netbench::rtt(a),
         BenchCommand::Migrate(a) => crate::netbench::migrate(a),
+        BenchCommand::Idle(a) => crate::netbench::idle(a),
         BenchCommand::Sock(a) => sock(a),
         BenchCommand::Handoff(a) => handoff(a),
         BenchCommand::HandoffReceiver { socket } => receive(&socket),

@@ -6,6 +6,7 @@ mod bench;
 mod config;
 mod demo;
 mod netbench;
+mod nofile;
 mod operate;
 mod proxy;
 mod serve;

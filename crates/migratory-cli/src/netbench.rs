@@ -641,3 +641,190 @@ async fn loaded_migrations(rounds: u32) -> Result<f64, String> {
     let _ = reader.await;
     Ok(median(times))
 }
+
+/// Options of `migratory bench idle`.
+#[derive(Args, Debug)]
+pub struct IdleArgs {
+    /// Idle sessions to open.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    sessions: u32,
+    /// Active sessions whose round trips are measured beside the idle ones.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    active: u32,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A child process of this binary, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn proc_status(pid: u32, key: &str) -> Result<u64, String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| format!("no {key} for {pid}"))
+}
+
+/// CPU time (user + system) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    let rest = s.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let u: u64 = f.get(11).and_then(|v| v.parse().ok()).ok_or("bad stat")?;
+    let k: u64 = f.get(12).and_then(|v| v.parse().ok()).ok_or("bad stat")?;
+    Ok(u + k)
+}
+
+fn free_port() -> Result<SocketAddr, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    l.local_addr().map_err(|e| e.to_string())
+}
+
+async fn wait_listening(addr: SocketAddr) -> Result<(), String> {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Err(format!("nothing listens on {addr}"))
+}
+
+/// p99 (us) of 1-byte round trips on `n` fresh sessions at once.
+async fn active_p99(path: Path, addr: SocketAddr, n: u32) -> Result<f64, String> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let c = connect(path, addr).await?;
+        tasks.push(tokio::spawn(round_trips(c, 200)));
+    }
+    let mut all = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+    for t in tasks {
+        let h = t.await.map_err(|e| e.to_string())??;
+        all.add(&h).map_err(|e| e.to_string())?;
+    }
+    Ok(all.value_at_quantile(0.99) as f64 / 1e3)
+}
+
+/// `migratory bench idle`: what idle sessions cost `serve` and `proxy`.
+pub fn idle(a: IdleArgs) -> Result<bool, String> {
+    crate::nofile::raise();
+    runtime()?.block_on(async {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!("migratory-bench-idle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let (service, control) = (free_port()?, free_port()?);
+        std::fs::write(dir.join("cluster.key"), "bench-idle-cluster-key-0123456789abcdef")
+            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("pool.toml"),
+            format!(
+                "cluster_key_file = \"cluster.key\"\n[[server]]\nid = \"s1\"\nservice = \"{service}\"\ncontrol = \"{control}\"\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let quiet = || std::process::Stdio::null();
+        let serve = Child(
+            std::process::Command::new(&exe)
+                .args(["serve", "--config"])
+                .arg(dir.join("pool.toml"))
+                .args(["--id", "s1", "--service", "echo"])
+                .stdout(quiet())
+                .stderr(quiet())
+                .spawn()
+                .map_err(|e| format!("cannot start serve: {e}"))?,
+        );
+        wait_listening(service).await?;
+        let spid = serve.0.id();
+        let alone = active_p99(Path::Session, service, a.active).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss0 = proc_status(spid, "VmRSS:")?;
+        let mut idle = Vec::new();
+        let mut b = [0u8; 1];
+        for _ in 0..a.sessions {
+            let mut c = MigratoryStream::connect(&[service])
+                .await
+                .map_err(|e| e.to_string())?;
+            c.write_all(&[1]).await.map_err(|e| e.to_string())?;
+            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            idle.push(c);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss1 = proc_status(spid, "VmRSS:")?;
+        let t0 = cpu_ticks(spid)?;
+        let wall = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let ticks = cpu_ticks(spid)? - t0;
+        let hz = 100.0; // USER_HZ on Linux
+        let cpu = ticks as f64 / hz / wall.elapsed().as_secs_f64() * 100.0;
+        let beside = active_p99(Path::Session, service, a.active).await?;
+        drop(idle);
+
+        // The proxy: the same number of plain local connections through it.
+        let listen = free_port()?;
+        let proxy = Child(
+            std::process::Command::new(&exe)
+                .args(["proxy", "--listen"])
+                .arg(listen.to_string())
+                .arg("--service")
+                .arg(service.to_string())
+                .stdout(quiet())
+                .stderr(quiet())
+                .spawn()
+                .map_err(|e| format!("cannot start proxy: {e}"))?,
+        );
+        wait_listening(listen).await?;
+        let ppid = proxy.0.id();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let prss0 = proc_status(ppid, "VmRSS:")?;
+        let mut conns = Vec::new();
+        for _ in 0..a.sessions {
+            let mut c = TcpStream::connect(listen).await.map_err(|e| e.to_string())?;
+            c.write_all(&[1]).await.map_err(|e| e.to_string())?;
+            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            conns.push(c);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let prss1 = proc_status(ppid, "VmRSS:")?;
+        drop(conns);
+        drop(proxy);
+        drop(serve);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let n = f64::from(a.sessions);
+        let per_serve = rss1.saturating_sub(rss0) as f64 / n;
+        let per_proxy = prss1.saturating_sub(prss0) as f64 / n;
+        let text = format!(
+            "{} idle sessions\n  serve: {:.1} KiB RSS per session, {:.2}% of one core while idle\n  proxy: {:.1} KiB RSS per session\n  p99 round trip of {} active sessions: {:.0} us beside none, {:.0} us beside the idle ones (ratio {:.2})\n",
+            a.sessions,
+            per_serve / 1024.0,
+            cpu,
+            per_proxy / 1024.0,
+            a.active,
+            alone,
+            beside,
+            beside / alone
+        );
+        let v = json!({
+            "bench": "idle",
+            "sessions": a.sessions,
+            "serve_rss_per_session_bytes": per_serve,
+            "serve_idle_cpu_percent": cpu,
+            "proxy_rss_per_session_bytes": per_proxy,
+            "active": a.active,
+            "active_p99_us_alone": alone,
+            "active_p99_us_beside_idle": beside,
+            "ratio": beside / alone,
+        });
+        emit(a.json, v, text)
+    })
+}

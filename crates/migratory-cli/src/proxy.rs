@@ -38,7 +38,8 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
     let local = listener
         .local_addr()
         .map_err(|e| format!("cannot bind {}: {e}", args.listen))?;
-    info!(listen = %local, service = ?args.service, "proxy ready");
+    let files = crate::nofile::raise();
+    info!(listen = %local, service = ?args.service, open_files = ?files, "proxy ready (open-file limit raised to the hard limit)");
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {

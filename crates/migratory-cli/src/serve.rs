@@ -65,6 +65,11 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         info!(%addr, "metrics at http://{addr}/metrics");
     }
     let mut server = builder.bind().await.map_err(|e| e.to_string())?;
+    let files = crate::nofile::raise();
+    info!(
+        open_files = ?files,
+        "open-file limit raised to the hard limit (one per session)"
+    );
     info!(
         server = %args.id,
         service = ?args.service,

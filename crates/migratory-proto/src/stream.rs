@@ -23,10 +23,10 @@ const TAIL_BLOCK: usize = 64 * 1024;
 
 /// Takes the scratch buffer that frame headers are encoded into, with room
 /// for a batch: one allocation serves many transmits (the frozen headers
-/// share it until they are written).
+/// share it until they are written). Small, since every session has one.
 pub(crate) fn take_scratch(scratch: &mut BytesMut) -> BytesMut {
-    if scratch.capacity() - scratch.len() < 1024 {
-        scratch.reserve(16 * 1024);
+    if scratch.capacity() - scratch.len() < 512 {
+        scratch.reserve(2048);
     }
     std::mem::take(scratch)
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -63,7 +63,7 @@ pub(crate) fn start<D, C>(
 }
 
 async fn read_loop<D>(
-    mut rd: OwnedReadHalf,
+    rd: OwnedReadHalf,
     initial: Option<Bytes>,
     mut on_data: D,
     mut stop: oneshot::Receiver<()>,
@@ -72,7 +72,8 @@ where
     D: FnMut(&mut BytesMut) -> bool,
 {
     // The socket reads straight into this buffer, after what the last
-    // round left unprocessed: no copy of our own.
+    // round left unprocessed: no copy of our own. A connection with
+    // nothing to read gives it back, so an idle one holds none.
     let mut buf = BytesMut::new();
     if let Some(b) = initial {
         buf.extend_from_slice(&b);
@@ -81,20 +82,33 @@ where
         }
     }
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
+            r = rd.readable() => {
+                if let Err(e) = r {
+                    return e.to_string();
+                }
+            }
+            _ = &mut stop => return "closed locally".into(),
+        }
+        loop {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            match rd.try_read_buf(&mut buf) {
                 Ok(0) => return "EOF".into(),
                 Ok(_) => {
                     if !on_data(&mut buf) {
                         return "input refused".into();
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        buf = BytesMut::new();
+                    }
+                    break;
+                }
                 Err(e) => return e.to_string(),
-            },
-            _ = &mut stop => return "closed locally".into(),
+            }
         }
     }
 }

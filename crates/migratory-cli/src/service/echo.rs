@@ -14,6 +14,11 @@ use super::{invalid, snapshot};
 /// Largest chunk read (and written back) at once.
 const CHUNK: usize = 64 * 1024;
 
+/// The buffer an idle session keeps: it grows to [`CHUNK`] while reads fill
+/// it and shrinks back when they do not, so ten thousand idle sessions do
+/// not hold ten thousand large buffers.
+const IDLE_CHUNK: usize = 1024;
+
 /// Serves one echo session until the client closes its side (then closes
 /// ours) or the session moves away.
 pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
@@ -25,7 +30,7 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
             )));
         }
     }
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; IDLE_CHUNK];
     loop {
         let n = s.read(&mut buf).await?;
         if n == 0 {
@@ -34,6 +39,11 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
         }
         s.write_all(&buf[..n]).await?;
         snapshot(s, &[])?;
+        if n == buf.len() && buf.len() < CHUNK {
+            buf.resize(CHUNK, 0);
+        } else if n < IDLE_CHUNK && buf.len() > IDLE_CHUNK {
+            buf = vec![0u8; IDLE_CHUNK];
+        }
     }
 }
 
