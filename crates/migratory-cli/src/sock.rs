@@ -19,7 +19,7 @@ use migratory_repair::process::{
     abandon_all, checkpoint_process, image_lock, restore_all, After, CheckpointOptions, FailPoint,
     Fault,
 };
-use migratory_repair::{is_tcp_listener, ImageFile};
+use migratory_repair::{is_tcp_listener, Connection, ImageFile, NetLock};
 
 /// `migratory sock` subcommands.
 #[derive(Subcommand, Debug)]
@@ -89,6 +89,21 @@ pub struct LockOpts {
     lock_timeout: Duration,
 }
 
+fn parse_connection(s: &str) -> Result<Connection, String> {
+    let (local, peer) = s
+        .split_once(',')
+        .ok_or("want LOCAL,PEER (two addresses with ports)")?;
+    let addr = |a: &str| {
+        a.trim()
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("{a:?}: {e}"))
+    };
+    Ok(Connection {
+        local: addr(local)?,
+        peer: addr(peer)?,
+    })
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(1) || d > lock::MAX_TIMEOUT {
@@ -99,10 +114,17 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 /// Options of `migratory sock lock`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["image", "connection"])))]
 pub struct LockArgs {
     /// The image whose connections to lock.
     #[arg(value_name = "IMAGE")]
-    image: PathBuf,
+    image: Option<PathBuf>,
+    /// A connection to lock, as this host will see it once it has the
+    /// address: LOCAL,PEER (e.g. 10.0.0.10:7000,10.0.0.1:40000;
+    /// repeatable). Lets the restoring host lock before the image exists,
+    /// so that making the lock's table is off the move's critical path.
+    #[arg(long, value_name = "LOCAL,PEER", value_parser = parse_connection)]
+    connection: Vec<Connection>,
     /// How long the lock holds if nobody lifts it.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     lock_timeout: Duration,
@@ -173,13 +195,18 @@ pub fn run(cmd: SockCommand) -> Result<bool, String> {
             Ok(true)
         }
         SockCommand::Lock(a) => {
-            let image = ImageFile::read_from(&a.image).map_err(|e| e.to_string())?;
-            let lock = image_lock(&image, a.lock_timeout).map_err(|e| e.to_string())?;
+            let lock = match &a.image {
+                Some(path) => {
+                    let image = ImageFile::read_from(path).map_err(|e| e.to_string())?;
+                    image_lock(&image, a.lock_timeout)
+                }
+                None => NetLock::new(&a.connection, a.lock_timeout),
+            }
+            .map_err(|e| e.to_string())?;
             lock.take(&[Direction::Inbound])
                 .map_err(|e| e.to_string())?;
             eprintln!(
-                "{}: {} connection(s) locked for at most {}",
-                a.image.display(),
+                "{} connection(s) locked for at most {}",
                 lock.connections().len(),
                 humantime::format_duration(a.lock_timeout)
             );

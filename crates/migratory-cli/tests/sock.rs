@@ -862,11 +862,14 @@ fn sock_in(net: &Net, ns: &str, args: &[&str]) -> Output {
     net.exec(ns, &cmd).output().unwrap()
 }
 
-/// The pid of the socat that `migratory sock restore --exec` started.
+/// The pid of the socat that `migratory sock restore --exec` started (its
+/// other children run `nft`).
 fn restored_server(restore: &Kill) -> u32 {
     let mut pid = None;
     wait_for("the restored server to start", || {
-        pid = children(restore.0.id()).first().copied();
+        pid = children(restore.0.id()).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "socat")
+        });
         pid.is_some()
     });
     pid.unwrap()
@@ -878,6 +881,13 @@ fn restored_server(restore: &Kill) -> u32 {
 fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Duration) {
     let imgs = img.to_str().unwrap();
     let (a, b) = (&net.hosts[from], &net.hosts[to]);
+    if from != to {
+        // The new host drops the connection's packets before it has the
+        // address (and before the move starts: making the lock's table
+        // takes tens of milliseconds).
+        let conn = format!("{SERVICE}:{PORT},{}", peer_addr(net, a));
+        ok(&sock_in(net, b, &["lock", "--connection", &conn]));
+    }
     let out = sock_in(
         net,
         a,
@@ -893,9 +903,6 @@ fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Du
     ok(&out);
     let mut moved = Duration::ZERO;
     if from != to {
-        // The new host drops the connection's packets before it has the
-        // address; then the address moves.
-        ok(&sock_in(net, b, &["lock", imgs]));
         let t = Instant::now();
         net.move_address(Some(from), to);
         moved = t.elapsed();
@@ -912,6 +919,29 @@ fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Du
     }
     let _ = std::fs::remove_file(img);
     (restore, moved)
+}
+
+/// The peer's address and port of the service's one connection in `ns`.
+fn peer_addr(net: &Net, ns: &str) -> String {
+    let out = net
+        .exec(
+            ns,
+            &[
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                &format!("sport = :{PORT}"),
+            ],
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let peer = text
+        .split_whitespace()
+        .last()
+        .unwrap_or_else(|| panic!("no connection in {ns}: {text}"));
+    peer.to_string()
 }
 
 fn moves(tag: &str, hosts: usize) {

@@ -1127,7 +1127,10 @@ pub(crate) fn thread_states(pid: i32) -> Result<Vec<char>, HandoffError> {
     let dir = format!("/proc/{pid}/task");
     let tasks = match fs::read_dir(&dir) {
         Ok(tasks) => tasks,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        // ESRCH: the process is exiting as we look.
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Ok(Vec::new())
+        }
         Err(e) => return Err(os(format!("reading {dir}"), e)),
     };
     let mut states = Vec::new();

@@ -47,7 +47,8 @@
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -124,11 +125,38 @@ pub enum LockError {
 /// handle does not lift the lock (a checkpointed connection stays locked
 /// until it is restored, possibly by another process); call
 /// [`NetLock::release`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NetLock {
     table: String,
     connections: Vec<Connection>,
     timeout: Duration,
+    /// The table this handle took, or found when it lifted the lock:
+    /// [`NetLock::release`] removes that table only, never one that a
+    /// later move of the same connections made since (the restore of a
+    /// move and the checkpoint of the next one may overlap).
+    pinned: Mutex<Pin>,
+}
+
+/// Which table [`NetLock::release`] removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    /// Not known: the table of that name.
+    Unknown,
+    /// The table with this nftables handle.
+    Table(u64),
+    /// There was no table: none.
+    Absent,
+}
+
+impl Clone for NetLock {
+    fn clone(&self) -> NetLock {
+        NetLock {
+            table: self.table.clone(),
+            connections: self.connections.clone(),
+            timeout: self.timeout,
+            pinned: Mutex::new(self.pin()),
+        }
+    }
 }
 
 impl NetLock {
@@ -157,6 +185,7 @@ impl NetLock {
             table,
             connections,
             timeout,
+            pinned: Mutex::new(Pin::Unknown),
         })
     }
 
@@ -215,8 +244,11 @@ impl NetLock {
                 "  chain {chain} {{ type filter hook {hook} priority raw; policy accept;\n    meta mark {LOCK_MARK:#010x} accept\n    ip saddr . tcp sport . ip daddr . tcp dport @pass4 accept\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @pass6 accept\n    ip saddr . tcp sport . ip daddr . tcp dport @{set}4 drop\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @{set}6 drop\n  }}"
             );
         }
-        s.push_str("}\n");
-        nft_script("lock", &s)
+        // In the same run: which table this is, for `release`.
+        let _ = writeln!(s, "}}\nlist table inet {t}");
+        let listing = self.run("lock", &s)?;
+        self.set_pin(&listing);
+        Ok(())
     }
 
     /// Adds `direction` to a lock taken with [`NetLock::take`].
@@ -233,7 +265,7 @@ impl NetLock {
                 );
             }
         }
-        nft_script("lock", &s)
+        self.run("lock", &s).map(drop)
     }
 
     /// Lifts `directions` of the lock but keeps its table (their 4-tuples
@@ -258,10 +290,19 @@ impl NetLock {
         if s.is_empty() {
             return Ok(());
         }
-        match nft_script("unlock", &s) {
-            // No table: nothing is locked.
-            Err(LockError::Nft { stderr, .. }) if gone(&stderr) => Ok(()),
-            other => other,
+        // In the same run: which table this is, for `release`.
+        let _ = writeln!(s, "list table inet {}", self.table);
+        match self.run("unlock", &s) {
+            Ok(listing) => {
+                self.set_pin(&listing);
+                Ok(())
+            }
+            // No table: nothing is locked, nothing to remove.
+            Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {
+                *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Pin::Absent;
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -279,8 +320,8 @@ impl NetLock {
                 self.table,
                 set_name(direction, v6)
             );
-            match nft_script("check lock", &cmd) {
-                Ok(()) => {}
+            match self.run("check lock", &cmd) {
+                Ok(_) => {}
                 Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {
                     return Err(LockError::NotHeld)
                 }
@@ -293,10 +334,40 @@ impl NetLock {
     /// Removes the lock's table: every packet passes again. A table already
     /// gone is no error.
     pub fn release(&self) -> Result<(), LockError> {
-        match nft_script("unlock", &format!("delete table inet {}", self.table)) {
+        let which = match self.pin() {
+            Pin::Table(h) => format!("delete table inet handle {h}"),
+            Pin::Unknown => format!("delete table inet {}", self.table),
+            Pin::Absent => return Ok(()),
+        };
+        match self.run("unlock", &which) {
             Err(LockError::Nft { stderr, .. }) if gone(&stderr) => Ok(()),
-            other => other,
+            other => other.map(drop),
         }
+    }
+
+    /// Runs `script` (`nft -a -f -`: listings show handles); returns
+    /// what it printed.
+    fn run(&self, what: &'static str, script: &str) -> Result<String, LockError> {
+        nft(&["-a", "-f", "-"], script).map_err(|e| match e {
+            LockError::Nft { stderr, .. } => LockError::Nft { what, stderr },
+            e => e,
+        })
+    }
+
+    fn pin(&self) -> Pin {
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers the handle of the table in `listing` (`nft -a list
+    /// table`).
+    fn set_pin(&self, listing: &str) {
+        let handle = listing
+            .lines()
+            .find(|l| l.trim_start().starts_with("table inet"))
+            .and_then(|l| l.rsplit_once("# handle "))
+            .and_then(|(_, h)| h.trim().parse().ok());
+        *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) =
+            handle.map_or(Pin::Unknown, Pin::Table);
     }
 
     fn family(&self, v6: bool) -> impl Iterator<Item = &Connection> {
@@ -409,7 +480,12 @@ fn nft_script(what: &'static str, script: &str) -> Result<(), LockError> {
 
 /// Runs `nft args` with `stdin`, returns its standard output.
 fn nft(args: &[&str], stdin: &str) -> Result<String, LockError> {
-    let mut child = Command::new("nft")
+    finish_nft(spawn_nft(args)?, stdin)
+}
+
+/// Starts `nft args`, which waits for its standard input.
+fn spawn_nft(args: &[&str]) -> Result<Child, LockError> {
+    Command::new("nft")
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -418,7 +494,11 @@ fn nft(args: &[&str], stdin: &str) -> Result<String, LockError> {
         .map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => LockError::NftMissing,
             _ => LockError::Io(e),
-        })?;
+        })
+}
+
+/// Gives a started `nft` its input, waits for it, returns its output.
+fn finish_nft(mut child: Child, stdin: &str) -> Result<String, LockError> {
     if let Some(mut input) = child.stdin.take() {
         input.write_all(stdin.as_bytes())?;
     }
