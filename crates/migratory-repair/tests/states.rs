@@ -1,0 +1,274 @@
+//! Every state of a closing connection moves: CLOSE_WAIT, LAST_ACK,
+//! CLOSING (the peer's FIN re-created with a raw packet that passes the
+//! network lock) and FIN_WAIT1 with our FIN sent but not acknowledged (the
+//! peer's ACK held back by the lock). Each is produced for real between two
+//! network namespaces (`client` and `host`), checkpointed under the lock,
+//! closed silently, restored, and then both sides finish their close with
+//! every byte delivered.
+//!
+//! Needs root, `ip` and `nft`; skips, saying why, without them.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use migratory_repair::lock::{nft_available, Direction, NetLock};
+use migratory_repair::process::restore_all;
+use migratory_repair::{checkpoint, tcp_state, Connection, ImageFile, TcpState};
+use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+
+const SERVER: &str = "10.81.0.2";
+const CLIENT: &str = "10.81.0.1";
+
+fn skip_reason() -> Option<&'static str> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("needs root (network namespaces and TCP_REPAIR)");
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("needs `ip` from iproute2 (.ci/run installs it)");
+    }
+    if !nft_available() {
+        return Some("needs `nft` for the network lock (.ci/run installs nftables)");
+    }
+    None
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth pair, deleted on drop.
+struct Net {
+    client: String,
+    host: String,
+}
+
+impl Net {
+    fn new(tag: &str) -> Net {
+        let id = format!("{}{tag}", std::process::id());
+        let n = Net {
+            client: format!("mstc{id}"),
+            host: format!("msth{id}"),
+        };
+        for ns in [&n.client, &n.host] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&[
+            "-n", &n.client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+            "netns", &n.host,
+        ]);
+        for (ns, addr) in [(&n.client, CLIENT), (&n.host, SERVER)] {
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+        }
+        n
+    }
+
+    /// Runs `f` on a thread inside namespace `ns` and returns its result
+    /// (sockets made there live there; `nft` started there acts there).
+    fn run<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open the namespace");
+            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
+                .expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// A connection: (the server's socket in `host`, the peer's in
+    /// `client`).
+    fn pair(&self, port: u16) -> (TcpStream, TcpStream) {
+        let addr: SocketAddr = format!("{SERVER}:{port}").parse().unwrap();
+        let l = self.run(&self.host, move || TcpListener::bind(addr).unwrap());
+        let peer = self.run(&self.client, move || TcpStream::connect(addr).unwrap());
+        let (ours, _) = l.accept().unwrap();
+        for s in [&ours, &peer] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        (ours, peer)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.host] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn conn(s: &TcpStream) -> Connection {
+    Connection {
+        local: s.local_addr().unwrap(),
+        peer: s.peer_addr().unwrap(),
+    }
+}
+
+/// Locks `s`'s connection in `ns` (both directions, or `dirs`).
+fn lock(net: &Net, ns: &str, c: Connection, dirs: &'static [Direction]) -> NetLock {
+    let lock = NetLock::new(&[c], Duration::from_secs(30)).unwrap();
+    let l = lock.clone();
+    net.run(ns, move || l.take(dirs)).expect("lock");
+    lock
+}
+
+fn wait_state(s: &TcpStream, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = tcp_state(s).unwrap();
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "state {now}, waiting for {want}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Checkpoints the server's socket (its connection locked in `host`),
+/// closes it silently, restores it, and lifts the lock as the restore goes
+/// live. Returns the restored socket.
+fn move_socket(net: &Net, ours: TcpStream, lock: NetLock, want: TcpState) -> TcpStream {
+    let image = checkpoint(&ours).expect("checkpoint");
+    assert_eq!(image.state, want);
+    drop(ours);
+    let file = ImageFile {
+        sockets: vec![image],
+        app_state: Vec::new(),
+    };
+    let restored = net.run(&net.host, move || {
+        let mut fds = restore_all(&file, Some(&lock)).expect("restore");
+        lock.release().expect("release the lock");
+        fds.pop().unwrap()
+    });
+    assert!(
+        net.run(&net.host, || migratory_repair::lock::tables().unwrap())
+            .is_empty(),
+        "no lock left"
+    );
+    let s = TcpStream::from(restored);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn read_all(mut s: &TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).expect("EOF, no reset");
+    v
+}
+
+#[test]
+fn close_wait_moves_and_both_sides_close() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("cw");
+    let (ours, mut peer) = net.pair(7101);
+    peer.write_all(b"up before the peer closed").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "CLOSE_WAIT");
+    (&ours).write_all(b"down before; ").unwrap();
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    let mut restored = move_socket(&net, ours, l, TcpState::CloseWait);
+    assert_eq!(read_all(&restored), b"up before the peer closed");
+    restored.write_all(b"down after").unwrap();
+    restored.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&peer), b"down before; down after");
+    wait_state(&restored, "CLOSE");
+    drop(peer);
+}
+
+#[test]
+fn last_ack_moves_and_both_sides_close() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("la");
+    let (ours, mut peer) = net.pair(7102);
+    peer.write_all(b"up").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "CLOSE_WAIT");
+    // Our data and FIN go out, the peer's ACK of them is held back.
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    (&ours).write_all(b"down, then our FIN").unwrap();
+    ours.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "LAST_ACK");
+    std::thread::sleep(Duration::from_millis(20));
+    let restored = move_socket(&net, ours, l, TcpState::LastAck);
+    assert_eq!(read_all(&restored), b"up");
+    assert_eq!(read_all(&peer), b"down, then our FIN");
+    wait_state(&restored, "CLOSE");
+    drop(peer);
+}
+
+#[test]
+fn fin_wait1_with_the_fin_unacknowledged_moves_and_both_sides_close() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("fw");
+    let (ours, mut peer) = net.pair(7103);
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    (&ours).write_all(b"down, then our FIN").unwrap();
+    ours.shutdown(Shutdown::Write).unwrap();
+    // The FIN reached the peer; its ACK did not reach us.
+    assert_eq!(read_all(&peer), b"down, then our FIN");
+    assert_eq!(tcp_state(&ours).unwrap(), "FIN_WAIT1");
+    let restored = move_socket(&net, ours, l, TcpState::FinWait1);
+    // The peer acknowledges the FIN sent again: FIN_WAIT2.
+    wait_state(&restored, "FIN_WAIT2");
+    peer.write_all(b"up after").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&restored), b"up after");
+    wait_state(&restored, "CLOSE");
+}
+
+#[test]
+fn closing_moves_and_both_sides_close() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("cl");
+    let (ours, mut peer) = net.pair(7104);
+    // Simultaneous close: our FIN is held back at the peer, so the peer's
+    // FIN does not acknowledge it.
+    let at_peer = lock(&net, &net.client, conn(&peer), &[Direction::Inbound]);
+    (&ours).write_all(b"down, then our FIN").unwrap();
+    ours.shutdown(Shutdown::Write).unwrap();
+    peer.write_all(b"up, then the peer's FIN").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "CLOSING");
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    net.run(&net.client, move || at_peer.release()).unwrap();
+    let restored = move_socket(&net, ours, l, TcpState::Closing);
+    assert_eq!(read_all(&restored), b"up, then the peer's FIN");
+    assert_eq!(read_all(&peer), b"down, then our FIN");
+    // Our FIN acknowledged: TIME_WAIT (the socket itself is CLOSE).
+    wait_state(&restored, "CLOSE");
+    wait_state(&peer, "CLOSE");
+}
