@@ -208,6 +208,8 @@ fn socat_echo_connection_continues_in_a_new_socat() {
     }
     let img = tmp("socat.img");
     let pid = old.0.id().to_string();
+    // No lock (the client waits for each echo: nothing is in flight), as
+    // before the lock existed.
     ok(&sock(&[
         "checkpoint",
         "--pid",
@@ -215,6 +217,7 @@ fn socat_echo_connection_continues_in_a_new_socat() {
         "-o",
         img.to_str().unwrap(),
         "--kill",
+        "--no-lock",
     ]));
     let inspect = sock(&["inspect", img.to_str().unwrap()]);
     ok(&inspect);
@@ -228,6 +231,7 @@ fn socat_echo_connection_continues_in_a_new_socat() {
         "sock",
         "restore",
         img.to_str().unwrap(),
+        "--no-lock",
         "--exec",
         "socat",
         "FD:3",

@@ -559,6 +559,22 @@ mod tests {
     }
 
     #[test]
+    fn release_removes_the_table_it_saw() {
+        let c = conn("10.0.0.1:80", "10.0.0.2:5000");
+        let lock = NetLock::new(&[c], DEFAULT_TIMEOUT).unwrap();
+        assert_eq!(lock.pin(), Pin::Unknown);
+        let listing = format!(
+            "table inet {} {{ # handle 42\n\tset in4 {{ # handle 3\n",
+            lock.table()
+        );
+        lock.set_pin(&listing);
+        assert_eq!(lock.pin(), Pin::Table(42));
+        assert_eq!(lock.clone().pin(), Pin::Table(42));
+        lock.set_pin("garbage");
+        assert_eq!(lock.pin(), Pin::Unknown);
+    }
+
+    #[test]
     fn bad_locks_are_refused() {
         let c = conn("10.0.0.1:80", "[::1]:5000");
         assert!(matches!(

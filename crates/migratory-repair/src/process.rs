@@ -149,7 +149,7 @@ pub struct CheckpointOptions {
 
 impl CheckpointOptions {
     /// The injected fault, if it is at `point`.
-    fn fault(&self, point: FailPoint) -> Result<(), ProcessError> {
+    fn inject(&self, point: FailPoint) -> Result<(), ProcessError> {
         match self.fault {
             Some((p, fault)) if p == point => {
                 if fault == Fault::Hang {
@@ -214,7 +214,7 @@ pub enum ProcessError {
     /// The network lock could not be taken, checked or lifted.
     #[error("network lock: {0}")]
     Lock(#[from] LockError),
-    /// A failure forced by [`CheckpointOptions::fail_at`].
+    /// A failure forced by [`CheckpointOptions::fault`].
     #[error("failure injected after step {}", .0.name())]
     Injected(FailPoint),
     /// Data kept arriving at the frozen sockets after the process was
@@ -288,7 +288,7 @@ pub fn checkpoint_process(
         lock.block(Direction::Outbound)?;
         wait_peers_quiet(&taken);
         lock.block(Direction::Inbound)?;
-        options.fault(FailPoint::Locked)?;
+        options.inject(FailPoint::Locked)?;
         wait_settled(pid, &taken);
         handoff::stop(pid).map_err(process)
     })();
@@ -406,7 +406,7 @@ fn finish_checkpoint(
     options: &CheckpointOptions,
 ) -> Result<ImageFile, ProcessError> {
     let process = |source| ProcessError::Process { pid, source };
-    let fail = |point| options.fault(point);
+    let fail = |point| options.inject(point);
     let mut image = ImageFile::default();
     let mut written = false;
     let result = (|| {
