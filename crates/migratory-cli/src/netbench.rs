@@ -182,7 +182,7 @@ async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, Strin
                     if matches!(arrival, Arrival::New) && !state.is_empty() {
                         let _ = s.snapshot(&state);
                     }
-                    serve_session(s, arrival, app).await;
+                    serve_session(s, arrival, app, &state).await;
                 });
             }
         });
@@ -190,11 +190,27 @@ async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, Strin
     Ok((0..n).map(|i| addrs[2 * i]).collect())
 }
 
-async fn serve_session(s: Session, arrival: Arrival, app: App) {
-    if let App::Sink | App::Echo = app {
+async fn serve_session(s: Session, arrival: Arrival, app: App, state: &[u8]) {
+    if let App::Sink = app {
         // What was read is done with: each read is a snapshot (MTCP's
         // contract), so the read log does not hold the window shut.
         return run_app(Snapshotting(s), app).await;
+    }
+    if let App::Echo = app {
+        // A snapshot (of the pool's state size) once each echo is written
+        // back in full: a resumed instance reads from the first byte not
+        // yet echoed.
+        let mut s = s;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if s.write_all(&buf[..n]).await.is_err() || s.snapshot(state).is_err() {
+                return;
+            }
+        }
     }
     let App::Stream = app else {
         return run_app(s, app).await;
@@ -751,11 +767,17 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         let mut idle = Vec::new();
         let mut b = [0u8; 1];
         for _ in 0..a.sessions {
-            let mut c = MigratoryStream::connect(&[service])
+            let one = async {
+                let mut c = MigratoryStream::connect(&[service])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.write_all(&[1]).await.map_err(|e| e.to_string())?;
+                c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(c)
+            };
+            let c = tokio::time::timeout(Duration::from_secs(10), one)
                 .await
-                .map_err(|e| e.to_string())?;
-            c.write_all(&[1]).await.map_err(|e| e.to_string())?;
-            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+                .map_err(|_| "a session did not answer in 10 s".to_string())??;
             idle.push(c);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -786,11 +808,21 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         let ppid = proxy.0.id();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let prss0 = proc_status(ppid, "VmRSS:")?;
+        // Each proxied session takes two of the proxy's files.
+        let files = crate::nofile::raise().unwrap_or(1024);
+        let proxied = u64::from(a.sessions).min(files.saturating_sub(64) / 2) as u32;
         let mut conns = Vec::new();
-        for _ in 0..a.sessions {
-            let mut c = TcpStream::connect(listen).await.map_err(|e| e.to_string())?;
-            c.write_all(&[1]).await.map_err(|e| e.to_string())?;
-            c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        for _ in 0..proxied {
+            let one = async {
+                let mut c = TcpStream::connect(listen).await?;
+                c.write_all(&[1]).await?;
+                c.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(c)
+            };
+            let c = tokio::time::timeout(Duration::from_secs(10), one)
+                .await
+                .map_err(|_| "a proxied session did not answer in 10 s".to_string())?
+                .map_err(|e| e.to_string())?;
             conns.push(c);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -802,13 +834,14 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
 
         let n = f64::from(a.sessions);
         let per_serve = rss1.saturating_sub(rss0) as f64 / n;
-        let per_proxy = prss1.saturating_sub(prss0) as f64 / n;
+        let per_proxy = prss1.saturating_sub(prss0) as f64 / f64::from(proxied.max(1));
         let text = format!(
-            "{} idle sessions\n  serve: {:.1} KiB RSS per session, {:.2}% of one core while idle\n  proxy: {:.1} KiB RSS per session\n  p99 round trip of {} active sessions: {:.0} us beside none, {:.0} us beside the idle ones (ratio {:.2})\n",
+            "{} idle sessions\n  serve: {:.1} KiB RSS per session, {:.2}% of one core while idle\n  proxy: {:.1} KiB RSS per session ({} sessions: two files each)\n  p99 round trip of {} active sessions: {:.0} us beside none, {:.0} us beside the idle ones (ratio {:.2})\n",
             a.sessions,
             per_serve / 1024.0,
             cpu,
             per_proxy / 1024.0,
+            proxied,
             a.active,
             alone,
             beside,
@@ -820,6 +853,7 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
             "serve_rss_per_session_bytes": per_serve,
             "serve_idle_cpu_percent": cpu,
             "proxy_rss_per_session_bytes": per_proxy,
+            "proxy_sessions": proxied,
             "active": a.active,
             "active_p99_us_alone": alone,
             "active_p99_us_beside_idle": beside,

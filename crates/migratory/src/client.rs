@@ -87,6 +87,8 @@ struct State {
     status: watch::Sender<Status>,
     /// The migration under way: its span, start and resent-bytes baseline.
     migration: Option<(tracing::Span, Instant, u64)>,
+    /// The deadline the timer task sleeps until (`None`: none).
+    armed: Option<Instant>,
 }
 
 struct Shared {
@@ -122,7 +124,13 @@ impl Shared {
                 break;
             }
         }
-        self.timer.notify_one();
+        // The timer task only needs waking for a deadline earlier than the
+        // one it sleeps until (reads and writes rarely move it).
+        let t = st.core.poll_timeout();
+        if t.is_some_and(|t| st.armed.is_none_or(|a| t < a)) {
+            st.armed = t;
+            self.timer.notify_one();
+        }
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ClientEvent) {
@@ -293,7 +301,11 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
 async fn timer(shared: Arc<Shared>) {
     conn::run_timer(
         &shared.timer,
-        || shared.lock().core.poll_timeout(),
+        || {
+            let mut st = shared.lock();
+            st.armed = st.core.poll_timeout();
+            st.armed
+        },
         || {
             let mut st = shared.lock();
             st.core.handle_timeout(Instant::now());
@@ -349,6 +361,7 @@ impl MigratoryStream {
                 segs: Vec::new(),
                 status: status_tx,
                 migration: None,
+                armed: None,
             }),
         });
         {

@@ -336,12 +336,6 @@ impl<S: SessionSlot> Endpoint<S> {
         id
     }
 
-    /// Whether `inc` is a connection the endpoint still handles (not
-    /// attached to a session, not forgotten).
-    pub fn is_admitting(&self, inc: IncarnationId) -> bool {
-        self.incs.contains_key(&inc)
-    }
-
     /// Bytes read from a client connection that is not attached to a
     /// session (input for an attached one goes to the session).
     pub fn handle_input(&mut self, now: Instant, inc: IncarnationId, data: &[u8]) {
@@ -1121,25 +1115,6 @@ impl<S: SessionSlot> Endpoint<S> {
             }
         }
         None
-    }
-
-    /// The next message for a peer only (what [`Endpoint::poll_transmit`]
-    /// gives first), for a caller that sends connection bytes separately.
-    pub fn poll_control(&mut self) -> Option<(ServerId, ControlMessage)> {
-        self.ctrl_out.pop_front()
-    }
-
-    /// Frames queued for connection `inc` (not attached to a session),
-    /// encoded into `out`; `false` when none.
-    pub fn poll_incarnation(&mut self, inc: IncarnationId, out: &mut BytesMut) -> bool {
-        let Some(i) = self.incs.get_mut(&inc) else {
-            return false;
-        };
-        let had = !i.out.is_empty();
-        for f in i.out.drain(..) {
-            f.encode(out);
-        }
-        had
     }
 
     /// The next event for the runtime or the application.

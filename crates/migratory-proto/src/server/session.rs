@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
@@ -1429,11 +1429,6 @@ impl Session {
     /// [`Endpoint::handle_endpoint_event`](super::Endpoint::handle_endpoint_event).
     pub fn poll_endpoint_event(&mut self) -> Option<EndpointEvent> {
         self.to_endpoint.pop_front()
-    }
-
-    /// How long the session has been held here.
-    pub fn age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.since)
     }
 
     /// The latest time the session saw in a call.
