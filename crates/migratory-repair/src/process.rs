@@ -6,13 +6,17 @@
 //!
 //! With a network lock (the default, [`CheckpointOptions::lock`]):
 //!
-//! 1. the sockets are taken from the running process (`pidfd_getfd`) and
-//!    our packets to their peers are dropped ([`Direction::Outbound`]):
-//!    a peer that streams stops once its window is out, with everything
-//!    it sent in our receive queue;
-//! 2. then the peers' packets are dropped too ([`Direction::Inbound`]),
-//!    and the process gets a moment to finish with what it already
-//!    received (until all its threads sleep);
+//! 1. the sockets are taken from the running process (`pidfd_getfd`), their
+//!    send buffers given room for what the process will answer (nothing is
+//!    acknowledged while the lock holds), the lock's table made, and our
+//!    packets to the peers dropped ([`Direction::Outbound`]): a peer that
+//!    streams stops once its window is out, with everything it sent in our
+//!    receive queue;
+//! 2. once no byte came for two round trips (at least 1 ms, at most
+//!    30 ms), the peers' packets are dropped too ([`Direction::Inbound`]),
+//!    and the process gets a moment (at most 100 ms) to finish with what it
+//!    already received: until its threads sleep, its sockets have nothing
+//!    left to read and room to write, and its pipes are empty;
 //! 3. the process is stopped, the sockets frozen (repair mode) and read,
 //!    the image written, read back and compared, and the lock checked;
 //! 4. only then is the process killed ([`After::Kill`]); its sockets close
