@@ -67,6 +67,10 @@ pub const MAX_BLOB: usize = 64 << 20;
 /// [`Stopped::kill`] for it to die.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often [`stop`] and [`Stopped::kill`] look whether the process got
+/// there (each look reads `/proc`; a move's pause includes both waits).
+const POLL: Duration = Duration::from_micros(100);
+
 /// The first descriptor of the socket-activation convention.
 pub const LISTEN_FDS_START: RawFd = 3;
 
@@ -895,7 +899,7 @@ pub fn stop_within(pid: i32, timeout: Duration) -> Result<Stopped, HandoffError>
                     state,
                 })
             }
-            ProcState::Running(_) => std::thread::sleep(Duration::from_millis(1)),
+            ProcState::Running(_) => std::thread::sleep(POLL),
         }
     }
 }
@@ -947,7 +951,7 @@ impl Stopped {
                     waited: start.elapsed(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(POLL);
         }
     }
 

@@ -815,7 +815,7 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
                 if start.elapsed() >= CLOSE_GRACE {
                     return Err(RepairError::ConnectionExists(image.local, image.peer));
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                std::thread::sleep(Duration::from_micros(100));
             }
             Err(e) => return Err(sys("connect")(e)),
         }
