@@ -80,7 +80,7 @@ impl ServerConfig {
 
 /// The application's handle on one session at one server. A session that
 /// migrates away and comes back gets a new handle; calls on the old one fail
-/// with [`SessionError::Migrated`].
+/// with [`SessionError::Migrated`](crate::error::SessionError::Migrated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionHandle(pub u64);
 

@@ -2,11 +2,11 @@
 //! sessions to the application, and talks to its peers on its control
 //! address (DESIGN.md 3.3) to move sessions in and out.
 //!
-//! The protocol core is split as quinn's is: one
-//! [`Endpoint`](migratory_proto::server::Endpoint) under the server's lock
-//! routes (admission, the session table, the control plane, timers), and
-//! each session's [`Session`](migratory_proto::server::Session) state
-//! machine sits behind its own lock, driven by the task that owns its
+//! The protocol core is split as quinn's is: one [`Endpoint`] under the
+//! server's lock routes (admission, the session table, the control plane,
+//! timers), and each session's
+//! [`Session`](migratory_proto::server::Session) state machine sits behind
+//! its own lock, driven by the task that owns its
 //! client socket (`driver`). The server-wide lock is taken only to route:
 //! accept, attach, migrate, finish, control messages. Every queue is
 //! bounded: a session frames output only while its socket is writable,
