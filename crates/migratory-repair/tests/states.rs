@@ -22,6 +22,8 @@ use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
 const SERVER: &str = "10.81.0.2";
 const CLIENT: &str = "10.81.0.1";
+const SERVER6: &str = "fd00:81::2";
+const CLIENT6: &str = "fd00:81::1";
 
 fn skip_reason() -> Option<&'static str> {
     if !rustix::process::geteuid().is_root() {
@@ -67,16 +69,10 @@ impl Net {
             "-n", &n.client, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
             "netns", &n.host,
         ]);
-        for (ns, addr) in [(&n.client, CLIENT), (&n.host, SERVER)] {
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ]);
+        for (ns, addr, addr6) in [(&n.client, CLIENT, CLIENT6), (&n.host, SERVER, SERVER6)] {
+            for a in [format!("{addr}/24"), format!("{addr6}/64")] {
+                ip(&["-n", ns, "addr", "add", &a, "dev", "eth0", "nodad"]);
+            }
             ip(&["-n", ns, "link", "set", "eth0", "up"]);
         }
         n
@@ -99,7 +95,11 @@ impl Net {
     /// A connection: (the server's socket in `host`, the peer's in
     /// `client`).
     fn pair(&self, port: u16) -> (TcpStream, TcpStream) {
-        let addr: SocketAddr = format!("{SERVER}:{port}").parse().unwrap();
+        self.pair_at(format!("{SERVER}:{port}").parse().unwrap())
+    }
+
+    /// [`Net::pair`] on the server address `addr`.
+    fn pair_at(&self, addr: SocketAddr) -> (TcpStream, TcpStream) {
         let l = self.run(&self.host, move || TcpListener::bind(addr).unwrap());
         let peer = self.run(&self.client, move || TcpStream::connect(addr).unwrap());
         let (ours, _) = l.accept().unwrap();
@@ -271,4 +271,57 @@ fn closing_moves_and_both_sides_close() {
     // Our FIN acknowledged: TIME_WAIT (the socket itself is CLOSE).
     wait_state(&restored, "CLOSE");
     wait_state(&peer, "CLOSE");
+}
+
+/// IPv6: the lock's IPv6 sets and the re-created FIN in an IPv6 packet.
+#[test]
+fn close_wait_moves_over_ipv6() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("v6");
+    let (ours, mut peer) = net.pair_at(format!("[{SERVER6}]:7105").parse().unwrap());
+    peer.write_all(b"up over IPv6").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "CLOSE_WAIT");
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    let mut restored = move_socket(&net, ours, l, TcpState::CloseWait);
+    assert_eq!(read_all(&restored), b"up over IPv6");
+    restored.write_all(b"down over IPv6").unwrap();
+    restored.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&peer), b"down over IPv6");
+    wait_state(&restored, "CLOSE");
+}
+
+/// The re-created FIN carries the lock's mark: it reaches the restored
+/// socket even while the lock still drops the peer's packets (a restore
+/// that lifts no lock, e.g. `restore --no-lock` under `sock lock`).
+#[test]
+fn the_recreated_fin_passes_a_lock_that_still_holds() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("mk");
+    let (ours, mut peer) = net.pair(7106);
+    peer.write_all(b"up").unwrap();
+    peer.shutdown(Shutdown::Write).unwrap();
+    wait_state(&ours, "CLOSE_WAIT");
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Inbound]);
+    let image = checkpoint(&ours).expect("checkpoint");
+    drop(ours);
+    // The plain restore lifts nothing: the peer's packets are still
+    // dropped, and the socket must reach CLOSE_WAIT through the lock.
+    let restored = net.run(&net.host, move || {
+        migratory_repair::restore(&image).expect("restore: the FIN passed the lock")
+    });
+    assert_eq!(tcp_state(&restored).unwrap(), "CLOSE_WAIT");
+    net.run(&net.host, move || l.release()).unwrap();
+    restored
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(read_all(&restored), b"up");
+    drop(restored);
+    assert!(read_all(&peer).is_empty());
 }
