@@ -1098,24 +1098,16 @@ impl Session {
         if !self.is_owned() {
             return;
         }
-        let inc = self.incarnation();
-        let app = matches!(self.lifecycle, Lifecycle::Live(_));
-        self.lifecycle = Lifecycle::Ended(SessionError::Closed);
         self.forget_backup();
-        if app {
-            self.events.push_back(ServerEvent::Finished(self.handle));
-        }
-        if let Some(inc) = inc {
-            self.events.push_back(ServerEvent::CloseIncarnation {
-                inc,
-                reason: "session finished".into(),
-            });
-        }
-        self.to_endpoint
-            .push_back(EndpointEvent(EndpointEventKind::Ended {
+        self.end(
+            SessionError::Closed,
+            ServerEvent::Finished(self.handle),
+            "session finished",
+            EndpointEventKind::Ended {
                 finished: true,
                 moved: false,
-            }));
+            },
+        );
     }
 
     fn forget_backup(&mut self) {
@@ -1126,8 +1118,15 @@ impl Session {
     }
 
     /// Ends the session here: an application still serving it gets
-    /// `event`, and `error` from then on.
-    fn end(&mut self, error: SessionError, event: ServerEvent, moved: bool) {
+    /// `event`, and `error` from then on; its connection is closed (after
+    /// pending output) for `reason`; the endpoint learns `ended`.
+    fn end(
+        &mut self,
+        error: SessionError,
+        event: ServerEvent,
+        reason: &str,
+        ended: EndpointEventKind,
+    ) {
         let app = matches!(self.lifecycle, Lifecycle::Live(_));
         let inc = self.incarnation();
         self.lifecycle = Lifecycle::Ended(error);
@@ -1137,14 +1136,10 @@ impl Session {
         if let Some(inc) = inc {
             self.events.push_back(ServerEvent::CloseIncarnation {
                 inc,
-                reason: "session ended".into(),
+                reason: reason.into(),
             });
         }
-        self.to_endpoint
-            .push_back(EndpointEvent(EndpointEventKind::Ended {
-                finished: false,
-                moved,
-            }));
+        self.to_endpoint.push_back(EndpointEvent(ended));
     }
 
     /// Replaced by a newer installation of the same session here (or by the
@@ -1255,7 +1250,11 @@ impl Session {
         self.end(
             SessionError::Migrated,
             ServerEvent::MigratedAway(self.handle),
-            true,
+            "session migrated away",
+            EndpointEventKind::Ended {
+                finished: false,
+                moved: true,
+            },
         );
     }
 
@@ -1409,7 +1408,15 @@ impl Session {
         } else {
             SessionError::Migrated
         };
-        self.end(error, ServerEvent::Dropped(self.handle), false);
+        self.end(
+            error,
+            ServerEvent::Dropped(self.handle),
+            "session dropped",
+            EndpointEventKind::Ended {
+                finished: false,
+                moved: false,
+            },
+        );
     }
 
     // ----- what the holder acts on ---------------------------------------------
