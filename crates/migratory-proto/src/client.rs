@@ -191,6 +191,8 @@ pub struct Client {
     limit_sent: Pos,
     fin_ack_sent: bool,
     ack_due: bool,
+    /// When a delayed acknowledgement is sent at the latest.
+    ack_at: Option<Instant>,
     /// An Ack must go out on a fresh incarnation to confirm it.
     confirm: bool,
     /// The current incarnation delivered data or acks since it started.
@@ -233,6 +235,7 @@ impl Client {
             limit_sent: 0,
             fin_ack_sent: false,
             ack_due: false,
+            ack_at: None,
             confirm: false,
             progress: false,
             last_rx: now,
@@ -781,6 +784,8 @@ impl Client {
                 if !data.is_empty() {
                     self.down.push(data);
                     self.ack_due = true;
+                    let at = self.last_rx + self.cfg.limits.ack_delay;
+                    self.ack_at.get_or_insert(at);
                     self.mark_ready();
                     self.events.push_back(ClientEvent::Readable);
                 }
@@ -934,7 +939,11 @@ impl Client {
                     None => self.last_rx + t.ping_interval,
                     Some(_) => self.last_rx + t.idle,
                 };
+                let ack = self.ack_at.filter(|_| self.cur.is_some());
                 Some(ping.min(self.last_rx + t.idle))
+                    .into_iter()
+                    .chain(ack)
+                    .min()
             }
             _ => None,
         }
@@ -943,6 +952,11 @@ impl Client {
     /// Handles whatever timed out by `now`: handshakes, pings, silence.
     pub fn handle_timeout(&mut self, now: Instant) {
         let t = self.cfg.timeouts.clone();
+        if self.ack_at.is_some_and(|a| a <= now) {
+            // A delayed acknowledgement no data carried goes out now.
+            self.ack_due = true;
+            self.mark_ready();
+        }
         match self.phase {
             Phase::Connecting { deadline, .. } if deadline <= now => {
                 self.fail(SessionError::Unestablished("no answer to Hello".into()));
@@ -977,7 +991,7 @@ impl Client {
 
     /// The next thing to send: appends segments to `out` and returns the
     /// incarnation they are for. `None` when nothing is waiting.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut Vec<Bytes>) -> Option<IncarnationId> {
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Bytes>) -> Option<IncarnationId> {
         while let Some(inc) = self.ready.pop_front() {
             let Some(c) = self.incs.get_mut(&inc) else {
                 continue;
@@ -989,7 +1003,7 @@ impl Client {
             c.out.clear();
             let mut more = false;
             if self.cur == Some(inc) && matches!(self.phase, Phase::Established) {
-                more = self.session_output(&mut hdr, out);
+                more = self.session_output(now, &mut hdr, out);
             }
             if !hdr.is_empty() {
                 out.push(hdr.split().freeze());
@@ -1006,7 +1020,8 @@ impl Client {
         None
     }
 
-    fn session_output(&mut self, hdr: &mut BytesMut, out: &mut Vec<Bytes>) -> bool {
+    fn session_output(&mut self, now: Instant, hdr: &mut BytesMut, out: &mut Vec<Bytes>) -> bool {
+        let start = out.len();
         let limits = &self.cfg.limits;
         let end = self.up.end().min(self.up_limit);
         let more = self
@@ -1019,7 +1034,14 @@ impl Client {
         let pos = self.down.end();
         let limit = (self.down.start() + limits.recv_window).max(self.limit_sent);
         let fin = self.down_fin.is_some();
-        let moved = pos > self.ack_sent || limit >= self.limit_sent + limits.window_step();
+        // As TCP's delayed ACK: at once for a quarter of the window (or
+        // its opening by as much), else riding on outgoing frames, else
+        // after the ack delay.
+        let step = limits.window_step();
+        let urgent = pos >= self.ack_sent + step || limit >= self.limit_sent + step;
+        let sending = out.len() > start || !hdr.is_empty();
+        let late = sending || self.ack_at.is_some_and(|t| t <= now);
+        let moved = urgent || (pos > self.ack_sent && late);
         if (self.ack_due && moved) || fin != self.fin_ack_sent || self.confirm {
             Frame::Ack { pos, limit, fin }.encode(hdr);
             self.ack_sent = pos;
@@ -1027,6 +1049,9 @@ impl Client {
             self.fin_ack_sent = fin;
             self.ack_due = false;
             self.confirm = false;
+        }
+        if pos <= self.ack_sent {
+            self.ack_at = None;
         }
         more
     }

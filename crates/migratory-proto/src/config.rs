@@ -17,6 +17,11 @@ pub struct Limits {
     pub recv_window: u64,
     /// Most bytes this side keeps in its retransmit buffer.
     pub send_buffer: u64,
+    /// How long an acknowledgement may wait for outgoing data to ride on
+    /// (as TCP's delayed ACK): one is sent at once only when a quarter of
+    /// the window is unacknowledged, the window opened by as much, or a
+    /// Close is confirmed.
+    pub ack_delay: Duration,
 }
 
 impl Default for Limits {
@@ -26,6 +31,7 @@ impl Default for Limits {
             max_data_frame: 16 * 1024,
             recv_window: 4 * 1024 * 1024,
             send_buffer: 4 * 1024 * 1024,
+            ack_delay: Duration::from_millis(5),
         }
     }
 }

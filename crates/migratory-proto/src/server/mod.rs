@@ -356,9 +356,14 @@ impl Server {
         self.sync();
     }
 
-    /// The next instant at which [`Server::handle_timeout`] must be called.
+    /// The next instant at which [`Server::handle_timeout`] must be called
+    /// (the endpoint's deadlines and the sessions' delayed acks).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.endpoint.poll_timeout()
+        let acks = self
+            .attached
+            .values()
+            .filter_map(|s| s.with(|s| s.ack_deadline()));
+        self.endpoint.poll_timeout().into_iter().chain(acks).min()
     }
 
     /// Expires whatever timed out by `now`.

@@ -149,6 +149,8 @@ pub struct Session {
     limit_sent: Pos,
     fin_ack_sent: bool,
     ack_due: bool,
+    /// When a delayed acknowledgement is sent at the latest.
+    ack_at: Option<Instant>,
     // Down stream: [snd_una, app_write + discard) is the retransmit buffer.
     down: ByteQueue,
     /// Next down byte to frame on this incarnation.
@@ -263,6 +265,7 @@ impl Session {
             limit_sent: limit,
             fin_ack_sent: false,
             ack_due: false,
+            ack_at: None,
             down,
             snd_nxt: rp.snd_max_seen,
             snd_taken: rp.snd_max_seen,
@@ -711,6 +714,8 @@ impl Session {
                     self.discard_input();
                 }
                 self.ack_due = true;
+                let at = self.last_now + self.cfg.limits.ack_delay;
+                self.ack_at.get_or_insert(at);
                 self.events.push_back(ServerEvent::Readable(self.handle));
             }
             Frame::Ack { pos, limit, fin } => {
@@ -806,9 +811,10 @@ impl Session {
 
     // ----- output ---------------------------------------------------------------
 
-    /// Whether [`Session::poll_transmit`] has something to send: frames,
-    /// data within the client's window, a Close, or an acknowledgement.
-    pub fn wants_transmit(&self) -> bool {
+    /// Whether [`Session::poll_transmit`] has something to send at `now`:
+    /// frames, data within the client's window, a Close, or an
+    /// acknowledgement that cannot wait (see [`Session::ack_deadline`]).
+    pub fn wants_transmit(&self, now: Instant) -> bool {
         if self.incarnation().is_none() {
             return false;
         }
@@ -822,20 +828,31 @@ impl Session {
         if self.down_fin == Some(self.snd_nxt) && !self.fin_sent {
             return true;
         }
-        self.ack_needed().is_some()
+        self.ack_needed(now, false).is_some()
     }
 
-    /// The Ack to send now, if one is due: the commit point moved (or the
-    /// window by a step) since the last, the Close became acknowledged,
-    /// or the client is blocked on a window that has opened.
-    fn ack_needed(&self) -> Option<Frame> {
+    /// When a delayed acknowledgement must go out if no data carries it
+    /// sooner: call [`Session::poll_transmit`] then.
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        self.ack_at.filter(|_| self.incarnation().is_some())
+    }
+
+    /// The Ack to send at `now`, if one is due: the Close became
+    /// acknowledged, the client is blocked on a window that has opened, a
+    /// quarter of the window is unacknowledged or opened, or the commit
+    /// point moved and either other frames are `sending` (the Ack rides
+    /// along) or the ack delay has passed.
+    fn ack_needed(&self, now: Instant, sending: bool) -> Option<Frame> {
         let limits = &self.cfg.limits;
+        let step = limits.window_step();
         let limit = self.up_limit(limits);
         // Never acknowledge what the client has not (re)sent on this
         // incarnation: after a reattach it resends from `rx_pos`.
         let commit = self.commit_point().min(self.rx_pos.max(self.ack_sent));
         let fin = self.up_fin.is_some_and(|f| f == commit);
-        let moved = commit > self.ack_sent || limit >= self.limit_sent + limits.window_step();
+        let urgent = commit >= self.ack_sent + step || limit >= self.limit_sent + step;
+        let late = sending || self.ack_at.is_some_and(|t| t <= now);
+        let moved = urgent || (commit > self.ack_sent && late);
         let blocked = limit > self.limit_sent && self.rcv_nxt() == self.limit_sent;
         (fin != self.fin_ack_sent || blocked || (self.ack_due && moved)).then(|| Frame::Ack {
             pos: commit,
@@ -893,7 +910,8 @@ impl Session {
             Frame::Close { pos: self.snd_nxt }.encode(&mut hdr);
             self.fin_sent = true;
         }
-        if let Some(ack) = self.ack_needed() {
+        let sending = out.len() > start || !hdr.is_empty();
+        if let Some(ack) = self.ack_needed(now, sending) {
             ack.encode(&mut hdr);
             if let Frame::Ack { pos, limit, fin } = ack {
                 self.ack_sent = pos;
@@ -901,6 +919,10 @@ impl Session {
                 self.fin_ack_sent = fin;
             }
             self.ack_due = false;
+        }
+        if self.commit_point().min(self.rx_pos.max(self.ack_sent)) <= self.ack_sent {
+            // Nothing left to acknowledge: no delayed ack pending.
+            self.ack_at = None;
         }
         if !hdr.is_empty() {
             let b = hdr.split().freeze();

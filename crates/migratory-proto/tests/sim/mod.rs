@@ -83,6 +83,7 @@ impl WorldConfig {
                 max_data_frame: 1500,
                 recv_window: 8 * 1024,
                 send_buffer: 8 * 1024,
+                ack_delay: Duration::from_millis(5),
             },
         }
     }

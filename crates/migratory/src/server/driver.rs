@@ -297,9 +297,13 @@ async fn drive(
     let mut segs = Vec::new();
     let mut stop = shared.stop.subscribe();
     let reason = loop {
-        let (current, wants) = {
+        let (current, wants, ack_at) = {
             let st = slot.lock();
-            (st.core.incarnation() == Some(inc), st.core.wants_transmit())
+            (
+                st.core.incarnation() == Some(inc),
+                st.core.wants_transmit(Instant::now()),
+                st.core.ack_deadline(),
+            )
         };
         if !current {
             break flush(shared, stream, inc, &mut pending).await;
@@ -323,6 +327,8 @@ async fn drive(
                 }
             }
             _ = wake.notified() => {}
+            // A delayed acknowledgement that no data carried.
+            _ = sleep_until(ack_at), if ack_at.is_some() && !want_write => {}
             _ = stop.wait_for(|s| *s) => break "server stopped".into(),
         }
     };
@@ -331,6 +337,12 @@ async fn drive(
         st.driver = None;
     }
     reason
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
 }
 
 /// The connection failed or ended: the session learns it.

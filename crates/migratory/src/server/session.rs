@@ -166,7 +166,7 @@ impl AsyncRead for Session {
                     Ok(Some(n)) => {
                         buf.advance(n);
                         // Reading may open the client's window.
-                        if n > 0 && st.core.wants_transmit() {
+                        if n > 0 && st.core.wants_transmit(std::time::Instant::now()) {
                             notify_driver(&st);
                         }
                         settle(shared, st);
