@@ -58,6 +58,60 @@ pub(crate) struct CellState {
     pub(crate) write_waker: Option<Waker>,
     /// The task driving the session's current connection.
     pub(crate) driver: Option<Arc<Notify>>,
+    /// The current connection's socket and what was framed for it but not
+    /// yet taken: the driver and the application both write through it,
+    /// under this lock.
+    pub(crate) out: Option<Output>,
+}
+
+/// The write side of a session's connection.
+#[derive(Debug)]
+pub(crate) struct Output {
+    stream: Arc<TcpStream>,
+    inc: IncarnationId,
+    pending: VecDeque<Bytes>,
+    segs: Vec<Bytes>,
+}
+
+/// Frames and writes the session's output while the socket takes bytes
+/// (at most one batch framed beyond what it took); what the socket took
+/// counts as sent before this returns. `Ok(true)` when the socket is full
+/// and output remains: the driver waits until it is writable.
+pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
+    let CellState { core, out, .. } = st;
+    // Only into the connection the session is attached to: right after a
+    // client came back on a new one, the old one's driver may still hold
+    // the output (the new driver takes over when it starts).
+    let Some(o) = out.as_mut().filter(|o| core.incarnation() == Some(o.inc)) else {
+        return Ok(false);
+    };
+    let mut taken = 0;
+    let result = loop {
+        if o.pending.is_empty() {
+            core.on_transmitted(o.inc, std::mem::take(&mut taken));
+            if core
+                .poll_transmit(Instant::now(), &mut o.segs, BATCH)
+                .is_none()
+            {
+                break Ok(false);
+            }
+            o.pending.extend(o.segs.drain(..));
+        }
+        let slices: Vec<IoSlice<'_>> = o.pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
+        match o.stream.try_write_vectored(&slices) {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                taken += n;
+                advance(&mut o.pending, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(true),
+            Err(e) => break Err(e),
+        }
+    };
+    if taken > 0 {
+        core.on_transmitted(o.inc, taken);
+    }
+    result
 }
 
 /// How the endpoint, the driver and the application share a session.
@@ -72,6 +126,7 @@ impl SessionSlot for Slot {
                 read_waker: None,
                 write_waker: None,
                 driver: None,
+                out: None,
             }),
         }))
     }
@@ -224,13 +279,19 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
         shared.pump(&mut st);
         inc
     };
-    let reason = match admit(&shared, &mut stream, inc, &wake).await {
-        Ok(Some(slot)) => drive(&shared, &mut stream, inc, &slot, &wake).await,
-        Ok(None) => "refused".to_string(),
-        Err(e) => e,
+    let (reason, stream) = match admit(&shared, &mut stream, inc, &wake).await {
+        Ok(Some(slot)) => {
+            let stream = Arc::new(stream);
+            let reason = drive(&shared, &stream, inc, &slot, &wake).await;
+            (reason, Arc::try_unwrap(stream).ok())
+        }
+        Ok(None) => ("refused".to_string(), Some(stream)),
+        Err(e) => (e, Some(stream)),
     };
     debug!(server = %shared.me, %inc, %reason, "client connection closed");
-    let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.shutdown()).await;
+    if let Some(mut stream) = stream {
+        let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.shutdown()).await;
+    }
     let mut st = shared.lock();
     st.conns.remove(&inc);
     st.core.handle_incarnation_closed(Instant::now(), inc);
@@ -286,29 +347,36 @@ async fn admit(
 /// or the session leaves it; returns why.
 async fn drive(
     shared: &Arc<Shared>,
-    stream: &mut TcpStream,
+    stream: &Arc<TcpStream>,
     inc: IncarnationId,
     slot: &Slot,
     wake: &Arc<Notify>,
 ) -> String {
-    slot.lock().driver = Some(wake.clone());
-    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    {
+        let mut st = slot.lock();
+        st.driver = Some(wake.clone());
+        st.out = Some(Output {
+            stream: stream.clone(),
+            inc,
+            pending: VecDeque::new(),
+            segs: Vec::new(),
+        });
+    }
     let mut input = BytesMut::new();
-    let mut segs = Vec::new();
     let mut stop = shared.stop.subscribe();
     let reason = loop {
-        let (current, wants, ack_at) = {
+        let (current, want_write, ack_at) = {
             let st = slot.lock();
             (
                 st.core.incarnation() == Some(inc),
-                st.core.wants_transmit(Instant::now()),
+                st.core.wants_transmit(Instant::now())
+                    || st.out.as_ref().is_some_and(|o| !o.pending.is_empty()),
                 st.core.ack_deadline(),
             )
         };
         if !current {
-            break flush(shared, stream, inc, &mut pending).await;
+            break "session left the connection".into();
         }
-        let want_write = wants || !pending.is_empty();
         tokio::select! {
             r = stream.readable() => {
                 if let Err(e) = r {
@@ -322,7 +390,10 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                if let Err(e) = write_some(shared, stream, inc, slot, &mut pending, &mut segs) {
+                let mut st = slot.lock();
+                let r = transmit(&mut st);
+                settle(shared, st);
+                if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
             }
@@ -332,11 +403,23 @@ async fn drive(
             _ = stop.wait_for(|s| *s) => break "server stopped".into(),
         }
     };
-    let mut st = slot.lock();
-    if st.driver.as_ref().is_some_and(|d| Arc::ptr_eq(d, wake)) {
-        st.driver = None;
+    let out = {
+        let mut st = slot.lock();
+        if st.driver.as_ref().is_some_and(|d| Arc::ptr_eq(d, wake)) {
+            st.driver = None;
+        }
+        st.out.take_if(|o| o.inc == inc)
+    };
+    if let Some(mut o) = out {
+        // What was framed for this connection before the session left it.
+        flush(stream, &mut o.pending).await;
     }
-    reason
+    shared
+        .lock()
+        .conns
+        .get(&inc)
+        .and_then(|c| c.close.clone())
+        .unwrap_or(reason)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -388,46 +471,6 @@ fn read_some(
     Ok(())
 }
 
-/// Writes while the socket takes bytes, framing the next batch each time
-/// the last one went out. What the socket took is reported to the session
-/// before this returns, so input read afterwards may acknowledge it.
-fn write_some(
-    shared: &Arc<Shared>,
-    stream: &TcpStream,
-    inc: IncarnationId,
-    slot: &Slot,
-    pending: &mut VecDeque<Bytes>,
-    segs: &mut Vec<Bytes>,
-) -> io::Result<()> {
-    let mut taken = 0;
-    let result = loop {
-        if pending.is_empty() {
-            let mut st = slot.lock();
-            st.core.on_transmitted(inc, std::mem::take(&mut taken));
-            let polled = st.core.poll_transmit(Instant::now(), segs, BATCH);
-            pending.extend(segs.drain(..));
-            settle(shared, st);
-            if polled.is_none() {
-                return Ok(());
-            }
-        }
-        let slices: Vec<IoSlice<'_>> = pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
-        match stream.try_write_vectored(&slices) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
-                taken += n;
-                advance(pending, n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-            Err(e) => break Err(e),
-        }
-    };
-    if taken > 0 {
-        slot.lock().core.on_transmitted(inc, taken);
-    }
-    result
-}
-
 /// Drops the first `n` bytes of `pending`.
 fn advance(pending: &mut VecDeque<Bytes>, mut n: usize) {
     while n > 0 {
@@ -444,25 +487,22 @@ fn advance(pending: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
-/// The session left this connection (it finished, moved, or the client
-/// came back on another): writes what was framed for it, within a bound.
-async fn flush(
-    shared: &Arc<Shared>,
-    stream: &mut TcpStream,
-    inc: IncarnationId,
-    pending: &mut VecDeque<Bytes>,
-) -> String {
+/// Writes what was framed for a connection the session left (it
+/// finished, moved, or the client came back on another), within a bound.
+async fn flush(stream: &TcpStream, pending: &mut VecDeque<Bytes>) {
     let write = async {
-        while let Some(b) = pending.pop_front() {
-            stream.write_all(&b).await?;
+        while !pending.is_empty() {
+            stream.writable().await?;
+            let slices: Vec<IoSlice<'_>> =
+                pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
+            match stream.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => advance(pending, n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok::<(), io::Error>(())
     };
     let _ = tokio::time::timeout(FLUSH_TIMEOUT, write).await;
-    shared
-        .lock()
-        .conns
-        .get(&inc)
-        .and_then(|c| c.close.clone())
-        .unwrap_or_else(|| "session left the connection".into())
 }

@@ -199,7 +199,11 @@ impl AsyncWrite for Session {
                         Poll::Pending
                     }
                     Ok(n) => {
-                        notify_driver(&st);
+                        // Written out from here while the socket takes it;
+                        // the driver only waits for room when it does not.
+                        if !matches!(super::driver::transmit(&mut st), Ok(false)) {
+                            notify_driver(&st);
+                        }
                         settle(shared, st);
                         Poll::Ready(Ok(n))
                     }
