@@ -3,9 +3,10 @@
 //! the origin's state) and then drives the session it was attached to.
 //!
 //! The driver owns the socket and holds the session's own lock only for
-//! each step. It reads into the session, and frames output only while the
-//! socket is writable: [`Session::poll_transmit`] hands out at most one
-//! batch beyond what the kernel took, and [`Session::on_transmitted`]
+//! each step. It reads into the session. Output leaves only while the
+//! socket is writable ([`transmit`]): from the application's task right
+//! after it writes, and from the driver when the socket has room again.
+//! The session frames at most one batch beyond what the kernel took, and
 //! counts bytes as sent only once the socket took them. A client's
 //! memory cost at the server is thus its windows, one batch and the
 //! kernel's buffers, whatever it acknowledges. The socket reads straight
