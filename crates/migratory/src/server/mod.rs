@@ -431,7 +431,10 @@ impl ServerHandle {
 
     /// Server push for an operator (MTCP 3.2.1 case a): sends the selected
     /// sessions' clients a Trigger to `dest`, then waits until each moved,
-    /// ended, or `timeout` passed. Sessions are taken oldest first.
+    /// ended, or `timeout` passed. Sessions are taken oldest first. A
+    /// session whose client is between connections gets no Trigger but is
+    /// watched too (it may be migrating already): it is NotConnected if it
+    /// neither moved nor ended by the timeout.
     pub async fn push(
         &self,
         dest: &str,
@@ -442,6 +445,8 @@ impl ServerHandle {
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout.min(MAX_PUSH_WAIT);
         let mut results: Vec<(SessionId, Option<PushOutcome>)> = Vec::new();
+        // Sessions whose client was between connections when the push came.
+        let mut unconnected: Vec<SessionId> = Vec::new();
         // Unregisters this push's interest however it ends (even dropped).
         let mut guard = PushGuard {
             shared: &self.shared,
@@ -461,12 +466,17 @@ impl ServerHandle {
             for sid in chosen {
                 let outcome = if !infos.iter().any(|i| i.session == sid) {
                     Some(PushOutcome::NotFound)
-                } else if st.core.trigger(sid, Some(dest.clone())) {
+                } else {
+                    // A client between connections (it may be migrating
+                    // already) gets no Trigger; its session is watched all
+                    // the same, and is NotConnected if it neither moves
+                    // nor ends within the timeout.
+                    if !st.core.trigger(sid, Some(dest.clone())) {
+                        unconnected.push(sid);
+                    }
                     st.watched.entry(sid).or_default().waiters += 1;
                     guard.sessions.push(sid);
                     None
-                } else {
-                    Some(PushOutcome::NotConnected)
                 };
                 results.push((sid, outcome));
             }
@@ -505,7 +515,14 @@ impl ServerHandle {
         drop(guard);
         Ok(results
             .into_iter()
-            .map(|(sid, o)| (sid, o.unwrap_or(PushOutcome::TimedOut)))
+            .map(|(sid, o)| {
+                let late = if unconnected.contains(&sid) {
+                    PushOutcome::NotConnected
+                } else {
+                    PushOutcome::TimedOut
+                };
+                (sid, o.unwrap_or(late))
+            })
             .collect())
     }
 
