@@ -4,24 +4,24 @@
 //! Triggers, fails over when its server dies, and fails with a clear error
 //! only when no server can resume the session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use migratory_proto::client::{Client, ClientConfig, ClientEvent, ClientStats};
 use migratory_proto::types::{Epoch, IncarnationId, ServerId, SessionId};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
-use crate::conn::{self, Out, Tx};
+use crate::conn;
 use crate::error::Error;
 
 /// What the client has gone through, for policies and progress displays.
@@ -68,7 +68,54 @@ impl Policy for Manual {
 enum ConnSlot {
     /// The connection is being opened; output waits here.
     Opening(Vec<Vec<Bytes>>),
-    Open(Tx),
+    /// Open: output is written from whichever task framed it, while the
+    /// socket takes it; the connection's task waits for room otherwise.
+    Open(Conn),
+    /// Abandoned or finished: what was framed for it is written (within a
+    /// bound), then it closes.
+    Closing(Conn),
+}
+
+/// The write side of an open connection.
+struct Conn {
+    stream: Arc<TcpStream>,
+    /// Framed for the connection, not yet taken by the socket.
+    pending: VecDeque<Bytes>,
+    /// Wakes the connection's task (no room, or closing).
+    wake: Arc<Notify>,
+}
+
+impl Conn {
+    /// Writes `pending` while the socket takes it: `Ok(true)` when bytes
+    /// remain (the connection's task waits for room).
+    fn write(&mut self) -> io::Result<bool> {
+        while !self.pending.is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self
+                .pending
+                .iter()
+                .take(64)
+                .map(|b| io::IoSlice::new(b))
+                .collect();
+            match self.stream.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    while n > 0 {
+                        let front = self.pending.front_mut().expect("bytes were written");
+                        if front.len() <= n {
+                            n -= front.len();
+                            self.pending.pop_front();
+                        } else {
+                            bytes::Buf::advance(front, n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
 }
 
 struct State {
@@ -113,11 +160,15 @@ impl Shared {
                 moved = true;
                 let segs = std::mem::take(&mut st.segs);
                 match st.conns.get_mut(&inc) {
-                    Some(ConnSlot::Open(tx)) => {
-                        let _ = tx.send(Out::Data(segs));
+                    Some(ConnSlot::Open(c)) => {
+                        c.pending.extend(segs);
+                        // A write error surfaces in the connection's task.
+                        if !matches!(c.write(), Ok(false)) {
+                            c.wake.notify_one();
+                        }
                     }
                     Some(ConnSlot::Opening(q)) => q.push(segs),
-                    None => {}
+                    Some(ConnSlot::Closing(_)) | None => {}
                 }
             }
             if !moved {
@@ -144,11 +195,7 @@ impl Shared {
                 st.conns.insert(*inc, ConnSlot::Opening(Vec::new()));
                 tokio::spawn(open(self.clone(), *inc, addrs, server.is_none()));
             }
-            ClientEvent::CloseIncarnation(inc) => {
-                if let Some(ConnSlot::Open(tx)) = st.conns.remove(inc) {
-                    let _ = tx.send(Out::Close);
-                }
-            }
+            ClientEvent::CloseIncarnation(inc) => close(st, *inc),
             ClientEvent::Established { session, server } => {
                 info!(%session, %server, "session established");
                 if let Some(a) = st.initial_reached {
@@ -256,47 +303,152 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
             Err(e) => last = format!("{a}: {e}"),
         }
     }
-    let mut st = shared.lock();
-    let Some(ConnSlot::Opening(queue)) = st.conns.remove(&inc) else {
-        return; // abandoned meanwhile
+    let (stream, wake) = {
+        let mut st = shared.lock();
+        let Some(ConnSlot::Opening(queue)) = st.conns.remove(&inc) else {
+            return; // abandoned meanwhile
+        };
+        let Some((stream, addr)) = stream else {
+            st.core.handle_incarnation_closed(
+                Instant::now(),
+                inc,
+                &format!("connect failed: {last}"),
+            );
+            shared.pump(&mut st);
+            return;
+        };
+        if initial {
+            st.initial_reached = Some(addr);
+        }
+        let _ = stream.set_nodelay(true);
+        let stream = Arc::new(stream);
+        let wake = Arc::new(Notify::new());
+        let mut c = Conn {
+            stream: stream.clone(),
+            pending: queue.into_iter().flatten().collect(),
+            wake: wake.clone(),
+        };
+        if !matches!(c.write(), Ok(false)) {
+            wake.notify_one();
+        }
+        st.conns.insert(inc, ConnSlot::Open(c));
+        (stream, wake)
     };
-    let Some((stream, addr)) = stream else {
-        st.core
-            .handle_incarnation_closed(Instant::now(), inc, &format!("connect failed: {last}"));
-        shared.pump(&mut st);
-        return;
-    };
-    if initial {
-        st.initial_reached = Some(addr);
+    let reason = run_conn(&shared, inc, &stream, &wake).await;
+    {
+        let mut st = shared.lock();
+        if let Some(ConnSlot::Open(_)) = st.conns.remove(&inc) {
+            debug!(%inc, %reason, "connection closed");
+            st.core
+                .handle_incarnation_closed(Instant::now(), inc, &reason);
+            shared.pump(&mut st);
+        }
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    for segs in queue {
-        let _ = tx.send(Out::Data(segs));
+    if let Ok(mut stream) = Arc::try_unwrap(stream) {
+        let _ = tokio::time::timeout(CLOSE_FLUSH, stream.shutdown()).await;
     }
-    st.conns.insert(inc, ConnSlot::Open(tx));
-    drop(st);
-    let (s1, s2) = (shared.clone(), shared.clone());
-    conn::start(
-        stream,
-        rx,
-        None,
-        None,
-        move |buf| {
-            let mut st = s1.lock();
-            st.core.handle_input_buf(Instant::now(), inc, buf);
-            s1.pump(&mut st);
-            true
-        },
-        move |reason| {
-            let mut st = s2.lock();
-            if st.conns.remove(&inc).is_some() {
-                st.core
-                    .handle_incarnation_closed(Instant::now(), inc, &reason);
-                s2.pump(&mut st);
-            }
-        },
-    );
 }
+
+/// Bound on writing out a closing connection's last bytes.
+const CLOSE_FLUSH: Duration = Duration::from_secs(5);
+
+/// Marks `inc`'s connection closing: its task writes what is pending, then
+/// closes it.
+fn close(st: &mut State, inc: IncarnationId) {
+    match st.conns.remove(&inc) {
+        Some(ConnSlot::Open(c)) | Some(ConnSlot::Closing(c)) => {
+            c.wake.notify_one();
+            st.conns.insert(inc, ConnSlot::Closing(c));
+        }
+        // Still connecting: `open` finds its slot gone and gives up.
+        Some(ConnSlot::Opening(_)) | None => {}
+    }
+}
+
+/// Serves one open connection: reads into the session, and writes what is
+/// pending whenever the socket has room. Returns why it ended.
+async fn run_conn(
+    shared: &Arc<Shared>,
+    inc: IncarnationId,
+    stream: &TcpStream,
+    wake: &Notify,
+) -> String {
+    let mut buf = BytesMut::new();
+    let mut closing_since: Option<tokio::time::Instant> = None;
+    loop {
+        let (want_write, closing) = {
+            let st = shared.lock();
+            match st.conns.get(&inc) {
+                Some(ConnSlot::Open(c)) => (!c.pending.is_empty(), false),
+                Some(ConnSlot::Closing(c)) => (!c.pending.is_empty(), true),
+                _ => return "closed locally".into(),
+            }
+        };
+        if closing {
+            if !want_write {
+                shared.lock().conns.remove(&inc);
+                return "closed locally".into();
+            }
+            closing_since.get_or_insert_with(tokio::time::Instant::now);
+        }
+        let flush_deadline = closing_since.map(|t| t + CLOSE_FLUSH);
+        tokio::select! {
+            r = stream.readable(), if !closing => {
+                if let Err(e) = r {
+                    return e.to_string();
+                }
+                loop {
+                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => return "EOF".into(),
+                        Ok(_) => {
+                            let mut st = shared.lock();
+                            st.core.handle_input_buf(Instant::now(), inc, &mut buf);
+                            shared.pump(&mut st);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if buf.is_empty() {
+                                buf = BytesMut::new();
+                            }
+                            break;
+                        }
+                        Err(e) => return e.to_string(),
+                    }
+                }
+            }
+            r = stream.writable(), if want_write => {
+                if let Err(e) = r {
+                    return e.to_string();
+                }
+                let mut st = shared.lock();
+                let r = match st.conns.get_mut(&inc) {
+                    Some(ConnSlot::Open(c)) | Some(ConnSlot::Closing(c)) => c.write(),
+                    _ => Ok(false),
+                };
+                if let Err(e) = r {
+                    return e.to_string();
+                }
+            }
+            _ = wake.notified() => {}
+            _ = sleep_until(flush_deadline) => {
+                shared.lock().conns.remove(&inc);
+                return "closing timed out".into();
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Room made for one socket read.
+const READ_CHUNK: usize = 64 * 1024;
 
 async fn timer(shared: Arc<Shared>) {
     conn::run_timer(
@@ -522,10 +674,9 @@ impl Drop for MigratoryStream {
         let mut st = self.shared.lock();
         // Controls waiting for a status must not wait forever.
         let _ = st.status.send(Status::Ended);
-        for (_, slot) in st.conns.drain() {
-            if let ConnSlot::Open(tx) = slot {
-                let _ = tx.send(Out::Close);
-            }
+        let incs: Vec<IncarnationId> = st.conns.keys().copied().collect();
+        for inc in incs {
+            close(&mut st, inc);
         }
     }
 }
