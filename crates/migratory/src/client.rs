@@ -89,32 +89,7 @@ impl Conn {
     /// Writes `pending` while the socket takes it: `Ok(true)` when bytes
     /// remain (the connection's task waits for room).
     fn write(&mut self) -> io::Result<bool> {
-        while !self.pending.is_empty() {
-            let slices: Vec<io::IoSlice<'_>> = self
-                .pending
-                .iter()
-                .take(64)
-                .map(|b| io::IoSlice::new(b))
-                .collect();
-            match self.stream.try_write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut n) => {
-                    while n > 0 {
-                        let front = self.pending.front_mut().expect("bytes were written");
-                        if front.len() <= n {
-                            n -= front.len();
-                            self.pending.pop_front();
-                        } else {
-                            bytes::Buf::advance(front, n);
-                            n = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
+        conn::try_write_queued(&self.stream, &mut self.pending).map(|(_, full)| full)
     }
 }
 
@@ -398,22 +373,14 @@ async fn run_conn(
                     return e.to_string();
                 }
                 loop {
-                    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                        buf.reserve(READ_CHUNK);
-                    }
-                    match stream.try_read_buf(&mut buf) {
-                        Ok(0) => return "EOF".into(),
-                        Ok(_) => {
+                    match conn::try_read_some(stream, &mut buf) {
+                        Ok(Some(0)) => return "EOF".into(),
+                        Ok(Some(_)) => {
                             let mut st = shared.lock();
                             st.core.handle_input_buf(Instant::now(), inc, &mut buf);
                             shared.pump(&mut st);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            if buf.is_empty() {
-                                buf = BytesMut::new();
-                            }
-                            break;
-                        }
+                        Ok(None) => break,
                         Err(e) => return e.to_string(),
                     }
                 }
@@ -446,9 +413,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
-
-/// Room made for one socket read.
-const READ_CHUNK: usize = 64 * 1024;
 
 async fn timer(shared: Arc<Shared>) {
     conn::run_timer(

@@ -1,12 +1,16 @@
-//! Socket plumbing shared by servers and clients: a reader task that hands
-//! every chunk read to a callback, and a writer task that writes queued
-//! segments (zero-copy slices of the protocol core's buffers) in order.
+//! Socket plumbing shared by servers and clients: non-blocking reads into
+//! a buffer and writes from a queue of segments (zero-copy slices of the
+//! protocol cores' buffers), and, for peer links, a reader task that hands
+//! every chunk read to a callback and a writer task that writes queued
+//! segments in order.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -166,6 +170,78 @@ async fn write_segments(wr: &mut OwnedWriteHalf, segs: &[Bytes]) -> io::Result<(
         }
     }
     Ok(())
+}
+
+/// Reads what the socket has now into `buf` (after what it already
+/// holds): `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at EOF, `Ok(None)`
+/// when nothing is there (an empty buffer is then given back, so an idle
+/// connection holds none).
+pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    match stream.try_read_buf(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the front of `pending` while the socket takes bytes; returns how
+/// many it took and whether bytes remain because it is full.
+pub(crate) fn try_write_queued(
+    stream: &TcpStream,
+    pending: &mut VecDeque<Bytes>,
+) -> io::Result<(usize, bool)> {
+    let mut taken = 0;
+    while !pending.is_empty() {
+        let slices: Vec<io::IoSlice<'_>> = pending
+            .iter()
+            .take(64)
+            .map(|b| io::IoSlice::new(b))
+            .collect();
+        match stream.try_write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(mut n) => {
+                taken += n;
+                while n > 0 {
+                    let front = pending.front_mut().expect("bytes were written");
+                    if front.len() <= n {
+                        n -= front.len();
+                        pending.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((taken, true)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((taken, false))
+}
+
+/// Writes all of `pending`, waiting for room, within `bound` (for a
+/// connection that is closing).
+pub(crate) async fn flush_queued(
+    stream: &TcpStream,
+    pending: &mut VecDeque<Bytes>,
+    bound: Duration,
+) {
+    let write = async {
+        while !pending.is_empty() {
+            stream.writable().await?;
+            try_write_queued(stream, pending)?;
+        }
+        Ok::<(), io::Error>(())
+    };
+    let _ = tokio::time::timeout(bound, write).await;
 }
 
 /// Drives a protocol core's timer: sleeps until `deadline()` (or until

@@ -14,13 +14,13 @@
 //! gives it back, so an idle session holds no buffer at all.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use migratory_proto::error::DecodeError;
 use migratory_proto::frame::{check_preamble, PreambleCheck};
 use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::{Arrival, Session, Shared};
+use crate::conn::{flush_queued, try_read_some, try_write_queued};
 
 /// Bytes of output one driver frames at a time, beyond what the socket
 /// took.
@@ -41,9 +42,6 @@ const READ_BUDGET: usize = 1024 * 1024;
 
 /// Bound on writing the last bytes of a connection that is closing.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Room made for one socket read.
-const READ_CHUNK: usize = 64 * 1024;
 
 /// A session behind its own lock, with the wakers of its application and
 /// its driver.
@@ -98,14 +96,13 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
             }
             o.pending.extend(o.segs.drain(..));
         }
-        let slices: Vec<IoSlice<'_>> = o.pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
-        match o.stream.try_write_vectored(&slices) {
-            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => {
+        match try_write_queued(&o.stream, &mut o.pending) {
+            Ok((n, full)) => {
                 taken += n;
-                advance(&mut o.pending, n);
+                if full {
+                    break Ok(true);
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(true),
             Err(e) => break Err(e),
         }
     };
@@ -413,7 +410,7 @@ async fn drive(
     };
     if let Some(mut o) = out {
         // What was framed for this connection before the session left it.
-        flush(stream, &mut o.pending).await;
+        flush_queued(stream, &mut o.pending, FLUSH_TIMEOUT).await;
     }
     shared
         .lock()
@@ -449,61 +446,17 @@ fn read_some(
 ) -> Result<(), String> {
     let mut total = 0;
     while total < READ_BUDGET {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        match stream.try_read_buf(buf) {
-            Ok(0) => return Err("EOF".to_string()),
-            Ok(n) => {
+        match try_read_some(stream, buf) {
+            Ok(Some(0)) => return Err("EOF".to_string()),
+            Ok(Some(n)) => {
                 total += n;
                 let mut st = slot.lock();
                 st.core.handle_input_buf(Instant::now(), inc, buf);
                 settle(shared, st);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if buf.is_empty() {
-                    *buf = BytesMut::new();
-                }
-                return Ok(());
-            }
+            Ok(None) => return Ok(()),
             Err(e) => return Err(e.to_string()),
         }
     }
     Ok(())
-}
-
-/// Drops the first `n` bytes of `pending`.
-fn advance(pending: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = pending.front_mut() else {
-            return;
-        };
-        if front.len() <= n {
-            n -= front.len();
-            pending.pop_front();
-        } else {
-            front.advance(n);
-            n = 0;
-        }
-    }
-}
-
-/// Writes what was framed for a connection the session left (it
-/// finished, moved, or the client came back on another), within a bound.
-async fn flush(stream: &TcpStream, pending: &mut VecDeque<Bytes>) {
-    let write = async {
-        while !pending.is_empty() {
-            stream.writable().await?;
-            let slices: Vec<IoSlice<'_>> =
-                pending.iter().take(64).map(|b| IoSlice::new(b)).collect();
-            match stream.try_write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => advance(pending, n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok::<(), io::Error>(())
-    };
-    let _ = tokio::time::timeout(FLUSH_TIMEOUT, write).await;
 }
