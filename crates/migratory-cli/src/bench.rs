@@ -85,7 +85,8 @@ pub fn run(cmd: BenchCommand) -> Result<bool, String> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle of `v` (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
