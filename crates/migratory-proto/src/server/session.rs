@@ -1026,7 +1026,13 @@ impl Session {
     /// MTCP's `set_state` / `export_state`: records `state` as the restart
     /// point. The read log is dropped and the write position remembered: a
     /// server resuming from `state` will read from here and write from here.
+    /// On a session that finished (both directions closed and acknowledged,
+    /// perhaps just after the application's own close) there is nothing
+    /// left to resume: it succeeds and records nothing.
     pub fn snapshot(&mut self, state: &[u8]) -> Result<(), AppError> {
+        if matches!(self.lifecycle, Lifecycle::Ended(SessionError::Closed)) {
+            return Ok(());
+        }
         let max_state = self.cfg.max_state;
         let step = self.cfg.limits.window_step();
         let window = self.cfg.limits.recv_window;
