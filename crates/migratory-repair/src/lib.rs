@@ -12,6 +12,7 @@
 pub mod handoff;
 pub mod image;
 pub mod lock;
+mod nfnl;
 pub mod process;
 mod repair;
 mod sys;

@@ -32,27 +32,37 @@
 //! every lock table this crate ever made on the host (in this network
 //! namespace).
 //!
-//! # Why the `nft` command
+//! # The `nft` command, and netlink
 //!
-//! The rules are given to the `nft` program (nftables' own command line,
-//! `apt-get install nftables`) as a script on its standard input: the
-//! kernel's netlink interface for nf_tables is undocumented outside
-//! libnftnl, and the Rust crates that speak it are GPL (`rustables`), bind
-//! the GPL libnftnl (`nftnl`), or are not MIT/Apache. Running a program is
-//! not linking it, so no GPL code enters this crate; the script is built
-//! from typed addresses and ports only, so nothing can be injected into it.
-//! Each call costs about 4 ms (creating or deleting a table about 30 ms,
-//! which is done off the critical path of a move).
+//! The table, its sets and chains are made by the `nft` program (nftables'
+//! own command line, `apt-get install nftables`) from a script on its
+//! standard input ([`NetLock::take`]), before anything is dropped: that is
+//! rule compilation, which only nftables' own tools do well, and it takes
+//! tens of milliseconds off the critical path of a move. Running a program
+//! is not linking it, so no GPL code enters this crate; the script is built
+//! from typed names only, so nothing can be injected into it. Listing the
+//! tables ([`tables`], [`release_all`]) is also `nft`'s.
+//!
+//! Everything done while a connection is frozen goes to the kernel over
+//! netlink from this process instead (the crate's `nfnl` module): adding
+//! set elements ([`NetLock::block`], [`NetLock::unblock`]), asking whether
+//! they are still there ([`NetLock::check`]), and deleting the table
+//! ([`NetLock::release`]). An `nft` run costs about 5 ms of process start
+//! and cache fetch each time; one of these requests costs tens of
+//! microseconds. No MIT/Apache crate encodes nf_tables messages, so that
+//! module does (see its docs).
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::nfnl::{self, Change};
 
 /// The packet mark that passes every lock (CRIU's 0xC114): the re-created
 /// FIN of a restored half-closed connection carries it.
@@ -110,6 +120,14 @@ pub enum LockError {
     /// Running `nft` failed.
     #[error("running nft: {0}")]
     Io(#[from] io::Error),
+    /// The kernel refused a netlink request (e.g. no CAP_NET_ADMIN).
+    #[error("nf_tables {what}: {source}")]
+    Kernel {
+        /// What was being done.
+        what: &'static str,
+        /// The kernel's error.
+        source: io::Error,
+    },
     /// The lock's elements are gone (expired, or removed by someone else).
     #[error("the network lock no longer holds (expired or removed)")]
     NotHeld,
@@ -210,29 +228,13 @@ impl NetLock {
             s,
             "add table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
         );
-        for v6 in [false, true] {
-            let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-            let _ = writeln!(
-                s,
-                "  set pass{} {{ type {ty} . inet_service . {ty} . inet_service; flags timeout; }}",
-                if v6 { 6 } else { 4 }
-            );
-        }
-        for (dir, name) in [(Direction::Inbound, "in"), (Direction::Outbound, "out")] {
-            for v6 in [false, true] {
-                let ty = if v6 { "ipv6_addr" } else { "ipv4_addr" };
-                let _ = write!(
+        for name in ["pass", "in", "out"] {
+            for (v6, ty) in [(false, "ipv4_addr"), (true, "ipv6_addr")] {
+                let _ = writeln!(
                     s,
-                    "  set {name}{} {{ type {ty} . inet_service . {ty} . inet_service; flags timeout;",
+                    "  set {name}{} {{ type {ty} . inet_service . {ty} . inet_service; flags timeout; }}",
                     if v6 { 6 } else { 4 }
                 );
-                if directions.contains(&dir) {
-                    let elems = self.elements(dir, v6, true);
-                    if !elems.is_empty() {
-                        let _ = write!(s, " elements = {{ {elems} }};");
-                    }
-                }
-                s.push_str(" }\n");
             }
         }
         for (chain, hook, set) in [
@@ -244,28 +246,34 @@ impl NetLock {
                 "  chain {chain} {{ type filter hook {hook} priority raw; policy accept;\n    meta mark {LOCK_MARK:#010x} accept\n    ip saddr . tcp sport . ip daddr . tcp dport @pass4 accept\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @pass6 accept\n    ip saddr . tcp sport . ip daddr . tcp dport @{set}4 drop\n    ip6 saddr . tcp sport . ip6 daddr . tcp dport @{set}6 drop\n  }}"
             );
         }
-        // In the same run: which table this is, for `release`.
-        let _ = writeln!(s, "}}\nlist table inet {t}");
-        let listing = self.run("lock", &s)?;
-        self.set_pin(&listing);
+        s.push_str("}\n");
+        self.run("lock", &s)?;
+        // Which table this is, for `release` (nft's own listing in the
+        // same run shows handle 0 for a table the run made).
+        self.pin_table("lock")?;
+        for &dir in directions {
+            self.block(dir)?;
+        }
         Ok(())
     }
 
-    /// Adds `direction` to a lock taken with [`NetLock::take`].
+    /// Adds `direction` to a lock taken with [`NetLock::take`] (one netlink
+    /// transaction).
     pub fn block(&self, direction: Direction) -> Result<(), LockError> {
-        let mut s = String::new();
-        for v6 in [false, true] {
-            let elems = self.elements(direction, v6, true);
-            if !elems.is_empty() {
-                let _ = writeln!(
-                    s,
-                    "add element inet {} {} {{ {elems} }}",
-                    self.table,
-                    set_name(direction, v6)
-                );
-            }
-        }
-        self.run("lock", &s).map(drop)
+        let changes: Vec<Change<'_>> = [false, true]
+            .into_iter()
+            .filter_map(|v6| {
+                let elems = self.elements(direction, v6, true);
+                (!elems.is_empty()).then(|| Change::AddElements {
+                    set: set_name(direction, v6),
+                    elems,
+                })
+            })
+            .collect();
+        nfnl::apply(&self.table, &changes).map_err(|source| LockError::Kernel {
+            what: "lock",
+            source,
+        })
     }
 
     /// Lifts `directions` of the lock but keeps its table (their 4-tuples
@@ -273,37 +281,36 @@ impl NetLock {
     /// effect at once, to let packets through at the moment a restored
     /// socket goes live. Lifting what is not locked is no error.
     pub fn unblock(&self, directions: &[Direction]) -> Result<(), LockError> {
-        let mut s = String::new();
+        let mut changes = Vec::new();
         for &dir in directions {
             for v6 in [false, true] {
                 let elems = self.elements(dir, v6, true);
                 if !elems.is_empty() {
-                    let _ = writeln!(
-                        s,
-                        "add element inet {} pass{} {{ {elems} }}",
-                        self.table,
-                        if v6 { 6 } else { 4 }
-                    );
+                    changes.push(Change::AddElements {
+                        set: if v6 { "pass6" } else { "pass4" },
+                        elems,
+                    });
                 }
             }
         }
-        if s.is_empty() {
+        if changes.is_empty() {
             return Ok(());
         }
-        // In the same run: which table this is, for `release`.
-        let _ = writeln!(s, "list table inet {}", self.table);
-        match self.run("unlock", &s) {
-            Ok(listing) => {
-                self.set_pin(&listing);
-                Ok(())
-            }
+        let unlock = |source| LockError::Kernel {
+            what: "unlock",
+            source,
+        };
+        match nfnl::apply(&self.table, &changes) {
+            Ok(()) => {}
             // No table: nothing is locked, nothing to remove.
-            Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {
-                *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) = Pin::Absent;
-                Ok(())
+            Err(e) if gone(&e) => {
+                self.set_pin(None);
+                return Ok(());
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(unlock(e)),
         }
+        // Right after: which table this is, for `release`.
+        self.pin_table("unlock")
     }
 
     /// Whether every element of `direction` is still in place (the lock
@@ -311,21 +318,16 @@ impl NetLock {
     /// [`NetLock::unblock`] is this crate's own doing, not checked.
     pub fn check(&self, direction: Direction) -> Result<(), LockError> {
         for v6 in [false, true] {
-            let elems = self.elements(direction, v6, false);
-            if elems.is_empty() {
-                continue;
-            }
-            let cmd = format!(
-                "get element inet {} {} {{ {elems} }}",
-                self.table,
-                set_name(direction, v6)
-            );
-            match self.run("check lock", &cmd) {
-                Ok(_) => {}
-                Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {
-                    return Err(LockError::NotHeld)
+            for (key, _) in self.elements(direction, v6, false) {
+                let held = nfnl::has_element(&self.table, set_name(direction, v6), key).map_err(
+                    |source| LockError::Kernel {
+                        what: "check lock",
+                        source,
+                    },
+                )?;
+                if !held {
+                    return Err(LockError::NotHeld);
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -334,21 +336,23 @@ impl NetLock {
     /// Removes the lock's table: every packet passes again. A table already
     /// gone is no error.
     pub fn release(&self) -> Result<(), LockError> {
-        let which = match self.pin() {
-            Pin::Table(h) => format!("delete table inet handle {h}"),
-            Pin::Unknown => format!("delete table inet {}", self.table),
+        let deleted = match self.pin() {
+            Pin::Table(h) => nfnl::delete_table(h),
+            Pin::Unknown => nfnl::delete_table_named(&self.table),
             Pin::Absent => return Ok(()),
         };
-        match self.run("unlock", &which) {
-            Err(LockError::Nft { stderr, .. }) if gone(&stderr) => Ok(()),
-            other => other.map(drop),
+        match deleted {
+            Err(e) if gone(&e) => Ok(()),
+            other => other.map_err(|source| LockError::Kernel {
+                what: "unlock",
+                source,
+            }),
         }
     }
 
-    /// Runs `script` (`nft -a -f -`: listings show handles); returns
-    /// what it printed.
-    fn run(&self, what: &'static str, script: &str) -> Result<String, LockError> {
-        nft(&["-a", "-f", "-"], script).map_err(|e| match e {
+    /// Runs `script` (`nft -f -`).
+    fn run(&self, what: &'static str, script: &str) -> Result<(), LockError> {
+        nft(&["-f", "-"], script).map(drop).map_err(|e| match e {
             LockError::Nft { stderr, .. } => LockError::Nft { what, stderr },
             e => e,
         })
@@ -358,16 +362,18 @@ impl NetLock {
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers the handle of the table in `listing` (`nft -a list
-    /// table`).
-    fn set_pin(&self, listing: &str) {
-        let handle = listing
-            .lines()
-            .find(|l| l.trim_start().starts_with("table inet"))
-            .and_then(|l| l.rsplit_once("# handle "))
-            .and_then(|(_, h)| h.trim().parse().ok());
+    /// Remembers which table of the lock's name is there now (its
+    /// handle), or that there is none.
+    fn pin_table(&self, what: &'static str) -> Result<(), LockError> {
+        let handle =
+            nfnl::table_handle(&self.table).map_err(|source| LockError::Kernel { what, source })?;
+        self.set_pin(handle);
+        Ok(())
+    }
+
+    fn set_pin(&self, handle: Option<u64>) {
         *self.pinned.lock().unwrap_or_else(|p| p.into_inner()) =
-            handle.map_or(Pin::Unknown, Pin::Table);
+            handle.map_or(Pin::Absent, Pin::Table);
     }
 
     fn family(&self, v6: bool) -> impl Iterator<Item = &Connection> {
@@ -376,13 +382,18 @@ impl NetLock {
             .filter(move |c| c.local.is_ipv6() == v6)
     }
 
-    /// The set elements of one family, comma-separated.
-    fn elements(&self, dir: Direction, v6: bool, with_timeout: bool) -> String {
+    /// The set elements of one family: keys, with the lock's timeout if
+    /// `with_timeout`.
+    fn elements(
+        &self,
+        dir: Direction,
+        v6: bool,
+        with_timeout: bool,
+    ) -> Vec<(Vec<u8>, Option<Duration>)> {
         let timeout = with_timeout.then_some(self.timeout);
         self.family(v6)
-            .map(|c| element(dir, c, timeout))
-            .collect::<Vec<_>>()
-            .join(", ")
+            .map(|c| (element(dir, c), timeout))
+            .collect()
     }
 }
 
@@ -397,10 +408,15 @@ pub fn release_all() -> Result<Vec<String>, LockError> {
             continue;
         };
         if is_lock_table(name) {
-            match nft_script("unlock", &format!("delete table inet {name}")) {
+            match nfnl::delete_table_named(name) {
                 Ok(()) => removed.push(name.to_string()),
-                Err(LockError::Nft { stderr, .. }) if gone(&stderr) => {}
-                Err(e) => return Err(e),
+                Err(e) if gone(&e) => {}
+                Err(source) => {
+                    return Err(LockError::Kernel {
+                        what: "unlock",
+                        source,
+                    })
+                }
             }
         }
     }
@@ -442,40 +458,18 @@ fn set_name(dir: Direction, v6: bool) -> &'static str {
     }
 }
 
-/// `saddr . sport . daddr . dport` of the packets `dir` drops.
-fn element(dir: Direction, c: &Connection, timeout: Option<Duration>) -> String {
-    let (src, dst) = match dir {
-        Direction::Inbound => (c.peer, c.local),
-        Direction::Outbound => (c.local, c.peer),
-    };
-    let ip = |a: SocketAddr| match a.ip() {
-        IpAddr::V4(v4) => v4.to_string(),
-        // Scope ids have no place in nft's syntax; the address is enough.
-        IpAddr::V6(v6) => v6.to_string(),
-    };
-    let mut e = format!(
-        "{} . {} . {} . {}",
-        ip(src),
-        src.port(),
-        ip(dst),
-        dst.port()
-    );
-    if let Some(t) = timeout {
-        let _ = write!(e, " timeout {}ms", t.as_millis());
+/// The set key (`saddr . sport . daddr . dport`) of the packets `dir`
+/// drops.
+fn element(dir: Direction, c: &Connection) -> Vec<u8> {
+    match dir {
+        Direction::Inbound => nfnl::key(c.peer, c.local),
+        Direction::Outbound => nfnl::key(c.local, c.peer),
     }
-    e
 }
 
-/// nft's message for an object that does not exist.
-fn gone(stderr: &str) -> bool {
-    stderr.contains("No such file or directory")
-}
-
-fn nft_script(what: &'static str, script: &str) -> Result<(), LockError> {
-    nft(&["-f", "-"], script).map(drop).map_err(|e| match e {
-        LockError::Nft { stderr, .. } => LockError::Nft { what, stderr },
-        e => e,
-    })
+/// The kernel's error for an object that does not exist.
+fn gone(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
 }
 
 /// Runs `nft args` with `stdin`, returns its standard output.
@@ -548,14 +542,26 @@ mod tests {
     #[test]
     fn elements_name_the_packets_dropped() {
         let c = conn("10.0.0.1:80", "10.0.0.2:5000");
+        // 10.0.0.2 . 5000 . 10.0.0.1 . 80
         assert_eq!(
-            element(Direction::Inbound, &c, Some(Duration::from_secs(2))),
-            "10.0.0.2 . 5000 . 10.0.0.1 . 80 timeout 2000ms"
+            element(Direction::Inbound, &c),
+            [10, 0, 0, 2, 0x13, 0x88, 0, 0, 10, 0, 0, 1, 0, 80, 0, 0]
         );
+        // 10.0.0.1 . 80 . 10.0.0.2 . 5000
         assert_eq!(
-            element(Direction::Outbound, &c, None),
-            "10.0.0.1 . 80 . 10.0.0.2 . 5000"
+            element(Direction::Outbound, &c),
+            [10, 0, 0, 1, 0, 80, 0, 0, 10, 0, 0, 2, 0x13, 0x88, 0, 0]
         );
+        let lock = NetLock::new(&[c], Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            lock.elements(Direction::Inbound, false, true),
+            [(
+                element(Direction::Inbound, &c),
+                Some(Duration::from_secs(2))
+            )]
+        );
+        assert!(lock.elements(Direction::Inbound, true, true).is_empty());
+        assert_eq!(lock.elements(Direction::Outbound, false, false)[0].1, None);
     }
 
     #[test]
@@ -563,15 +569,13 @@ mod tests {
         let c = conn("10.0.0.1:80", "10.0.0.2:5000");
         let lock = NetLock::new(&[c], DEFAULT_TIMEOUT).unwrap();
         assert_eq!(lock.pin(), Pin::Unknown);
-        let listing = format!(
-            "table inet {} {{ # handle 42\n\tset in4 {{ # handle 3\n",
-            lock.table()
-        );
-        lock.set_pin(&listing);
+        // (The kernel's answer to "which table is it" is decoded and
+        // tested in `nfnl`.)
+        lock.set_pin(Some(42));
         assert_eq!(lock.pin(), Pin::Table(42));
         assert_eq!(lock.clone().pin(), Pin::Table(42));
-        lock.set_pin("garbage");
-        assert_eq!(lock.pin(), Pin::Unknown);
+        lock.set_pin(None);
+        assert_eq!(lock.pin(), Pin::Absent);
     }
 
     #[test]
