@@ -57,6 +57,8 @@ struct RawTimeouts {
     #[serde(default, with = "humantime_serde")]
     state_request: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    settle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     frozen: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     orphan: Option<Duration>,
@@ -276,6 +278,7 @@ impl PoolConfig {
                 t.state_request,
                 &mut timeouts.state_request,
             ),
+            ("settle", t.settle, &mut timeouts.settle),
             ("frozen", t.frozen, &mut timeouts.frozen),
             ("orphan", t.orphan, &mut timeouts.orphan),
             ("backup", t.backup, &mut timeouts.backup),

@@ -597,10 +597,10 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             );
             rows.push(json!({"state": state, "p50_us": p50, "ratio": p50 / baseline}));
         }
-        let loaded = loaded_migrations(a.rounds.min(50)).await?;
+        let (loaded, pause) = loaded_migrations(a.rounds.min(50)).await?;
         text += &format!(
-            "  while streaming at full speed (0 B state): {:>7.0}\n",
-            loaded
+            "  while streaming at full speed (0 B state): {:>7.0}  (the data in flight is delivered on the old connection meanwhile)\n  longest pause in the client's stream around each of those migrations: {:>7.0}\n",
+            loaded, pause
         );
         let v = json!({
             "bench": "migrate",
@@ -608,14 +608,17 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             "baseline_us": baseline,
             "idle": rows,
             "loaded_p50_us": loaded,
+            "loaded_pause_p50_us": pause,
         });
         emit(a.json, v, text)
     })
 }
 
 /// Migrations of a session whose server streams to it at full speed; the
-/// client reads everything meanwhile. Returns the median time (us).
-async fn loaded_migrations(rounds: u32) -> Result<f64, String> {
+/// client reads everything meanwhile. Returns the median time of a
+/// migration and the median of the longest pause between two reads of the
+/// client from a migration's start to its end (us).
+async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
     let svc = pool(2, App::Stream, 0).await?;
     let c = MigratoryStream::connect(&[svc[0]])
         .await
@@ -627,19 +630,22 @@ async fn loaded_migrations(rounds: u32) -> Result<f64, String> {
         tokio::spawn(async move {
             let mut c = c;
             let mut buf = vec![0u8; 256 * 1024];
+            // When each read returned (bounded: the run lasts about 1.5 s).
+            let mut reads = Vec::with_capacity(1 << 16);
             loop {
                 tokio::select! {
                     r = c.read(&mut buf) => match r {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
+                        Ok(0) | Err(_) => return reads,
+                        Ok(_) => if reads.len() < 1 << 22 { reads.push(Instant::now()) },
                     },
-                    _ = stop.acquire() => return,
+                    _ = stop.acquire() => return reads,
                 }
             }
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut times = Vec::new();
+    let mut spans = Vec::new();
     for i in 0..rounds {
         let dest = if i % 2 == 0 { "s2" } else { "s1" };
         let t = Instant::now();
@@ -648,11 +654,26 @@ async fn loaded_migrations(rounds: u32) -> Result<f64, String> {
             .await
             .map_err(|e| e.to_string())?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
+        spans.push((t, Instant::now()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.add_permits(1);
-    let _ = reader.await;
-    Ok(median(times))
+    let reads = reader.await.map_err(|e| e.to_string())?;
+    // For each migration: the longest gap between two consecutive reads
+    // that overlaps it (from the last read before its start to the first
+    // read after its end).
+    let pauses = spans
+        .iter()
+        .map(|&(start, end)| {
+            let from = reads.partition_point(|&r| r < start).saturating_sub(1);
+            let to = (reads.partition_point(|&r| r <= end) + 1).min(reads.len());
+            reads[from..to]
+                .windows(2)
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1e6)
+                .fold(0.0, f64::max)
+        })
+        .collect();
+    Ok((median(times), median(pauses)))
 }
 
 /// Options of `migratory bench idle`.

@@ -3,9 +3,15 @@
 //! The client is the sole initiator of every migration (MTCP 3.2.1): on an
 //! explicit [`Client::migrate`], on a Trigger from a server, or when its
 //! server fails, it opens a new incarnation to another server and sends
-//! `Migrate` with its down-stream position. It stops consuming the old
-//! incarnation at that moment, so its position is frozen and MTCP's β
-//! correction is always zero (DESIGN.md 3.5).
+//! `Migrate` with its down-stream position. It stops sending on the old
+//! incarnation at that moment. Unless that incarnation's server failed, it
+//! keeps reading it until the new server resumes the session, and
+//! acknowledges at once what arrives there, so the origin can wait for
+//! those acknowledgements before it hands the state over instead of
+//! shipping the data in flight to the destination (MTCP thesis, section
+//! 4.2.3, step 5). The new server then resumes the down stream at or below
+//! the client's position, and the client drops the bytes it already has
+//! (MTCP's β correction, done at the client).
 //!
 //! # Driving it
 //!
@@ -174,6 +180,19 @@ pub struct Client {
     cause: MigrationCause,
     last_failure: String,
     cur: Option<IncarnationId>,
+    /// The previous incarnation, still read while migrating away from a
+    /// live server; what arrives there is acknowledged at once.
+    draining: Option<IncarnationId>,
+    /// Down bytes the current server sends that the client already has
+    /// (received while draining): dropped as they come.
+    skip: u64,
+    /// The current server knows the client holds its Close (it sent it,
+    /// or the Migrate said so): acknowledgements may confirm it.
+    fin_known: bool,
+    /// The server's Close came on a draining connection and no server
+    /// holding the session has its acknowledgement yet: the session is not
+    /// finished before one does (else the new server would wait for it).
+    fin_unconfirmed: bool,
     incs: HashMap<IncarnationId, CInc>,
     ready: VecDeque<IncarnationId>,
     next_inc: u64,
@@ -220,6 +239,10 @@ impl Client {
             cause: MigrationCause::Requested,
             last_failure: String::new(),
             cur: None,
+            draining: None,
+            skip: 0,
+            fin_known: false,
+            fin_unconfirmed: false,
             incs: HashMap::new(),
             ready: VecDeque::new(),
             next_inc: 0,
@@ -280,8 +303,10 @@ impl Client {
         }
     }
 
+    /// Something may be sent: on the current incarnation, and on the
+    /// draining one (its acknowledgements and window updates).
     fn mark_ready(&mut self) {
-        if let Some(inc) = self.cur {
+        for inc in [self.cur, self.draining].into_iter().flatten() {
             if !self.ready.contains(&inc) {
                 self.ready.push_back(inc);
             }
@@ -351,9 +376,12 @@ impl Client {
     fn check_finished(&mut self) {
         // The ack of the server's Close is a courtesy: with no connection
         // left (the server closed or failed) there is no one to send it to.
+        // A Close that came on a draining connection is confirmed to the
+        // server that resumes the session.
         if self.wire_done()
             && self.down.is_empty()
             && (self.fin_ack_sent || self.cur.is_none())
+            && !self.fin_unconfirmed
             && !matches!(self.phase, Phase::Finished | Phase::Failed(_))
         {
             self.phase = Phase::Finished;
@@ -443,9 +471,20 @@ impl Client {
             let last = std::mem::take(&mut self.last_failure);
             return self.fail(SessionError::NoServerLeft { last });
         };
-        // Stop sending on and consuming the old incarnation: `c` is frozen.
+        // Stop sending on the old incarnation; keep reading it while its
+        // server is alive (the origin waits for what is in flight there to
+        // be acknowledged before it answers).
         if let Some(old) = self.cur.take() {
-            self.abandon(old);
+            if cause == MigrationCause::ServerFailed || self.draining.is_some() {
+                self.abandon(old);
+            } else {
+                // Acknowledge at once what arrived so far (it may wait
+                // for a delayed ack): the origin waits for it.
+                self.draining = Some(old);
+                if !self.ready.contains(&old) {
+                    self.ready.push_back(old);
+                }
+            }
         }
         if let Phase::Migrating { inc, .. } = self.phase {
             self.abandon(inc);
@@ -465,8 +504,12 @@ impl Client {
             epoch: id.epoch,
             attempt: self.attempts,
             cause: self.cause,
-            down: self.down.end(),
-            down_fin: self.down_fin.is_some(),
+            // What the current server's stream delivered: bytes the client
+            // holds beyond it (`skip`) are ones that server has not
+            // regenerated yet, and no other server can know of them.
+            down: self.wire_pos(),
+            down_fin: self.down_fin.is_some() && self.skip == 0,
+            draining: self.draining.is_some(),
             window: self.cfg.limits.recv_window - self.down.len(),
         };
         let inc = self.new_inc();
@@ -489,6 +532,9 @@ impl Client {
     }
 
     fn abandon(&mut self, inc: IncarnationId) {
+        if self.draining == Some(inc) {
+            self.draining = None;
+        }
         if self.incs.remove(&inc).is_some() {
             self.ready.retain(|i| *i != inc);
             self.events.push_back(ClientEvent::CloseIncarnation(inc));
@@ -575,7 +621,7 @@ impl Client {
             Phase::Established => self.cur,
             _ => None,
         };
-        if expected != Some(inc) {
+        if expected != Some(inc) && self.draining != Some(inc) {
             // An abandoned incarnation (MTCP's BLACKHOLE) or a stray one.
             return;
         }
@@ -604,6 +650,10 @@ impl Client {
     }
 
     fn protocol_error(&mut self, now: Instant, inc: IncarnationId, e: ProtocolError) {
+        if self.draining == Some(inc) {
+            // The new server resends what the old one did not deliver.
+            return self.abandon(inc);
+        }
         match self.phase {
             Phase::Migrating { inc: i, .. } if i == inc => self.attempt_failed(now, e.to_string()),
             Phase::Established if self.cur == Some(inc) => self.server_failed(now, e.to_string()),
@@ -617,6 +667,18 @@ impl Client {
         inc: IncarnationId,
         frame: Frame,
     ) -> Result<(), ProtocolError> {
+        if self.draining == Some(inc) {
+            // Down data and the server's Close still count; the rest is for
+            // a session that is leaving this server.
+            return match frame {
+                Frame::Data(data) => self.on_down_data(data),
+                Frame::Close { pos } => {
+                    self.fin_unconfirmed = true;
+                    self.on_down_close(pos)
+                }
+                _ => Ok(()),
+            };
+        }
         match (&self.phase, frame) {
             (
                 Phase::Connecting { .. },
@@ -676,6 +738,8 @@ impl Client {
                         if self.closing() && text == crate::server::FINISHED_TEXT =>
                     {
                         self.up_fin_acked = true;
+                        // Finished there: it had our acknowledgement too.
+                        self.fin_unconfirmed = false;
                         if let Phase::Migrating { inc, .. } = self.phase {
                             self.abandon(inc);
                         }
@@ -717,13 +781,18 @@ impl Client {
         alternates: Vec<Alternate>,
         window: u64,
     ) {
-        // The server must send exactly from our position, and must hold
-        // every up byte we dropped (else it lost acknowledged data).
-        if down != self.down.end() {
+        // The server must send from a position the client holds and that
+        // is not below its Migrate's (nothing before it is kept), and must
+        // hold every up byte we dropped (else it lost acknowledged data).
+        let Phase::Migrating { request, .. } = &self.phase else {
+            return;
+        };
+        if down < request.down || down > self.down.end() {
             return self.fail(SessionError::Protocol(ProtocolError::Position(
-                "server resumes the down stream at another position than the client's",
+                "server resumes the down stream outside what the client holds",
             )));
         }
+        let fin_known = request.down_fin;
         if up < self.up.start() || up > self.up.end() || (up_fin && self.up_fin != Some(up)) {
             return self.fail(SessionError::Protocol(ProtocolError::Position(
                 "server resumed the up stream outside the client's buffer (acknowledged data lost)",
@@ -744,6 +813,17 @@ impl Client {
         self.up_fin_acked = up_fin;
         self.alternates = alternates;
         self.alternates.retain(|a| a.id != server);
+        // The old incarnation is done; what it delivered beyond `down` the
+        // new server sends again, and the client drops it.
+        if let Some(old) = self.draining {
+            self.abandon(old);
+        }
+        self.skip = self.down.end() - down;
+        self.ack_sent = down;
+        self.fin_known = fin_known;
+        // Our Migrate told the new server we hold its Close.
+        self.fin_unconfirmed &= !fin_known;
+        self.fin_ack_sent = false;
         self.cur = Some(inc);
         self.phase = Phase::Established;
         // The failover budget (`tried`, `rounds`) is only reset once the new
@@ -771,24 +851,7 @@ impl Client {
         match frame {
             Frame::Data(data) => {
                 self.progress = true;
-                if self.down_fin.is_some() {
-                    return Err(ProtocolError::Position("data after Close"));
-                }
-                if self.down.end() + data.len() as u64
-                    > self
-                        .limit_sent
-                        .max(self.down.start() + self.cfg.limits.recv_window)
-                {
-                    return Err(ProtocolError::Position("data beyond the advertised window"));
-                }
-                if !data.is_empty() {
-                    self.down.push(data);
-                    self.ack_due = true;
-                    let at = self.last_rx + self.cfg.limits.ack_delay;
-                    self.ack_at.get_or_insert(at);
-                    self.mark_ready();
-                    self.events.push_back(ClientEvent::Readable);
-                }
+                self.on_down_data(data)?;
             }
             Frame::Ack { pos, limit, fin } => {
                 self.progress |= pos > self.up.start() || fin;
@@ -806,15 +869,7 @@ impl Client {
                 self.up_fin_acked |= fin;
                 self.mark_ready();
             }
-            Frame::Close { pos } => {
-                if pos != self.down.end() || self.down_fin.is_some_and(|f| f != pos) {
-                    return Err(ProtocolError::Position("Close not at the end of the data"));
-                }
-                self.down_fin = Some(pos);
-                self.ack_due = true;
-                self.mark_ready();
-                self.events.push_back(ClientEvent::Readable);
-            }
+            Frame::Close { pos } => self.on_down_close(pos)?,
             Frame::Trigger { dest } => {
                 self.events
                     .push_back(ClientEvent::Triggered { dest: dest.clone() });
@@ -836,9 +891,62 @@ impl Client {
         Ok(())
     }
 
+    /// Down data on the current (or draining) incarnation: its first
+    /// `skip` bytes are ones the client already has.
+    fn on_down_data(&mut self, mut data: Bytes) -> Result<(), ProtocolError> {
+        let len = data.len() as u64;
+        let window = self
+            .limit_sent
+            .max(self.down.start() + self.cfg.limits.recv_window);
+        if self.wire_pos() + len > window {
+            return Err(ProtocolError::Position("data beyond the advertised window"));
+        }
+        let dup = self.skip.min(len);
+        self.skip -= dup;
+        let _ = data.split_to(dup as usize);
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.down_fin.is_some() {
+            return Err(ProtocolError::Position("data after Close"));
+        }
+        self.down.push(data);
+        self.ack_due = true;
+        let at = self.last_rx + self.cfg.limits.ack_delay;
+        self.ack_at.get_or_insert(at);
+        self.mark_ready();
+        self.events.push_back(ClientEvent::Readable);
+        Ok(())
+    }
+
+    /// The server's Close at `pos`.
+    fn on_down_close(&mut self, pos: Pos) -> Result<(), ProtocolError> {
+        if self.skip > 0 || pos != self.down.end() || self.down_fin.is_some_and(|f| f != pos) {
+            return Err(ProtocolError::Position("Close not at the end of the data"));
+        }
+        self.down_fin = Some(pos);
+        self.fin_known = true;
+        self.ack_due = true;
+        self.mark_ready();
+        self.events.push_back(ClientEvent::Readable);
+        Ok(())
+    }
+
+    /// The down position the current server has sent up to, as far as the
+    /// client knows: its own position less what it will drop.
+    fn wire_pos(&self) -> Pos {
+        self.down.end() - self.skip
+    }
+
     /// The connection of `inc` ended (EOF, reset, or it could not be
     /// opened), with `reason` for the record.
     pub fn handle_incarnation_closed(&mut self, now: Instant, inc: IncarnationId, reason: &str) {
+        if self.draining == Some(inc) {
+            // The origin answered (or failed): the new server takes over.
+            self.draining = None;
+            self.incs.remove(&inc);
+            return;
+        }
         match self.phase {
             Phase::Connecting { inc: i, .. } if i == inc => {
                 self.fail(SessionError::Unestablished(reason.to_string()));
@@ -849,7 +957,7 @@ impl Client {
             Phase::Established if self.cur == Some(inc) => {
                 self.incs.remove(&inc);
                 self.cur = None;
-                if self.wire_done() {
+                if self.wire_done() && !self.fin_unconfirmed {
                     // The server finished the session and closed: normal.
                     self.check_finished();
                 } else {
@@ -1004,6 +1112,8 @@ impl Client {
             let mut more = false;
             if self.cur == Some(inc) && matches!(self.phase, Phase::Established) {
                 more = self.session_output(now, &mut hdr, out);
+            } else if self.draining == Some(inc) {
+                self.draining_output(&mut hdr);
             }
             if !hdr.is_empty() {
                 out.push(hdr.split().freeze());
@@ -1031,9 +1141,9 @@ impl Client {
             Frame::Close { pos: self.up_sent }.encode(hdr);
             self.up_fin_sent = true;
         }
-        let pos = self.down.end();
+        let pos = self.wire_pos();
         let limit = (self.down.start() + limits.recv_window).max(self.limit_sent);
-        let fin = self.down_fin.is_some();
+        let fin = self.down_fin.is_some() && self.fin_known;
         // As TCP's delayed ACK: at once for a quarter of the window (or
         // its opening by as much), else riding on outgoing frames, else
         // after the ack delay.
@@ -1047,6 +1157,7 @@ impl Client {
             self.ack_sent = pos;
             self.limit_sent = limit;
             self.fin_ack_sent = fin;
+            self.fin_unconfirmed &= !fin;
             self.ack_due = false;
             self.confirm = false;
         }
@@ -1054,6 +1165,27 @@ impl Client {
             self.ack_at = None;
         }
         more
+    }
+
+    /// What the draining incarnation carries: an acknowledgement of every
+    /// down byte received, at once (the origin waits for it), and the
+    /// window as the application opens it (the origin may still be
+    /// sending). Its Close is not confirmed there: the session's close
+    /// completes with the new server.
+    fn draining_output(&mut self, hdr: &mut BytesMut) {
+        let pos = self.wire_pos();
+        let limit = (self.down.start() + self.cfg.limits.recv_window).max(self.limit_sent);
+        let step = self.cfg.limits.window_step();
+        if pos > self.ack_sent || limit >= self.limit_sent + step {
+            Frame::Ack {
+                pos,
+                limit,
+                fin: false,
+            }
+            .encode(hdr);
+            self.ack_sent = pos;
+            self.limit_sent = limit;
+        }
     }
 
     /// The next event for the runtime or the application.

@@ -52,6 +52,12 @@ pub struct ServerTimeouts {
     /// How long a destination waits for the origin's StateReply before it
     /// falls back to a replica or rejects with `OriginUnreachable`.
     pub state_request: Duration,
+    /// How long a session asked for its state waits for the client to
+    /// acknowledge the down bytes already sent to it on its old connection
+    /// (the client keeps reading it while it migrates), before the reply
+    /// carries them instead. Keep it well below the destinations'
+    /// `state_request`.
+    pub settle: Duration,
     /// How long a frozen session waits for StateAck before it is dropped.
     pub frozen: Duration,
     /// How long a session with no client connection is kept.
@@ -68,6 +74,7 @@ impl Default for ServerTimeouts {
         Self {
             handshake: Duration::from_secs(10),
             state_request: Duration::from_secs(5),
+            settle: Duration::from_secs(1),
             frozen: Duration::from_secs(60),
             orphan: Duration::from_secs(300),
             backup: Duration::from_secs(5),

@@ -144,6 +144,14 @@ pub struct MigrateRequest {
     pub down: Pos,
     /// The client has received the server's Close.
     pub down_fin: bool,
+    /// The client keeps reading its previous incarnation until it is
+    /// resumed, and acknowledges there what arrives: the origin may wait
+    /// for those acknowledgements before it answers, so that the data in
+    /// flight reaches the client on the connection it is already on
+    /// instead of travelling in the state (MTCP thesis, section 4.2.3,
+    /// step 5). The destination then resumes the down stream at or beyond
+    /// `down`.
+    pub draining: bool,
     /// How many down bytes beyond `down` the client can buffer.
     pub window: u64,
 }
@@ -157,6 +165,7 @@ impl MigrateRequest {
         dst.put_u8(self.cause.code());
         dst.put_u64(self.down);
         dst.put_bool(self.down_fin);
+        dst.put_bool(self.draining);
         dst.put_u64(self.window);
     }
 
@@ -170,6 +179,7 @@ impl MigrateRequest {
                 .ok_or_else(|| r.invalid("cause", "unknown migration cause"))?,
             down: r.u64()?,
             down_fin: r.bool("down_fin")?,
+            draining: r.bool("draining")?,
             window: r.u64()?,
         })
     }

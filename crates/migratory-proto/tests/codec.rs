@@ -117,6 +117,7 @@ fn migrate_request() -> impl Strategy<Value = MigrateRequest> {
         pos(),
         any::<bool>(),
         pos(),
+        any::<bool>(),
         prop_oneof![
             Just(MigrationCause::Requested),
             Just(MigrationCause::Trigger),
@@ -125,15 +126,18 @@ fn migrate_request() -> impl Strategy<Value = MigrateRequest> {
         ],
     )
         .prop_map(
-            |(session, origin, epoch, attempt, down, down_fin, window, cause)| MigrateRequest {
-                session,
-                origin,
-                epoch,
-                attempt,
-                cause,
-                down,
-                down_fin,
-                window,
+            |(session, origin, epoch, attempt, down, down_fin, window, draining, cause)| {
+                MigrateRequest {
+                    session,
+                    origin,
+                    epoch,
+                    attempt,
+                    cause,
+                    down,
+                    down_fin,
+                    draining,
+                    window,
+                }
             },
         )
 }

@@ -267,6 +267,7 @@ fn migrate_window_overflow() {
         cause: MigrationCause::Requested,
         down: 1,
         down_fin: false,
+        draining: false,
         window: u64::MAX,
     };
     let mut b = BytesMut::from(&PREAMBLE[..]);

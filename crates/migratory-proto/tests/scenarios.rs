@@ -80,7 +80,15 @@ fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
         0,
         "nothing reached the client yet"
     );
-    migrate(&mut w, 1);
+    // The client keeps reading its old connection, but nothing comes on
+    // it: S1 answers once its wait for acknowledgements (`settle`) ends.
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_migrating(), "S1 waits for the client's acks");
+    w.advance(std::time::Duration::from_millis(100));
+    w.pump();
+    assert!(w.client.is_established(), "migration to s2 completed");
+    assert_eq!(w.owner(), Some(1));
     w.hold_from = None;
     let h2 = w.handle(1);
     assert_eq!(state(&w, 1), b"wrote 8");
@@ -88,6 +96,93 @@ fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
     w.pump();
     assert_eq!(w.client_read_all().0, b"AAAABBBBCCCC");
     assert_eq!(w.server(1).stats().bytes_discarded, 0);
+}
+
+#[test]
+fn a_migration_under_a_full_window_leaves_the_data_in_flight_on_the_old_connection() {
+    // Migration under load (MTCP 4.2.3 step 5): a full window of down
+    // data, covered by the snapshot, is on its way to the client when it
+    // migrates. The client keeps reading the old connection and
+    // acknowledges there; the origin waits for those acknowledgements, so
+    // its reply carries none of that data, and the destination sends none
+    // of it again.
+    const WINDOW: usize = 256 << 10;
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.limits.recv_window = WINDOW as u64;
+    cfg.limits.send_buffer = WINDOW as u64;
+    cfg.limits.max_data_frame = 16 << 10;
+    let mut w = World::new(cfg);
+    w.pump();
+    let h = w.handle(0);
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 31 % 251) as u8).collect();
+    assert_eq!(w.server(0).write(h, &data).unwrap(), WINDOW);
+    w.server(0).snapshot(h, b"wrote a window").unwrap();
+    // Everything is sent on the connection and nothing has arrived yet.
+    w.hold_from = Some(0);
+    w.pump();
+    assert_eq!(w.client.down_received(), 0);
+    let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(
+        w.client.is_migrating(),
+        "the origin waits for the client's acknowledgements"
+    );
+    w.hold_from = None;
+    w.pump();
+    assert!(w.client.is_established(), "migration to s2 completed");
+    assert_eq!(w.owner(), Some(1));
+    let shipped = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0) - before;
+    assert!(
+        shipped < 1024,
+        "the state reply carried {shipped} bytes for {WINDOW} bytes in flight"
+    );
+    assert_eq!(state(&w, 1), b"wrote a window");
+    assert_eq!(w.server(1).stats().bytes_discarded, 0);
+    // The window was full: the client reads it, then gets what follows.
+    let mut got = w.client_read_all().0;
+    let h2 = w.handle(1);
+    w.server(1).write(h2, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    assert_eq!(got, want, "every byte once, in order");
+}
+
+#[test]
+fn a_migration_whose_old_connection_stalls_ships_what_was_not_acknowledged() {
+    // The same, but the old connection delivers only part of the window
+    // before it stalls: once `settle` passes, the reply carries the rest,
+    // and the client drops what the destination sends that it already has.
+    const WINDOW: usize = 64 << 10;
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.limits.recv_window = WINDOW as u64;
+    cfg.limits.send_buffer = WINDOW as u64;
+    cfg.limits.max_data_frame = 4 << 10;
+    let mut w = World::new(cfg);
+    w.pump();
+    let h = w.handle(0);
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 253) as u8).collect();
+    assert_eq!(w.server(0).write(h, &data).unwrap(), WINDOW);
+    w.server(0).snapshot(h, b"wrote a window").unwrap();
+    w.hold_from = Some(0);
+    w.pump();
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    // A quarter of the window reaches the client; its ack goes back.
+    let old = *w.conns.keys().next().expect("old connection");
+    w.deliver_conn(old, false, WINDOW / 4 + 100);
+    w.pump();
+    assert!(w.client.is_migrating());
+    w.advance(std::time::Duration::from_millis(100));
+    w.pump();
+    assert!(w.client.is_established(), "migration to s2 completed");
+    w.hold_from = None;
+    w.pump();
+    assert_eq!(w.owner(), Some(1));
+    let got = w.client_read_all().0;
+    assert_eq!(got, data, "every byte once, in order");
 }
 
 #[test]
@@ -256,6 +351,7 @@ fn request_for(w: &World, epoch: u64) -> MigrateRequest {
         cause: MigrationCause::Requested,
         down: 0,
         down_fin: false,
+        draining: false,
         window: 1 << 16,
     }
 }

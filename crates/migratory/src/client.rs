@@ -327,6 +327,9 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
 /// Bound on writing out a closing connection's last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(5);
 
+/// Most bytes one connection's task reads before it lets others run.
+const READ_BUDGET: usize = 1024 * 1024;
+
 /// Marks `inc`'s connection closing: its task writes what is pending, then
 /// closes it.
 fn close(st: &mut State, inc: IncarnationId) {
@@ -372,10 +375,12 @@ async fn run_conn(
                 if let Err(e) = r {
                     return e.to_string();
                 }
-                loop {
+                let mut total = 0;
+                while total < READ_BUDGET {
                     match conn::try_read_some(stream, &mut buf) {
                         Ok(Some(0)) => return "EOF".into(),
-                        Ok(Some(_)) => {
+                        Ok(Some(n)) => {
+                            total += n;
                             let mut st = shared.lock();
                             st.core.handle_input_buf(Instant::now(), inc, &mut buf);
                             shared.pump(&mut st);
@@ -384,6 +389,8 @@ async fn run_conn(
                         Err(e) => return e.to_string(),
                     }
                 }
+                // Let the other tasks on this worker run between batches.
+                tokio::task::yield_now().await;
             }
             r = stream.writable(), if want_write => {
                 if let Err(e) = r {

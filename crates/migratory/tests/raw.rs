@@ -127,6 +127,7 @@ fn request(session: SessionId, origin: &str) -> MigrateRequest {
         cause: MigrationCause::Requested,
         down: 0,
         down_fin: false,
+        draining: false,
         window: 1 << 20,
     }
 }

@@ -294,6 +294,9 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.timers.insert((at, Timer::Session(sid)));
             }
             EndpointEventKind::Report(r) => self.events.push_back(ServerEvent::Migration(r)),
+            EndpointEventKind::Replied { to, req } => {
+                self.handed_out.insert((to, req), sid);
+            }
             EndpointEventKind::Ended { finished, moved } => {
                 let current = self.sessions.get(&sid).is_some_and(|(h, _)| *h == handle);
                 if !current {
@@ -820,15 +823,7 @@ impl<S: SessionSlot> Endpoint<S> {
             ));
             return;
         }
-        let replied = self
-            .call(sid, |s| {
-                s.on_state_request(now, from, req, &m);
-                s.replied_to(from, req)
-            })
-            .unwrap_or(false);
-        if replied {
-            self.handed_out.insert((from.clone(), req), sid);
-        }
+        self.call(sid, |s| s.on_state_request(now, from, req, &m));
     }
 
     fn on_state_reply(
@@ -854,7 +849,12 @@ impl<S: SessionSlot> Endpoint<S> {
                 "origin answered for another session",
             );
         }
-        if p.migrate.request.down < image.down_base && image.down_base <= image.down_snap {
+        // A draining client acknowledged bytes beyond its Migrate's
+        // position on its old connection: the origin may start there.
+        if !p.migrate.request.draining
+            && p.migrate.request.down < image.down_base
+            && image.down_base <= image.down_snap
+        {
             return self.reject(
                 inc,
                 RejectReason::InvalidState,

@@ -44,6 +44,11 @@ use super::events::{Direction, MigrationOutcome, MigrationReport, ServerEvent, S
 use super::replica::{image_of, Held};
 use super::{ServerConfig, SessionHandle, FINISHED_TEXT};
 
+/// How far beyond what a session's application produced a client's
+/// position may be (see `Session::catch_up`): far more than any window,
+/// and far from the end of the position space.
+const MAX_AHEAD: u64 = 1 << 40;
+
 /// Where a session stands. One declared state instead of a set of flags:
 /// every transition is a method of [`Session`].
 #[derive(Debug)]
@@ -53,6 +58,14 @@ enum Lifecycle {
     /// The application released it; it finishes its close with the client
     /// (input is discarded, the down direction is closed).
     Releasing(Link),
+    /// A state request stopped the application while down bytes sent on
+    /// the attached incarnation were not yet acknowledged, and the client
+    /// keeps reading that incarnation (its Migrate says `draining`). Nothing
+    /// more is sent; the acknowledgements that come back shrink the state
+    /// the reply carries (MTCP thesis, section 4.2.3, step 5). The reply
+    /// leaves once everything sent is acknowledged, the connection ends,
+    /// or `timeouts.settle` passes; then the session is frozen.
+    Settling(Settling),
     /// Its state was handed to a destination for a migration (MTCP 4.2.3,
     /// "once S1 receives the state request"); it waits for the
     /// destination's StateAck, or for the client to come back for it.
@@ -70,6 +83,16 @@ enum Link {
     /// No connection since then; dropped after the orphan timeout unless
     /// the client comes back.
     Orphaned(Instant),
+}
+
+#[derive(Debug)]
+struct Settling {
+    inc: IncarnationId,
+    /// The reply leaves at the latest then.
+    until: Instant,
+    since: Instant,
+    /// The state request to answer: (requester, req, the client's Migrate).
+    request: (ServerId, u64, Migrate),
 }
 
 #[derive(Debug)]
@@ -115,6 +138,9 @@ pub(super) enum EndpointEventKind {
     Ended { finished: bool, moved: bool },
     /// A migration of this session ended (for metrics).
     Report(MigrationReport),
+    /// The session answered state request `req` of `to`: the StateAck
+    /// that comes back for it is the session's.
+    Replied { to: ServerId, req: u64 },
 }
 
 /// One session at one server. See the module documentation.
@@ -354,9 +380,9 @@ impl Session {
     /// The client connection the session is attached to, if any.
     pub fn incarnation(&self) -> Option<IncarnationId> {
         match self.lifecycle {
-            Lifecycle::Live(Link::Attached(inc)) | Lifecycle::Releasing(Link::Attached(inc)) => {
-                Some(inc)
-            }
+            Lifecycle::Live(Link::Attached(inc))
+            | Lifecycle::Releasing(Link::Attached(inc))
+            | Lifecycle::Settling(Settling { inc, .. }) => Some(inc),
             _ => None,
         }
     }
@@ -507,7 +533,15 @@ impl Session {
         if !self.migratable() {
             return Err((RejectReason::InvalidState, FINISHED_TEXT));
         }
-        if m.request.down > self.down.end() || m.request.down < self.down.start() {
+        // A draining client may have acknowledged more on its old
+        // connection since it sent the Migrate: the down stream then
+        // resumes where its acknowledgements say. It may also hold bytes
+        // this copy has not produced yet (see `catch_up`), but never any
+        // beyond the Close.
+        let below = m.request.down < self.down.start() && !m.request.draining;
+        let beyond = self.down_fin.is_some_and(|f| m.request.down > f)
+            || m.request.down > self.down.end().saturating_add(MAX_AHEAD);
+        if beyond || below {
             return Err((
                 RejectReason::InvalidState,
                 "client position outside the stream",
@@ -529,6 +563,12 @@ impl Session {
             return ResumeHere::Reject(reason, text);
         }
         self.last_attempt = m.request.attempt;
+        if matches!(self.lifecycle, Lifecycle::Settling(_)) {
+            // The client gave up waiting for the destination and came back
+            // here: the pending request is superseded.
+            self.reject_settling_request();
+            self.freeze(now, "client moved to a new incarnation");
+        }
         let link = match &self.lifecycle {
             Lifecycle::Frozen(_) => {
                 let epoch = self.next_epoch;
@@ -538,7 +578,9 @@ impl Session {
                 };
             }
             Lifecycle::Live(l) | Lifecycle::Releasing(l) => *l,
-            Lifecycle::Ended(_) => unreachable!("refused by admit"),
+            Lifecycle::Settling(_) | Lifecycle::Ended(_) => {
+                unreachable!("frozen above, or refused by admit")
+            }
         };
         // Still live here: only the incarnation changes; owner and epoch
         // stay and the application carries on (requests other destinations
@@ -556,8 +598,11 @@ impl Session {
         self.in_flight.clear();
         self.wire_out = 0;
         self.wire_taken = 0;
-        self.snd_nxt = m.request.down;
-        self.snd_taken = m.request.down;
+        self.catch_up(m.request.down);
+        // A draining client may have acknowledged more than its Migrate says.
+        let down = m.request.down.max(self.down.start());
+        self.snd_nxt = down;
+        self.snd_taken = down;
         self.down_limit = m.request.down.saturating_add(m.request.window);
         self.fin_sent = false;
         self.fin_acked |= m.request.down_fin;
@@ -570,13 +615,26 @@ impl Session {
         self.out.push_back(Frame::Resumed {
             up: self.rx_pos,
             up_fin: self.up_fin.is_some() && self.rx_pos == self.rcv_nxt(),
-            down: m.request.down,
+            down,
             epoch: self.epoch,
             server: self.cfg.id.clone(),
             alternates: self.cfg.alternates.clone(),
             window: self.limit_sent - self.rx_pos,
         });
         ResumeHere::Reattached
+    }
+
+    /// The client holds down bytes up to `c`, beyond what this copy's
+    /// application has produced: it received them while draining a server
+    /// that ran ahead of the state this copy resumed from. The application
+    /// produces them again (it runs deterministically from its snapshot);
+    /// they are dropped as it does (MTCP's discard, fig 4.9).
+    fn catch_up(&mut self, c: Pos) {
+        let end = self.down.end();
+        if c > end {
+            self.down = ByteQueue::new(c);
+            self.discard += c - end;
+        }
     }
 
     fn set_link(&mut self, link: Link) {
@@ -643,6 +701,10 @@ impl Session {
             };
             self.on_frame(frame)?;
         }
+        if matches!(self.lifecycle, Lifecycle::Settling(_)) && self.down.start() >= self.snd_nxt {
+            // Everything sent on the old incarnation reached the client.
+            self.settle(self.last_now, "session migrated away");
+        }
         if self.rx.is_empty() && self.rx.capacity() > 0 {
             // An idle session holds no input buffer.
             self.rx = BytesMut::new();
@@ -659,6 +721,10 @@ impl Session {
     }
 
     fn detach(&mut self, now: Instant) {
+        if matches!(self.lifecycle, Lifecycle::Settling(_)) {
+            // Nothing more will be acknowledged: answer with what was.
+            return self.settle(now, "client connection ended");
+        }
         self.set_link(Link::Orphaned(now));
         self.rx = BytesMut::new();
         self.out.clear();
@@ -669,6 +735,9 @@ impl Session {
     /// client the session expires unless one comes back.
     fn close_incarnation(&mut self, inc: IncarnationId, reason: String) {
         if self.incarnation() == Some(inc) {
+            if matches!(self.lifecycle, Lifecycle::Settling(_)) {
+                return self.settle(self.last_now, &reason);
+            }
             self.detach(self.last_now);
         }
         self.events
@@ -815,7 +884,7 @@ impl Session {
     /// frames, data within the client's window, a Close, or an
     /// acknowledgement that cannot wait (see [`Session::ack_deadline`]).
     pub fn wants_transmit(&self, now: Instant) -> bool {
-        if self.incarnation().is_none() {
+        if self.incarnation().is_none() || !self.is_owned() {
             return false;
         }
         if !self.out.is_empty() {
@@ -834,7 +903,8 @@ impl Session {
     /// When a delayed acknowledgement must go out if no data carries it
     /// sooner: call [`Session::poll_transmit`] then.
     pub fn ack_deadline(&self) -> Option<Instant> {
-        self.ack_at.filter(|_| self.incarnation().is_some())
+        self.ack_at
+            .filter(|_| self.incarnation().is_some() && self.is_owned())
     }
 
     /// The Ack to send at `now`, if one is due: the Close became
@@ -873,7 +943,7 @@ impl Session {
         max: usize,
     ) -> Option<IncarnationId> {
         self.last_now = self.last_now.max(now);
-        let inc = self.incarnation()?;
+        let inc = self.incarnation().filter(|_| self.is_owned())?;
         let start = out.len();
         let mut hdr = take_scratch(&mut self.scratch);
         for f in self.out.drain(..) {
@@ -1190,8 +1260,18 @@ impl Session {
 
     // ----- the control plane ----------------------------------------------------
 
-    /// MTCP 4.2.3 "Once S1 receives the state request": verify, freeze,
-    /// pack the state for the client's position and reply.
+    /// MTCP 4.2.3 "Once S1 receives the state request": verify, stop the
+    /// application, pack the state for the client's position and reply.
+    ///
+    /// When down bytes sent on the attached incarnation are not yet
+    /// acknowledged and the client keeps reading it (`draining`), the
+    /// reply waits for their acknowledgements (see [`Lifecycle::Settling`]):
+    /// under a full-speed stream they are up to a window of data, which
+    /// would otherwise travel to the destination and be sent a second
+    /// time. Exactly-once holds whatever arrives: the reply starts the down
+    /// stream at `max(c, snd_una)`, every byte of which the client holds,
+    /// and the client drops what the destination sends below its own
+    /// position (MTCP's β correction, done by the client).
     pub(super) fn on_state_request(
         &mut self,
         now: Instant,
@@ -1212,13 +1292,110 @@ impl Session {
             return;
         }
         self.last_attempt = m.request.attempt;
-        let frozen_timeout = self.cfg.timeouts.frozen;
+        let request = (from.clone(), req, m.clone());
+        if let Lifecycle::Settling(st) = &mut self.lifecycle {
+            // A newer attempt of the client (it gave up on the destination
+            // of the older one): answer this one instead.
+            let old = std::mem::replace(&mut st.request, request);
+            return self.control.push_back((
+                old.0,
+                ControlMessage::StateReject {
+                    req: old.1,
+                    reason: RejectReason::AuthFailed,
+                    text: "superseded attempt".into(),
+                },
+            ));
+        }
+        let unacked = self.down.start() < self.snd_nxt;
+        match self.lifecycle {
+            Lifecycle::Live(Link::Attached(inc)) | Lifecycle::Releasing(Link::Attached(inc))
+                if m.request.draining && unacked =>
+            {
+                let app = self.is_live();
+                let until = now + self.cfg.timeouts.settle;
+                self.lifecycle = Lifecycle::Settling(Settling {
+                    inc,
+                    until,
+                    since: now,
+                    request,
+                });
+                self.out.clear();
+                self.ack_at = None;
+                if app {
+                    self.events
+                        .push_back(ServerEvent::MigratedAway(self.handle));
+                }
+                self.deadline(until);
+            }
+            _ => self.freeze_for(now, request, now, "session migrated away"),
+        }
+    }
+
+    /// The settling session answers its state request now.
+    fn settle(&mut self, now: Instant, reason: &str) {
+        let Lifecycle::Settling(st) = &self.lifecycle else {
+            return;
+        };
+        let (request, since) = (st.request.clone(), st.since);
+        self.freeze_for(now, request, since, reason);
+    }
+
+    /// The settling session's request is superseded: its destination is
+    /// told so, and the session freezes without answering it.
+    fn reject_settling_request(&mut self) {
+        if let Lifecycle::Settling(st) = &self.lifecycle {
+            let (to, req) = (st.request.0.clone(), st.request.1);
+            self.control.push_back((
+                to,
+                ControlMessage::StateReject {
+                    req,
+                    reason: RejectReason::AuthFailed,
+                    text: "superseded attempt".into(),
+                },
+            ));
+        }
+    }
+
+    /// Freezes the session without answering a request (the client came
+    /// back while it was settling).
+    fn freeze(&mut self, now: Instant, reason: &str) {
+        let since = match &self.lifecycle {
+            Lifecycle::Settling(st) => st.since,
+            _ => now,
+        };
+        let cause = match &self.lifecycle {
+            Lifecycle::Settling(st) => st.request.2.request.cause,
+            _ => MigrationCause::Requested,
+        };
         let inc = self.incarnation();
-        let app = matches!(self.lifecycle, Lifecycle::Live(_));
+        self.lifecycle = Lifecycle::Frozen(Frozen {
+            deadline: now + self.cfg.timeouts.frozen,
+            since,
+            cause,
+            replied: Vec::new(),
+        });
+        self.deadline(now + self.cfg.timeouts.frozen);
+        self.close_detached(inc, reason);
+    }
+
+    /// Freezes the session (if it is not yet) and answers `request` with
+    /// its state cut for the client's position (MTCP 4.2.3 step 4).
+    /// The incarnation it was attached to is closed for `reason`.
+    fn freeze_for(
+        &mut self,
+        now: Instant,
+        request: (ServerId, u64, Migrate),
+        since: Instant,
+        reason: &str,
+    ) {
+        let (from, req, m) = request;
+        let frozen_timeout = self.cfg.timeouts.frozen;
+        let app = self.is_live();
+        let inc = self.incarnation();
         if !matches!(self.lifecycle, Lifecycle::Frozen(_)) {
             self.lifecycle = Lifecycle::Frozen(Frozen {
                 deadline: now + frozen_timeout,
-                since: now,
+                since,
                 cause: m.request.cause,
                 replied: Vec::new(),
             });
@@ -1246,17 +1423,25 @@ impl Session {
                 image,
             },
         ));
-        self.rx = BytesMut::new();
-        self.out.clear();
-        self.in_flight.clear();
+        self.to_endpoint
+            .push_back(EndpointEvent(EndpointEventKind::Replied { to: from, req }));
         if app {
             self.events
                 .push_back(ServerEvent::MigratedAway(self.handle));
         }
+        self.close_detached(inc, reason);
+    }
+
+    /// Closes `inc`, the connection a session just left (after pending
+    /// output), and drops what was read or framed for it.
+    fn close_detached(&mut self, inc: Option<IncarnationId>, reason: &str) {
+        self.rx = BytesMut::new();
+        self.out.clear();
+        self.in_flight.clear();
         if let Some(inc) = inc {
             self.events.push_back(ServerEvent::CloseIncarnation {
                 inc,
-                reason: "session migrated away".into(),
+                reason: reason.into(),
             });
         }
     }
@@ -1376,13 +1561,22 @@ impl Session {
     // ----- time ---------------------------------------------------------------
 
     /// The session's next deadline, if any: the frozen timeout, the
-    /// orphan timeout of a session without a client, or the wait for a
-    /// backup's acknowledgement.
+    /// orphan timeout of a session without a client, the end of a wait for
+    /// the client's acknowledgements before a state reply, or the wait for
+    /// a backup's acknowledgement.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.end_deadline()
             .into_iter()
+            .chain(self.settle_deadline())
             .chain(self.backup_deadline())
             .min()
+    }
+
+    fn settle_deadline(&self) -> Option<Instant> {
+        match &self.lifecycle {
+            Lifecycle::Settling(st) => Some(st.until),
+            _ => None,
+        }
     }
 
     fn end_deadline(&self) -> Option<Instant> {
@@ -1407,6 +1601,11 @@ impl Session {
         self.last_now = self.last_now.max(now);
         if self.armed.is_some_and(|a| a <= now) {
             self.armed = None;
+        }
+        if self.settle_deadline().is_some_and(|t| t <= now) {
+            // The client did not acknowledge everything in time: the reply
+            // carries what it lacks.
+            self.settle(now, "session migrated away");
         }
         if self.backup_deadline().is_some_and(|t| t <= now) {
             // The backup stalled: continue without crash tolerance (as

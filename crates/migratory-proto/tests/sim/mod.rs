@@ -137,6 +137,8 @@ pub struct World {
     /// Server-side incarnation -> client-side key.
     by_server: HashMap<(usize, IncarnationId), IncarnationId>,
     pub links: BTreeMap<(usize, usize), VecDeque<Bytes>>,
+    /// Control-plane bytes sent from one server to another, in total.
+    pub link_bytes: BTreeMap<(usize, usize), u64>,
     link_up: BTreeMap<(usize, usize), bool>,
     next_attacker: u64,
     pub finished: Vec<Finished>,
@@ -199,6 +201,7 @@ impl World {
             conns: BTreeMap::new(),
             by_server: HashMap::new(),
             links: BTreeMap::new(),
+            link_bytes: BTreeMap::new(),
             link_up: BTreeMap::new(),
             next_attacker: 1 << 40,
             finished: Vec::new(),
@@ -242,6 +245,7 @@ impl World {
         sc.timeouts = ServerTimeouts {
             handshake: Duration::from_secs(2),
             state_request: Duration::from_millis(400),
+            settle: Duration::from_millis(100),
             frozen: Duration::from_secs(30),
             orphan: Duration::from_secs(60),
             backup: Duration::from_secs(60),
@@ -516,6 +520,7 @@ impl World {
             self.server(from).handle_peer_up(now, &b);
             self.server(to).handle_peer_up(now, &a);
         }
+        *self.link_bytes.entry((from, to)).or_default() += bytes.len() as u64;
         self.links.entry((from, to)).or_default().push_back(bytes);
     }
 

@@ -177,9 +177,6 @@ pub(crate) fn settle(shared: &Arc<Shared>, mut st: MutexGuard<'_, CellState>) {
     let ww = if write { st.write_waker.take() } else { None };
     drop(st);
     rw.into_iter().chain(ww).for_each(Waker::wake);
-    for (peer, msg) in control {
-        shared.send_control(peer, &msg);
-    }
     if !endpoint.is_empty() || !close.is_empty() {
         let now = Instant::now();
         let mut ep = shared.lock();
@@ -194,6 +191,11 @@ pub(crate) fn settle(shared: &Arc<Shared>, mut st: MutexGuard<'_, CellState>) {
             }
         }
         shared.pump(&mut ep);
+    }
+    // After the endpoint learnt of a state reply among them, so that the
+    // StateAck coming back finds the session.
+    for (peer, msg) in control {
+        shared.send_control(peer, &msg);
     }
     if ended {
         shared.changed.notify_waiters();
@@ -362,6 +364,7 @@ async fn drive(
     }
     let mut input = BytesMut::new();
     let mut stop = shared.stop.subscribe();
+    let mut busy = false;
     let reason = loop {
         let (current, want_write, ack_at) = {
             let st = slot.lock();
@@ -383,6 +386,7 @@ async fn drive(
                 if let Err(e) = read_some(shared, stream, inc, slot, &mut input) {
                     break closed(shared, inc, slot, e);
                 }
+                busy = true;
             }
             r = stream.writable(), if want_write => {
                 if let Err(e) = r {
@@ -394,11 +398,18 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
+                busy = true;
             }
             _ = wake.notified() => {}
             // A delayed acknowledgement that no data carried.
             _ = sleep_until(ack_at), if ack_at.is_some() && !want_write => {}
             _ = stop.wait_for(|s| *s) => break "server stopped".into(),
+        }
+        if std::mem::take(&mut busy) {
+            // A busy connection always has input or room: let the other
+            // tasks on this worker run (a migration's handshake would wait
+            // behind full-speed streams otherwise).
+            tokio::task::yield_now().await;
         }
     };
     let out = {
