@@ -16,9 +16,10 @@ use clap::{Args, Subcommand};
 use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
 use migratory_repair::lock::{self, Direction, DEFAULT_TIMEOUT};
 use migratory_repair::process::{
-    abandon_all, checkpoint_process, image_lock, restore_all, After, CheckpointOptions, FailPoint,
-    Fault,
+    abandon_all, checkpoint_process, image_lock, restore_all, restore_when_ready, After,
+    CheckpointOptions, FailPoint, Fault,
 };
+use migratory_repair::steps::step;
 use migratory_repair::{is_tcp_listener, Connection, ImageFile, NetLock};
 
 /// `migratory sock` subcommands.
@@ -158,6 +159,13 @@ pub struct RestoreArgs {
     /// Lift no network lock (none was taken, or the caller lifts it).
     #[arg(long)]
     no_lock: bool,
+    /// Start before the checkpoint is done (or before the address has
+    /// moved here) and wait, at most this long, for the image to appear,
+    /// its addresses to be here and the checkpointed sockets to close:
+    /// the restore is then ready the moment the checkpoint ends. Remove
+    /// the previous image at this path first. Needs the network lock.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "no_lock")]
+    wait: Option<Duration>,
 }
 
 /// Options of `migratory sock inspect`.
@@ -230,6 +238,7 @@ pub fn run(cmd: SockCommand) -> Result<bool, String> {
 }
 
 fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
+    step("ck main");
     let after = if a.kill { After::Kill } else { After::Continue };
     let options = CheckpointOptions {
         lock: (!a.lock.no_lock).then_some(a.lock.lock_timeout),
@@ -241,6 +250,7 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
     };
     let image =
         checkpoint_process(a.pid, &a.fds, after, &a.output, &options).map_err(|e| e.to_string())?;
+    step("ck done");
     eprintln!(
         "{}: {} socket(s) from pid {}",
         a.output.display(),
@@ -251,7 +261,7 @@ fn checkpoint_cmd(a: CheckpointArgs) -> Result<bool, String> {
 }
 
 fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
-    let image = ImageFile::read_from(&a.image).map_err(|e| e.to_string())?;
+    step("rs main");
     // Where the sockets go is checked first: a restored socket that cannot
     // be handed on is abandoned (closed silently), and the image stays
     // good for another try.
@@ -269,12 +279,21 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
     if channel.is_none() && argv.is_empty() {
         return Err("--exec needs a command".into());
     }
-    let lock = if a.no_lock {
-        None
-    } else {
-        Some(image_lock(&image, DEFAULT_TIMEOUT).map_err(|e| e.to_string())?)
+    let (image, lock, sockets) = match a.wait {
+        Some(wait) => {
+            restore_when_ready(&a.image, wait, Some(DEFAULT_TIMEOUT)).map_err(|e| e.to_string())?
+        }
+        None => {
+            let image = ImageFile::read_from(&a.image).map_err(|e| e.to_string())?;
+            let lock = if a.no_lock {
+                None
+            } else {
+                Some(image_lock(&image, DEFAULT_TIMEOUT).map_err(|e| e.to_string())?)
+            };
+            let sockets = restore_all(&image, lock.as_ref()).map_err(|e| e.to_string())?;
+            (image, lock, sockets)
+        }
     };
-    let sockets = restore_all(&image, lock.as_ref()).map_err(|e| e.to_string())?;
     // The sockets are live and the packets flow; the lock's (empty) table
     // goes once the new owner has them.
     let release = || {
@@ -312,8 +331,10 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
         .map_err(|e| give_up(format!("dup: {e}")))?;
     let mut child =
         exec_with_fds(&mut cmd, copies).map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
+    step("rs spawned");
     drop(sockets);
     release();
+    step("rs released");
     let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
     Ok(status.success())
 }

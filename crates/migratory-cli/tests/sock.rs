@@ -95,12 +95,21 @@ impl Drop for Kill {
 /// Starts `migratory sock restore ...` and waits until its sockets are
 /// restored (it says so on stderr): only then may the peer send.
 fn restore_spawn(cmd: &mut Command) -> Kill {
-    use std::io::BufRead;
-    let mut child = cmd
-        .stdout(Stdio::null())
+    restore_ready(restore_start(cmd))
+}
+
+/// Starts `migratory sock restore ...` (see [`restore_ready`]).
+fn restore_start(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Waits until a restore started with [`restore_start`] has its sockets
+/// restored.
+fn restore_ready(mut child: Child) -> Kill {
+    use std::io::BufRead;
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     err.read_line(&mut line).unwrap();
@@ -584,14 +593,17 @@ fn ip(args: &[&str]) {
 struct Net {
     client: String,
     hosts: Vec<String>,
+    /// Each host's `eth0` hardware address.
+    macs: Vec<String>,
 }
 
 impl Net {
     fn new(tag: &str, hosts: usize) -> Net {
         let id = format!("{}{tag}", std::process::id());
-        let n = Net {
+        let mut n = Net {
             client: format!("mscl{id}"),
             hosts: (0..hosts).map(|i| format!("msh{i}{id}")).collect(),
+            macs: Vec::new(),
         };
         for ns in std::iter::once(&n.client).chain(&n.hosts) {
             ip(&["netns", "add", ns]);
@@ -612,19 +624,49 @@ impl Net {
             let addr = format!("10.79.0.{}/24", i + 2);
             ip(&["-n", host, "addr", "add", &addr, "dev", "eth0"]);
         }
+        n.macs = n
+            .hosts
+            .iter()
+            .map(|host| {
+                let out = Command::new("ip")
+                    .args(["-n", host, "-br", "link", "show", "eth0"])
+                    .output()
+                    .expect("run ip");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.split_whitespace()
+                    .nth(2)
+                    .expect("eth0's hardware address")
+                    .to_string()
+            })
+            .collect();
         n.move_address(None, 0);
         n
     }
 
-    /// Moves the service address to host `to` (from host `from`), and
-    /// refreshes the client's neighbour entry (a gratuitous ARP would).
+    /// Moves the service address to host `to` (from host `from`). The
+    /// client's neighbour entry for it points to the new host before the
+    /// address is there (what a gratuitous ARP does, done first): a restore
+    /// waiting for the address goes live the moment it arrives, and its
+    /// peer's answers must not go to the old host.
     fn move_address(&self, from: Option<usize>, to: usize) {
         let a = format!("{SERVICE}/24");
         if let Some(from) = from {
             ip(&["-n", &self.hosts[from], "addr", "del", &a, "dev", "eth0"]);
         }
+        ip(&[
+            "-n",
+            &self.client,
+            "neigh",
+            "replace",
+            SERVICE,
+            "lladdr",
+            &self.macs[to],
+            "dev",
+            "br0",
+            "nud",
+            "reachable",
+        ]);
         ip(&["-n", &self.hosts[to], "addr", "add", &a, "dev", "eth0"]);
-        ip(&["-n", &self.client, "neigh", "flush", "dev", "br0"]);
     }
 
     /// `cmd` run inside namespace `ns`.
@@ -879,9 +921,18 @@ fn restored_server(restore: &Kill) -> u32 {
     pid.unwrap()
 }
 
+/// Whether the restore starts only after the checkpoint (and the address
+/// move) are done, instead of ahead of them with `--wait` (set
+/// `MIGRATORY_TEST_RESTORE_AFTER=1`: the stall the two ways compare).
+fn restore_after() -> bool {
+    std::env::var_os("MIGRATORY_TEST_RESTORE_AFTER").is_some_and(|v| v == "1")
+}
+
 /// Checkpoints the server `pid` in `from` (killing it) and restores it in
-/// `to` under a new socat; the address moves when the hosts differ.
-/// Returns the new restore process, and how long the address move took.
+/// `to` under a new socat; the address moves when the hosts differ. The
+/// restore is started first and waits for the image (`--wait`), unless
+/// [`restore_after`]. Returns the new restore process, and how long the
+/// address move took.
 fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Duration) {
     let imgs = img.to_str().unwrap();
     let (a, b) = (&net.hosts[from], &net.hosts[to]);
@@ -892,6 +943,15 @@ fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Du
         let conn = format!("{SERVICE}:{PORT},{}", peer_addr(net, a));
         ok(&sock_in(net, b, &["lock", "--connection", &conn]));
     }
+    let restore = |wait: bool| {
+        let mut argv = vec![BIN, "sock", "restore", imgs];
+        if wait {
+            argv.extend(["--wait", "10s"]);
+        }
+        argv.extend(["--exec", "socat", "-b", "4096", "FD:3", "PIPE"]);
+        restore_start(&mut net.exec(b, &argv))
+    };
+    let early = (!restore_after()).then(|| restore(true));
     let out = sock_in(
         net,
         a,
@@ -911,12 +971,7 @@ fn migrate(net: &Net, pid: u32, from: usize, to: usize, img: &Path) -> (Kill, Du
         net.move_address(Some(from), to);
         moved = t.elapsed();
     }
-    let restore = restore_spawn(&mut net.exec(
-        b,
-        &[
-            BIN, "sock", "restore", imgs, "--exec", "socat", "-b", "4096", "FD:3", "PIPE",
-        ],
-    ));
+    let restore = restore_ready(early.unwrap_or_else(|| restore(false)));
     if from != to {
         // The old host's lock is of no use any more.
         ok(&sock_in(net, a, &["unlock", imgs]));
@@ -977,12 +1032,15 @@ fn moves(tag: &str, hosts: usize) {
     } else {
         "cross host"
     };
+    let stall = stalls(&arrivals, &starts, Duration::from_secs(2));
+    let each: Vec<String> = stall
+        .iter()
+        .map(|d| format!("{:.1}", d.as_secs_f64() * 1e3))
+        .collect();
+    eprintln!("{label}: each move's stall (ms): {}", each.join(" "));
     eprintln!(
         "{}",
-        summary(
-            &format!("{label}: peer-observed stall"),
-            stalls(&arrivals, &starts, Duration::from_secs(2))
-        )
+        summary(&format!("{label}: peer-observed stall"), stall)
     );
     if hosts > 1 {
         eprintln!("{}", summary("address move (ip commands)", address_moves));

@@ -955,6 +955,18 @@ impl Stopped {
         }
     }
 
+    /// Kills the process (`SIGKILL`) and returns without waiting for it to
+    /// die: it never runs again (`SIGKILL` cannot be caught, and wakes a
+    /// stopped process only to end it), and the caller need not wait for
+    /// its exit (its descriptors close a moment later).
+    pub fn kill_no_wait(mut self) -> Result<(), HandoffError> {
+        self.armed = false;
+        match signal(&self.pidfd, self.pid, Signal::KILL, "kill") {
+            Err(HandoffError::ProcessGone { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
     /// Ends the guard and leaves the process stopped, deliberately: someone
     /// must send it `SIGCONT` or `SIGKILL` later. Returns its pid.
     pub fn leave_stopped(mut self) -> i32 {

@@ -15,6 +15,7 @@ pub mod lock;
 mod nfnl;
 pub mod process;
 mod repair;
+pub mod steps;
 mod sys;
 
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};

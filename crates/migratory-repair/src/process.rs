@@ -28,6 +28,11 @@
 //!
 //! A failed restore closes what it restored silently and keeps the lock:
 //! the image still holds the connections, and can be restored again.
+//!
+//! A restore can start before the checkpoint ends ([`restore_when_ready`]):
+//! it waits for the image to appear and for the checkpointed sockets to
+//! close (or the address to arrive), so that no process start lies between
+//! the checkpoint and the restore.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
@@ -41,8 +46,9 @@ use crate::image::{ImageError, ImageFile};
 use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
 use crate::repair::{
     abandon, bytes_received, checkpoint, connection, prepare, reserve_send_buffer, resume,
-    smoothed_rtt, unchanged, unread, writable, RepairError,
+    smoothed_rtt, unchanged, unread, writable, Prepared, RepairError,
 };
+use crate::steps::step;
 
 /// Times a killed process's sockets are checked again (and re-read) before
 /// they close.
@@ -225,6 +231,10 @@ pub enum ProcessError {
     /// killed: the peers' packets must be held back.
     #[error("the peers keep sending: hold their packets back while checkpointing")]
     PeersKeepSending,
+    /// A restore waiting for its image found it gone or changed each time
+    /// it had its sockets ready, until its time was up.
+    #[error("{0}: the image kept changing (or was removed) while the restore waited")]
+    ImageChanged(String),
     /// Restoring one of the image's sockets failed.
     #[error("socket {index} ({connection}): {source}")]
     Restore {
@@ -287,14 +297,22 @@ pub fn checkpoint_process(
     // The table first (tens of milliseconds: its chains are hooked in),
     // while nothing is dropped yet; then each direction is one quick set
     // update.
+    step("ck start");
     lock.take(&[])?;
+    step("ck table");
     let locked = (|| {
         lock.block(Direction::Outbound)?;
+        step("ck out");
         wait_peers_quiet(&taken);
+        step("ck quiet");
         lock.block(Direction::Inbound)?;
+        step("ck in");
         options.inject(FailPoint::Locked)?;
         wait_settled(pid, &taken);
-        handoff::stop(pid).map_err(process)
+        step("ck settled");
+        let stopped = handoff::stop(pid).map_err(process)?;
+        step("ck stopped");
+        Ok(stopped)
     })();
     let stopped = match locked {
         Ok(stopped) => stopped,
@@ -424,27 +442,36 @@ fn finish_checkpoint(
             image.sockets.push(s);
         }
         fail(FailPoint::Checkpointed)?;
-        // The lock is checked (an `nft` run) while the image is written.
+        step("ck checkpointed");
+        // The lock is checked (a netlink request) while the image is
+        // written.
         std::thread::scope(|scope| {
             let check = lock.map(|l| scope.spawn(|| l.check(Direction::Inbound)));
             image.write_to(output)?;
+            step("ck written");
             written = true;
             fail(FailPoint::Written)?;
             if ImageFile::read_from(output)? != image {
                 return Err(ProcessError::Verify(output.display().to_string()));
             }
             fail(FailPoint::Verified)?;
+            step("ck verified");
             if let Some(check) = check {
                 check.join().map_err(|_| LockError::NotHeld)??;
             }
+            step("ck checked");
             fail(FailPoint::LockChecked)
         })
     })();
     let frozen = || taken.iter().zip(&image.sockets);
     if let Err(e) = result {
-        // Undo in order: packets flow again, the sockets leave repair mode
-        // (the kernel's window probe then finds where the peer is), the
-        // process continues, the lock's table and the image go.
+        // Undo in order: the image goes (a restore started early must not
+        // find it), packets flow again, the sockets leave repair mode (the
+        // kernel's window probe then finds where the peer is), the process
+        // continues, the lock's table goes.
+        if written {
+            let _ = std::fs::remove_file(output);
+        }
         if let Some(lock) = lock {
             let _ = lock.unblock(&[Direction::Inbound, Direction::Outbound]);
         }
@@ -455,9 +482,6 @@ fn finish_checkpoint(
         drop(stopped);
         if let Some(lock) = lock {
             let _ = lock.release();
-        }
-        if written {
-            let _ = std::fs::remove_file(output);
         }
         return Err(e);
     }
@@ -484,7 +508,11 @@ fn finish_checkpoint(
             first_error.map_or(Ok(image), Err)
         }
         After::Kill => {
-            stopped.kill().map_err(process)?;
+            // Not waiting for it to die (a millisecond or more): its
+            // sockets are frozen and ours until this process lets go of
+            // them; a restore waits for them to close (CLOSE_GRACE).
+            stopped.kill_no_wait().map_err(process)?;
+            step("ck killed");
             for _ in 0..RECHECKS {
                 let mut changed = false;
                 for ((fd, sock), img) in taken.iter().zip(image.sockets.iter_mut()) {
@@ -521,20 +549,86 @@ pub fn restore_all(
     image: &ImageFile,
     lock: Option<&NetLock>,
 ) -> Result<Vec<OwnedFd>, ProcessError> {
-    let failed = |index: usize, source: RepairError| {
-        let s = &image.sockets[index];
-        ProcessError::Restore {
-            index,
-            connection: format!("{} -> {}", s.local, s.peer),
-            source: Box::new(source),
+    step("rs start");
+    let prepared = prepare_all(image, None)?;
+    go_live_all(image, prepared, lock)
+}
+
+/// [`restore_all`] of the image at `path` by a restore started early: before
+/// the checkpoint that writes the image is done, or before the image's
+/// addresses have moved to this host. Waits, at most `wait` in all, for the
+/// image to appear, for each connection's local address to be here and for
+/// the checkpointed sockets to be gone from this host; then reads the image
+/// again and starts over if it is no longer there or differs (a checkpoint
+/// that failed removes its image). Returns the image restored, its lock on
+/// this host (lifted; `lock_timeout` `None`: no lock) and the sockets.
+///
+/// Only for checkpoints under a network lock: without one, a checkpoint may
+/// rewrite its image after the process is killed (what the peers sent
+/// meanwhile), after a restore on another host has read it.
+pub fn restore_when_ready(
+    path: &Path,
+    wait: Duration,
+    lock_timeout: Option<Duration>,
+) -> Result<(ImageFile, Option<NetLock>, Vec<OwnedFd>), ProcessError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let image = ImageFile::wait_read(path, left)?;
+        step("rs image");
+        let prepared = prepare_all(&image, Some(deadline))?;
+        // The checkpointed sockets are gone (on this host): the image is the
+        // last its checkpoint wrote, unless that checkpoint failed.
+        match ImageFile::read_from(path) {
+            Ok(again) if again == image => {
+                let lock = lock_timeout.map(|t| image_lock(&image, t)).transpose()?;
+                let sockets = go_live_all(&image, prepared, lock.as_ref())?;
+                return Ok((image, lock, sockets));
+            }
+            // Dropped in repair mode: closed silently.
+            _ => drop(prepared),
         }
-    };
+        if Instant::now() >= deadline {
+            return Err(ProcessError::ImageChanged(path.display().to_string()));
+        }
+    }
+}
+
+/// Every socket of `image` rebuilt in repair mode. With a `deadline`, a
+/// socket whose local address is not on this host yet, or whose connection
+/// still has a socket here, is tried again until then.
+fn prepare_all(
+    image: &ImageFile,
+    deadline: Option<Instant>,
+) -> Result<Vec<Prepared<'_>>, ProcessError> {
     let mut prepared = Vec::with_capacity(image.sockets.len());
     for (index, s) in image.sockets.iter().enumerate() {
-        prepared.push(prepare(s).map_err(|e| failed(index, e))?);
+        let p = loop {
+            match prepare(s) {
+                Err(RepairError::AddressNotLocal(_) | RepairError::ConnectionExists(..))
+                    if deadline.is_some_and(|d| Instant::now() < d) =>
+                {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                other => break other,
+            }
+        };
+        prepared.push(p.map_err(|e| restore_failed(image, index, e))?);
     }
+    Ok(prepared)
+}
+
+/// Lifts `lock` and takes the `prepared` sockets of `image` live (see
+/// [`restore_all`]).
+fn go_live_all(
+    image: &ImageFile,
+    prepared: Vec<Prepared<'_>>,
+    lock: Option<&NetLock>,
+) -> Result<Vec<OwnedFd>, ProcessError> {
     if let Some(lock) = lock {
+        step("rs prepared");
         lock.unblock(&[Direction::Inbound, Direction::Outbound])?;
+        step("rs unblocked");
     }
     let mut sockets = Vec::with_capacity(prepared.len());
     for (index, p) in prepared.into_iter().enumerate() {
@@ -542,11 +636,21 @@ pub fn restore_all(
             Ok(stream) => sockets.push(OwnedFd::from(stream)),
             Err(source) => {
                 abandon_all(&sockets);
-                return Err(failed(index, source));
+                return Err(restore_failed(image, index, source));
             }
         }
     }
+    step("rs live");
     Ok(sockets)
+}
+
+fn restore_failed(image: &ImageFile, index: usize, source: RepairError) -> ProcessError {
+    let s = &image.sockets[index];
+    ProcessError::Restore {
+        index,
+        connection: format!("{} -> {}", s.local, s.peer),
+        source: Box::new(source),
+    }
 }
 
 /// The network lock of an image's connections (the same on every host).
