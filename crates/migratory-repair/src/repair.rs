@@ -33,6 +33,8 @@ const TCP_REPAIR_ON: libc::c_int = 1;
 const TCP_REPAIR_OFF: libc::c_int = 0;
 const TCP_RECV_QUEUE: libc::c_int = 1;
 const TCP_SEND_QUEUE: libc::c_int = 2;
+/// `TCP_LISTEN` of `tcpi_state`.
+const TCP_LISTEN: u8 = 10;
 const TCPOPT_MSS: u32 = 2;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
@@ -258,15 +260,18 @@ fn tcp_info(fd: BorrowedFd<'_>) -> Result<libc::tcp_info, RepairError> {
     if ty != Type::STREAM || proto != libc::IPPROTO_TCP {
         return Err(RepairError::NotTcp);
     }
-    if get_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, "SO_ACCEPTCONN")? != 0 {
-        return Err(RepairError::Listening);
-    }
     let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
         .map_err(sys("TCP_INFO"))?;
+    // (What SO_ACCEPTCONN says, without asking again.)
+    if info.tcpi_state == TCP_LISTEN {
+        return Err(RepairError::Listening);
+    }
     Ok(info)
 }
 
-fn options_of(sock: &SockRef<'_>) -> Result<SocketOptions, RepairError> {
+/// The socket options of `sock`; `reuseaddr` as read before repair mode
+/// (which reports it set).
+fn options_of(sock: &SockRef<'_>, reuseaddr: bool) -> Result<SocketOptions, RepairError> {
     let secs = |d: io::Result<Duration>, op| d.map(|d| d.as_secs() as u32).map_err(sys(op));
     Ok(SocketOptions {
         nodelay: sock.tcp_nodelay().map_err(sys("TCP_NODELAY"))?,
@@ -274,7 +279,7 @@ fn options_of(sock: &SockRef<'_>) -> Result<SocketOptions, RepairError> {
         keepidle: secs(sock.tcp_keepalive_time(), "TCP_KEEPIDLE")?,
         keepintvl: secs(sock.tcp_keepalive_interval(), "TCP_KEEPINTVL")?,
         keepcnt: sock.tcp_keepalive_retries().map_err(sys("TCP_KEEPCNT"))?,
-        reuseaddr: sock.reuse_address().map_err(sys("SO_REUSEADDR"))?,
+        reuseaddr,
         sndbuf: sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? as u32,
         rcvbuf: sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))? as u32,
     })
@@ -295,10 +300,12 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
     let info = tcp_info(fd)?;
     let state = TcpState::from_linux(info.tcpi_state)
         .ok_or(RepairError::UnsupportedState(state_name(info.tcpi_state)))?;
-    let reuseaddr = SockRef::from(&fd).reuse_address().unwrap_or(false);
+    let reuseaddr = SockRef::from(&fd)
+        .reuse_address()
+        .map_err(sys("SO_REUSEADDR"))?;
     let was_repairing = get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
     set_repair(fd, TCP_REPAIR_ON)?;
-    let image = read_image(fd, state, &info);
+    let image = read_image(fd, state, &info, reuseaddr);
     if image.is_err() && !was_repairing {
         let _ = set_repair(fd, TCP_REPAIR_OFF);
         let _ = SockRef::from(&fd).set_reuse_address(reuseaddr);
@@ -338,10 +345,29 @@ fn queue_marks(fd: BorrowedFd<'_>) -> Result<[u64; 6], RepairError> {
     ])
 }
 
+/// What a connection's queues are, as far as one `TCP_INFO` read tells:
+/// the state (a FIN), the bytes received (`rcv_nxt`) and acknowledged
+/// (`snd_una`), those not yet sent (`write_seq - snd_nxt`), and the peer's
+/// window. With the receive queue's length (`copied_seq`) and the send
+/// queue's end (`write_seq`), it pins both queues: [`read_image`] compares
+/// them before and after it reads the queues.
+fn movement(fd: BorrowedFd<'_>) -> Result<[u64; 5], RepairError> {
+    let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+        .map_err(sys("TCP_INFO"))?;
+    Ok([
+        u64::from(info.tcpi_state),
+        info.tcpi_bytes_received,
+        info.tcpi_bytes_acked,
+        u64::from(info.tcpi_notsent_bytes),
+        u64::from(info.tcpi_snd_wnd),
+    ])
+}
+
 fn read_image(
     fd: BorrowedFd<'_>,
     state: TcpState,
     info: &libc::tcp_info,
+    reuseaddr: bool,
 ) -> Result<SocketImage, RepairError> {
     let sock = SockRef::from(&fd);
     let addr =
@@ -350,7 +376,7 @@ fn read_image(
     let peer = addr(sock.peer_addr(), "getpeername")?;
     // A set SO_PEEK_OFF would move our peeks off the queue heads.
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
-    let marks = queue_marks(fd)?;
+    let marks = movement(fd)?;
     if marks[0] != u64::from(info.tcpi_state) {
         return Err(RepairError::QueueChanged("state"));
     }
@@ -378,8 +404,12 @@ fn read_image(
         (b & 0x0f, b >> 4)
     });
     let window = get_window(fd)?;
-    // Nothing may have moved while we read (data, the peer's FIN, an ACK).
-    if queue_marks(fd)? != marks {
+    // Nothing may have moved while we read (data, the peer's FIN, an ACK,
+    // a read or write by the owner).
+    if movement(fd)? != marks
+        || queue_len(fd, SIOCINQ, "SIOCINQ")? != inq
+        || queue_seq(fd, TCP_SEND_QUEUE)? != snd_seq
+    {
         return Err(RepairError::QueueChanged("send or receive"));
     }
     let split = outq - unsent;
@@ -397,7 +427,7 @@ fn read_image(
         sack: info.tcpi_options & TCPI_OPT_SACK != 0,
         timestamp,
         window,
-        options: options_of(&sock)?,
+        options: options_of(&sock, reuseaddr)?,
     })
 }
 
@@ -901,4 +931,47 @@ fn fill_queue(fd: BorrowedFd<'_>, mut data: &[u8], op: &'static str) -> Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    fn wait_until(mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// What the checkpoint's before-and-after comparison reads moves with
+    /// data in, acknowledgements of data out, and data not yet sent.
+    #[test]
+    fn movement_sees_data_acks_and_unsent_bytes() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut ours, _) = l.accept().unwrap();
+        let fd = ours.as_fd();
+        let m0 = movement(fd).unwrap();
+        assert_eq!(m0[0], 1, "ESTABLISHED");
+        assert_eq!(movement(fd).unwrap(), m0, "nothing happened");
+        peer.write_all(b"in").unwrap();
+        wait_until(|| movement(ours.as_fd()).unwrap()[1] == m0[1] + 2);
+        let m1 = movement(ours.as_fd()).unwrap();
+        ours.write_all(b"out").unwrap();
+        wait_until(|| movement(ours.as_fd()).unwrap()[2] == m1[2] + 3);
+        let mut buf = [0u8; 3];
+        peer.read_exact(&mut buf).unwrap();
+        // Data queued but not sent: more than the peer, who reads
+        // nothing, has room for.
+        let m2 = movement(ours.as_fd()).unwrap();
+        assert_eq!(m2[3], 0, "{m2:?}");
+        ours.set_nonblocking(true).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while ours.write(&chunk).is_ok() {}
+        wait_until(|| movement(ours.as_fd()).unwrap()[3] > 0);
+    }
 }
