@@ -248,20 +248,24 @@ pub fn is_tcp_listener(socket: &impl AsFd) -> bool {
 
 /// Checks that `fd` is a connected TCP socket and returns its `TCP_INFO`.
 fn tcp_info(fd: BorrowedFd<'_>) -> Result<libc::tcp_info, RepairError> {
-    let sock = SockRef::from(&fd);
-    let ty = sock.r#type().map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOTSOCK) => RepairError::NotTcp,
-        _ => RepairError::Sys {
-            op: "SO_TYPE",
-            source: e,
-        },
-    })?;
-    let proto = get_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL, "SO_PROTOCOL")?;
-    if ty != Type::STREAM || proto != libc::IPPROTO_TCP {
+    // SO_PROTOCOL says TCP only for TCP sockets and raw sockets of
+    // IPPROTO_TCP, which have no TCP_INFO.
+    let proto = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTSOCK) => RepairError::NotTcp,
+            _ => sys("SO_PROTOCOL")(e),
+        })?
+        .0;
+    if proto != libc::IPPROTO_TCP {
         return Err(RepairError::NotTcp);
     }
-    let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
-        .map_err(sys("TCP_INFO"))?;
+    let (info, _) =
+        getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO).map_err(|e| match e
+            .raw_os_error()
+        {
+            Some(libc::ENOPROTOOPT | libc::EOPNOTSUPP) => RepairError::NotTcp,
+            _ => sys("TCP_INFO")(e),
+        })?;
     // (What SO_ACCEPTCONN says, without asking again.)
     if info.tcpi_state == TCP_LISTEN {
         return Err(RepairError::Listening);
@@ -391,8 +395,9 @@ fn read_image(
         unsent = unsent.saturating_sub(1);
     }
     let unsent = unsent.min(outq);
-    let (snd_seq, send_q) = read_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
+    // The send queue last: it stays selected for the check below.
     let (rcv_seq, received) = read_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
+    let (snd_seq, send_q) = read_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
     let mss = get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
     let timestamp = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
         Some(get_int(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32)
@@ -408,7 +413,7 @@ fn read_image(
     // a read or write by the owner).
     if movement(fd)? != marks
         || queue_len(fd, SIOCINQ, "SIOCINQ")? != inq
-        || queue_seq(fd, TCP_SEND_QUEUE)? != snd_seq
+        || get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32 != snd_seq
     {
         return Err(RepairError::QueueChanged("send or receive"));
     }
@@ -945,6 +950,22 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "timed out");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn only_connected_tcp_sockets_are_taken() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(tcp_info(l.as_fd()), Err(RepairError::Listening)));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(tcp_info(udp.as_fd()), Err(RepairError::NotTcp)));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(tcp_info(file.as_fd()), Err(RepairError::NotTcp)));
+        // A raw socket of IPPROTO_TCP says TCP too (needs CAP_NET_RAW).
+        if let Ok(raw) = Socket::new(Domain::IPV4, Type::RAW, Some(socket2::Protocol::TCP)) {
+            assert!(matches!(tcp_info(raw.as_fd()), Err(RepairError::NotTcp)));
+        }
+        let peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(tcp_info(peer.as_fd()).is_ok());
     }
 
     /// What the checkpoint's before-and-after comparison reads moves with
