@@ -163,7 +163,8 @@ pub struct RestoreArgs {
     /// moved here) and wait, at most this long, for the image to appear,
     /// its addresses to be here and the checkpointed sockets to close:
     /// the restore is then ready the moment the checkpoint ends. Remove
-    /// the previous image at this path first. Needs the network lock.
+    /// the previous image at this path first, and move the address here
+    /// only once the checkpoint has succeeded. Needs the network lock.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "no_lock")]
     wait: Option<Duration>,
 }

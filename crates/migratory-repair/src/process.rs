@@ -565,7 +565,9 @@ pub fn restore_all(
 ///
 /// Only for checkpoints under a network lock: without one, a checkpoint may
 /// rewrite its image after the process is killed (what the peers sent
-/// meanwhile), after a restore on another host has read it.
+/// meanwhile), after a restore on another host has read it. Across hosts,
+/// the address must move here only once the checkpoint has succeeded (on
+/// one host, the checkpointed sockets close only then).
 pub fn restore_when_ready(
     path: &Path,
     wait: Duration,
