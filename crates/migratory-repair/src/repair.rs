@@ -352,9 +352,9 @@ fn queue_marks(fd: BorrowedFd<'_>) -> Result<[u64; 6], RepairError> {
 /// What a connection's queues are, as far as one `TCP_INFO` read tells:
 /// the state (a FIN), the bytes received (`rcv_nxt`) and acknowledged
 /// (`snd_una`), those not yet sent (`write_seq - snd_nxt`), and the peer's
-/// window. With the receive queue's length (`copied_seq`) and the send
-/// queue's end (`write_seq`), it pins both queues: [`read_image`] compares
-/// them before and after it reads the queues.
+/// window. With the lengths of the receive queue (`rcv_nxt - copied_seq`)
+/// and of the send queue (`write_seq - snd_una`), it pins both queues:
+/// [`read_image`] compares them before and after it reads the queues.
 fn movement(fd: BorrowedFd<'_>) -> Result<[u64; 5], RepairError> {
     let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
         .map_err(sys("TCP_INFO"))?;
@@ -385,7 +385,8 @@ fn read_image(
         return Err(RepairError::QueueChanged("state"));
     }
     let fin_states = fin_out(state);
-    let mut outq = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
+    let outq_marked = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
+    let mut outq = outq_marked;
     let mut unsent = queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
     let inq = queue_len(fd, SIOCINQ, "SIOCINQ")?;
     if fin_states {
@@ -395,9 +396,11 @@ fn read_image(
         unsent = unsent.saturating_sub(1);
     }
     let unsent = unsent.min(outq);
-    // The send queue last: it stays selected for the check below.
-    let (rcv_seq, received) = read_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
+    // The receive queue last, and left selected: with the send queue
+    // selected, a transmission in repair mode (a timer's) would count data
+    // as sent without sending it.
     let (snd_seq, send_q) = read_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
+    let (rcv_seq, received) = read_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
     let mss = get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
     let timestamp = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
         Some(get_int(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32)
@@ -410,10 +413,11 @@ fn read_image(
     });
     let window = get_window(fd)?;
     // Nothing may have moved while we read (data, the peer's FIN, an ACK,
-    // a read or write by the owner).
+    // a read or write by the owner): with `snd_una` (bytes acknowledged)
+    // pinned, SIOCOUTQ pins the send queue's end.
     if movement(fd)? != marks
         || queue_len(fd, SIOCINQ, "SIOCINQ")? != inq
-        || get_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ")? as u32 != snd_seq
+        || queue_len(fd, SIOCOUTQ, "SIOCOUTQ")? != outq_marked
     {
         return Err(RepairError::QueueChanged("send or receive"));
     }
