@@ -802,7 +802,10 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         let rss1 = proc_status(spid, "VmRSS:")?;
         let t0 = cpu_ticks(spid)?;
         let wall = Instant::now();
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        // Over a whole ping interval (and the kernel's keepalive probes):
+        // every idle session pings once in it.
+        let ping = migratory::proto::config::ClientTimeouts::default().ping_interval;
+        tokio::time::sleep(ping + Duration::from_secs(5)).await;
         let ticks = cpu_ticks(spid)? - t0;
         let hz = 100.0; // USER_HZ on Linux
         let cpu = ticks as f64 / hz / wall.elapsed().as_secs_f64() * 100.0;

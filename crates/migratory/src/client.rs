@@ -296,6 +296,7 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
             st.initial_reached = Some(addr);
         }
         let _ = stream.set_nodelay(true);
+        conn::keepalive(&stream);
         let stream = Arc::new(stream);
         let wake = Arc::new(Notify::new());
         let mut c = Conn {

@@ -176,6 +176,26 @@ async fn write_segments(wr: &mut OwnedWriteHalf, segs: &[Bytes]) -> io::Result<(
 /// holds): `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at EOF, `Ok(None)`
 /// when nothing is there (an empty buffer is then given back, so an idle
 /// connection holds none).
+/// TCP keepalive on a session's connection: the kernel probes a peer that
+/// has been silent for `KEEPALIVE_IDLE` and reports the connection dead
+/// after `KEEPALIVE_PROBES` unanswered probes, `KEEPALIVE_INTERVAL` apart
+/// (about 20 s in all). This finds a dead host or a cut network without
+/// waking either process while the session is idle, so an idle session
+/// needs only rare application-level Pings (which also catch a server
+/// process that hangs).
+pub(crate) fn keepalive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    // Best effort: without it, Pings still find a silent server.
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_PROBES: u32 = 5;
+
 pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);

@@ -261,6 +261,7 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
         return;
     }
     let _ = stream.set_nodelay(true);
+    crate::conn::keepalive(&stream);
     let wake = Arc::new(Notify::new());
     let inc = {
         let mut st = shared.lock();
