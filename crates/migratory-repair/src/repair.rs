@@ -93,7 +93,7 @@ pub enum RepairError {
     AddressInUse(SocketAddr),
     /// A queue changed while it was read: the owner or its traffic was not
     /// stopped.
-    #[error("the {0} queue changed while it was read (stop the owner and its traffic)")]
+    #[error("the {0} changed while it was read (stop the owner and its traffic)")]
     QueueChanged(&'static str),
     /// The image cannot be restored as it is.
     #[error("invalid image: {0}")]
@@ -399,8 +399,8 @@ fn read_image(
     // The receive queue last, and left selected: with the send queue
     // selected, a transmission in repair mode (a timer's) would count data
     // as sent without sending it.
-    let (snd_seq, send_q) = read_queue(fd, TCP_SEND_QUEUE, outq, "send")?;
-    let (rcv_seq, received) = read_queue(fd, TCP_RECV_QUEUE, inq, "receive")?;
+    let (snd_seq, send_q) = read_queue(fd, TCP_SEND_QUEUE, outq, "send queue")?;
+    let (rcv_seq, received) = read_queue(fd, TCP_RECV_QUEUE, inq, "receive queue")?;
     let mss = get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, "TCP_MAXSEG")? as u32;
     let timestamp = if info.tcpi_options & TCPI_OPT_TIMESTAMPS != 0 {
         Some(get_int(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, "TCP_TIMESTAMP")? as u32)
@@ -415,11 +415,16 @@ fn read_image(
     // Nothing may have moved while we read (data, the peer's FIN, an ACK,
     // a read or write by the owner): with `snd_una` (bytes acknowledged)
     // pinned, SIOCOUTQ pins the send queue's end.
-    if movement(fd)? != marks
-        || queue_len(fd, SIOCINQ, "SIOCINQ")? != inq
-        || queue_len(fd, SIOCOUTQ, "SIOCOUTQ")? != outq_marked
-    {
-        return Err(RepairError::QueueChanged("send or receive"));
+    let now = movement(fd)?;
+    let rcv_moved = now[1] != marks[1] || queue_len(fd, SIOCINQ, "SIOCINQ")? != inq;
+    let snd_moved = now[2..4] != marks[2..4] || queue_len(fd, SIOCOUTQ, "SIOCOUTQ")? != outq_marked;
+    match (now[0] != marks[0], rcv_moved, snd_moved, now[4] != marks[4]) {
+        (true, ..) => return Err(RepairError::QueueChanged("state")),
+        (_, true, true, _) => return Err(RepairError::QueueChanged("send and receive queues")),
+        (_, true, _, _) => return Err(RepairError::QueueChanged("receive queue")),
+        (_, _, true, _) => return Err(RepairError::QueueChanged("send queue")),
+        (.., true) => return Err(RepairError::QueueChanged("peer's window")),
+        _ => {}
     }
     let split = outq - unsent;
     Ok(SocketImage {
