@@ -3,10 +3,14 @@
 //! unmodified program (curl, nc, a browser) talks to a service whose server
 //! end moves — as MTCP changed the client's stack, not its application.
 
+use std::io;
 use std::net::SocketAddr;
 
+use bytes::BytesMut;
 use clap::Args;
 use migratory::MigratoryStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -65,11 +69,12 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
 }
 
 /// Carries one local connection over one migratory session, both ways,
-/// half-closes included. The only buffering is the session's own plus one
-/// copy buffer per direction.
-pub(crate) async fn relay(mut conn: TcpStream, peer: SocketAddr, service: Vec<SocketAddr>) {
+/// half-closes included. Each direction holds a copy buffer only while
+/// bytes flow (an idle relay holds none), and copies up to `RELAY_BUF` at
+/// a time.
+pub(crate) async fn relay(conn: TcpStream, peer: SocketAddr, service: Vec<SocketAddr>) {
     let _ = conn.set_nodelay(true);
-    let mut session = match MigratoryStream::connect(&service).await {
+    let session = match MigratoryStream::connect(&service).await {
         Ok(s) => s,
         Err(e) => {
             // Closing the local connection is all a plain client can be told.
@@ -79,8 +84,59 @@ pub(crate) async fn relay(mut conn: TcpStream, peer: SocketAddr, service: Vec<So
     };
     let id = session.session();
     info!(%peer, session = ?id, server = ?session.server(), "session opened");
-    match tokio::io::copy_bidirectional(&mut conn, &mut session).await {
+    let (from_local, to_local) = conn.into_split();
+    match tokio::try_join!(up(from_local, &session), down(&session, to_local)) {
         Ok((up, down)) => info!(%peer, session = ?id, up, down, "session closed"),
         Err(e) => debug!(%peer, session = ?id, error = %e, "session ended with an error"),
+    }
+}
+
+/// Most bytes a relay copies at a time in each direction.
+const RELAY_BUF: usize = 64 * 1024;
+
+/// Local connection to session, until the local side closes its writing.
+async fn up(from: OwnedReadHalf, mut to: &MigratoryStream) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        from.readable().await?;
+        let mut buf = Vec::with_capacity(RELAY_BUF);
+        loop {
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    to.shutdown().await?;
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    to.write_all(&buf).await?;
+                    buf.clear();
+                    total += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Session to local connection, until the session's down stream ends.
+async fn down(mut from: &MigratoryStream, mut to: OwnedWriteHalf) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        from.readable().await;
+        let mut buf = BytesMut::with_capacity(RELAY_BUF);
+        loop {
+            buf.clear();
+            let n = from.read_buf(&mut buf).await?;
+            if n == 0 {
+                to.shutdown().await?;
+                return Ok(total);
+            }
+            to.write_all(&buf).await?;
+            total += n as u64;
+            if n < RELAY_BUF {
+                // Drained for now: wait without the buffer.
+                break;
+            }
+        }
     }
 }

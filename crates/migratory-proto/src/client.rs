@@ -982,6 +982,19 @@ impl Client {
         }
     }
 
+    /// Down bytes buffered for the application to read.
+    pub fn read_available(&self) -> usize {
+        self.down.len() as usize
+    }
+
+    /// Whether [`Client::read`] would return at once: down bytes are
+    /// buffered, the stream ended, or the session failed.
+    pub fn read_ready(&self) -> bool {
+        self.read_available() > 0
+            || self.down_fin == Some(self.down.end())
+            || matches!(self.phase, Phase::Failed(_) | Phase::Idle)
+    }
+
     /// Reads down-stream bytes: `Ok(Some(n))` with `n > 0` bytes,
     /// `Ok(Some(0))` at the end of the stream, `Ok(None)` when nothing is
     /// there yet (wait for [`ClientEvent::Readable`]).

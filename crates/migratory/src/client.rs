@@ -653,14 +653,32 @@ impl Drop for MigratoryStream {
     }
 }
 
-impl AsyncRead for MigratoryStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl MigratoryStream {
+    /// Waits until a read would return at once (data, the end of the
+    /// stream, or the session's failure) without taking anything, as
+    /// [`TcpStream::readable`] does: a relay can wait for input without
+    /// holding a buffer. One task reads a stream at a time.
+    pub async fn readable(&self) {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            if st.core.read_ready() {
+                return Poll::Ready(());
+            }
+            st.read_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
-        match st.core.read(buf.initialize_unfilled()) {
+        // Initialise only what the read fills (a large buffer is not
+        // zeroed for a small message).
+        let n = st.core.read_available().clamp(1, buf.remaining().max(1));
+        match st
+            .core
+            .read(buf.initialize_unfilled_to(n.min(buf.remaining())))
+        {
             Ok(Some(n)) => {
                 buf.advance(n);
                 self.shared.pump(&mut st);
@@ -673,14 +691,8 @@ impl AsyncRead for MigratoryStream {
             Err(e) => Poll::Ready(Err(Error::from(e).into())),
         }
     }
-}
 
-impl AsyncWrite for MigratoryStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn write_from(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
         match st.core.write(data) {
             Ok(0) if !data.is_empty() => {
@@ -695,6 +707,45 @@ impl AsyncWrite for MigratoryStream {
         }
     }
 
+    fn close_write(&self) -> Poll<io::Result<()>> {
+        let mut st = self.shared.lock();
+        let r = st.core.close_write();
+        self.shared.pump(&mut st);
+        Poll::Ready(r.map_err(|e| Error::from(e).into()))
+    }
+}
+
+impl AsyncRead for MigratoryStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.read_into(cx, buf)
+    }
+}
+
+/// A shared reference reads and writes too (as `&TcpStream` does with
+/// `try_read`/`try_write`): one task may read while another writes.
+impl AsyncRead for &MigratoryStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.read_into(cx, buf)
+    }
+}
+
+impl AsyncWrite for MigratoryStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.write_from(cx, data)
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Written bytes are kept until the server holds them, across
         // migrations; the socket drains them on its own.
@@ -702,9 +753,24 @@ impl AsyncWrite for MigratoryStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut st = self.shared.lock();
-        let r = st.core.close_write();
-        self.shared.pump(&mut st);
-        Poll::Ready(r.map_err(|e| Error::from(e).into()))
+        self.close_write()
+    }
+}
+
+impl AsyncWrite for &MigratoryStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.write_from(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.close_write()
     }
 }
