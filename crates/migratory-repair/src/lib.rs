@@ -21,7 +21,7 @@ mod sys;
 pub use image::{ImageFile, RepairWindow, SocketImage, SocketOptions, TcpState};
 pub use lock::{Connection, NetLock};
 pub use repair::{
-    abandon, bytes_received, checkpoint, connection, is_tcp_listener, prepare, reserve_send_buffer,
-    restore, resume, smoothed_rtt, state_name, tcp_state, unchanged, unread, writable, Prepared,
-    RepairError,
+    abandon, bytes_received, checkpoint, connection, disconnect_silently, is_tcp_listener, prepare,
+    reserve_send_buffer, restore, resume, smoothed_rtt, state_name, tcp_state, unchanged, unread,
+    writable, Prepared, RepairError,
 };

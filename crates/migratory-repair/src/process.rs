@@ -45,8 +45,8 @@ use crate::handoff::{self, HandoffError, Stopped};
 use crate::image::{ImageError, ImageFile};
 use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
 use crate::repair::{
-    abandon, bytes_received, checkpoint, connection, prepare, reserve_send_buffer, resume,
-    smoothed_rtt, unchanged, unread, writable, Prepared, RepairError,
+    abandon, bytes_received, checkpoint, connection, disconnect_silently, prepare,
+    reserve_send_buffer, resume, smoothed_rtt, unchanged, unread, writable, Prepared, RepairError,
 };
 use crate::steps::step;
 
@@ -509,8 +509,9 @@ fn finish_checkpoint(
         }
         After::Kill => {
             // Not waiting for it to die (a millisecond or more): its
-            // sockets are frozen and ours until this process lets go of
-            // them; a restore waits for them to close (CLOSE_GRACE).
+            // sockets are frozen, and leave the kernel's tables below (or,
+            // without a lock, when it and this process let go of them; a
+            // restore here waits for that, CLOSE_GRACE).
             stopped.kill_no_wait().map_err(process)?;
             step("ck killed");
             for _ in 0..RECHECKS {
@@ -527,6 +528,17 @@ fn finish_checkpoint(
                     }
                 }
                 if !changed {
+                    if lock.is_some() {
+                        // Out of the kernel's tables now rather than when
+                        // the dying process and this one let go: a restore
+                        // here waits for that. (Under the lock only:
+                        // without it, what the peer sends meanwhile would
+                        // meet no socket and be answered with a reset.)
+                        for (_, sock) in &taken {
+                            let _ = disconnect_silently(sock);
+                        }
+                        step("ck disconnected");
+                    }
                     return Ok(image);
                 }
                 image.write_to(output)?;

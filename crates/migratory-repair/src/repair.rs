@@ -473,6 +473,25 @@ pub fn abandon(socket: &impl AsFd) -> Result<(), RepairError> {
     set_repair(socket.as_fd(), TCP_REPAIR_ON)
 }
 
+/// Ends a checkpointed socket (in repair mode) at once, for every process
+/// that holds it, silently: `connect(AF_UNSPEC)`, whose disconnect sends
+/// no reset in repair mode, takes the connection out of the kernel's tables
+/// so that its restore on this host need not wait until the last holder
+/// closes it. The socket must be in repair mode (see [`checkpoint`]).
+pub fn disconnect_silently(socket: &impl AsFd) -> Result<(), RepairError> {
+    let fd = socket.as_fd();
+    if get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? == 0 {
+        return Err(RepairError::Sys {
+            op: "disconnect",
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not in repair mode: a disconnect would reset the connection",
+            ),
+        });
+    }
+    rustix::net::connect_unspec(fd).map_err(|e| sys("connect (AF_UNSPEC)")(e.into()))
+}
+
 /// Whether our FIN is part of the state (sent, or at least queued).
 fn fin_out(state: TcpState) -> bool {
     matches!(
@@ -967,6 +986,39 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "timed out");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// A checkpointed socket disconnected in repair mode: the peer hears
+    /// nothing, and the connection can be restored at once though the old
+    /// socket is still open.
+    #[test]
+    fn a_disconnected_checkpoint_restores_at_once_and_silently() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root (TCP_REPAIR)");
+            return;
+        }
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        peer.write_all(b"queued").unwrap();
+        wait_until(|| unread(&ours).unwrap() == 6);
+        assert!(disconnect_silently(&ours).is_err(), "not in repair mode");
+        let image = checkpoint(&ours).unwrap();
+        disconnect_silently(&ours).unwrap();
+        // `ours` is still open: without the disconnect this would wait
+        // CLOSE_GRACE and fail.
+        let start = std::time::Instant::now();
+        let mut restored = restore(&image).unwrap();
+        assert!(start.elapsed() < CLOSE_GRACE, "{:?}", start.elapsed());
+        let mut buf = [0u8; 6];
+        restored.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"queued");
+        restored.write_all(b"back").unwrap();
+        let mut back = [0u8; 4];
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        peer.read_exact(&mut back).expect("no reset");
+        assert_eq!(&back, b"back");
+        drop(ours);
     }
 
     #[test]
