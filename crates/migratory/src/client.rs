@@ -390,8 +390,11 @@ async fn run_conn(
                         Err(e) => return e.to_string(),
                     }
                 }
-                // Let the other tasks on this worker run between batches.
-                tokio::task::yield_now().await;
+                if total >= READ_BUDGET {
+                    // More may be waiting: let the other tasks on this
+                    // worker run first.
+                    tokio::task::yield_now().await;
+                }
             }
             r = stream.writable(), if want_write => {
                 if let Err(e) = r {

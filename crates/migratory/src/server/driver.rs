@@ -384,10 +384,10 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                if let Err(e) = read_some(shared, stream, inc, slot, &mut input) {
-                    break closed(shared, inc, slot, e);
+                match read_some(shared, stream, inc, slot, &mut input) {
+                    Ok(more) => busy = more,
+                    Err(e) => break closed(shared, inc, slot, e),
                 }
-                busy = true;
             }
             r = stream.writable(), if want_write => {
                 if let Err(e) = r {
@@ -399,7 +399,6 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                busy = true;
             }
             _ = wake.notified() => {}
             // A delayed acknowledgement that no data carried.
@@ -407,9 +406,9 @@ async fn drive(
             _ = stop.wait_for(|s| *s) => break "server stopped".into(),
         }
         if std::mem::take(&mut busy) {
-            // A busy connection always has input or room: let the other
-            // tasks on this worker run (a migration's handshake would wait
-            // behind full-speed streams otherwise).
+            // A full-speed stream always has input: after a read budget,
+            // let the other tasks on this worker run (a migration's
+            // handshake would wait behind it otherwise).
             tokio::task::yield_now().await;
         }
     };
@@ -448,14 +447,15 @@ fn closed(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot, reason: String)
 
 /// Reads what the socket has (up to a budget) into the session. The
 /// socket reads straight into `buf`, after the partial frame the session
-/// left there; an idle connection gives its buffer back.
+/// left there; an idle connection gives its buffer back. Returns whether
+/// the budget ran out (more may be waiting).
 fn read_some(
     shared: &Arc<Shared>,
     stream: &TcpStream,
     inc: IncarnationId,
     slot: &Slot,
     buf: &mut BytesMut,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let mut total = 0;
     while total < READ_BUDGET {
         match try_read_some(stream, buf) {
@@ -466,9 +466,9 @@ fn read_some(
                 st.core.handle_input_buf(Instant::now(), inc, buf);
                 settle(shared, st);
             }
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(false),
             Err(e) => return Err(e.to_string()),
         }
     }
-    Ok(())
+    Ok(true)
 }
