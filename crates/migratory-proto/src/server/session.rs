@@ -566,8 +566,11 @@ impl Session {
         if matches!(self.lifecycle, Lifecycle::Settling(_)) {
             // The client gave up waiting for the destination and came back
             // here: the pending request is superseded.
-            self.reject_settling_request();
-            self.freeze(now, "client moved to a new incarnation");
+            if let Lifecycle::Settling(st) = &self.lifecycle {
+                let (since, cause) = (st.since, st.request.2.request.cause);
+                self.reject_settling_request();
+                self.freeze(now, since, cause, "client moved to a new incarnation");
+            }
         }
         let link = match &self.lifecycle {
             Lifecycle::Frozen(_) => {
@@ -1356,31 +1359,34 @@ impl Session {
         }
     }
 
-    /// Freezes the session without answering a request (the client came
-    /// back while it was settling).
-    fn freeze(&mut self, now: Instant, reason: &str) {
-        let since = match &self.lifecycle {
-            Lifecycle::Settling(st) => st.since,
-            _ => now,
-        };
-        let cause = match &self.lifecycle {
-            Lifecycle::Settling(st) => st.request.2.request.cause,
-            _ => MigrationCause::Requested,
-        };
+    /// Stops the session here, if it is not frozen yet: the application's
+    /// next call fails with *migrated*, and the connection it was attached
+    /// to is closed for `reason`. It then waits for StateAck (or for the
+    /// client to come back) until `timeouts.frozen`.
+    fn freeze(&mut self, now: Instant, since: Instant, cause: MigrationCause, reason: &str) {
+        if matches!(self.lifecycle, Lifecycle::Frozen(_)) {
+            return;
+        }
+        let app = self.is_live();
         let inc = self.incarnation();
+        let deadline = now + self.cfg.timeouts.frozen;
         self.lifecycle = Lifecycle::Frozen(Frozen {
-            deadline: now + self.cfg.timeouts.frozen,
+            deadline,
             since,
             cause,
             replied: Vec::new(),
         });
-        self.deadline(now + self.cfg.timeouts.frozen);
+        self.deadline(deadline);
+        if app {
+            self.events
+                .push_back(ServerEvent::MigratedAway(self.handle));
+        }
         self.close_detached(inc, reason);
     }
 
-    /// Freezes the session (if it is not yet) and answers `request` with
-    /// its state cut for the client's position (MTCP 4.2.3 step 4).
-    /// The incarnation it was attached to is closed for `reason`.
+    /// Freezes the session (if it is not yet, see [`Session::freeze`]) and
+    /// answers `request` with its state cut for the client's position
+    /// (MTCP 4.2.3 step 4).
     fn freeze_for(
         &mut self,
         now: Instant,
@@ -1389,17 +1395,8 @@ impl Session {
         reason: &str,
     ) {
         let (from, req, m) = request;
+        self.freeze(now, since, m.request.cause, reason);
         let frozen_timeout = self.cfg.timeouts.frozen;
-        let app = self.is_live();
-        let inc = self.incarnation();
-        if !matches!(self.lifecycle, Lifecycle::Frozen(_)) {
-            self.lifecycle = Lifecycle::Frozen(Frozen {
-                deadline: now + frozen_timeout,
-                since,
-                cause: m.request.cause,
-                replied: Vec::new(),
-            });
-        }
         if let Lifecycle::Frozen(f) = &mut self.lifecycle {
             f.replied.push((from.clone(), req));
             f.deadline = now + frozen_timeout;
@@ -1425,11 +1422,6 @@ impl Session {
         ));
         self.to_endpoint
             .push_back(EndpointEvent(EndpointEventKind::Replied { to: from, req }));
-        if app {
-            self.events
-                .push_back(ServerEvent::MigratedAway(self.handle));
-        }
-        self.close_detached(inc, reason);
     }
 
     /// Closes `inc`, the connection a session just left (after pending
