@@ -98,6 +98,25 @@ fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
     assert_eq!(w.server(1).stats().bytes_discarded, 0);
 }
 
+/// A world whose windows are `window` bytes, where S1's application wrote
+/// a full window of `data` and snapshotted after it; everything is sent on
+/// the connection and held there (nothing reached the client yet).
+fn window_in_flight(window: usize, frame: usize, data: &[u8]) -> World {
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.limits.recv_window = window as u64;
+    cfg.limits.send_buffer = window as u64;
+    cfg.limits.max_data_frame = frame;
+    let mut w = World::new(cfg);
+    w.pump();
+    let h = w.handle(0);
+    assert_eq!(w.server(0).write(h, data).unwrap(), window);
+    w.server(0).snapshot(h, b"wrote a window").unwrap();
+    w.hold_from = Some(0);
+    w.pump();
+    assert_eq!(w.client.down_received(), 0);
+    w
+}
+
 #[test]
 fn a_migration_under_a_full_window_leaves_the_data_in_flight_on_the_old_connection() {
     // Migration under load (MTCP 4.2.3 step 5): a full window of down
@@ -107,20 +126,8 @@ fn a_migration_under_a_full_window_leaves_the_data_in_flight_on_the_old_connecti
     // its reply carries none of that data, and the destination sends none
     // of it again.
     const WINDOW: usize = 256 << 10;
-    let mut cfg = WorldConfig::new(1, AppKind::Transform);
-    cfg.limits.recv_window = WINDOW as u64;
-    cfg.limits.send_buffer = WINDOW as u64;
-    cfg.limits.max_data_frame = 16 << 10;
-    let mut w = World::new(cfg);
-    w.pump();
-    let h = w.handle(0);
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 31 % 251) as u8).collect();
-    assert_eq!(w.server(0).write(h, &data).unwrap(), WINDOW);
-    w.server(0).snapshot(h, b"wrote a window").unwrap();
-    // Everything is sent on the connection and nothing has arrived yet.
-    w.hold_from = Some(0);
-    w.pump();
-    assert_eq!(w.client.down_received(), 0);
+    let mut w = window_in_flight(WINDOW, 16 << 10, &data);
     let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
     w.client.migrate(w.now, Some(id(1))).expect("migrate");
     w.pump();
@@ -156,18 +163,8 @@ fn a_migration_whose_old_connection_stalls_ships_what_was_not_acknowledged() {
     // before it stalls: once `settle` passes, the reply carries the rest,
     // and the client drops what the destination sends that it already has.
     const WINDOW: usize = 64 << 10;
-    let mut cfg = WorldConfig::new(1, AppKind::Transform);
-    cfg.limits.recv_window = WINDOW as u64;
-    cfg.limits.send_buffer = WINDOW as u64;
-    cfg.limits.max_data_frame = 4 << 10;
-    let mut w = World::new(cfg);
-    w.pump();
-    let h = w.handle(0);
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 253) as u8).collect();
-    assert_eq!(w.server(0).write(h, &data).unwrap(), WINDOW);
-    w.server(0).snapshot(h, b"wrote a window").unwrap();
-    w.hold_from = Some(0);
-    w.pump();
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data);
     w.client.migrate(w.now, Some(id(1))).expect("migrate");
     w.pump();
     // A quarter of the window reaches the client; its ack goes back.
