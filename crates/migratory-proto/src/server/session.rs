@@ -1284,30 +1284,18 @@ impl Session {
     ) {
         self.last_now = self.last_now.max(now);
         if let Err((reason, text)) = self.admit(m) {
-            self.control.push_back((
-                from.clone(),
-                ControlMessage::StateReject {
-                    req,
-                    reason,
-                    text: text.to_string(),
-                },
-            ));
-            return;
+            return self.reject_request(from.clone(), req, reason, text);
         }
         self.last_attempt = m.request.attempt;
         let request = (from.clone(), req, m.clone());
-        if let Lifecycle::Settling(st) = &mut self.lifecycle {
+        if matches!(self.lifecycle, Lifecycle::Settling(_)) {
             // A newer attempt of the client (it gave up on the destination
             // of the older one): answer this one instead.
-            let old = std::mem::replace(&mut st.request, request);
-            return self.control.push_back((
-                old.0,
-                ControlMessage::StateReject {
-                    req: old.1,
-                    reason: RejectReason::AuthFailed,
-                    text: "superseded attempt".into(),
-                },
-            ));
+            self.reject_settling_request();
+            if let Lifecycle::Settling(st) = &mut self.lifecycle {
+                st.request = request;
+            }
+            return;
         }
         let unacked = self.down.start() < self.snd_nxt;
         match self.lifecycle {
@@ -1348,15 +1336,20 @@ impl Session {
     fn reject_settling_request(&mut self) {
         if let Lifecycle::Settling(st) = &self.lifecycle {
             let (to, req) = (st.request.0.clone(), st.request.1);
-            self.control.push_back((
-                to,
-                ControlMessage::StateReject {
-                    req,
-                    reason: RejectReason::AuthFailed,
-                    text: "superseded attempt".into(),
-                },
-            ));
+            self.reject_request(to, req, RejectReason::AuthFailed, "superseded attempt");
         }
+    }
+
+    /// Refuses state request `req` of `to`.
+    fn reject_request(&mut self, to: ServerId, req: u64, reason: RejectReason, text: &str) {
+        self.control.push_back((
+            to,
+            ControlMessage::StateReject {
+                req,
+                reason,
+                text: text.to_string(),
+            },
+        ));
     }
 
     /// Stops the session here, if it is not frozen yet: the application's
