@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use migratory::{Arrival, MigratoryStream, ServerBuilder, Session};
+use migratory::{Arrival, MigrationPhases, MigratoryStream, ServerBuilder, ServerHandle, Session};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,6 +56,10 @@ pub struct MigrateArgs {
     /// Migrations per state size (back and forth between two servers).
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..=100_000))]
     rounds: u32,
+    /// Also draw MTCP fig 5.3 (time to migrate against the state size) as
+    /// an SVG file here.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<std::path::PathBuf>,
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -147,6 +151,15 @@ async fn raw_server(app: App) -> Result<SocketAddr, String> {
 /// takes a snapshot of `state` bytes when it starts. Returns the service
 /// addresses.
 async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, String> {
+    Ok(pool_handles(n, app, state).await?.0)
+}
+
+/// [`pool`], with a handle on each server.
+async fn pool_handles(
+    n: usize,
+    app: App,
+    state: usize,
+) -> Result<(Vec<SocketAddr>, Vec<ServerHandle>), String> {
     let mut listeners = Vec::new();
     for _ in 0..2 * n {
         listeners.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
@@ -157,6 +170,7 @@ async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, Strin
         .collect();
     drop(listeners);
     let state = Arc::new(vec![0x5a; state]);
+    let mut handles = Vec::new();
     for i in 0..n {
         let mut b = ServerBuilder::new(format!("s{}", i + 1));
         b.service(addrs[2 * i])
@@ -171,6 +185,7 @@ async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, Strin
             });
         }
         let mut server = b.bind().await.map_err(|e| e.to_string())?;
+        handles.push(server.handle());
         let state = state.clone();
         tokio::spawn(async move {
             while let Some((s, arrival)) = server.accept().await {
@@ -184,7 +199,7 @@ async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, Strin
             }
         });
     }
-    Ok((0..n).map(|i| addrs[2 * i]).collect())
+    Ok(((0..n).map(|i| addrs[2 * i]).collect(), handles))
 }
 
 async fn serve_session(s: Session, arrival: Arrival, app: App, state: &[u8]) {
@@ -565,9 +580,11 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             a.rounds, baseline
         );
         let mut rows = Vec::new();
+        let mut points = Vec::new();
+        let mut phase_text = String::new();
         for &state in &a.state {
             let state = usize::try_from(state).map_err(|_| "--state too large")?;
-            let svc = pool(2, App::Echo, state).await?;
+            let (svc, servers) = pool_handles(2, App::Echo, state).await?;
             let mut c = MigratoryStream::connect(&[svc[0]])
                 .await
                 .map_err(|e| e.to_string())?;
@@ -575,13 +592,25 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             let mut b = [0u8; 1];
             c.write_all(&[1]).await.map_err(|e| e.to_string())?;
             c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            for s in &servers {
+                s.take_migration_phases();
+            }
             let mut times = Vec::new();
+            let mut client = Vec::new();
             for i in 0..a.rounds {
                 let dest = if i % 2 == 0 { "s2" } else { "s1" };
                 let t = Instant::now();
                 c.migrate(Some(dest)).await.map_err(|e| e.to_string())?;
                 times.push(t.elapsed().as_secs_f64() * 1e6);
+                client.extend(c.last_migration_times());
             }
+            let phases = Phases::of(
+                &client,
+                &servers
+                    .iter()
+                    .flat_map(|s| s.take_migration_phases())
+                    .collect::<Vec<_>>(),
+            );
             // Still the same conversation.
             c.write_all(&[9]).await.map_err(|e| e.to_string())?;
             c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
@@ -595,7 +624,19 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
                 p50,
                 p50 / baseline
             );
-            rows.push(json!({"state": state, "p50_us": p50, "ratio": p50 / baseline}));
+            phase_text += &phases.row(&format!("{state} B"));
+            points.push((state as f64 / 1024.0, p50));
+            rows.push(json!({
+                "state": state,
+                "p50_us": p50,
+                "ratio": p50 / baseline,
+                "phases_p50_us": phases.json(),
+            }));
+        }
+        text += &format!("{}{}{}", Phases::HEADER, phase_text, Phases::THESIS);
+        if let Some(path) = &a.svg {
+            fig_5_3(path, &points, baseline)
+                .map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
         }
         let (loaded, pause) = loaded_migrations(a.rounds.min(50)).await?;
         text += &format!(
@@ -612,6 +653,114 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
         });
         emit(a.json, v, text)
     })
+}
+
+/// MTCP fig 5.3: the median time to migrate an idle session against its
+/// state size, next to the raw TCP baseline of the same run.
+fn fig_5_3(
+    path: &std::path::Path,
+    points: &[(f64, f64)],
+    baseline: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let y_max = points.iter().map(|p| p.1).fold(baseline, f64::max) * 1.15;
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Time to migrate an idle session (p50) vs state size",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("application state (KiB)")
+        .y_desc("microseconds")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            BLUE.stroke_width(2),
+        ))?
+        .label("migratory session")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+    chart
+        .draw_series(LineSeries::new([(0.0, baseline), (x_max, baseline)], RED))?
+        .label("raw TCP connect + 2 round trips")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Medians (us) of the steps of a set of migrations, as in MTCP fig 5.2:
+/// the client's, the destination's and the origin's.
+struct Phases([f64; 7]);
+
+impl Phases {
+    const HEADER: &'static str = "  steps, p50 (us)     client: prepare  wait  complete | destination: prepare  wait  reinstate | origin: prepare\n";
+    /// MTCP thesis, fig 5.2 (2.2 GHz hosts, 100 Mb/s Ethernet, kernel TCP).
+    const THESIS: &'static str = "  thesis (fig 5.2):\n    0 B                        73   490    10  |                40   191     20  |          50\n    5 KiB                      87  1002     7  |                42   784     25  |          89\n    10 KiB                     90  1521     7  |                42  1382     27  |         120\n";
+
+    fn of(client: &[migratory::MigrationTimes], servers: &[MigrationPhases]) -> Phases {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut dest = [Vec::new(), Vec::new(), Vec::new()];
+        let mut origin = Vec::new();
+        for p in servers {
+            match *p {
+                MigrationPhases::Destination {
+                    prepare_request,
+                    wait_reply,
+                    reinstate,
+                    ..
+                } => {
+                    dest[0].push(us(prepare_request));
+                    dest[1].push(us(wait_reply));
+                    dest[2].push(us(reinstate));
+                }
+                MigrationPhases::Origin { prepare_reply, .. } => origin.push(us(prepare_reply)),
+            }
+        }
+        // Not a number when no migration was timed at that step.
+        let p50 = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
+        let [dp, dw, dr] = dest;
+        Phases([
+            p50(client.iter().map(|t| us(t.prepare)).collect()),
+            p50(client.iter().map(|t| us(t.wait)).collect()),
+            p50(client.iter().map(|t| us(t.complete)).collect()),
+            p50(dp),
+            p50(dw),
+            p50(dr),
+            p50(origin),
+        ])
+    }
+
+    fn row(&self, label: &str) -> String {
+        let p = &self.0;
+        format!(
+            "    {label:<22} {:>7.0} {:>5.0} {:>5.0}  | {:>17.0} {:>5.0} {:>6.0}  | {:>11.0}\n",
+            p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+        )
+    }
+
+    fn json(&self) -> Value {
+        let p = &self.0;
+        json!({
+            "client": {"prepare": p[0], "wait": p[1], "complete": p[2]},
+            "destination": {"prepare": p[3], "wait": p[4], "reinstate": p[5]},
+            "origin": {"prepare": p[6]},
+        })
+    }
 }
 
 /// Migrations of a session whose server streams to it at full speed; the

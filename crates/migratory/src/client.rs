@@ -107,10 +107,39 @@ struct State {
     policy: Box<dyn Policy>,
     segs: Vec<Bytes>,
     status: watch::Sender<Status>,
-    /// The migration under way: its span, start and resent-bytes baseline.
-    migration: Option<(tracing::Span, Instant, u64)>,
+    /// The migration under way.
+    migration: Option<Underway>,
+    /// A migration resumed in this call: (start, Migrate written, Resumed
+    /// read); its times are taken once the confirming Ack is written.
+    resumed: Option<(Instant, Option<Instant>, Instant)>,
+    /// How long the steps of the last migration took.
+    last_times: Option<MigrationTimes>,
     /// The deadline the timer task sleeps until (`None`: none).
     armed: Option<Instant>,
+}
+
+/// A migration under way: its span, start, resent-bytes baseline, and when
+/// its (latest attempt's) Migrate was written.
+struct Underway {
+    span: tracing::Span,
+    t0: Instant,
+    resent: u64,
+    sent: Option<Instant>,
+}
+
+/// How long the steps of a migration took at the client (MTCP thesis,
+/// fig 5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationTimes {
+    /// From the start of the migration to its `Migrate` written on the new
+    /// connection, TCP connect included (`T_prep_migr`); over every
+    /// attempt when one failed.
+    pub prepare: Duration,
+    /// From then to the new server's `Resumed` read (`T_wait_migr`).
+    pub wait: Duration,
+    /// From then to the confirming Ack written to the new server
+    /// (`T_complete`).
+    pub complete: Duration,
 }
 
 struct Shared {
@@ -150,6 +179,14 @@ impl Shared {
                 break;
             }
         }
+        if let Some((t0, sent, resumed)) = st.resumed.take() {
+            let sent = sent.unwrap_or(t0);
+            st.last_times = Some(MigrationTimes {
+                prepare: sent.saturating_duration_since(t0),
+                wait: resumed.saturating_duration_since(sent),
+                complete: resumed.elapsed(),
+            });
+        }
         // The timer task only needs waking for a deadline earlier than the
         // one it sleeps until (reads and writes rarely move it).
         let t = st.core.poll_timeout();
@@ -185,17 +222,20 @@ impl Shared {
             ClientEvent::Migrated { from, to, epoch } => {
                 let resent_total = st.core.stats().bytes_resent;
                 match st.migration.take() {
-                    Some((span, t0, resent0)) => span.in_scope(|| {
-                        info!(
-                            %from,
-                            %to,
-                            epoch,
-                            duration_us = t0.elapsed().as_micros() as u64,
-                            up_bytes_resent = resent_total - resent0,
-                            down_position = st.core.down_received(),
-                            "session migrated"
-                        )
-                    }),
+                    Some(m) => {
+                        st.resumed = Some((m.t0, m.sent, Instant::now()));
+                        m.span.in_scope(|| {
+                            info!(
+                                %from,
+                                %to,
+                                epoch,
+                                duration_us = m.t0.elapsed().as_micros() as u64,
+                                up_bytes_resent = resent_total - m.resent,
+                                down_position = st.core.down_received(),
+                                "session migrated"
+                            )
+                        })
+                    }
                     None => info!(%from, %to, epoch, "session migrated"),
                 }
                 self.learn_alternates(st);
@@ -216,11 +256,13 @@ impl Shared {
                 let resent = st.core.stats().bytes_resent;
                 // A retry keeps the first attempt's start: the duration is
                 // the whole migration as the client saw it.
-                let t0 = st
-                    .migration
-                    .take()
-                    .map_or_else(Instant::now, |(_, t0, _)| t0);
-                st.migration = Some((span, t0, resent));
+                let t0 = st.migration.take().map_or_else(Instant::now, |m| m.t0);
+                st.migration = Some(Underway {
+                    span,
+                    t0,
+                    resent,
+                    sent: None,
+                });
                 let _ = st.status.send(Status::Migrating { to: to.clone() });
             }
             ClientEvent::AttemptFailed { server, reason } => {
@@ -306,6 +348,10 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
         };
         if !matches!(c.write(), Ok(false)) {
             wake.notify_one();
+        }
+        if let Some(m) = st.migration.as_mut().filter(|_| !initial) {
+            // This connection carries the migration's Migrate.
+            m.sent = Some(Instant::now());
         }
         st.conns.insert(inc, ConnSlot::Open(c));
         (stream, wake)
@@ -488,6 +534,8 @@ impl MigratoryStream {
                 segs: Vec::new(),
                 status: status_tx,
                 migration: None,
+                resumed: None,
+                last_times: None,
                 armed: None,
             }),
         });
@@ -549,6 +597,11 @@ impl MigratoryStream {
         self.shared.lock().core.stats().clone()
     }
 
+    /// How long the steps of the last completed migration took.
+    pub fn last_migration_times(&self) -> Option<MigrationTimes> {
+        self.shared.lock().last_times
+    }
+
     /// Migrates now, to `dest` or to the next alternate, and waits until the
     /// session is attached again (or fails).
     pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
@@ -592,6 +645,11 @@ impl ClientControl {
     /// What the client has done so far.
     pub fn stats(&self) -> ClientStats {
         self.shared.lock().core.stats().clone()
+    }
+
+    /// How long the steps of the last completed migration took.
+    pub fn last_migration_times(&self) -> Option<MigrationTimes> {
+        self.shared.lock().last_times
     }
 
     /// Watches the session's status.

@@ -21,10 +21,11 @@ pub mod operator;
 pub mod server;
 pub mod transfer;
 
-pub use client::{ClientControl, Manual, MigratoryStream, Policy, Status};
+pub use client::{ClientControl, Manual, MigrationTimes, MigratoryStream, Policy, Status};
 pub use error::{is_migrated, Error};
 pub use migratory_proto as proto;
 pub use operator::Operator;
 pub use server::{
-    Arrival, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl, OPERATOR_ID,
+    Arrival, MigrationPhases, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl,
+    OPERATOR_ID,
 };

@@ -235,6 +235,21 @@ impl<S: SessionSlot> Endpoint<S> {
         self.replicas.contains_key(&session)
     }
 
+    /// The session connection `inc` waits for, if a state request for it
+    /// is out (for timing the phases of a migration).
+    pub fn pending_state_request(&self, inc: IncarnationId) -> Option<SessionId> {
+        match self.incs.get(&inc)?.phase {
+            IncPhase::Pending(req) => self.pending.get(&req).map(|p| p.migrate.request.session),
+            _ => None,
+        }
+    }
+
+    /// Whether a session here answered `peer`'s state request `req` with
+    /// its state (and waits for the StateAck).
+    pub fn answered(&self, peer: &ServerId, req: u64) -> bool {
+        self.handed_out.contains_key(&(peer.clone(), req))
+    }
+
     fn bump(&mut self, now: Instant) {
         self.last_now = self.last_now.max(now);
     }

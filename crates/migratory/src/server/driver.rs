@@ -334,8 +334,14 @@ async fn admit(
                 Ok(0) => return Err("EOF".into()),
                 Ok(n) => {
                     let mut st = shared.lock();
-                    st.core.handle_input(Instant::now(), inc, &buf[..n]);
+                    let t0 = Instant::now();
+                    st.core.handle_input(t0, inc, &buf[..n]);
                     shared.pump(&mut st);
+                    if let Some(sid) = st.core.pending_state_request(inc) {
+                        // The client's proof sent a state request out.
+                        let t1 = Instant::now();
+                        st.phases.requested(sid, t1, t1 - t0);
+                    }
                 }
                 Err(e) => return Err(e.to_string()),
             },

@@ -35,9 +35,11 @@ use crate::error::Error;
 
 mod driver;
 mod peers;
+mod phases;
 mod session;
 
 pub use peers::MAX_LINK_QUEUE;
+pub use phases::MigrationPhases;
 pub use session::{Session, SessionControl};
 
 pub(crate) use peers::handshake;
@@ -286,6 +288,7 @@ impl ServerBuilder {
                 move_seq: 0,
                 accept_tx,
                 segs: Vec::new(),
+                phases: phases::PhaseLog::default(),
             }),
             links: Mutex::new(HashMap::new()),
         });
@@ -379,6 +382,13 @@ impl ServerHandle {
     /// What the server has done so far.
     pub fn stats(&self) -> ServerStats {
         self.shared.lock().core.stats().clone()
+    }
+
+    /// How long each step of the migrations through this server took
+    /// since the last call (MTCP thesis, fig 5.2); at most the last 4,096
+    /// are kept.
+    pub fn take_migration_phases(&self) -> Vec<MigrationPhases> {
+        self.shared.lock().phases.take()
     }
 
     /// Destination pull (MTCP 3.2.1): asks `owner` to send `session`'s
@@ -614,6 +624,8 @@ struct State {
     move_seq: u64,
     accept_tx: mpsc::UnboundedSender<(Session, Arrival)>,
     segs: Vec<Bytes>,
+    /// How long the steps of migrations through this server took.
+    phases: phases::PhaseLog,
 }
 
 struct Shared {

@@ -197,7 +197,28 @@ fn link_reader(
     let deliver = move |shared: &Arc<Shared>, link: &mut PeerLink| {
         let mut st = shared.lock();
         while let Some(msg) = link.poll_message() {
-            st.core.handle_control(Instant::now(), &peer, msg);
+            // A state request or reply is timed (MTCP fig 5.2) up to what
+            // it made the server send.
+            let timed = match &msg {
+                ControlMessage::StateRequest { req, migrate } => {
+                    Some((Some(*req), migrate.request.session))
+                }
+                ControlMessage::StateReply { image, .. } => Some((None, image.session)),
+                _ => None,
+            };
+            let t0 = Instant::now();
+            st.core.handle_control(t0, &peer, msg);
+            if let Some((req, session)) = timed {
+                shared.pump(&mut st);
+                let t1 = Instant::now();
+                match req {
+                    Some(req) if st.core.answered(&peer, req) => {
+                        st.phases.answered(session, t1 - t0)
+                    }
+                    Some(_) => {}
+                    None => st.phases.replied(session, t0, t1),
+                }
+            }
         }
         shared.pump(&mut st);
     };
