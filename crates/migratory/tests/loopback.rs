@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use migratory::proto::control::{PushOutcome, Selection};
 use migratory::proto::types::SessionId;
 use migratory::{
-    transfer, ClientControl, MigratoryStream, Operator, Peer, Server, ServerBuilder, ServerHandle,
-    Session, SessionControl,
+    transfer, ClientControl, MigrationPhases, MigratoryStream, Operator, Peer, Server,
+    ServerBuilder, ServerHandle, Session, SessionControl,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -228,6 +228,35 @@ async fn client_initiated_migrations_keep_the_stream_exact() {
     }
     assert_eq!(got, sent);
     assert_eq!(stream.stats().migrations, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_steps_of_a_migration_are_timed_at_client_destination_and_origin() {
+    let pool = pool(2, App::Echo).await;
+    let mut stream = MigratoryStream::connect(&pool.service[..1])
+        .await
+        .expect("connect");
+    let (mut sent, mut got) = (Vec::new(), Vec::new());
+    echo_round(&mut stream, 1, &mut sent, &mut got).await;
+    assert!(stream.last_migration_times().is_none(), "no migration yet");
+    let session = stream.session().expect("established");
+    stream.migrate(Some(&name(1))).await.expect("migrate");
+    echo_round(&mut stream, 2, &mut sent, &mut got).await;
+    assert_eq!(got, sent);
+    assert!(stream.last_migration_times().is_some());
+    // The origin answered, the destination resumed it: each timed the
+    // migration once.
+    let origin = pool.handles[0].take_migration_phases();
+    let dest = pool.handles[1].take_migration_phases();
+    assert!(
+        matches!(origin[..], [MigrationPhases::Origin { session: s, .. }] if s == session),
+        "{origin:?}"
+    );
+    assert!(
+        matches!(dest[..], [MigrationPhases::Destination { session: s, .. }] if s == session),
+        "{dest:?}"
+    );
+    assert!(pool.handles[1].take_migration_phases().is_empty(), "taken");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

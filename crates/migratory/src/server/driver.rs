@@ -21,6 +21,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use migratory_proto::control::ControlMessage;
 use migratory_proto::error::DecodeError;
 use migratory_proto::frame::{check_preamble, PreambleCheck};
 use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
@@ -182,6 +183,12 @@ pub(crate) fn settle(shared: &Arc<Shared>, mut st: MutexGuard<'_, CellState>) {
         let mut ep = shared.lock();
         for ev in endpoint {
             ep.core.handle_endpoint_event(now, sid, handle, ev);
+        }
+        for (peer, msg) in &control {
+            if let ControlMessage::StateReply { req, .. } = msg {
+                // A busy session answered once its client caught up.
+                ep.phases.answered(peer, *req, now);
+            }
         }
         for (inc, reason) in close {
             if let Some(c) = ep.conns.get_mut(&inc) {

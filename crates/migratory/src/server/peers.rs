@@ -207,14 +207,17 @@ fn link_reader(
                 _ => None,
             };
             let t0 = Instant::now();
+            if let Some((Some(req), session)) = timed {
+                st.phases.request_arrived(&peer, req, session, t0);
+            }
             st.core.handle_control(t0, &peer, msg);
             if let Some((req, session)) = timed {
                 shared.pump(&mut st);
                 let t1 = Instant::now();
                 match req {
-                    Some(req) if st.core.answered(&peer, req) => {
-                        st.phases.answered(session, t1 - t0)
-                    }
+                    // Answered at once (a busy session answers later, from
+                    // its driver).
+                    Some(req) if st.core.answered(&peer, req) => st.phases.answered(&peer, req, t1),
                     Some(_) => {}
                     None => st.phases.replied(session, t0, t1),
                 }

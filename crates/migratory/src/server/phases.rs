@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use migratory_proto::types::SessionId;
+use migratory_proto::types::{ServerId, SessionId};
 
 /// The steps of one migration at one server (see
 /// [`ServerHandle::take_migration_phases`](super::ServerHandle::take_migration_phases)).
@@ -24,13 +24,14 @@ pub enum MigrationPhases {
         /// its connection's task woken (`T_reinstate_s`).
         reinstate: Duration,
     },
-    /// This server was the origin and answered at once (a session that
-    /// waits for its client's acknowledgements first is not timed).
+    /// This server was the origin.
     Origin {
         /// The session.
         session: SessionId,
         /// From the state request read to the state reply handed to the
-        /// destination's link (`T_prep_s`).
+        /// destination's link (`T_prep_s`); for a busy session, this
+        /// includes the wait for its client's acknowledgements of the data
+        /// in flight (`docs/migration.md`).
         prepare_reply: Duration,
     },
 }
@@ -45,6 +46,8 @@ pub(super) struct PhaseLog {
     /// Destination: when each outstanding state request left, and how long
     /// preparing it took.
     requested: HashMap<SessionId, (Instant, Duration)>,
+    /// Origin: when each state request not yet answered arrived.
+    arrived: HashMap<(ServerId, u64), (SessionId, Instant)>,
     done: VecDeque<MigrationPhases>,
 }
 
@@ -71,12 +74,29 @@ impl PhaseLog {
         }
     }
 
-    /// This server answered a state request for `session` in `took`.
-    pub(super) fn answered(&mut self, session: SessionId, took: Duration) {
-        self.push(MigrationPhases::Origin {
-            session,
-            prepare_reply: took,
-        });
+    /// `peer`'s state request `req` for `session` arrived at `at`.
+    pub(super) fn request_arrived(
+        &mut self,
+        peer: &ServerId,
+        req: u64,
+        session: SessionId,
+        at: Instant,
+    ) {
+        if self.arrived.len() >= KEPT {
+            // Requests refused or never answered: forget them.
+            self.arrived.clear();
+        }
+        self.arrived.insert((peer.clone(), req), (session, at));
+    }
+
+    /// The reply to `peer`'s state request `req` left at `at`.
+    pub(super) fn answered(&mut self, peer: &ServerId, req: u64, at: Instant) {
+        if let Some((session, arrived)) = self.arrived.remove(&(peer.clone(), req)) {
+            self.push(MigrationPhases::Origin {
+                session,
+                prepare_reply: at.saturating_duration_since(arrived),
+            });
+        }
     }
 
     pub(super) fn take(&mut self) -> Vec<MigrationPhases> {
