@@ -172,10 +172,6 @@ async fn write_segments(wr: &mut OwnedWriteHalf, segs: &[Bytes]) -> io::Result<(
     Ok(())
 }
 
-/// Reads what the socket has now into `buf` (after what it already
-/// holds): `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at EOF, `Ok(None)`
-/// when nothing is there (an empty buffer is then given back, so an idle
-/// connection holds none).
 /// TCP keepalive on a session's connection: the kernel probes a peer that
 /// has been silent for `KEEPALIVE_IDLE` and reports the connection dead
 /// after `KEEPALIVE_PROBES` unanswered probes, `KEEPALIVE_INTERVAL` apart
@@ -196,6 +192,10 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_PROBES: u32 = 5;
 
+/// Reads what the socket has now into `buf` (after what it already
+/// holds): `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at EOF, `Ok(None)`
+/// when nothing is there (an empty buffer is then given back, so an idle
+/// connection holds none).
 pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
