@@ -343,6 +343,12 @@ impl Client {
         matches!(self.phase, Phase::Established)
     }
 
+    /// The incarnation that carries the session's data now, if any.
+    pub fn current_incarnation(&self) -> Option<IncarnationId> {
+        self.cur
+            .filter(|_| matches!(self.phase, Phase::Established))
+    }
+
     /// Whether a migration is under way.
     pub fn is_migrating(&self) -> bool {
         matches!(self.phase, Phase::Migrating { .. })

@@ -76,9 +76,13 @@ enum ConnSlot {
     Closing(Conn),
 }
 
-/// The write side of an open connection.
+/// An open connection.
 struct Conn {
     stream: Arc<TcpStream>,
+    /// Read from the socket and not yet taken by the session (a partial
+    /// frame): the connection's task and the application's reads both read
+    /// into it, under the lock.
+    rx: BytesMut,
     /// Framed for the connection, not yet taken by the socket.
     pending: VecDeque<Bytes>,
     /// Wakes the connection's task (no room, or closing).
@@ -150,6 +154,40 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the current connection's input into the session from the
+    /// application's own task, when the socket has some: the application
+    /// then need not wait for the connection's task to hand it over (one
+    /// task wakeup per message instead of two). Otherwise `cx` is woken
+    /// when it has some. Returns whether anything was read. An end or an
+    /// error is left to the connection's task, which reads it again.
+    fn read_socket(self: &Arc<Self>, st: &mut State, cx: &mut Context<'_>) -> bool {
+        let Some(inc) = st.core.current_incarnation() else {
+            return false;
+        };
+        let State { core, conns, .. } = st;
+        let Some(ConnSlot::Open(c)) = conns.get_mut(&inc) else {
+            return false;
+        };
+        loop {
+            if c.stream.poll_read_ready(cx).is_pending() {
+                return false;
+            }
+            match conn::try_read_some(&c.stream, &mut c.rx) {
+                Ok(Some(n)) if n > 0 => {
+                    core.handle_input_buf(Instant::now(), inc, &mut c.rx);
+                    self.pump(st);
+                    return true;
+                }
+                // Taken by the connection's task meanwhile: wait again.
+                Ok(None) => continue,
+                Ok(Some(_)) | Err(_) => {
+                    c.wake.notify_one();
+                    return false;
+                }
+            }
+        }
     }
 
     fn pump(self: &Arc<Self>, st: &mut State) {
@@ -343,6 +381,7 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
         let wake = Arc::new(Notify::new());
         let mut c = Conn {
             stream: stream.clone(),
+            rx: BytesMut::new(),
             pending: queue.into_iter().flatten().collect(),
             wake: wake.clone(),
         };
@@ -398,7 +437,6 @@ async fn run_conn(
     stream: &TcpStream,
     wake: &Notify,
 ) -> String {
-    let mut buf = BytesMut::new();
     let mut closing_since: Option<tokio::time::Instant> = None;
     loop {
         let (want_write, closing) = {
@@ -424,12 +462,16 @@ async fn run_conn(
                 }
                 let mut total = 0;
                 while total < READ_BUDGET {
-                    match conn::try_read_some(stream, &mut buf) {
+                    let mut st = shared.lock();
+                    let State { core, conns, .. } = &mut *st;
+                    let Some(ConnSlot::Open(c)) = conns.get_mut(&inc) else {
+                        break;
+                    };
+                    match conn::try_read_some(stream, &mut c.rx) {
                         Ok(Some(0)) => return "EOF".into(),
                         Ok(Some(n)) => {
                             total += n;
-                            let mut st = shared.lock();
-                            st.core.handle_input_buf(Instant::now(), inc, &mut buf);
+                            core.handle_input_buf(Instant::now(), inc, &mut c.rx);
                             shared.pump(&mut st);
                         }
                         Ok(None) => break,
@@ -733,23 +775,27 @@ impl MigratoryStream {
 
     fn read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let mut st = self.shared.lock();
-        // Initialise only what the read fills (a large buffer is not
-        // zeroed for a small message).
-        let n = st.core.read_available().clamp(1, buf.remaining().max(1));
-        match st
-            .core
-            .read(buf.initialize_unfilled_to(n.min(buf.remaining())))
-        {
-            Ok(Some(n)) => {
-                buf.advance(n);
-                self.shared.pump(&mut st);
-                Poll::Ready(Ok(()))
+        loop {
+            // Initialise only what the read fills (a large buffer is not
+            // zeroed for a small message).
+            let n = st.core.read_available().clamp(1, buf.remaining().max(1));
+            match st
+                .core
+                .read(buf.initialize_unfilled_to(n.min(buf.remaining())))
+            {
+                Ok(Some(n)) => {
+                    buf.advance(n);
+                    self.shared.pump(&mut st);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(None) => {
+                    st.read_waker = Some(cx.waker().clone());
+                    if !self.shared.read_socket(&mut st, cx) {
+                        return Poll::Pending;
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(Error::from(e).into())),
             }
-            Ok(None) => {
-                st.read_waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            Err(e) => Poll::Ready(Err(Error::from(e).into())),
         }
     }
 
