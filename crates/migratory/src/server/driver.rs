@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Waker};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -58,19 +58,17 @@ pub(crate) struct CellState {
     pub(crate) write_waker: Option<Waker>,
     /// The task driving the session's current connection.
     pub(crate) driver: Option<Arc<Notify>>,
-    /// The current connection's socket, what was read from it and not yet
-    /// taken (a partial frame), and what was framed for it but not yet
-    /// taken: the driver and the application both read and write through
-    /// it, under this lock.
+    /// The current connection's socket and what was framed for it but not
+    /// yet taken: the driver and the application both write through it,
+    /// under this lock.
     pub(crate) out: Option<Output>,
 }
 
-/// A session's connection, as its driver and its application use it.
+/// The write side of a session's connection.
 #[derive(Debug)]
 pub(crate) struct Output {
     stream: Arc<TcpStream>,
     inc: IncarnationId,
-    rx: BytesMut,
     pending: VecDeque<Bytes>,
     segs: Vec<Bytes>,
 }
@@ -374,11 +372,11 @@ async fn drive(
         st.out = Some(Output {
             stream: stream.clone(),
             inc,
-            rx: BytesMut::new(),
             pending: VecDeque::new(),
             segs: Vec::new(),
         });
     }
+    let mut input = BytesMut::new();
     let mut stop = shared.stop.subscribe();
     let mut busy = false;
     let reason = loop {
@@ -399,7 +397,7 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                match read_some(shared, inc, slot) {
+                match read_some(shared, stream, inc, slot, &mut input) {
                     Ok(more) => busy = more,
                     Err(e) => break closed(shared, inc, slot, e),
                 }
@@ -461,17 +459,24 @@ fn closed(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot, reason: String)
 }
 
 /// Reads what the socket has (up to a budget) into the session. The
-/// socket reads straight into the connection's input buffer, after the
-/// partial frame the session left there; an idle connection gives its
-/// buffer back. Returns whether the budget ran out (more may be waiting).
-fn read_some(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot) -> Result<bool, String> {
+/// socket reads straight into `buf`, after the partial frame the session
+/// left there; an idle connection gives its buffer back. Returns whether
+/// the budget ran out (more may be waiting).
+fn read_some(
+    shared: &Arc<Shared>,
+    stream: &TcpStream,
+    inc: IncarnationId,
+    slot: &Slot,
+    buf: &mut BytesMut,
+) -> Result<bool, String> {
     let mut total = 0;
     while total < READ_BUDGET {
-        let mut st = slot.lock();
-        match read_input(&mut st, inc) {
+        match try_read_some(stream, buf) {
             Ok(Some(0)) => return Err("EOF".to_string()),
             Ok(Some(n)) => {
                 total += n;
+                let mut st = slot.lock();
+                st.core.handle_input_buf(Instant::now(), inc, buf);
                 settle(shared, st);
             }
             Ok(None) => return Ok(false),
@@ -479,52 +484,4 @@ fn read_some(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot) -> Result<bo
         }
     }
     Ok(true)
-}
-
-/// Reads what connection `inc`'s socket has now into its input buffer and
-/// hands it to the session: `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at
-/// its end, `Ok(None)` when nothing is there (or the session left it).
-/// Used by the driver and by the application's reads.
-pub(crate) fn read_input(st: &mut CellState, inc: IncarnationId) -> io::Result<Option<usize>> {
-    let CellState { core, out, .. } = st;
-    let Some(o) = out.as_mut().filter(|o| o.inc == inc) else {
-        return Ok(None);
-    };
-    let r = try_read_some(&o.stream, &mut o.rx)?;
-    if r.is_some_and(|n| n > 0) {
-        core.handle_input_buf(Instant::now(), inc, &mut o.rx);
-    }
-    Ok(r)
-}
-
-/// For an application read that found nothing: reads the session's
-/// connection from the application's own task when the socket has input
-/// (it then need not wait for the driver to hand it over: one task wakeup
-/// per message instead of two), else `cx` is woken when it has some.
-/// Returns whether the session took input. An end or an error is left to
-/// the driver, which reads it again.
-pub(crate) fn read_for_app(st: &mut CellState, cx: &mut Context<'_>) -> bool {
-    let Some(o) = st.out.as_ref() else {
-        return false;
-    };
-    let (stream, inc) = (o.stream.clone(), o.inc);
-    if st.core.incarnation() != Some(inc) {
-        return false;
-    }
-    loop {
-        if stream.poll_read_ready(cx).is_pending() {
-            return false;
-        }
-        match read_input(st, inc) {
-            Ok(Some(n)) if n > 0 => return true,
-            // Taken by the driver meanwhile: wait again.
-            Ok(None) => continue,
-            Ok(Some(_)) | Err(_) => {
-                if let Some(d) = &st.driver {
-                    d.notify_one();
-                }
-                return false;
-            }
-        }
-    }
 }

@@ -11,7 +11,7 @@ use migratory_proto::types::SessionId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::driver::{read_for_app, settle, Slot};
+use super::driver::{settle, Slot};
 use super::Shared;
 use crate::error::Error;
 
@@ -160,7 +160,7 @@ impl AsyncRead for Session {
                 }
                 Pin::new(stream).poll_read(cx, buf)
             }
-            Inner::Migratory { shared, slot, .. } => loop {
+            Inner::Migratory { shared, slot, .. } => {
                 let mut st = slot.lock();
                 match st.core.read(buf.initialize_unfilled()) {
                     Ok(Some(n)) => {
@@ -170,24 +170,15 @@ impl AsyncRead for Session {
                             notify_driver(&st);
                         }
                         settle(shared, st);
-                        return Poll::Ready(Ok(()));
+                        Poll::Ready(Ok(()))
                     }
                     Ok(None) => {
                         st.read_waker = Some(cx.waker().clone());
-                        if !read_for_app(&mut st, cx) {
-                            return Poll::Pending;
-                        }
-                        // What the session took may ask for output (an
-                        // ack, now or at a deadline the driver watches).
-                        let now = std::time::Instant::now();
-                        if st.core.wants_transmit(now) || st.core.ack_deadline().is_some() {
-                            notify_driver(&st);
-                        }
-                        settle(shared, st);
+                        Poll::Pending
                     }
-                    Err(e) => return Poll::Ready(Err(Error::from(e).into())),
+                    Err(e) => Poll::Ready(Err(Error::from(e).into())),
                 }
-            },
+            }
         }
     }
 }
