@@ -7,42 +7,22 @@
 //!
 //! Needs root and `ip` (iproute2); skips, saying why, without them.
 
-use std::fs::File;
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{delete_namespaces, in_ns, ip, needs_root_and_ip as skip_reason};
 use migratory_repair::{checkpoint, restore};
-use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use sha2::{Digest, Sha256};
 
 const UP_LEN: u64 = 96 << 20;
 const DOWN_LEN: u64 = 96 << 20;
 const SERVICE: &str = "10.77.0.10";
-
-fn skip_reason() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (network namespaces and TCP_REPAIR)");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("needs `ip` from iproute2 (.ci/run installs it)");
-    }
-    None
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Three namespaces on a bridge, deleted on drop.
 struct Net {
@@ -90,24 +70,8 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in [&self.client, &self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        delete_namespaces([&self.client, &self.a, &self.b]);
     }
-}
-
-/// Runs `f` on a thread inside namespace `ns` (sockets it creates live
-/// there).
-fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).expect("open the namespace");
-        move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network)).expect("setns");
-        f()
-    })
 }
 
 /// Byte `i` of stream `seed`.

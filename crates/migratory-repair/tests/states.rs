@@ -8,17 +8,16 @@
 //!
 //! Needs root, `ip` and `nft`; skips, saying why, without them.
 
-use std::fs::File;
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::{delete_namespaces, in_ns, ip, needs_root_and_ip};
 use migratory_repair::lock::{nft_available, Direction, NetLock};
 use migratory_repair::process::restore_all;
 use migratory_repair::{checkpoint, tcp_state, Connection, ImageFile, TcpState};
-use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 
 const SERVER: &str = "10.81.0.2";
 const CLIENT: &str = "10.81.0.1";
@@ -26,26 +25,13 @@ const SERVER6: &str = "fd00:81::2";
 const CLIENT6: &str = "fd00:81::1";
 
 fn skip_reason() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (network namespaces and TCP_REPAIR)");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("needs `ip` from iproute2 (.ci/run installs it)");
+    if let Some(why) = needs_root_and_ip() {
+        return Some(why);
     }
     if !nft_available() {
         return Some("needs `nft` for the network lock (.ci/run installs nftables)");
     }
     None
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Two namespaces joined by a veth pair, deleted on drop.
@@ -81,15 +67,7 @@ impl Net {
     /// Runs `f` on a thread inside namespace `ns` and returns its result
     /// (sockets made there live there; `nft` started there acts there).
     fn run<T: Send + 'static>(&self, ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = File::open(&path).expect("open the namespace");
-            move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))
-                .expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
+        in_ns(ns, f).join().expect("namespace thread")
     }
 
     /// A connection: (the server's socket in `host`, the peer's in
@@ -113,9 +91,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in [&self.client, &self.host] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        delete_namespaces([&self.client, &self.host]);
     }
 }
 
