@@ -565,71 +565,108 @@ impl ImageFile {
     /// file or the new one, never half an image (at worst a stray
     /// `.NAME.tmp-*` file). Validates first ([`ImageFile::validate`]).
     pub fn write_to(&self, path: &Path) -> Result<(), ImageError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        self.validate()?;
-        let io_err = |action: &'static str, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ImageError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        let Some(name) = path.file_name() else {
-            return Err(io_err("write image file", path)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the path does not name a file",
-            )));
-        };
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut tmp_name = OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(
-            ".tmp-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let tmp = dir.join(tmp_name);
-        let bytes = self.encode();
-
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options
-            .open(&tmp)
-            .map_err(io_err("create temporary image file", &tmp))?;
-        let written = file
-            .write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(io_err("write temporary image file", &tmp))
-            .and_then(|()| {
-                drop(file);
-                fs::rename(&tmp, path).map_err(io_err("move the new image into place at", path))
-            });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("flush directory", dir))
+        self.put_in_place(path, true)?.flush()
     }
 
+    /// Writes the encoded image to a temporary file next to `path` (flushed
+    /// first if `flush`) and renames it over `path`.
+    fn put_in_place(&self, path: &Path, flush: bool) -> Result<Placed, ImageError> {
+        self.validate()?;
+        place_bytes(&self.encode(), path, flush)
+    }
+}
+
+/// Puts `bytes` (an image's encoding) at `path` as [`ImageFile::write_to`]
+/// does, without waiting for the disk: the image is renamed into place
+/// whole (every reader sees all of it or none of it), but not yet flushed;
+/// [`Placed::flush`] does that. Until then a crash of the host may leave
+/// no file, or a truncated one that [`ImageFile::decode`] refuses (length
+/// and checksum), at `path`: never an image that decodes to something
+/// else.
+pub(crate) fn place_unflushed(bytes: &[u8], path: &Path) -> Result<Placed, ImageError> {
+    place_bytes(bytes, path, false)
+}
+
+/// Writes `bytes` to a temporary file next to `path` (flushed first if
+/// `flush`) and renames it over `path`.
+fn place_bytes(bytes: &[u8], path: &Path, flush: bool) -> Result<Placed, ImageError> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let Some(name) = path.file_name() else {
+        return Err(io_err("write image file", path)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path does not name a file",
+        )));
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = dir.join(tmp_name);
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&tmp)
+        .map_err(io_err("create temporary image file", &tmp))?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| if flush { file.sync_all() } else { Ok(()) })
+        .map_err(io_err("write temporary image file", &tmp))
+        .and_then(|()| {
+            fs::rename(&tmp, path).map_err(io_err("move the new image into place at", path))
+        });
+    if let Err(e) = written {
+        drop(file);
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Placed {
+        // Already flushed: only the directory is left.
+        file: (!flush).then_some(file),
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl ImageFile {
     /// [`ImageFile::read_from`], waiting at most `timeout` for the file to
     /// appear first: a checkpoint still running writes it
     /// ([`ImageFile::write_to`] puts it in place whole, with a rename).
     pub fn wait_read(path: &Path, timeout: Duration) -> Result<ImageFile, ImageError> {
+        Ok(ImageFile::wait_read_bytes(path, timeout)?.0)
+    }
+
+    /// [`ImageFile::wait_read`], returning the file's bytes too.
+    pub(crate) fn wait_read_bytes(
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<(ImageFile, Vec<u8>), ImageError> {
         wait_for_file(path, timeout).map_err(|source| ImageError::Io {
             action: "wait for image file",
             path: path.to_path_buf(),
             source,
         })?;
         crate::steps::step("rs image there");
-        ImageFile::read_from(path)
+        let bytes = ImageFile::read_bytes(path)?;
+        let image = ImageFile::decode(&bytes).map_err(|error| ImageError::InFile {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })?;
+        Ok((image, bytes))
+    }
+
+    /// The bytes of the file at `path`, undecoded (to compare with bytes
+    /// known to be an image's).
+    pub(crate) fn read_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
+        fs::read(path).map_err(io_err("read image file", path))
     }
 
     /// Reads and decodes the image file at `path`. A missing or unreadable
@@ -645,6 +682,40 @@ impl ImageFile {
             path: path.to_path_buf(),
             error: Box::new(error),
         })
+    }
+}
+
+/// An image file renamed into place by [`place_unflushed`],
+/// not yet known to be on disk.
+#[derive(Debug)]
+pub(crate) struct Placed {
+    /// The file written, still open, if its data is not flushed yet.
+    file: Option<fs::File>,
+    path: PathBuf,
+    dir: PathBuf,
+}
+
+impl Placed {
+    /// Flushes the image's data, then its directory (the rename): from now
+    /// on a crash of the host leaves this image at its path.
+    pub(crate) fn flush(self) -> Result<(), ImageError> {
+        if let Some(file) = &self.file {
+            file.sync_all()
+                .map_err(io_err("flush image file", &self.path))?;
+        }
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("flush directory", &self.dir))
+    }
+}
+
+/// An [`ImageError::Io`] maker for `action` on `path`.
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
+    let path = path.to_path_buf();
+    move |source| ImageError::Io {
+        action,
+        path,
+        source,
     }
 }
 

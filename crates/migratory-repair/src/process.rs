@@ -9,22 +9,65 @@
 //! 1. the sockets are taken from the running process (`pidfd_getfd`), their
 //!    send buffers given room for what the process will answer (nothing is
 //!    acknowledged while the lock holds), the lock's table made, and our
-//!    packets to the peers dropped ([`Direction::Outbound`]): a peer that
-//!    streams stops once its window is out, with everything it sent in our
-//!    receive queue;
-//! 2. once no byte came for two round trips (at least 1 ms, at most
-//!    30 ms), the peers' packets are dropped too ([`Direction::Inbound`]),
-//!    and the process gets a moment (at most 100 ms) to finish with what it
+//!    packets to the peers dropped ([`Direction::Outbound`]): what arrives
+//!    from now on is not acknowledged to the peer;
+//! 2. once each peer has either sent something new (then 0.5 ms or two
+//!    round trips later) or nothing for two round trips (at least 1 ms; at
+//!    most 30 ms in all), the peers' packets are dropped too
+//!    ([`Direction::Inbound`]; a streaming peer then resends what the lock
+//!    drops as soon as the restored socket answers, see "Packets dropped
+//!    by the lock" below), and the process gets a moment (at most 100 ms)
+//!    to finish with what it
 //!    already received: until its threads sleep, its sockets have nothing
 //!    left to read and room to write, and its pipes are empty;
 //! 3. the process is stopped, the sockets frozen (repair mode) and read,
-//!    the image written, read back and compared, and the lock checked;
+//!    the image written (renamed into place whole), read back and compared
+//!    byte for byte with its encoding (which decodes to the image), and the
+//!    lock checked;
 //! 4. only then is the process killed ([`After::Kill`]); its sockets close
-//!    silently, and the lock stays until the restore lifts it.
+//!    silently, and the lock stays until the restore lifts it;
+//! 5. the image is flushed to disk (file, then directory) before the
+//!    checkpoint reports success.
 //!
 //! A failure at any point before 4 lifts the lock, takes the sockets out
 //! of repair mode, lets the process continue and removes the image: the
 //! peer sees at most a pause. [`FailPoint`] forces such failures in tests.
+//! After 4 an error leaves the image in place: it is the connections' only
+//! copy.
+//!
+//! # Packets dropped by the lock
+//!
+//! Until 2026-12 the inbound lock waited until the peers went quiet: a
+//! streaming peer stops only once its congestion window is out, sent at its
+//! application's pace (6-7 ms of the stall in BENCHMARKS.md), and nothing
+//! it sent was dropped. Now a peer that streams has its packets dropped
+//! shortly after its first new byte (`wait_peers_quiet`), and the restore
+//! makes it resend them at once: the restored socket's first segment (an
+//! acknowledgement the restore sends as it goes live, see
+//! [`crate::repair`]) acknowledges what arrived here after our packets
+//! were held back, which the peer has not seen acknowledged. That frees its
+//! window, it sends new data, which arrives beyond the hole the lock left,
+//! the restored socket says so (SACK), and the peer resends the dropped
+//! segments at once (RACK, RFC 8985) rather than at its retransmission
+//! timeout (200 ms or more). What the image holds is unaffected: the
+//! frozen socket's queues are what the kernel took in and acknowledged
+//! (dropped packets never reach it), checked before and after they are
+//! read and again after the kill. A peer that stops sending while the lock
+//! holds has no new data to send, and resends at its timeout, as before.
+//!
+//! # What is durable when
+//!
+//! The flush (2.5-5 ms of `fsync` on the disk measured in BENCHMARKS.md)
+//! comes after the kill, off the path of the move: a restore reads the image
+//! as soon as it is in place, from the page cache. Every reader sees the
+//! whole image or none (the rename), and the process dies only once the
+//! file system holds the image as verified. What the flush adds is the
+//! image surviving a crash of this host; a crash between the kill and the
+//! end of the flush (milliseconds) may leave no image, or a truncated file
+//! that no restore accepts (length and checksum). Such a crash also ends
+//! the lock, so the peers' next packets meet no socket and are reset: on
+//! the same host the connections cannot outlive it whatever is on disk. A
+//! checkpoint that succeeded has flushed its image, as before.
 //!
 //! A failed restore closes what it restored silently and keeps the lock:
 //! the image still holds the connections, and can be restored again.
@@ -42,7 +85,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::handoff::{self, HandoffError, Stopped};
-use crate::image::{ImageError, ImageFile};
+use crate::image::{self, ImageError, ImageFile};
 use crate::lock::{Connection, Direction, LockError, NetLock, DEFAULT_TIMEOUT};
 use crate::repair::{
     abandon, bytes_received, checkpoint, connection, disconnect_silently, prepare,
@@ -58,6 +101,11 @@ const RECHECKS: usize = 10;
 /// held back, before theirs are dropped too: at least this, and at least
 /// two round trips.
 const PEERS_QUIET: Duration = Duration::from_millis(1);
+
+/// How long after a peer's first new byte with our packets held back its
+/// packets are dropped too (at least; two round trips if longer): see
+/// [`wait_peers_quiet`].
+const PEERS_CUT: Duration = Duration::from_micros(500);
 
 /// The longest the outbound-only phase of the lock lasts (a peer with a
 /// large window may not run out of it sooner).
@@ -358,8 +406,15 @@ fn take_sockets(
     Ok(taken)
 }
 
-/// With our packets held back, waits (at most [`PEERS_QUIET_MAX`]) until
-/// no socket has received anything for [`PEERS_QUIET`] or two round trips.
+/// With our packets held back, waits until every socket either has taken
+/// in something new (the peer is streaming) and then [`PEERS_CUT`] or two
+/// round trips went by, or has received nothing for [`PEERS_QUIET`] or two
+/// round trips (the peer is quiet); at most [`PEERS_QUIET_MAX`] in all.
+/// Something new arrived here is what the restored socket's first segment
+/// acknowledges, which makes a streaming peer resend what the lock drops
+/// at once (see "Packets dropped by the lock" in the [module docs](self));
+/// the wait after the first new byte lets what was already in flight, or
+/// sent in one burst at the link's pace, arrive whole.
 fn wait_peers_quiet(taken: &Taken) {
     let rtt = taken
         .iter()
@@ -367,21 +422,30 @@ fn wait_peers_quiet(taken: &Taken) {
         .max()
         .unwrap_or_default();
     let quiet = PEERS_QUIET.max(2 * rtt);
-    let total = || {
-        taken
-            .iter()
-            .map(|(_, s)| bytes_received(s).unwrap_or(0))
-            .sum::<u64>()
-    };
+    let cut = PEERS_CUT.max(2 * rtt);
+    let received = |s: &OwnedFd| bytes_received(s).unwrap_or(0);
     let start = Instant::now();
-    let mut last = total();
-    let mut since = Instant::now();
-    while start.elapsed() < PEERS_QUIET_MAX && since.elapsed() < quiet {
-        std::thread::sleep(Duration::from_micros(200));
-        let now = total();
-        if now != last {
-            last = now;
-            since = Instant::now();
+    // Per socket: bytes received, when that last changed, and when it
+    // first changed.
+    let mut seen: Vec<(u64, Instant, Option<Instant>)> = taken
+        .iter()
+        .map(|(_, s)| (received(s), start, None))
+        .collect();
+    let done = |seen: &[(u64, Instant, Option<Instant>)]| {
+        seen.iter().all(|&(_, since, first)| match first {
+            Some(first) => first.elapsed() >= cut || since.elapsed() >= quiet,
+            None => since.elapsed() >= quiet,
+        })
+    };
+    while start.elapsed() < PEERS_QUIET_MAX && !done(&seen) {
+        std::thread::sleep(Duration::from_micros(100));
+        for ((_, s), (last, since, first)) in taken.iter().zip(seen.iter_mut()) {
+            let now = received(s);
+            if now != *last {
+                *last = now;
+                *since = Instant::now();
+                first.get_or_insert(*since);
+            }
         }
     }
 }
@@ -431,6 +495,7 @@ fn finish_checkpoint(
     let fail = |point| options.inject(point);
     let mut image = ImageFile::default();
     let mut written = false;
+    let placed = &mut None;
     let result = (|| {
         fail(FailPoint::Stopped)?;
         for (fd, sock) in &taken {
@@ -443,15 +508,23 @@ fn finish_checkpoint(
         }
         fail(FailPoint::Checkpointed)?;
         step("ck checkpointed");
-        // The lock is checked (a netlink request) while the image is
-        // written.
+        image.validate()?;
+        let bytes = image.encode();
+        // While the image is written: the lock is checked (a netlink
+        // request), and the encoding decoded again, which must give the
+        // image back. The file read back must then be the encoding, byte
+        // for byte: together, the file decodes to the image.
         std::thread::scope(|scope| {
             let check = lock.map(|l| scope.spawn(|| l.check(Direction::Inbound)));
-            image.write_to(output)?;
+            let decoded = scope.spawn(|| ImageFile::decode(&bytes).is_ok_and(|d| d == image));
+            // Flushed to disk only once the process is killed (below): see
+            // the module docs.
+            *placed = Some(image::place_unflushed(&bytes, output)?);
             step("ck written");
             written = true;
             fail(FailPoint::Written)?;
-            if ImageFile::read_from(output)? != image {
+            let read_back = ImageFile::read_bytes(output)?;
+            if !decoded.join().unwrap_or(false) || read_back != bytes {
                 return Err(ProcessError::Verify(output.display().to_string()));
             }
             fail(FailPoint::Verified)?;
@@ -505,6 +578,9 @@ fn finish_checkpoint(
             if let Some(lock) = lock {
                 lock.release()?;
             }
+            if let Some(placed) = placed.take() {
+                placed.flush()?;
+            }
             first_error.map_or(Ok(image), Err)
         }
         After::Kill => {
@@ -539,9 +615,16 @@ fn finish_checkpoint(
                         }
                         step("ck disconnected");
                     }
+                    // On disk before the checkpoint says it is done (an
+                    // image rewritten below already is).
+                    if let Some(placed) = placed.take() {
+                        placed.flush()?;
+                    }
+                    step("ck flushed");
                     return Ok(image);
                 }
                 image.write_to(output)?;
+                *placed = None;
             }
             Err(ProcessError::PeersKeepSending)
         }
@@ -588,13 +671,15 @@ pub fn restore_when_ready(
     let deadline = Instant::now() + wait;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let image = ImageFile::wait_read(path, left)?;
+        let (image, bytes) = ImageFile::wait_read_bytes(path, left)?;
         step("rs image");
         let prepared = prepare_all(&image, Some(deadline))?;
+        step("rs connected");
         // The checkpointed sockets are gone (on this host): the image is the
-        // last its checkpoint wrote, unless that checkpoint failed.
-        match ImageFile::read_from(path) {
-            Ok(again) if again == image => {
+        // last its checkpoint wrote, unless that checkpoint failed. (The
+        // same bytes: the same image, without decoding it again.)
+        match ImageFile::read_bytes(path) {
+            Ok(again) if again == bytes => {
                 let lock = lock_timeout.map(|t| image_lock(&image, t)).transpose()?;
                 let sockets = go_live_all(&image, prepared, lock.as_ref())?;
                 return Ok((image, lock, sockets));

@@ -52,6 +52,22 @@ const UNSENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a just-closed socket of the same connection may linger.
 const CLOSE_GRACE: Duration = Duration::from_millis(50);
 
+/// How far (in milliseconds) a restored socket's timestamp clock starts
+/// ahead of the value read at checkpoint.
+///
+/// A peer drops, as old (PAWS, RFC 7323), every segment whose timestamp is
+/// more than one below the newest it accepted. `TCP_TIMESTAMP` reads the
+/// socket's clock, but a paced socket (BBR, fq) stamps its segments with
+/// their departure time, which runs ahead of that clock: 36 ms ahead was
+/// seen here, with the echo server's backlog sent at a restored socket's
+/// first pacing rate. Restored at the clock's value, the socket's data was
+/// dropped by the peer until its first retransmission timeout (1 s, with no
+/// round-trip estimate yet): the ~1 s stalls of BENCHMARKS.md (the peer
+/// counted them as `PAWSEstab`). Timestamps only have to grow: the peer
+/// takes a jump forward as it is (it echoes it back; nothing measures the
+/// gap), and one second is far above any pacing lead.
+const TS_AHEAD: u32 = 1000;
+
 /// How long a re-created FIN may take to reach the restored socket.
 const FIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -658,6 +674,19 @@ fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError
         inject_fin(image, snd_una)?;
         wait_state(stream, &[TcpState::CloseWait.to_linux()], "CLOSE_WAIT")?;
     }
+    // Before anything else of ours goes out, an acknowledgement the peer
+    // reads (see `send_ack`). Not where the socket itself acknowledges at
+    // once: the re-created FIN of CLOSE_WAIT and CLOSING, our FIN of
+    // FIN_WAIT1 and LAST_ACK. Best effort: the connection is whole without
+    // it, only the peer may wait for its timeout.
+    let snd_nxt = match image.state {
+        TcpState::Established => Some(image.snd_seq.wrapping_sub(image.unsent.len() as u32)),
+        TcpState::FinWait2 => Some(image.snd_seq),
+        _ => None,
+    };
+    if let Some(snd_nxt) = snd_nxt {
+        let _ = send_ack(stream, image, snd_nxt);
+    }
     if !image.unsent.is_empty() {
         // Room for the whole queue at once, so that writing it never waits
         // for the peer (an explicit size stops autotuning: only when the
@@ -721,13 +750,66 @@ fn inject_fin(image: &SocketImage, ack: u32) -> Result<(), RepairError> {
     let tcp = tcp_segment(
         image.peer,
         image.local,
-        image.rcv_seq.wrapping_sub(1),
-        ack,
+        (image.rcv_seq.wrapping_sub(1), ack),
+        TCP_FIN | TCP_ACK,
         window.min(0xffff) as u16,
+        &[],
     );
-    let (domain, packet) = match (image.peer.ip(), image.local.ip()) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => (Domain::IPV4, ipv4_packet(src, dst, &tcp)),
-        (IpAddr::V6(src), IpAddr::V6(dst)) => (Domain::IPV6, ipv6_packet(src, dst, &tcp)),
+    send_raw(image.peer, image.local, &tcp)
+}
+
+/// Sends the peer, from the restored (live) socket's address, the
+/// acknowledgement that socket would send: sequence number `snd_nxt`,
+/// acknowledging the image's `rcv_seq`, the window the old socket last
+/// advertised (same right edge), and a timestamp from the socket's clock
+/// when timestamps are on (echoing 0, as the restored socket itself does
+/// until it hears from the peer: repair mode does not restore the peer's
+/// last timestamp).
+///
+/// Why: on leaving repair mode the kernel sends a window probe, whose
+/// sequence number is one before `snd_una`, so the peer drops it as old
+/// without reading its acknowledgement (and answers at most twice a
+/// second, `tcp_invalid_ratelimit`). Under a network lock the peer has not
+/// seen what arrived after our packets were held back acknowledged: until
+/// something of ours in its window says so, a peer whose window is out
+/// waits for its retransmission timeout (200 ms or more), and a peer whose
+/// later packets the lock dropped cannot learn that (see
+/// [`crate::process`]). A socket that has data to send says so with it;
+/// one that only receives would say nothing.
+fn send_ack(stream: &TcpStream, image: &SocketImage, snd_nxt: u32) -> Result<(), RepairError> {
+    let rcv_wscale = image.wscale.map_or(0, |(_, rcv)| rcv);
+    let right_edge = image.window.rcv_wup.wrapping_add(image.window.rcv_wnd);
+    let window = (right_edge.wrapping_sub(image.rcv_seq) as i32).max(0) as u32;
+    let mut options = Vec::new();
+    if image.timestamp.is_some() {
+        let now = get_int(
+            stream.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_TIMESTAMP,
+            "TCP_TIMESTAMP",
+        )? as u32;
+        // NOP, NOP, timestamps (kind 8, length 10): TSval, TSecr.
+        options.extend_from_slice(&[1, 1, 8, 10]);
+        options.extend_from_slice(&now.to_be_bytes());
+        options.extend_from_slice(&0u32.to_be_bytes());
+    }
+    let tcp = tcp_segment(
+        image.local,
+        image.peer,
+        (snd_nxt, image.rcv_seq),
+        TCP_ACK,
+        (window >> rcv_wscale).min(0xffff) as u16,
+        &options,
+    );
+    send_raw(image.local, image.peer, &tcp)
+}
+
+/// Sends the TCP segment `tcp` from `src` to `dst` through a raw socket
+/// whose packets carry [`LOCK_MARK`] (a network lock lets them through).
+fn send_raw(src: SocketAddr, dst: SocketAddr, tcp: &[u8]) -> Result<(), RepairError> {
+    let (domain, packet) = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (Domain::IPV4, ipv4_packet(s, d, tcp)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (Domain::IPV6, ipv6_packet(s, d, tcp)),
         _ => return Err(RepairError::InvalidImage("mixed address families".into())),
     };
     let raw = Socket::new(domain, Type::RAW, Some(socket2::Protocol::TCP))
@@ -740,24 +822,38 @@ fn inject_fin(image: &SocketImage, ack: u32) -> Result<(), RepairError> {
             .map_err(sys("IPV6_HDRINCL"))?;
     }
     raw.set_mark(LOCK_MARK).map_err(sys("SO_MARK"))?;
-    let to = SocketAddr::new(image.local.ip(), 0);
+    let to = SocketAddr::new(dst.ip(), 0);
     raw.send_to(&packet, &to.into())
-        .map_err(sys("send (raw FIN)"))?;
+        .map_err(sys("send (raw TCP segment)"))?;
     Ok(())
 }
 
-/// A 20-byte TCP header with FIN and ACK set and its checksum over the
-/// pseudo-header of `src -> dst`.
-fn tcp_segment(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, window: u16) -> Vec<u8> {
-    let mut h = Vec::with_capacity(20);
+/// TCP header flags.
+const TCP_FIN: u8 = 0x01;
+const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment without data from `src` to `dst`: `(seq, ack)`, `flags`,
+/// `window`, `options` (a multiple of four bytes), and its checksum over
+/// the pseudo-header.
+fn tcp_segment(
+    src: SocketAddr,
+    dst: SocketAddr,
+    (seq, ack): (u32, u32),
+    flags: u8,
+    window: u16,
+    options: &[u8],
+) -> Vec<u8> {
+    debug_assert!(options.len() % 4 == 0 && options.len() <= 40);
+    let mut h = Vec::with_capacity(20 + options.len());
     h.extend_from_slice(&src.port().to_be_bytes());
     h.extend_from_slice(&dst.port().to_be_bytes());
     h.extend_from_slice(&seq.to_be_bytes());
     h.extend_from_slice(&ack.to_be_bytes());
-    h.push(5 << 4); // data offset: 5 words, no options
-    h.push(0x11); // FIN | ACK
+    h.push((5 + options.len() as u8 / 4) << 4); // data offset, in words
+    h.push(flags);
     h.extend_from_slice(&window.to_be_bytes());
     h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+    h.extend_from_slice(options);
     let mut pseudo = Vec::with_capacity(40 + h.len());
     match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -909,6 +1005,14 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts)
         .map_err(sys("TCP_REPAIR_OPTIONS"))?;
     if let Some(ts) = image.timestamp {
+        // Ahead of the checkpoint's clock (see TS_AHEAD). The low bit says
+        // whether the clock counts microseconds (kept as it is).
+        let ahead = if ts & 1 == 1 {
+            TS_AHEAD * 1000
+        } else {
+            TS_AHEAD
+        };
+        let ts = ts.wrapping_add(ahead) & !1 | ts & 1;
         setsockopt_int(
             fd,
             libc::IPPROTO_TCP,

@@ -4,7 +4,8 @@
 //! peer's ACK held back by the lock). Each is produced for real between two
 //! network namespaces (`client` and `host`), checkpointed under the lock,
 //! closed silently, restored, and then both sides finish their close with
-//! every byte delivered.
+//! every byte delivered. And ESTABLISHED with what the peer sent under the
+//! lock unacknowledged: the restore acknowledges it at once.
 //!
 //! Needs root, `ip` and `nft`; skips, saying why, without them.
 
@@ -300,4 +301,86 @@ fn the_recreated_fin_passes_a_lock_that_still_holds() {
     assert_eq!(read_all(&restored), b"up");
     drop(restored);
     assert!(read_all(&peer).is_empty());
+}
+
+/// Bytes `s` sent that its peer has not acknowledged yet (`SIOCOUTQ`),
+/// and its retransmission timeout (`tcpi_rto`).
+fn unacked_and_rto(s: &TcpStream) -> (usize, Duration) {
+    use std::os::fd::AsRawFd;
+    let mut outq: libc::c_int = 0;
+    // SAFETY: `s` is an open socket for the whole call, and TIOCOUTQ
+    // (SIOCOUTQ) writes one c_int to the valid pointer given.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    // SAFETY: tcp_info is plain data, for which all zeroes is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of `len` bytes; the
+    // kernel writes at most that much and sets `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    (outq as usize, Duration::from_micros(info.tcpi_rto.into()))
+}
+
+/// What the peer sent after our packets were held back (its
+/// acknowledgement never left) is acknowledged by the restored socket as
+/// soon as it goes live, though it has nothing to send: the peer hears it
+/// before its retransmission timeout would have made it resend. (The
+/// kernel's own window probe, as repair mode ends, carries an old
+/// sequence number: the peer drops it unread.)
+#[test]
+fn a_restored_socket_acknowledges_at_once_what_came_under_the_lock() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::new("ak");
+    let (ours, mut peer) = net.pair(7107);
+    let l = lock(&net, &net.host, conn(&ours), &[Direction::Outbound]);
+    let data = vec![7u8; 10_000];
+    peer.write_all(&data).unwrap();
+    let sent = Instant::now();
+    let (_, rto) = unacked_and_rto(&peer);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while migratory_repair::unread(&ours).unwrap() < data.len() {
+        assert!(Instant::now() < deadline, "the data never arrived");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (unacked, _) = unacked_and_rto(&peer);
+    assert_eq!(unacked, data.len(), "our acknowledgement was held back");
+    let inbound = l.clone();
+    net.run(&net.host, move || inbound.block(Direction::Inbound))
+        .expect("lock inbound");
+    // The peer's tail loss probe (its last segment sent again, two round
+    // trips and a few timer ticks after it sent) meets the lock: only its
+    // retransmission timeout would resend now.
+    std::thread::sleep(rto / 4);
+    let mut restored = move_socket(&net, ours, l, TcpState::Established);
+    loop {
+        let (unacked, _) = unacked_and_rto(&peer);
+        if unacked == 0 {
+            break;
+        }
+        assert!(
+            sent.elapsed() < rto,
+            "{unacked} bytes still unacknowledged {:?} after they were sent (the peer's RTO: {rto:?})",
+            sent.elapsed()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut got = vec![0u8; data.len()];
+    restored.read_exact(&mut got).unwrap();
+    assert_eq!(got, data);
+    restored.write_all(b"and back").unwrap();
+    let mut back = [0u8; 8];
+    peer.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"and back");
 }
