@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use migratory::proto::error::SessionError;
-use migratory::MigratoryStream;
+use migratory::{ClientTls, MigratoryStream};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -26,7 +26,11 @@ async fn main() {
     let every: u64 = arg(&args, "--migrate-every")
         .parse()
         .expect("--migrate-every N");
-    let mut s = MigratoryStream::connect(&[server]).await.expect("connect");
+    // The pool CA that `file_server --certs DIR` wrote (DIR/ca.pem).
+    let tls = ClientTls::from_ca_file(arg(&args, "--ca")).unwrap_or_else(|e| panic!("{e}"));
+    let mut s = MigratoryStream::connect(&[server], &tls)
+        .await
+        .expect("connect");
     s.write_all(format!("GET {file}\n").as_bytes())
         .await
         .expect("request");

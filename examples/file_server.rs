@@ -2,18 +2,20 @@
 //! servers in one process. A client sends `GET <name>\n`; the per-session
 //! state is (file name, offset); the server snapshots after every chunk it
 //! writes, and a server that receives the session resumes by seeking to the
-//! offset. Run:
+//! offset. Every connection is TLS 1.3: the server makes a pool CA and its
+//! servers' certificates in `--certs DIR` (unless `DIR/ca.pem` exists), and
+//! the client trusts `DIR/ca.pem`. Run:
 //!
 //! ```sh
-//! cargo run --example file_server -- --root DIR --service-ports 7101,7102,7103 --control-ports 7201,7202,7203
-//! cargo run --example file_client -- --server 127.0.0.1:7101 --file NAME --out /tmp/copy --migrate-every 8
+//! cargo run --example file_server -- --root DIR --certs /tmp/pool --service-ports 7101,7102,7103 --control-ports 7201,7202,7203
+//! cargo run --example file_client -- --server 127.0.0.1:7101 --ca /tmp/pool/ca.pem --file NAME --out /tmp/copy --migrate-every 8
 //! ```
 
 use std::io::SeekFrom;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use migratory::{Arrival, Peer, ServerBuilder, Session};
+use migratory::{Arrival, Peer, PoolCerts, ServerBuilder, ServerTls, Session};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -99,10 +101,31 @@ async fn main() {
     );
     let svc = ports(&args, "--service-ports");
     let ctl = ports(&args, "--control-ports");
+    let certs = PathBuf::from(
+        &args[args
+            .iter()
+            .position(|a| a == "--certs")
+            .expect("missing --certs")
+            + 1],
+    );
+    let ids: Vec<String> = (0..svc.len()).map(|i| format!("s{}", i + 1)).collect();
+    if !certs.join("ca.pem").exists() {
+        let pool = PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME).expect("pool CA");
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        pool.write_dir(&certs, &ids)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     for i in 0..svc.len() {
-        let mut b = ServerBuilder::new(format!("s{}", i + 1));
-        b.service(addr(svc[i]))
+        let mut b = ServerBuilder::new(&ids[i]);
+        let tls = ServerTls::from_pem_files(
+            certs.join("ca.pem"),
+            certs.join(format!("{}.pem", ids[i])),
+            certs.join(format!("{}.key", ids[i])),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        b.tls(tls)
+            .service(addr(svc[i]))
             .control(addr(ctl[i]))
             .cluster_key(KEY);
         for j in (0..svc.len()).filter(|j| *j != i) {

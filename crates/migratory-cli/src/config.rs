@@ -1,13 +1,20 @@
-//! The pool configuration file (TOML): the cluster key, every server's
-//! addresses, and the limits and timeouts they share.
+//! The pool configuration file (TOML): the cluster key, the TLS files,
+//! every server's addresses, and the limits and timeouts they share.
 //!
 //! ```toml
 //! cluster_key_file = "cluster.key"     # or cluster_key = "..."; never logged
+//! [tls]                                # optional: these are the defaults
+//! dir = "certs"                        # ca.pem, <id>.pem, <id>.key, operator.pem/.key
+//! pool_name = "pool.migratory"         # the name every server certificate carries
 //! [[server]]
 //! id = "s1"
 //! service = "127.0.0.1:7101"           # clients connect here
 //! control = "127.0.0.1:7201"           # peers and operators connect here
+//! # cert = "...", key = "..."          # instead of <dir>/s1.pem and <dir>/s1.key
 //! ```
+//!
+//! TLS is always on unless the file says `insecure_plaintext = true`.
+//! `migratory certs --config FILE` makes the files `[tls]` names.
 //!
 //! Every error is one line naming the file and the key at fault.
 
@@ -18,7 +25,9 @@ use std::time::Duration;
 
 use migratory::proto::config::{Limits, ServerTimeouts};
 use migratory::server::DEFAULT_PREAMBLE_WAIT;
-use migratory::{Peer, ServerBuilder, OPERATOR_ID};
+#[cfg(test)]
+use migratory::ClientTls;
+use migratory::{OperatorTls, Peer, ServerBuilder, ServerTls, OPERATOR_ID};
 use serde::Deserialize;
 
 /// Shortest cluster key accepted, in bytes.
@@ -29,6 +38,10 @@ const MIN_KEY_LEN: usize = 16;
 struct RawConfig {
     cluster_key: Option<String>,
     cluster_key_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_plaintext: bool,
+    #[serde(default)]
+    tls: RawTls,
     #[serde(default, with = "humantime_serde")]
     preamble_wait: Option<Duration>,
     max_state: Option<usize>,
@@ -38,6 +51,14 @@ struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(rename = "server", default)]
     servers: Vec<RawServer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    dir: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    pool_name: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -73,6 +94,8 @@ struct RawServer {
     service: SocketAddr,
     control: SocketAddr,
     backup: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 /// One server of the pool.
@@ -86,6 +109,22 @@ pub struct ServerEntry {
     pub control: SocketAddr,
     /// The peer that keeps eager replicas of its sessions.
     pub backup: Option<String>,
+    /// Its certificate and key files (TLS).
+    pub cert: PathBuf,
+    /// Its private key file.
+    pub key: PathBuf,
+}
+
+/// Where a pool's TLS files are (`None` in [`PoolConfig`]: insecure
+/// plaintext).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Folder of the files `migratory certs` writes.
+    pub dir: PathBuf,
+    /// The pool CA's certificate.
+    pub ca: PathBuf,
+    /// The name every server certificate carries.
+    pub pool_name: String,
 }
 
 /// A checked pool configuration.
@@ -100,6 +139,8 @@ pub struct PoolConfig {
     timeouts: ServerTimeouts,
     preamble_wait: Duration,
     max_state: usize,
+    /// The TLS files; `None` when the pool runs insecure plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl fmt::Debug for PoolConfig {
@@ -199,6 +240,28 @@ impl PoolConfig {
         if raw.servers.is_empty() {
             return Err(at("server", "no [[server]] entries".into()));
         }
+        let beside = |f: &Path| path.parent().unwrap_or(Path::new(".")).join(f);
+        let dir = beside(raw.tls.dir.as_deref().unwrap_or(Path::new("certs")));
+        let pool_name = raw
+            .tls
+            .pool_name
+            .clone()
+            .unwrap_or_else(|| migratory::tls::DEFAULT_POOL_NAME.into());
+        if rustls_pki_types::ServerName::try_from(pool_name.as_str()).is_err() {
+            return Err(at(
+                "tls.pool_name",
+                format!("{pool_name:?} is not a DNS name"),
+            ));
+        }
+        let tls = (!raw.insecure_plaintext).then(|| TlsFiles {
+            ca: raw
+                .tls
+                .ca
+                .as_deref()
+                .map_or_else(|| dir.join("ca.pem"), beside),
+            dir: dir.clone(),
+            pool_name,
+        });
         let mut servers: Vec<ServerEntry> = Vec::new();
         for (i, s) in raw.servers.iter().enumerate() {
             let key = |k: &str| format!("server[{i}].{k}");
@@ -228,11 +291,25 @@ impl PoolConfig {
             if s.service == s.control {
                 return Err(at(&key("control"), "must differ from service".into()));
             }
+            if rustls_pki_types::ServerName::try_from(s.id.as_str()).is_err() {
+                return Err(at(
+                    &key("id"),
+                    format!("{:?}: must be a DNS name (its certificate names it)", s.id),
+                ));
+            }
             servers.push(ServerEntry {
                 id: s.id.clone(),
                 service: s.service,
                 control: s.control,
                 backup: s.backup.clone(),
+                cert: s
+                    .cert
+                    .as_deref()
+                    .map_or_else(|| dir.join(format!("{}.pem", s.id)), beside),
+                key: s
+                    .key
+                    .as_deref()
+                    .map_or_else(|| dir.join(format!("{}.key", s.id)), beside),
             });
         }
         for (i, s) in servers.iter().enumerate() {
@@ -302,7 +379,56 @@ impl PoolConfig {
             timeouts,
             preamble_wait: raw.preamble_wait.unwrap_or(DEFAULT_PREAMBLE_WAIT),
             max_state,
+            tls,
         })
+    }
+
+    /// Server `id`'s TLS settings, loaded from its files.
+    pub fn server_tls(&self, id: &str) -> Result<ServerTls, ConfigError> {
+        let me = self.server(id)?;
+        match &self.tls {
+            None => Ok(ServerTls::insecure_plaintext()),
+            Some(t) => Ok(ServerTls::from_pem_files(&t.ca, &me.cert, &me.key)
+                .map_err(|e| self.tls_error(e))?
+                .pool_name(&t.pool_name)),
+        }
+    }
+
+    /// The TLS settings of a client of the pool (the CA file).
+    #[cfg(test)]
+    pub fn client_tls(&self) -> Result<ClientTls, ConfigError> {
+        match &self.tls {
+            None => Ok(ClientTls::insecure_plaintext()),
+            Some(t) => ClientTls::from_ca_file(&t.ca)
+                .and_then(|c| c.pool_name(&t.pool_name))
+                .map_err(|e| self.tls_error(e)),
+        }
+    }
+
+    /// The operator's TLS settings (`operator.pem` and `operator.key` in
+    /// the TLS folder).
+    pub fn operator_tls(&self) -> Result<OperatorTls, ConfigError> {
+        match &self.tls {
+            None => Ok(OperatorTls::insecure_plaintext()),
+            Some(t) => OperatorTls::from_pem_files(
+                &t.ca,
+                t.dir.join(format!("{OPERATOR_ID}.pem")),
+                t.dir.join(format!("{OPERATOR_ID}.key")),
+            )
+            .map_err(|e| self.tls_error(e)),
+        }
+    }
+
+    fn tls_error(&self, e: migratory::Error) -> ConfigError {
+        let text = match e {
+            migratory::Error::Config(t) => t,
+            other => other.to_string(),
+        };
+        ConfigError(format!(
+            "{}: tls: {text} (`migratory certs --config {}` makes the pool's files)",
+            self.path.display(),
+            self.path.display()
+        ))
     }
 
     /// The cluster key.
@@ -322,11 +448,13 @@ impl PoolConfig {
         })
     }
 
-    /// A builder for server `id`, with every other server as its peer.
+    /// A builder for server `id`, with every other server as its peer and
+    /// its TLS files loaded.
     pub fn builder(&self, id: &str) -> Result<ServerBuilder, ConfigError> {
         let me = self.server(id)?;
         let mut b = ServerBuilder::new(&me.id);
-        b.service(me.service)
+        b.tls(self.server_tls(id)?)
+            .service(me.service)
             .control(me.control)
             .cluster_key(self.key.clone())
             .limits(self.limits.clone())
@@ -381,9 +509,33 @@ control = "127.0.0.1:7202"
             .to_string()
     }
 
+    /// `GOOD` with its TLS files made in a fresh folder (removed on drop).
+    struct WithCerts(PathBuf, String);
+
+    impl WithCerts {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("migratory-config-{tag}-{}", std::process::id()));
+            migratory::PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME)
+                .unwrap()
+                .write_dir(&dir, &["s1", "s2"])
+                .unwrap();
+            // A table may follow the [[server]] entries.
+            let text = format!("{GOOD}[tls]\ndir = {:?}\n", dir.display().to_string());
+            Self(dir, text)
+        }
+    }
+
+    impl Drop for WithCerts {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn a_good_config_builds_every_server() {
-        let c = PoolConfig::parse(GOOD, Path::new("pool.toml")).expect("valid");
+        let certs = WithCerts::new("good");
+        let c = PoolConfig::parse(&certs.1, Path::new("pool.toml")).expect("valid");
         assert_eq!(c.servers.len(), 2);
         assert_eq!(c.key(), b"0123456789abcdef0123");
         assert_eq!(c.timeouts.orphan, Duration::from_secs(120));
@@ -397,6 +549,57 @@ control = "127.0.0.1:7202"
     }
 
     #[test]
+    fn tls_files_are_named_in_errors_and_plaintext_only_by_name() {
+        // No [tls]: the default folder `certs` beside the file, missing.
+        let c = PoolConfig::parse(GOOD, Path::new("/nonexistent/pool.toml")).expect("valid");
+        let e = c.builder("s1").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/certs/ca.pem"), "{e}");
+        assert!(e.contains("migratory certs"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e:?}");
+        // A certificate of another server: named, with the id it lacks.
+        let certs = WithCerts::new("swap");
+        let text = certs.1.replacen(
+            "id = \"s1\"\n",
+            &format!(
+                "id = \"s1\"\ncert = {:?}\nkey = {:?}\n",
+                certs.0.join("s2.pem").display().to_string(),
+                certs.0.join("s2.key").display().to_string()
+            ),
+            1,
+        );
+        let c = PoolConfig::parse(&text, Path::new("pool.toml")).expect("valid");
+        let e = match c.builder("s1") {
+            Ok(b) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(b.bind())
+                .unwrap_err()
+                .to_string(),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("s2.pem") && e.contains("\"s1\""), "{e}");
+        // A key that is not the certificate's: both files named.
+        let text = certs.1.replacen(
+            "id = \"s1\"\n",
+            &format!(
+                "id = \"s1\"\nkey = {:?}\n",
+                certs.0.join("s2.key").display().to_string()
+            ),
+            1,
+        );
+        let c = PoolConfig::parse(&text, Path::new("pool.toml")).expect("valid");
+        let e = c.builder("s1").unwrap_err().to_string();
+        assert!(e.contains("s2.key") && e.contains("s1.pem"), "{e}");
+        // Plaintext only when the file says so.
+        let text = format!("insecure_plaintext = true\n{GOOD}");
+        let c = PoolConfig::parse(&text, Path::new("pool.toml")).expect("valid");
+        assert!(c.tls.is_none());
+        assert!(c.builder("s1").is_ok());
+        assert!(c.client_tls().unwrap().is_plaintext());
+    }
+
+    #[test]
     fn each_error_is_one_line_naming_the_key() {
         let cases = [
             (GOOD.replace("7101\"", "7101x\""), "server[0].service"),
@@ -405,6 +608,11 @@ control = "127.0.0.1:7202"
                 "server[0].backup",
             ),
             (GOOD.replace("id = \"s2\"", "id = \"s1\""), "server[1].id"),
+            (GOOD.replace("id = \"s2\"", "id = \"s 2\""), "server[1].id"),
+            (
+                format!("{GOOD}[tls]\npool_name = \"a b\"\n"),
+                "tls.pool_name",
+            ),
             (GOOD.replace("7202", "7201"), "server[1].control"),
             (
                 GOOD.replace("orphan = \"2m\"", "orphan = \"2 parsecs\""),

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use migratory::proto::types::SessionId;
-use migratory::{transfer, MigratoryStream, Peer, ServerBuilder, SessionControl};
+use migratory::{
+    transfer, ClientTls, MigratoryStream, Peer, PoolCerts, ServerBuilder, ServerTls, SessionControl,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -44,6 +46,9 @@ pub struct ServerArgs {
     /// Cluster key, hex.
     #[arg(long)]
     key: String,
+    /// Folder of the pool's TLS files (as `migratory certs` writes them).
+    #[arg(long)]
+    certs: std::path::PathBuf,
     /// A peer: ID=SERVICE,CONTROL (repeatable).
     #[arg(long = "peer")]
     peers: Vec<String>,
@@ -94,7 +99,14 @@ fn name(i: usize) -> String {
 /// operator channel); exits when stdin closes.
 pub async fn serve(args: ServerArgs) -> Result<bool, String> {
     let mut b = ServerBuilder::new(&args.id);
-    b.service(args.service)
+    let tls = ServerTls::from_pem_files(
+        args.certs.join("ca.pem"),
+        args.certs.join(format!("{}.pem", args.id)),
+        args.certs.join(format!("{}.key", args.id)),
+    )
+    .map_err(|e| e.to_string())?;
+    b.tls(tls)
+        .service(args.service)
         .control(args.control)
         .cluster_key(unhex(&args.key)?)
         .max_state(1 << 20);
@@ -165,6 +177,17 @@ struct Pool {
     children: Vec<Child>,
     stdins: Vec<ChildStdin>,
     service: Vec<SocketAddr>,
+    /// The pool's TLS files (removed when the demo ends).
+    certs: CertsDir,
+}
+
+/// A folder of TLS files, removed on drop.
+struct CertsDir(std::path::PathBuf);
+
+impl Drop for CertsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn start_pool(n: usize) -> Result<Pool, String> {
@@ -181,6 +204,14 @@ async fn start_pool(n: usize) -> Result<Pool, String> {
     };
     let service = reserve(n)?;
     let control = reserve(n)?;
+    // A pool CA and certificates of its own: every connection is TLS.
+    let certs =
+        CertsDir(std::env::temp_dir().join(format!("migratory-demo-{}", std::process::id())));
+    let ids: Vec<String> = (0..n).map(name).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME)
+        .and_then(|p| p.write_dir(&certs.0, &ids))
+        .map_err(|e| e.to_string())?;
     let mut children = Vec::new();
     let mut stdins = Vec::new();
     for i in 0..n {
@@ -193,7 +224,9 @@ async fn start_pool(n: usize) -> Result<Pool, String> {
             .arg("--control")
             .arg(control[i].to_string())
             .arg("--key")
-            .arg(&key);
+            .arg(&key)
+            .arg("--certs")
+            .arg(&certs.0);
         for j in (0..n).filter(|j| *j != i) {
             cmd.arg("--peer")
                 .arg(format!("{}={},{}", name(j), service[j], control[j]));
@@ -217,6 +250,7 @@ async fn start_pool(n: usize) -> Result<Pool, String> {
         children,
         stdins,
         service,
+        certs,
     })
 }
 
@@ -251,7 +285,8 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
         "pool of {n} server processes on loopback: {:?}",
         pool.service
     );
-    let stream = MigratoryStream::connect(&pool.service[..1])
+    let tls = ClientTls::from_ca_file(pool.certs.0.join("ca.pem")).map_err(|e| e.to_string())?;
+    let stream = MigratoryStream::connect(&pool.service[..1], &tls)
         .await
         .map_err(|e| e.to_string())?;
     let mut ctl = stream.control();

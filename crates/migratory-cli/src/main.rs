@@ -3,6 +3,7 @@
 //! once (`demo`).
 
 mod bench;
+mod certs;
 mod config;
 mod demo;
 mod netbench;
@@ -69,6 +70,9 @@ enum Command {
     /// Print a new random cluster key (64 hex digits) for a pool's
     /// `cluster_key_file`.
     Keygen,
+    /// Make a pool CA and TLS certificates for every server of a pool file
+    /// and for its operator, where the file's `[tls]` section says.
+    Certs(certs::CertsArgs),
     /// Print the session-protocol version this build speaks.
     ProtocolVersion,
 }
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
             );
             Ok(true)
         }
+        Command::Certs(args) => certs::run(args),
         Command::ProtocolVersion => {
             println!("{}", migratory::proto::frame::VERSION);
             Ok(true)

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
-use migratory::{Arrival, MigrationPhases, MigratoryStream, ServerBuilder, ServerHandle, Session};
+use migratory::{
+    Arrival, ClientTls, MigrationPhases, MigratoryStream, PoolCerts, ServerBuilder, ServerHandle,
+    ServerTls, Session,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -147,11 +150,44 @@ async fn raw_server(app: App) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// Whether a benchmark's sessions run over TLS (the default of every
+/// pool) or the plaintext a pool gets only when it asks for it (the
+/// runtime's own cost, against raw TCP).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sec {
+    Plain,
+    Tls,
+}
+
+/// The benchmark pool's CA and certificates, made once per run.
+fn bench_certs() -> Result<&'static PoolCerts, String> {
+    static CERTS: std::sync::OnceLock<PoolCerts> = std::sync::OnceLock::new();
+    if let Some(c) = CERTS.get() {
+        return Ok(c);
+    }
+    let c = PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME).map_err(|e| e.to_string())?;
+    Ok(CERTS.get_or_init(|| c))
+}
+
+fn server_tls(sec: Sec, id: &str) -> Result<ServerTls, String> {
+    match sec {
+        Sec::Plain => Ok(ServerTls::insecure_plaintext()),
+        Sec::Tls => bench_certs()?.server_tls(id).map_err(|e| e.to_string()),
+    }
+}
+
+fn client_tls(sec: Sec) -> Result<ClientTls, String> {
+    match sec {
+        Sec::Plain => Ok(ClientTls::insecure_plaintext()),
+        Sec::Tls => bench_certs()?.client_tls().map_err(|e| e.to_string()),
+    }
+}
+
 /// A pool of `n` migratory servers s1..sn running `app`; each session
 /// takes a snapshot of `state` bytes when it starts. Returns the service
 /// addresses.
-async fn pool(n: usize, app: App, state: usize) -> Result<Vec<SocketAddr>, String> {
-    Ok(pool_handles(n, app, state).await?.0)
+async fn pool(n: usize, app: App, state: usize, sec: Sec) -> Result<Vec<SocketAddr>, String> {
+    Ok(pool_handles(n, app, state, sec).await?.0)
 }
 
 /// [`pool`], with a handle on each server.
@@ -159,6 +195,7 @@ async fn pool_handles(
     n: usize,
     app: App,
     state: usize,
+    sec: Sec,
 ) -> Result<(Vec<SocketAddr>, Vec<ServerHandle>), String> {
     let mut listeners = Vec::new();
     for _ in 0..2 * n {
@@ -173,7 +210,8 @@ async fn pool_handles(
     let mut handles = Vec::new();
     for i in 0..n {
         let mut b = ServerBuilder::new(format!("s{}", i + 1));
-        b.service(addrs[2 * i])
+        b.tls(server_tls(sec, &format!("s{}", i + 1))?)
+            .service(addrs[2 * i])
             .control(addrs[2 * i + 1])
             .cluster_key(KEY)
             .max_state(state.len().max(64 * 1024));
@@ -288,14 +326,20 @@ impl AsyncWrite for Snapshotting {
 }
 
 /// A local proxy (as `migratory proxy` runs it) in front of `service`.
-async fn proxy(service: Vec<SocketAddr>) -> Result<SocketAddr, String> {
+async fn proxy(service: Vec<SocketAddr>, sec: Sec) -> Result<SocketAddr, String> {
+    let tls = client_tls(sec)?;
     let l = TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| e.to_string())?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         while let Ok((conn, peer)) = l.accept().await {
-            tokio::spawn(crate::proxy::relay(conn, peer, service.clone()));
+            tokio::spawn(crate::proxy::relay(
+                conn,
+                peer,
+                service.clone(),
+                tls.clone(),
+            ));
         }
     });
     Ok(addr)
@@ -304,8 +348,12 @@ async fn proxy(service: Vec<SocketAddr>) -> Result<SocketAddr, String> {
 #[derive(Clone, Copy)]
 enum Path {
     Raw,
+    /// A session in insecure plaintext: the runtime's own cost.
     Session,
+    /// The proxy path: a plain TCP connection to a local proxy.
     Proxy,
+    /// A session over TLS 1.3, as pools run by default.
+    SessionTls,
 }
 
 impl Path {
@@ -314,6 +362,7 @@ impl Path {
             Path::Raw => "raw TCP",
             Path::Session => "session",
             Path::Proxy => "proxy",
+            Path::SessionTls => "session+TLS",
         }
     }
 }
@@ -331,11 +380,17 @@ async fn connect(path: Path, addr: SocketAddr) -> Result<Client, String> {
             let _ = s.set_nodelay(true);
             Ok(Client::Tcp(s))
         }
-        Path::Session => Ok(Client::Session(Box::new(
-            MigratoryStream::connect(&[addr])
-                .await
-                .map_err(|e| e.to_string())?,
-        ))),
+        Path::Session | Path::SessionTls => {
+            let sec = match path {
+                Path::SessionTls => Sec::Tls,
+                _ => Sec::Plain,
+            };
+            Ok(Client::Session(Box::new(
+                MigratoryStream::connect(&[addr], &client_tls(sec)?)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            )))
+        }
     }
 }
 
@@ -436,15 +491,19 @@ pub fn throughput(a: ThroughputArgs) -> Result<bool, String> {
         for down in [true, false] {
             let app = if down { App::Source(a.size) } else { App::Sink };
             let raw = raw_server(app).await?;
-            let svc = pool(1, app, 0).await?;
-            let prx = proxy(svc.clone()).await?;
-            let mut got: Vec<Vec<f64>> = vec![Vec::new(); 3];
+            let svc = pool(1, app, 0, Sec::Plain).await?;
+            let prx = proxy(svc.clone(), Sec::Plain).await?;
+            let svc_tls = pool(1, app, 0, Sec::Tls).await?;
+            let prx_tls = proxy(svc_tls.clone(), Sec::Tls).await?;
+            let mut got: Vec<Vec<f64>> = vec![Vec::new(); 5];
             for _ in 0..a.runs {
                 // Interleaved, so each path sees the same machine.
                 for (k, (path, addr)) in [
                     (Path::Raw, raw),
                     (Path::Session, svc[0]),
                     (Path::Proxy, prx),
+                    (Path::SessionTls, svc_tls[0]),
+                    (Path::Proxy, prx_tls),
                 ]
                 .into_iter()
                 .enumerate()
@@ -458,10 +517,13 @@ pub fn throughput(a: ThroughputArgs) -> Result<bool, String> {
             } else {
                 "client writes"
             };
-            for (k, path) in [Path::Session, Path::Proxy].into_iter().enumerate() {
+            for (k, name) in ["session", "proxy", "session+TLS", "proxy+TLS"]
+                .into_iter()
+                .enumerate()
+            {
                 text += &format!(
-                    "  {dir:<14} {:<8} {:>6.2}  raw TCP {:>6.2}  ratio {:.2}\n",
-                    path.name(),
+                    "  {dir:<14} {:<11} {:>6.2}  raw TCP {:>6.2}  ratio {:.2}\n",
+                    name,
                     med[k + 1] / 1e9,
                     med[0] / 1e9,
                     med[k + 1] / med[0]
@@ -474,6 +536,10 @@ pub fn throughput(a: ThroughputArgs) -> Result<bool, String> {
                 "proxy_gbps": med[2] / 1e9,
                 "session_ratio": med[1] / med[0],
                 "proxy_ratio": med[2] / med[0],
+                "session_tls_gbps": med[3] / 1e9,
+                "proxy_tls_gbps": med[4] / 1e9,
+                "session_tls_ratio": med[3] / med[0],
+                "proxy_tls_ratio": med[4] / med[0],
             }));
         }
         let v = json!({
@@ -517,8 +583,8 @@ async fn round_trips(c: Client, count: u32) -> Result<Histogram<u64>, String> {
 pub fn rtt(a: RttArgs) -> Result<bool, String> {
     runtime()?.block_on(async {
         let raw = raw_server(App::Echo).await?;
-        let svc = pool(1, App::Echo, 0).await?;
-        let prx = proxy(svc.clone()).await?;
+        let svc = pool(1, App::Echo, 0, Sec::Plain).await?;
+        let prx = proxy(svc.clone(), Sec::Plain).await?;
         let mut text = format!("1-byte round trips, {} each (us)\n", a.count);
         let mut out = serde_json::Map::new();
         let mut base = (0.0, 0.0);
@@ -584,8 +650,8 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
         let mut phase_text = String::new();
         for &state in &a.state {
             let state = usize::try_from(state).map_err(|_| "--state too large")?;
-            let (svc, servers) = pool_handles(2, App::Echo, state).await?;
-            let mut c = MigratoryStream::connect(&[svc[0]])
+            let (svc, servers) = pool_handles(2, App::Echo, state, Sec::Plain).await?;
+            let mut c = MigratoryStream::connect(&[svc[0]], &client_tls(Sec::Plain)?)
                 .await
                 .map_err(|e| e.to_string())?;
             // One exchange, so the session (and its snapshot) exists.
@@ -768,8 +834,8 @@ impl Phases {
 /// migration and the median of the longest pause between two reads of the
 /// client from a migration's start to its end (us).
 async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
-    let svc = pool(2, App::Stream, 0).await?;
-    let c = MigratoryStream::connect(&[svc[0]])
+    let svc = pool(2, App::Stream, 0, Sec::Plain).await?;
+    let c = MigratoryStream::connect(&[svc[0]], &client_tls(Sec::Plain)?)
         .await
         .map_err(|e| e.to_string())?;
     let mut control = c.control();
@@ -911,7 +977,7 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         std::fs::write(
             dir.join("pool.toml"),
             format!(
-                "cluster_key_file = \"cluster.key\"\n[[server]]\nid = \"s1\"\nservice = \"{service}\"\ncontrol = \"{control}\"\n"
+                "cluster_key_file = \"cluster.key\"\ninsecure_plaintext = true\n[[server]]\nid = \"s1\"\nservice = \"{service}\"\ncontrol = \"{control}\"\n"
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -933,9 +999,11 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         let rss0 = proc_status(spid, "VmRSS:")?;
         let mut idle = Vec::new();
         let mut b = [0u8; 1];
+        // The runtime's own idle cost: TLS state would come on top.
+        let plain = client_tls(Sec::Plain)?;
         for _ in 0..a.sessions {
             let one = async {
-                let mut c = MigratoryStream::connect(&[service])
+                let mut c = MigratoryStream::connect(&[service], &plain)
                     .await
                     .map_err(|e| e.to_string())?;
                 c.write_all(&[1]).await.map_err(|e| e.to_string())?;
@@ -965,7 +1033,7 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         let listen = free_port()?;
         let proxy = Child(
             std::process::Command::new(&exe)
-                .args(["proxy", "--listen"])
+                .args(["proxy", "--insecure-plaintext", "--listen"])
                 .arg(listen.to_string())
                 .arg("--service")
                 .arg(service.to_string())

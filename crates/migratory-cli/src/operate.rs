@@ -70,7 +70,8 @@ fn parse_session(s: &str) -> Result<SessionId, String> {
 
 async fn connect(config: &PoolConfig, id: &str) -> Result<Operator, String> {
     let server = config.server(id).map_err(|e| e.to_string())?;
-    Operator::connect(server.control, config.key(), &server.id)
+    let tls = config.operator_tls().map_err(|e| e.to_string())?;
+    Operator::connect(server.control, &tls, config.key(), &server.id)
         .await
         .map_err(|e| format!("server {id}: {e}"))
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use clap::Args;
-use migratory::MigratoryStream;
+use migratory::{ClientTls, MigratoryStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,10 +32,36 @@ pub struct ProxyArgs {
         required = true
     )]
     service: Vec<SocketAddr>,
+    /// The pool CA's certificate (PEM): sessions run over TLS 1.3 to
+    /// servers whose certificates it signed (e.g. `certs/ca.pem` as
+    /// `migratory certs` writes it).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "insecure_plaintext"
+    )]
+    ca: Option<std::path::PathBuf>,
+    /// The name every server certificate of the pool carries.
+    #[arg(long, value_name = "NAME", default_value = migratory::tls::DEFAULT_POOL_NAME)]
+    pool_name: String,
+    /// No TLS: session secrets and data cross the network in clear, and
+    /// anyone who sees them can take sessions over. For a pool that runs
+    /// `insecure_plaintext = true` on a network you fully trust.
+    #[arg(long, conflicts_with = "ca")]
+    insecure_plaintext: bool,
 }
 
 /// Runs the proxy until SIGINT or SIGTERM.
 pub async fn run(args: ProxyArgs) -> Result<bool, String> {
+    let tls = match &args.ca {
+        Some(ca) => ClientTls::from_ca_file(ca)
+            .and_then(|t| t.pool_name(&args.pool_name))
+            .map_err(|e| e.to_string())?,
+        None => {
+            warn!("insecure plaintext: session secrets and data cross the network in clear");
+            ClientTls::insecure_plaintext()
+        }
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot bind {}: {e}", args.listen))?;
@@ -50,7 +76,7 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((conn, peer)) => {
-                    tokio::spawn(relay(conn, peer, args.service.clone()));
+                    tokio::spawn(relay(conn, peer, args.service.clone(), tls.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -72,9 +98,14 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
 /// half-closes included. Each direction holds a copy buffer only while
 /// bytes flow (an idle relay holds none), and copies up to `RELAY_BUF` at
 /// a time.
-pub(crate) async fn relay(conn: TcpStream, peer: SocketAddr, service: Vec<SocketAddr>) {
+pub(crate) async fn relay(
+    conn: TcpStream,
+    peer: SocketAddr,
+    service: Vec<SocketAddr>,
+    tls: ClientTls,
+) {
     let _ = conn.set_nodelay(true);
-    let session = match MigratoryStream::connect(&service).await {
+    let session = match MigratoryStream::connect(&service, &tls).await {
         Ok(s) => s,
         Err(e) => {
             // Closing the local connection is all a plain client can be told.

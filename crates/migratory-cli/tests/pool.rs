@@ -151,6 +151,7 @@ impl Pool {
         }
         let cfg = dir.join("pool.toml");
         std::fs::write(&cfg, config).unwrap();
+        make_certs(&cfg);
         let mut pool = Pool {
             dir: dir.to_path_buf(),
             config: cfg.clone(),
@@ -182,6 +183,8 @@ impl Pool {
         let mut p = Command::new(BIN)
             .args(["proxy", "--listen", &pool.proxy.to_string()])
             .args(["--service", &services])
+            .arg("--ca")
+            .arg(dir.join("certs/ca.pem"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -475,6 +478,8 @@ fn operator_errors_are_one_clear_line() {
         addrs[0], addrs[1], addrs[2], addrs[3]
     );
     let cfg = dir.join("pool.toml");
+    std::fs::write(&cfg, &good).unwrap();
+    make_certs(&cfg);
     let check = |args: &[&str], config: &str, want: &str| {
         std::fs::write(&cfg, config).unwrap();
         let out = Command::new(BIN)
@@ -525,6 +530,7 @@ fn serve_logs_json_and_stops_cleanly_on_sigterm() {
         ),
     )
     .unwrap();
+    make_certs(&cfg);
     let mut c = Command::new(BIN)
         .args([
             "--log-json",
@@ -571,4 +577,18 @@ fn serve_logs_json_and_stops_cleanly_on_sigterm() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Makes the pool's TLS files with `migratory certs` (replacing any).
+fn make_certs(cfg: &Path) {
+    let out = Command::new(BIN)
+        .args(["certs", "--force", "--config"])
+        .arg(cfg)
+        .output()
+        .expect("run migratory certs");
+    assert!(
+        out.status.success(),
+        "migratory certs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

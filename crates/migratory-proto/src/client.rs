@@ -754,7 +754,9 @@ impl Client {
                     }
                     // The state exists and this request is wrong, or the
                     // session is over: no other server can do better.
-                    RejectReason::AuthFailed | RejectReason::InvalidState => {
+                    RejectReason::AuthFailed
+                    | RejectReason::InvalidState
+                    | RejectReason::TlsRequired => {
                         self.fail(SessionError::Rejected {
                             server,
                             reason,

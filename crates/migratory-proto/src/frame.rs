@@ -65,6 +65,8 @@ pub enum RejectReason {
     /// The server that holds the state could not be reached and no replica
     /// exists.
     OriginUnreachable,
+    /// The server requires TLS and the client spoke plaintext.
+    TlsRequired,
 }
 
 impl RejectReason {
@@ -76,6 +78,7 @@ impl RejectReason {
             Self::AuthFailed => "auth_failed",
             Self::Busy => "busy",
             Self::OriginUnreachable => "origin_unreachable",
+            Self::TlsRequired => "tls_required",
         }
     }
 
@@ -86,6 +89,7 @@ impl RejectReason {
             Self::AuthFailed => 3,
             Self::Busy => 4,
             Self::OriginUnreachable => 5,
+            Self::TlsRequired => 6,
         }
     }
 
@@ -96,6 +100,7 @@ impl RejectReason {
             3 => Self::AuthFailed,
             4 => Self::Busy,
             5 => Self::OriginUnreachable,
+            6 => Self::TlsRequired,
             _ => return None,
         })
     }
@@ -118,6 +123,7 @@ impl fmt::Display for RejectReason {
             Self::AuthFailed => "authentication failed",
             Self::Busy => "server busy",
             Self::OriginUnreachable => "origin server unreachable",
+            Self::TlsRequired => "the server requires TLS; this client spoke plaintext",
         })
     }
 }

@@ -105,6 +105,7 @@ fn reason() -> impl Strategy<Value = RejectReason> {
         Just(RejectReason::AuthFailed),
         Just(RejectReason::Busy),
         Just(RejectReason::OriginUnreachable),
+        Just(RejectReason::TlsRequired),
     ]
 }
 
@@ -807,7 +808,7 @@ fn bad_boolean() {
 
 #[test]
 fn bad_reject_reason() {
-    for code in [0u8, 6, 0xff] {
+    for code in [0u8, 7, 0xff] {
         assert!(matches!(
             frame_err(&raw(0x05, &[code, 0, 0])),
             DecodeError::Invalid {

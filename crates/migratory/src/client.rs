@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use migratory_proto::client::{Client, ClientConfig, ClientEvent, ClientStats};
 use migratory_proto::types::{Epoch, IncarnationId, ServerId, SessionId};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use crate::conn;
+use crate::conn::{self, Wire};
 use crate::error::Error;
+use crate::tls::{self, ClientTls};
 
 /// What the client has gone through, for policies and progress displays.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +79,7 @@ enum ConnSlot {
 
 /// An open connection.
 struct Conn {
-    stream: Arc<TcpStream>,
+    stream: Arc<Wire>,
     /// Read from the socket and not yet taken by the session (a partial
     /// frame): the connection's task and the application's reads both read
     /// into it, under the lock.
@@ -93,7 +94,9 @@ impl Conn {
     /// Writes `pending` while the socket takes it: `Ok(true)` when bytes
     /// remain (the connection's task waits for room).
     fn write(&mut self) -> io::Result<bool> {
-        conn::try_write_queued(&self.stream, &mut self.pending).map(|(_, full)| full)
+        self.stream
+            .try_write(&mut self.pending)
+            .map(|(_, full)| full || self.stream.wants_write())
     }
 }
 
@@ -120,6 +123,9 @@ struct State {
     last_times: Option<MigrationTimes>,
     /// The deadline the timer task sleeps until (`None`: none).
     armed: Option<Instant>,
+    tls: ClientTls,
+    /// Bound on connecting and the TLS handshake.
+    handshake: Duration,
 }
 
 /// A migration under way: its span, start, resent-bytes baseline, and when
@@ -171,10 +177,10 @@ impl Shared {
             return false;
         };
         loop {
-            if c.stream.poll_read_ready(cx).is_pending() {
+            if c.stream.stream().poll_read_ready(cx).is_pending() {
                 return false;
             }
-            match conn::try_read_some(&c.stream, &mut c.rx) {
+            match c.stream.try_read(&mut c.rx) {
                 Ok(Some(n)) if n > 0 => {
                     core.handle_input_buf(Instant::now(), inc, &mut c.rx);
                     self.pump(st);
@@ -243,10 +249,20 @@ impl Shared {
                     Some(s) => st.addrs.get(s).cloned().unwrap_or_default(),
                 };
                 st.conns.insert(*inc, ConnSlot::Opening(Vec::new()));
-                tokio::spawn(open(self.clone(), *inc, addrs, server.is_none()));
+                tokio::spawn(open(self.clone(), *inc, addrs, server.clone()));
             }
             ClientEvent::CloseIncarnation(inc) => close(st, *inc),
             ClientEvent::Established { session, server } => {
+                if let Some(reason) = self.unnamed(st, server) {
+                    let inc = st.core.current_incarnation();
+                    if let Some(inc) = inc {
+                        warn!(%server, %reason, "closing the connection");
+                        st.core
+                            .handle_incarnation_closed(Instant::now(), inc, &reason);
+                        close(st, inc);
+                    }
+                    return;
+                }
                 info!(%session, %server, "session established");
                 if let Some(a) = st.initial_reached {
                     st.addrs.insert(server.clone(), vec![a]);
@@ -336,6 +352,22 @@ impl Shared {
         }
     }
 
+    /// Why the current connection's certificate may not speak for
+    /// `server`, if it may not: the first connection only verified that
+    /// the server belongs to the pool.
+    fn unnamed(&self, st: &State, server: &ServerId) -> Option<String> {
+        if st.tls.is_plaintext() {
+            return None;
+        }
+        let inc = st.core.current_incarnation()?;
+        let Some(ConnSlot::Open(c)) = st.conns.get(&inc) else {
+            return None;
+        };
+        let certs = c.stream.peer_certificates();
+        (!tls::names(certs.as_deref(), server.as_str()))
+            .then(|| format!("the server's certificate does not name server id {server:?}"))
+    }
+
     fn learn_alternates(&self, st: &mut State) {
         for a in st.core.alternates() {
             if !a.addrs.is_empty() {
@@ -345,17 +377,31 @@ impl Shared {
     }
 }
 
-/// Opens the connection of one incarnation.
-async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, initial: bool) {
+/// Opens the connection of one incarnation to `server` (`None`: the
+/// initial connection, to any server of the pool), with TLS unless the
+/// client runs insecure plaintext.
+async fn open(
+    shared: Arc<Shared>,
+    inc: IncarnationId,
+    addrs: Vec<SocketAddr>,
+    server: Option<ServerId>,
+) {
+    let initial = server.is_none();
+    let (tls, handshake) = {
+        let st = shared.lock();
+        (st.tls.clone(), st.handshake)
+    };
     let mut last = "no address known for this server".to_string();
     let mut stream = None;
     for a in &addrs {
-        match TcpStream::connect(a).await {
-            Ok(s) => {
+        let connect = connect_one(*a, &tls, server.as_ref());
+        match tokio::time::timeout(handshake, connect).await {
+            Ok(Ok(s)) => {
                 stream = Some((s, *a));
                 break;
             }
-            Err(e) => last = format!("{a}: {e}"),
+            Ok(Err(e)) => last = format!("{a}: {e}"),
+            Err(_) => last = format!("{a}: connection timed out"),
         }
     }
     let (stream, wake) = {
@@ -375,8 +421,7 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
         if initial {
             st.initial_reached = Some(addr);
         }
-        let _ = stream.set_nodelay(true);
-        conn::keepalive(&stream);
+        conn::keepalive(stream.stream());
         let stream = Arc::new(stream);
         let wake = Arc::new(Notify::new());
         let mut c = Conn {
@@ -405,9 +450,28 @@ async fn open(shared: Arc<Shared>, inc: IncarnationId, addrs: Vec<SocketAddr>, i
             shared.pump(&mut st);
         }
     }
-    if let Ok(mut stream) = Arc::try_unwrap(stream) {
-        let _ = tokio::time::timeout(CLOSE_FLUSH, stream.shutdown()).await;
-    }
+    stream.close(&mut VecDeque::new(), CLOSE_FLUSH).await;
+}
+
+/// A TCP connection to `addr`, with the TLS handshake done (verifying
+/// `server`'s name, or the pool's for the first connection).
+async fn connect_one(
+    addr: SocketAddr,
+    tls: &ClientTls,
+    server: Option<&ServerId>,
+) -> Result<Wire, String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let Some(config) = tls.config() else {
+        return Ok(Wire::plain(tcp));
+    };
+    let name = tls.name_for(server.map(ServerId::as_str))?;
+    let s = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    let (tcp, conn) = s.into_inner();
+    Ok(Wire::tls(tcp, rustls::Connection::Client(conn)))
 }
 
 /// Bound on writing out a closing connection's last bytes.
@@ -431,19 +495,15 @@ fn close(st: &mut State, inc: IncarnationId) {
 
 /// Serves one open connection: reads into the session, and writes what is
 /// pending whenever the socket has room. Returns why it ended.
-async fn run_conn(
-    shared: &Arc<Shared>,
-    inc: IncarnationId,
-    stream: &TcpStream,
-    wake: &Notify,
-) -> String {
+async fn run_conn(shared: &Arc<Shared>, inc: IncarnationId, wire: &Wire, wake: &Notify) -> String {
+    let stream = wire.stream();
     let mut closing_since: Option<tokio::time::Instant> = None;
     loop {
         let (want_write, closing) = {
             let st = shared.lock();
             match st.conns.get(&inc) {
-                Some(ConnSlot::Open(c)) => (!c.pending.is_empty(), false),
-                Some(ConnSlot::Closing(c)) => (!c.pending.is_empty(), true),
+                Some(ConnSlot::Open(c)) => (!c.pending.is_empty() || wire.wants_write(), false),
+                Some(ConnSlot::Closing(c)) => (!c.pending.is_empty() || wire.wants_write(), true),
                 _ => return "closed locally".into(),
             }
         };
@@ -467,7 +527,7 @@ async fn run_conn(
                     let Some(ConnSlot::Open(c)) = conns.get_mut(&inc) else {
                         break;
                     };
-                    match conn::try_read_some(stream, &mut c.rx) {
+                    match wire.try_read(&mut c.rx) {
                         Ok(Some(0)) => return "EOF".into(),
                         Ok(Some(n)) => {
                             total += n;
@@ -546,21 +606,23 @@ impl std::fmt::Debug for MigratoryStream {
 }
 
 impl MigratoryStream {
-    /// Connects to the pool at the first of `addrs` that answers, with
-    /// default settings and manual migration.
-    pub async fn connect(addrs: &[SocketAddr]) -> Result<Self, Error> {
-        Self::connect_with(ClientConfig::default(), Box::new(Manual), addrs).await
+    /// Connects to the pool at the first of `addrs` that answers, over TLS
+    /// as `tls` says, with default settings and manual migration.
+    pub async fn connect(addrs: &[SocketAddr], tls: &ClientTls) -> Result<Self, Error> {
+        Self::connect_with(ClientConfig::default(), tls, Box::new(Manual), addrs).await
     }
 
     /// Connects with explicit settings and a migration policy.
     pub async fn connect_with(
         config: ClientConfig,
+        tls: &ClientTls,
         policy: Box<dyn Policy>,
         addrs: &[SocketAddr],
     ) -> Result<Self, Error> {
         if addrs.is_empty() {
             return Err(Error::Config("no server address given".into()));
         }
+        let handshake = config.timeouts.handshake;
         let (status_tx, status) = watch::channel(Status::Connecting);
         let shared = Arc::new(Shared {
             timer: Notify::new(),
@@ -579,6 +641,8 @@ impl MigratoryStream {
                 resumed: None,
                 last_times: None,
                 armed: None,
+                tls: tls.clone(),
+                handshake,
             }),
         });
         {

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +30,13 @@ pub(crate) enum Out {
 /// Sending side of a connection's write queue.
 pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 
+/// A byte stream of a control link: TCP, with TLS on it unless the pool
+/// runs insecure plaintext.
+pub(crate) trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncIo for T {}
+/// A boxed [`AsyncIo`].
+pub(crate) type BoxIo = Box<dyn AsyncIo>;
+
 /// Starts the reader and writer tasks of `stream`; the writer serves `rx`
 /// (make the channel first, so its sender is registered before any byte is
 /// read) and, if given, takes what it wrote off `queued` (the senders add
@@ -43,7 +49,7 @@ pub(crate) type Tx = mpsc::UnboundedSender<Out>;
 /// error, `on_data` refusing, or `Out::Close`). Either way both halves are
 /// closed: nothing is left half-open.
 pub(crate) fn start<D, C>(
-    stream: TcpStream,
+    stream: BoxIo,
     rx: mpsc::UnboundedReceiver<Out>,
     queued: Option<Arc<AtomicUsize>>,
     initial: Option<Bytes>,
@@ -53,8 +59,7 @@ pub(crate) fn start<D, C>(
     D: FnMut(&mut BytesMut) -> bool + Send + 'static,
     C: FnOnce(String) + Send + 'static,
 {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     let (stop_tx, stop_rx) = oneshot::channel();
     let writer = tokio::spawn(write_loop(wr, rx, queued, stop_tx));
     tokio::spawn(async move {
@@ -67,7 +72,7 @@ pub(crate) fn start<D, C>(
 }
 
 async fn read_loop<D>(
-    rd: OwnedReadHalf,
+    mut rd: ReadHalf<BoxIo>,
     initial: Option<Bytes>,
     mut on_data: D,
     mut stop: oneshot::Receiver<()>,
@@ -75,9 +80,8 @@ async fn read_loop<D>(
 where
     D: FnMut(&mut BytesMut) -> bool,
 {
-    // The socket reads straight into this buffer, after what the last
-    // round left unprocessed: no copy of our own. A connection with
-    // nothing to read gives it back, so an idle one holds none.
+    // The stream reads straight into this buffer, after what the last
+    // round left unprocessed: no copy of our own.
     let mut buf = BytesMut::new();
     if let Some(b) = initial {
         buf.extend_from_slice(&b);
@@ -86,39 +90,26 @@ where
         }
     }
     loop {
-        tokio::select! {
-            r = rd.readable() => {
-                if let Err(e) = r {
-                    return e.to_string();
-                }
-            }
-            _ = &mut stop => return "closed locally".into(),
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
         }
-        loop {
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
-            }
-            match rd.try_read_buf(&mut buf) {
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => return "EOF".into(),
                 Ok(_) => {
                     if !on_data(&mut buf) {
                         return "input refused".into();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if buf.is_empty() {
-                        buf = BytesMut::new();
-                    }
-                    break;
-                }
                 Err(e) => return e.to_string(),
-            }
+            },
+            _ = &mut stop => return "closed locally".into(),
         }
     }
 }
 
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf<BoxIo>,
     mut rx: mpsc::UnboundedReceiver<Out>,
     queued: Option<Arc<AtomicUsize>>,
     stop: oneshot::Sender<()>,
@@ -126,7 +117,7 @@ async fn write_loop(
     while let Some(out) = rx.recv().await {
         match out {
             Out::Data(segs) => {
-                if write_segments(&mut wr, &segs).await.is_err() {
+                if write_segments(&mut wr, &segs).await.is_err() || wr.flush().await.is_err() {
                     break;
                 }
                 if let Some(q) = &queued {
@@ -141,8 +132,8 @@ async fn write_loop(
     let _ = stop.send(());
 }
 
-/// Writes every segment, vectored where the kernel takes several at once.
-async fn write_segments(wr: &mut OwnedWriteHalf, segs: &[Bytes]) -> io::Result<()> {
+/// Writes every segment, vectored where the stream takes several at once.
+async fn write_segments(wr: &mut WriteHalf<BoxIo>, segs: &[Bytes]) -> io::Result<()> {
     let mut i = 0;
     let mut off = 0;
     while i < segs.len() {
@@ -247,23 +238,6 @@ pub(crate) fn try_write_queued(
     Ok((taken, false))
 }
 
-/// Writes all of `pending`, waiting for room, within `bound` (for a
-/// connection that is closing).
-pub(crate) async fn flush_queued(
-    stream: &TcpStream,
-    pending: &mut VecDeque<Bytes>,
-    bound: Duration,
-) {
-    let write = async {
-        while !pending.is_empty() {
-            stream.writable().await?;
-            try_write_queued(stream, pending)?;
-        }
-        Ok::<(), io::Error>(())
-    };
-    let _ = tokio::time::timeout(bound, write).await;
-}
-
 /// Drives a protocol core's timer: sleeps until `deadline()` (or until
 /// `notify` says the deadline may have moved), then calls `fire()`.
 pub(crate) async fn run_timer(
@@ -281,5 +255,204 @@ pub(crate) async fn run_timer(
             }
             None => notify.notified().await,
         }
+    }
+}
+
+/// One incarnation's connection: a TCP socket, with a TLS 1.3 session on
+/// it unless the pool runs insecure plaintext. Reads and writes are
+/// non-blocking (`try_*`) so that any task holding the session can move
+/// bytes while the socket is ready; the TLS state has its own short lock
+/// (taken after a session's lock, never before it).
+#[derive(Debug)]
+pub(crate) struct Wire {
+    stream: TcpStream,
+    tls: Option<std::sync::Mutex<rustls::Connection>>,
+}
+
+/// `io::Read`/`io::Write` over a tokio socket's non-blocking calls, for
+/// rustls.
+struct SockIo<'a>(&'a TcpStream);
+
+impl io::Read for SockIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+impl io::Write for SockIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
+}
+
+impl Wire {
+    /// A plaintext connection.
+    pub(crate) fn plain(stream: TcpStream) -> Self {
+        Self { stream, tls: None }
+    }
+
+    /// A connection whose TLS handshake is done (bytes it already
+    /// decrypted stay in `tls`, and are read first).
+    pub(crate) fn tls(stream: TcpStream, tls: rustls::Connection) -> Self {
+        Self {
+            stream,
+            tls: Some(std::sync::Mutex::new(tls)),
+        }
+    }
+
+    /// The socket, for a connection that turned out not to be migratory.
+    pub(crate) fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// The socket (for readiness and socket options).
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    fn lock_tls(&self) -> Option<std::sync::MutexGuard<'_, rustls::Connection>> {
+        self.tls
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The peer's certificate chain (TLS only).
+    pub(crate) fn peer_certificates(
+        &self,
+    ) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+        let tls = self.lock_tls()?;
+        tls.peer_certificates().map(<[_]>::to_vec)
+    }
+
+    /// Whether TLS records wait for the socket to take them.
+    pub(crate) fn wants_write(&self) -> bool {
+        self.lock_tls().is_some_and(|t| t.wants_write())
+    }
+
+    /// As [`try_read_some`]: what the peer sent, decrypted, appended to
+    /// `buf`.
+    pub(crate) fn try_read(&self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        let Some(mut tls) = self.lock_tls() else {
+            return try_read_some(&self.stream, buf);
+        };
+        loop {
+            let state = tls.process_new_packets().map_err(tls_error)?;
+            let n = state.plaintext_bytes_to_read();
+            if n > 0 {
+                let len = buf.len();
+                buf.resize(len + n, 0);
+                io::Read::read_exact(&mut tls.reader(), &mut buf[len..])?;
+                return Ok(Some(n));
+            }
+            if state.peer_has_closed() {
+                return Ok(Some(0));
+            }
+            match tls.read_tls(&mut SockIo(&self.stream)) {
+                Ok(0) => return Ok(Some(0)),
+                Ok(_) => {
+                    // Records the reading produced (a key update's answer).
+                    if tls.wants_write() {
+                        let _ = tls.write_tls(&mut SockIo(&self.stream));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// As [`try_write_queued`]: with TLS, what the TLS session took (it
+    /// holds at most its buffer limit of records the socket did not take
+    /// yet) counts as taken; bytes remain when the socket is full.
+    pub(crate) fn try_write(&self, pending: &mut VecDeque<Bytes>) -> io::Result<(usize, bool)> {
+        let Some(mut tls) = self.lock_tls() else {
+            return try_write_queued(&self.stream, pending);
+        };
+        let mut taken = 0;
+        loop {
+            while tls.wants_write() {
+                match tls.write_tls(&mut SockIo(&self.stream)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((taken, true)),
+                    Err(e) => return Err(e),
+                }
+            }
+            if pending.is_empty() {
+                return Ok((taken, false));
+            }
+            let slices: Vec<io::IoSlice<'_>> = pending
+                .iter()
+                .take(64)
+                .map(|b| io::IoSlice::new(b))
+                .collect();
+            let mut n = io::Write::write_vectored(&mut tls.writer(), &slices)?;
+            if n == 0 {
+                return Ok((taken, true));
+            }
+            taken += n;
+            while n > 0 {
+                let front = pending.front_mut().expect("bytes were written");
+                if front.len() <= n {
+                    n -= front.len();
+                    pending.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+    }
+
+    /// Reads at least one byte (waiting for the socket), appended to `buf`;
+    /// 0 at the end.
+    pub(crate) async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            if let Some(n) = self.try_read(buf)? {
+                return Ok(n);
+            }
+            self.stream.readable().await?;
+        }
+    }
+
+    /// Writes all of `pending` (and the TLS records behind it), waiting
+    /// for room.
+    pub(crate) async fn write_all(&self, pending: &mut VecDeque<Bytes>) -> io::Result<()> {
+        loop {
+            let (_, full) = self.try_write(pending)?;
+            if !full && !self.wants_write() {
+                return Ok(());
+            }
+            self.stream.writable().await?;
+        }
+    }
+
+    /// Writes what is pending within `bound`, then ends the connection: a
+    /// TLS close_notify, then the TCP FIN.
+    pub(crate) async fn close(&self, pending: &mut VecDeque<Bytes>, bound: Duration) {
+        let flush = async {
+            self.write_all(pending).await?;
+            if let Some(mut tls) = self.lock_tls() {
+                tls.send_close_notify();
+            }
+            self.write_all(pending).await
+        };
+        let _ = tokio::time::timeout(bound, flush).await;
+        let _ = socket2::SockRef::from(&self.stream).shutdown(std::net::Shutdown::Write);
     }
 }

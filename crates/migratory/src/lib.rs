@@ -19,6 +19,7 @@ mod conn;
 mod error;
 pub mod operator;
 pub mod server;
+pub mod tls;
 pub mod transfer;
 
 pub use client::{ClientControl, Manual, MigrationTimes, MigratoryStream, Policy, Status};
@@ -29,3 +30,4 @@ pub use server::{
     Arrival, MigrationPhases, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl,
     OPERATOR_ID,
 };
+pub use tls::{ClientTls, OperatorTls, PoolCerts, ServerTls};

@@ -1,7 +1,10 @@
 //! The operator's side of a server's control address: list the sessions a
 //! running server owns and push them to a peer (`migratory sessions`,
-//! `migratory migrate`). The operator authenticates with the cluster key,
-//! as a peer does, under the id [`OPERATOR_ID`].
+//! `migratory migrate`). The operator authenticates with a client
+//! certificate from the pool CA that names [`OPERATOR_ID`] (mutual TLS),
+//! and inside that channel with the cluster key, as a peer does, under the
+//! same id. The certificate is what a server checks first; the key keeps
+//! a plaintext pool (insecure) working the same way.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,36 +15,68 @@ use migratory_proto::types::{ServerId, SessionId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::conn::BoxIo;
 use crate::error::Error;
 use crate::server::{handshake, OPERATOR_ID};
+use crate::tls::OperatorTls;
+use rustls::pki_types::ServerName;
 
 /// Bound on connecting and authenticating, and on a listing's answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An authenticated operator connection to one server.
-#[derive(Debug)]
 pub struct Operator {
-    stream: TcpStream,
+    stream: BoxIo,
     link: PeerLink,
     server: ServerId,
     next_req: u64,
 }
 
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
 impl Operator {
-    /// Connects to `server`'s control address and authenticates with the
-    /// cluster key; fails if the server there is not `server` or does not
-    /// hold the key.
-    pub async fn connect(control: SocketAddr, key: &[u8], server: &str) -> Result<Self, Error> {
+    /// Connects to `server`'s control address over TLS (verifying that
+    /// its certificate names `server`, and presenting the operator's) and
+    /// authenticates with the cluster key; fails if the server there is
+    /// not `server` or does not hold the key.
+    pub async fn connect(
+        control: SocketAddr,
+        tls: &OperatorTls,
+        key: &[u8],
+        server: &str,
+    ) -> Result<Self, Error> {
         let expected = ServerId::new(server)
             .ok_or_else(|| Error::Config(format!("bad server id {server:?}")))?;
         let me = ServerId::new(OPERATOR_ID).expect("a valid id");
         let connect = async {
-            let mut stream = TcpStream::connect(control)
+            let tcp = TcpStream::connect(control)
                 .await
                 .map_err(|e| Error::Connect {
                     addrs: vec![control],
                     last: e.to_string(),
                 })?;
+            let mut stream: BoxIo = match tls.config() {
+                Some(config) => {
+                    let name = ServerName::try_from(server.to_string()).map_err(|_| {
+                        Error::Config(format!("server id {server:?} is not a DNS name"))
+                    })?;
+                    Box::new(
+                        tokio_rustls::TlsConnector::from(config.clone())
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|e| {
+                                Error::Control(format!("{server} at {control}: TLS: {e}"))
+                            })?,
+                    )
+                }
+                None => Box::new(tcp),
+            };
             let link = handshake(&me, key, &mut stream, Some(expected.clone()))
                 .await
                 .map_err(|e| {
@@ -133,6 +168,10 @@ impl Operator {
         let round = async {
             self.stream
                 .write_all(&out)
+                .await
+                .map_err(|e| lost(format!("connection lost: {e}")))?;
+            self.stream
+                .flush()
                 .await
                 .map_err(|e| lost(format!("connection lost: {e}")))?;
             let mut buf = vec![0u8; 64 * 1024];

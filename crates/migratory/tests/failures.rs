@@ -17,6 +17,7 @@ const KEY: &[u8] = b"failure test cluster key 0123456789";
 
 fn builder(i: usize, service: &[SocketAddr], control: &[SocketAddr], key: &[u8]) -> ServerBuilder {
     let mut b = ServerBuilder::new(format!("s{}", i + 1));
+    b.tls(common::server_tls(&format!("s{}", i + 1)));
     b.service(service[i]).control(control[i]).cluster_key(key);
     for j in (0..service.len()).filter(|j| *j != i) {
         b.peer(Peer {
@@ -55,6 +56,7 @@ async fn msg(b: &ServerBuilder) -> String {
 async fn bad_configuration_fails_with_one_clear_error() {
     let a = free_addrs(2);
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(a[0]).control(a[1]);
     assert!(msg(&b).await.contains("cluster_key: missing"));
     b.cluster_key(b"short");
@@ -72,14 +74,17 @@ async fn bad_configuration_fails_with_one_clear_error() {
     });
     assert!(msg(&b).await.contains("duplicate server id"));
     let mut b = ServerBuilder::new("");
+    b.tls(common::server_tls("s1"));
     b.service(a[0]).control(a[1]).cluster_key(KEY);
     assert!(msg(&b).await.contains("must be 1 to 64 bytes"));
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(a[0]).control(a[1]).cluster_key(KEY).backup("s9");
     assert!(msg(&b).await.contains("not a peer"));
     // Port in use.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(taken.local_addr().unwrap())
         .control(a[1])
         .cluster_key(KEY);
@@ -88,6 +93,7 @@ async fn bad_configuration_fails_with_one_clear_error() {
     assert!(e.to_string().contains("cannot bind"), "{e}");
     // Peers not up yet are not fatal: binding works without them.
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(a[0]).control(a[1]).cluster_key(KEY).peer(Peer {
         id: "s2".into(),
         service: "127.0.0.1:1".parse().unwrap(),
@@ -107,7 +113,9 @@ async fn a_peer_with_the_wrong_cluster_key_is_refused_and_the_session_stays() {
             .await
             .unwrap(),
     );
-    let mut c = MigratoryStream::connect(&service[..1]).await.unwrap();
+    let mut c = MigratoryStream::connect(&service[..1], &common::client_tls())
+        .await
+        .unwrap();
     c.write_all(b"hello").await.unwrap();
     // s2 cannot authenticate to s1, so it cannot get the state: the client
     // stays with (or returns to) s1 and nothing is lost.
@@ -139,9 +147,10 @@ async fn origin_killed_in_lazy_mode_is_a_clean_abort() {
         },
         ..ClientConfig::default()
     };
-    let mut c = MigratoryStream::connect_with(cfg, Box::new(Manual), &service[..1])
-        .await
-        .unwrap();
+    let mut c =
+        MigratoryStream::connect_with(cfg, &common::client_tls(), Box::new(Manual), &service[..1])
+            .await
+            .unwrap();
     c.write_all(b"before").await.unwrap();
     let mut got = vec![0u8; 6];
     c.read_exact(&mut got).await.unwrap();
@@ -173,7 +182,9 @@ async fn a_session_the_application_drops_ends_with_eof_not_a_hang() {
             let _ = s.write_all(b"bye").await;
         }
     });
-    let mut c = MigratoryStream::connect(&service).await.unwrap();
+    let mut c = MigratoryStream::connect(&service, &common::client_tls())
+        .await
+        .unwrap();
     c.write_all(b"ping").await.unwrap();
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got))

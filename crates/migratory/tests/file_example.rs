@@ -58,6 +58,8 @@ fn sixty_four_mib_download_migrated_every_few_chunks() {
         .args([
             "--root",
             dir.to_str().unwrap(),
+            "--certs",
+            dir.join("pool").to_str().unwrap(),
             "--service-ports",
             &join(&p[..3]),
             "--control-ports",
@@ -79,6 +81,8 @@ fn sixty_four_mib_download_migrated_every_few_chunks() {
         .args([
             "--server",
             &format!("127.0.0.1:{}", p[0]),
+            "--ca",
+            dir.join("pool/ca.pem").to_str().unwrap(),
             "--file",
             "big.bin",
             "--out",

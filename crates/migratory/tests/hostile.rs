@@ -16,7 +16,7 @@ use migratory::proto::peer::PeerLink;
 use migratory::proto::types::ServerId;
 use migratory::{MigratoryStream, Peer, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 const KEY: &[u8] = b"hostile peers test cluster key 0123";
@@ -48,6 +48,7 @@ async fn a_client_acknowledging_bytes_it_never_received_is_cut_off() {
     let _serial = SERIAL.lock().await;
     let a = free_addrs(2);
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(a[0]).control(a[1]).cluster_key(KEY);
     let mut server = b.bind().await.unwrap();
     tokio::spawn(async move {
@@ -69,7 +70,7 @@ async fn a_client_acknowledging_bytes_it_never_received_is_cut_off() {
     });
     let before = rss();
 
-    let mut s = TcpStream::connect(a[0]).await.unwrap();
+    let mut s = common::tls_connect(a[0], "s1").await;
     s.write_all(&PREAMBLE).await.unwrap();
     send(&mut s, Frame::Hello { window: 1 << 40 }).await;
     let mut rx = BytesMut::new();
@@ -108,7 +109,7 @@ async fn a_client_acknowledging_bytes_it_never_received_is_cut_off() {
             fin: false,
         }
         .encode(&mut b);
-        if s.write_all(&b).await.is_err() {
+        if s.write_all(&b).await.is_err() || s.flush().await.is_err() {
             break;
         }
         lies += 1;
@@ -142,7 +143,9 @@ async fn a_client_acknowledging_bytes_it_never_received_is_cut_off() {
     assert!(grown < 48 << 20, "the server grew by {grown} bytes");
 
     // An honest session on the same server is served as usual.
-    let mut c = MigratoryStream::connect(&[a[0]]).await.unwrap();
+    let mut c = MigratoryStream::connect(&[a[0]], &common::client_tls())
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 1 << 20];
     c.read_exact(&mut buf).await.unwrap();
     for (i, b) in buf.iter().enumerate() {
@@ -162,13 +165,17 @@ async fn a_backup_that_stops_reading_does_not_stall_the_origin() {
     let stalled = tokio::spawn(async move {
         let mut held = Vec::new();
         loop {
-            let (mut s, _) = backup.accept().await.unwrap();
+            let (tcp, _) = backup.accept().await.unwrap();
+            let Ok(mut s) = common::tls_accept(tcp, "s2").await else {
+                continue;
+            };
             let me = ServerId::new("s2").unwrap();
             let mut link = PeerLink::new(me, KEY, [7; 32], None);
             let mut buf = vec![0u8; 4096];
             while link.peer().is_none() {
                 let out = link.take_output();
-                if !out.is_empty() && s.write_all(&out).await.is_err() {
+                if !out.is_empty() && (s.write_all(&out).await.is_err() || s.flush().await.is_err())
+                {
                     break;
                 }
                 match s.read(&mut buf).await {
@@ -182,10 +189,12 @@ async fn a_backup_that_stops_reading_does_not_stall_the_origin() {
             }
             let out = link.take_output();
             let _ = s.write_all(&out).await;
+            let _ = s.flush().await;
             held.push(s);
         }
     });
     let mut b = ServerBuilder::new("s1");
+    b.tls(common::server_tls("s1"));
     b.service(a[0])
         .control(a[1])
         .cluster_key(KEY)
@@ -218,7 +227,9 @@ async fn a_backup_that_stops_reading_does_not_stall_the_origin() {
         }
     });
     let before = rss();
-    let c = MigratoryStream::connect(&[a[0]]).await.unwrap();
+    let c = MigratoryStream::connect(&[a[0]], &common::client_tls())
+        .await
+        .unwrap();
     let (mut rd, mut wr) = tokio::io::split(c);
     const TOTAL: u64 = 64 << 20;
     let writer = tokio::spawn(async move {
@@ -258,14 +269,15 @@ fn check(d: &[u8], at: u64) {
     }
 }
 
-async fn send(s: &mut TcpStream, f: Frame) {
+async fn send(s: &mut common::TlsConn, f: Frame) {
     let mut b = BytesMut::new();
     f.encode(&mut b);
     s.write_all(&b).await.unwrap();
+    s.flush().await.unwrap();
 }
 
 /// The next frame, or `None` at EOF or reset.
-async fn recv(s: &mut TcpStream, rx: &mut BytesMut) -> Option<Frame> {
+async fn recv(s: &mut common::TlsConn, rx: &mut BytesMut) -> Option<Frame> {
     loop {
         if let Some(f) = Frame::decode(rx, DEFAULT_MAX_FRAME).unwrap() {
             return Some(f);

@@ -75,6 +75,7 @@ async fn pool(n: usize, app: App) -> Pool {
     let mut handles = Vec::new();
     for i in 0..n {
         let mut b = ServerBuilder::new(name(i));
+        b.tls(common::server_tls(&name(i)));
         b.service(service[i]).control(control[i]).cluster_key(KEY);
         for j in (0..n).filter(|j| *j != i) {
             b.peer(Peer {
@@ -128,7 +129,7 @@ async fn sixty_four_mib_each_way_through_mixed_migrations() {
     const LEN: u64 = 64 << 20;
     const MOVES: u64 = 24;
     let pool = pool(3, App::Transfer).await;
-    let stream = MigratoryStream::connect(&pool.service[..1])
+    let stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
         .await
         .expect("connect");
     let mut ctl = stream.control();
@@ -204,7 +205,7 @@ async fn sixty_four_mib_each_way_through_mixed_migrations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_initiated_migrations_keep_the_stream_exact() {
     let pool = pool(3, App::Echo).await;
-    let mut stream = MigratoryStream::connect(&pool.service[1..2])
+    let mut stream = MigratoryStream::connect(&pool.service[1..2], &common::client_tls())
         .await
         .expect("connect");
     let mut sent = Vec::new();
@@ -233,7 +234,7 @@ async fn client_initiated_migrations_keep_the_stream_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_steps_of_a_migration_are_timed_at_client_destination_and_origin() {
     let pool = pool(2, App::Echo).await;
-    let mut stream = MigratoryStream::connect(&pool.service[..1])
+    let mut stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
         .await
         .expect("connect");
     let (mut sent, mut got) = (Vec::new(), Vec::new());
@@ -284,7 +285,7 @@ async fn echo_round(stream: &mut MigratoryStream, i: u8, sent: &mut Vec<u8>, got
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_lists_and_pushes_sessions_over_the_control_address() {
     let pool = pool(3, App::Echo).await;
-    let mut stream = MigratoryStream::connect(&pool.service[..1])
+    let mut stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
         .await
         .expect("connect");
     let sid = stream.session().expect("session");
@@ -292,7 +293,7 @@ async fn operator_lists_and_pushes_sessions_over_the_control_address() {
     let mut got = Vec::new();
     echo_round(&mut stream, 1, &mut sent, &mut got).await;
 
-    let mut op = Operator::connect(pool.control[0], KEY, "s1")
+    let mut op = Operator::connect(pool.control[0], &common::operator_tls(), KEY, "s1")
         .await
         .expect("operator connects");
     let rows = op.sessions().await.expect("list");
@@ -313,7 +314,7 @@ async fn operator_lists_and_pushes_sessions_over_the_control_address() {
     );
     assert!(op.sessions().await.expect("list").is_empty());
     echo_round(&mut stream, 2, &mut sent, &mut got).await;
-    let mut op2 = Operator::connect(pool.control[1], KEY, "s2")
+    let mut op2 = Operator::connect(pool.control[1], &common::operator_tls(), KEY, "s2")
         .await
         .expect("operator connects to s2");
     let res = op2
@@ -327,7 +328,7 @@ async fn operator_lists_and_pushes_sessions_over_the_control_address() {
     echo_round(&mut stream, 3, &mut sent, &mut got).await;
     // Two operators push the same session at once: each sees it move, or
     // (when its request came after the move) not here; never "ended".
-    let mut op3 = Operator::connect(pool.control[0], KEY, "s1")
+    let mut op3 = Operator::connect(pool.control[0], &common::operator_tls(), KEY, "s1")
         .await
         .expect("second operator");
     let wait = Duration::from_secs(10);
@@ -379,16 +380,25 @@ async fn operator_lists_and_pushes_sessions_over_the_control_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_with_a_wrong_key_or_server_is_refused() {
     let pool = pool(2, App::Echo).await;
-    let err = Operator::connect(pool.control[0], b"not the cluster key at all", "s1")
-        .await
-        .expect_err("wrong key");
+    let err = Operator::connect(
+        pool.control[0],
+        &common::operator_tls(),
+        b"not the cluster key at all",
+        "s1",
+    )
+    .await
+    .expect_err("wrong key");
     assert!(err.to_string().contains("authentication"), "{err}");
-    let err = Operator::connect(pool.control[0], KEY, "s2")
+    let err = Operator::connect(pool.control[0], &common::operator_tls(), KEY, "s2")
         .await
         .expect_err("wrong server");
-    assert!(err.to_string().contains("unexpected peer"), "{err}");
+    // TLS refuses a server whose certificate does not name the one asked for.
+    assert!(
+        err.to_string().contains("not valid for name \"s2\""),
+        "{err}"
+    );
     let closed = free_addrs(1)[0];
-    let err = Operator::connect(closed, KEY, "s1")
+    let err = Operator::connect(closed, &common::operator_tls(), KEY, "s1")
         .await
         .expect_err("nobody there");
     assert!(matches!(err, migratory::Error::Connect { .. }), "{err}");

@@ -17,7 +17,6 @@ use migratory::proto::mac::migrate_mac;
 use migratory::proto::types::{MigrationCause, Secret, ServerId, SessionId};
 use migratory::{Manual, MigratoryStream, Peer, Server, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const KEY: &[u8] = b"raw wire test cluster key 0123456";
 
@@ -25,6 +24,7 @@ const KEY: &[u8] = b"raw wire test cluster key 0123456";
 async fn pool(service: &[SocketAddr], control: &[SocketAddr], n: usize) {
     for i in 0..n {
         let mut b = ServerBuilder::new(format!("s{}", i + 1));
+        b.tls(common::server_tls(&format!("s{}", i + 1)));
         b.service(service[i]).control(control[i]).cluster_key(KEY);
         for j in (0..service.len()).filter(|j| *j != i) {
             b.peer(Peer {
@@ -50,16 +50,18 @@ async fn pool(service: &[SocketAddr], control: &[SocketAddr], n: usize) {
     }
 }
 
-/// A hand-driven connection speaking frames.
+/// A hand-driven connection speaking frames, over TLS to any server of
+/// the test pool.
 struct Wire {
-    s: TcpStream,
+    s: common::TlsConn,
     rx: BytesMut,
 }
 
 impl Wire {
     async fn open(addr: SocketAddr) -> Self {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut s = common::tls_connect(addr, migratory::tls::DEFAULT_POOL_NAME).await;
         s.write_all(&PREAMBLE).await.unwrap();
+        s.flush().await.unwrap();
         Self {
             s,
             rx: BytesMut::new(),
@@ -70,6 +72,7 @@ impl Wire {
         let mut b = BytesMut::new();
         f.encode(&mut b);
         self.s.write_all(&b).await.unwrap();
+        self.s.flush().await.unwrap();
     }
 
     /// The next frame, or None at EOF.
@@ -223,9 +226,10 @@ async fn a_destination_that_never_answers_costs_one_timeout_and_no_byte() {
         },
         ..ClientConfig::default()
     };
-    let mut c = MigratoryStream::connect_with(cfg, Box::new(Manual), &svc[..1])
-        .await
-        .unwrap();
+    let mut c =
+        MigratoryStream::connect_with(cfg, &common::client_tls(), Box::new(Manual), &svc[..1])
+            .await
+            .unwrap();
     c.write_all(b"one ").await.unwrap();
     let t0 = std::time::Instant::now();
     let at = tokio::time::timeout(Duration::from_secs(10), c.migrate(Some("s2")))

@@ -321,7 +321,9 @@ mod tests {
             let dir = TempDir::new("counter");
             let o = options(&dir.0, Duration::ZERO);
             let pool = pool(Kind::Counter, vec![o.clone(), o.clone(), o]).await;
-            let stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let stream = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
             let mut ctl = stream.control();
             let (mut rd, mut wr) = tokio::io::split(stream);
             // Input is read and discarded.
@@ -354,7 +356,9 @@ mod tests {
             let o = options(&dir.0, Duration::from_millis(20));
             let pool = pool(Kind::Counter, vec![o.clone(), o]).await;
             let t0 = Instant::now();
-            let mut stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let mut stream = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
             let mut lines = Lines::new();
             lines.read_until(&mut stream, 5).await;
             stream.migrate(Some("s2")).await.unwrap();

@@ -66,7 +66,9 @@ mod tests {
             let pool = pool(Kind::Echo, vec![o.clone(), o.clone(), o]).await;
             const LEN: usize = 3 << 20;
             let data = pattern(LEN, 7);
-            let stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let stream = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
             let mut ctl = stream.control();
             let (mut rd, mut wr) = tokio::io::split(stream);
             let up = Arc::new(data.clone());
@@ -125,7 +127,9 @@ mod tests {
             let dir = TempDir::new("echo2");
             let o = options(&dir.0, Duration::ZERO);
             let pool = pool(Kind::Echo, vec![o.clone(), o]).await;
-            let mut stream = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let mut stream = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
             for i in 0..6u8 {
                 let msg = pattern(1000 + usize::from(i) * 777, i);
                 stream.write_all(&msg).await.unwrap();

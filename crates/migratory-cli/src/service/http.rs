@@ -831,7 +831,9 @@ mod tests {
 
     impl Client<MigratoryStream> {
         async fn migratory(pool: &Pool) -> Self {
-            let s = MigratoryStream::connect(&pool.service[..1]).await.unwrap();
+            let s = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
             let ctl = Some(s.control());
             Self {
                 s,

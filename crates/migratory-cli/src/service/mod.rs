@@ -97,7 +97,7 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     use migratory::proto::config::Limits;
-    use migratory::{Peer, Server, ServerBuilder, ServerHandle};
+    use migratory::{ClientTls, Peer, PoolCerts, Server, ServerBuilder, ServerHandle};
     use tokio::task::JoinHandle;
 
     use super::{serve, Kind, Options};
@@ -117,6 +117,14 @@ pub(crate) mod tests {
         #[allow(dead_code)]
         pub(crate) handles: Vec<ServerHandle>,
         tasks: Vec<JoinHandle<()>>,
+        /// What a client of the pool trusts.
+        pub(crate) tls: ClientTls,
+    }
+
+    /// The test pool's CA and certificates, made once per test binary.
+    fn certs() -> &'static PoolCerts {
+        static CERTS: std::sync::OnceLock<PoolCerts> = std::sync::OnceLock::new();
+        CERTS.get_or_init(|| PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME).unwrap())
     }
 
     impl Drop for Pool {
@@ -171,6 +179,7 @@ pub(crate) mod tests {
         let mut tasks = Vec::new();
         for (i, o) in opts.into_iter().enumerate() {
             let mut b = ServerBuilder::new(name(i));
+            b.tls(certs().server_tls(&name(i)).unwrap());
             let limits = Limits {
                 send_buffer: 256 * 1024,
                 ..Limits::default()
@@ -205,6 +214,7 @@ pub(crate) mod tests {
             errors,
             handles,
             tasks,
+            tls: certs().client_tls().unwrap(),
         }
     }
 

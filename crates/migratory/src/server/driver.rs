@@ -23,16 +23,15 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use migratory_proto::control::ControlMessage;
 use migratory_proto::error::DecodeError;
-use migratory_proto::frame::{check_preamble, PreambleCheck};
+use migratory_proto::frame::{check_preamble, Frame, PreambleCheck, RejectReason};
 use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
 use migratory_proto::types::IncarnationId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::{Arrival, Session, Shared};
-use crate::conn::{flush_queued, try_read_some, try_write_queued};
+use crate::conn::Wire;
 
 /// Bytes of output one driver frames at a time, beyond what the socket
 /// took.
@@ -67,7 +66,7 @@ pub(crate) struct CellState {
 /// The write side of a session's connection.
 #[derive(Debug)]
 pub(crate) struct Output {
-    stream: Arc<TcpStream>,
+    wire: Arc<Wire>,
     inc: IncarnationId,
     pending: VecDeque<Bytes>,
     segs: Vec<Bytes>,
@@ -97,7 +96,7 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
             }
             o.pending.extend(o.segs.drain(..));
         }
-        match try_write_queued(&o.stream, &mut o.pending) {
+        match o.wire.try_write(&mut o.pending) {
             Ok((n, full)) => {
                 taken += n;
                 if full {
@@ -238,37 +237,73 @@ pub(super) async fn accept_clients(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Reads the start of a connection, within the preamble wait, to tell a
-/// migratory client from a plain one; serves a migratory one.
-async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
-    let mut first = BytesMut::with_capacity(64);
-    let deadline = tokio::time::Instant::now() + shared.preamble_wait;
-    let migratory = loop {
-        match check_preamble(&first) {
-            Ok(PreambleCheck::Migratory) => break true,
-            Ok(PreambleCheck::NeedMore) => {}
-            Err(DecodeError::NotMigratory) => break false,
-            Err(e) => {
-                debug!(%addr, error = %e, "refusing connection");
-                return;
+/// First byte of a TLS record carrying a handshake message (a ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Tells a migratory client (TLS, or plaintext if the pool runs so) from a
+/// plain one by the connection's first bytes, within the preamble wait;
+/// serves a migratory one.
+async fn serve_client(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
+    let mut peek = [0u8; 1];
+    let first_byte = match tokio::time::timeout(shared.preamble_wait, stream.peek(&mut peek)).await
+    {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => Some(peek[0]),
+        // Silent client: a plain protocol where the server speaks first.
+        Err(_) => None,
+    };
+    let _ = stream.set_nodelay(true);
+    let (wire, first) = match (&shared.tls, first_byte) {
+        (Some(tls), Some(TLS_HANDSHAKE_RECORD)) => {
+            let accept = tokio_rustls::TlsAcceptor::from(tls.service.clone()).accept(stream);
+            let tls_stream = match tokio::time::timeout(shared.handshake, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(server = %shared.me, %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(server = %shared.me, %addr, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let (tcp, conn) = tls_stream.into_inner();
+            let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
+            // Inside TLS only a migratory client is served.
+            match read_preamble(&shared, &wire, addr, shared.handshake).await {
+                Some((true, first)) => (wire, first),
+                _ => return,
             }
         }
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => {}
-            // Silent client: a plain protocol where the server speaks first.
-            Err(_) => break false,
+        _ => {
+            let wire = Wire::plain(stream);
+            match read_preamble(&shared, &wire, addr, shared.preamble_wait).await {
+                Some((true, first)) if shared.tls.is_some() => {
+                    debug!(server = %shared.me, %addr, "plaintext migratory client refused");
+                    let mut out = BytesMut::new();
+                    Frame::Reject {
+                        reason: RejectReason::TlsRequired,
+                        text: "this pool accepts migratory clients over TLS only".into(),
+                    }
+                    .encode(&mut out);
+                    let _ = first;
+                    wire.close(&mut VecDeque::from([out.freeze()]), FLUSH_TIMEOUT)
+                        .await;
+                    return;
+                }
+                Some((true, first)) => (wire, first),
+                Some((false, first)) => {
+                    debug!(%addr, "plain TCP client");
+                    let s = Session::plain(first.freeze(), wire.into_stream());
+                    let st = shared.lock();
+                    let _ = st.accept_tx.send((s, Arrival::Plain));
+                    return;
+                }
+                None => return,
+            }
         }
     };
-    if !migratory {
-        debug!(%addr, "plain TCP client");
-        let s = Session::plain(first.freeze(), stream);
-        let st = shared.lock();
-        let _ = st.accept_tx.send((s, Arrival::Plain));
-        return;
-    }
-    let _ = stream.set_nodelay(true);
-    crate::conn::keepalive(&stream);
+    crate::conn::keepalive(wire.stream());
     let wake = Arc::new(Notify::new());
     let inc = {
         let mut st = shared.lock();
@@ -287,23 +322,48 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
         shared.pump(&mut st);
         inc
     };
-    let (reason, stream) = match admit(&shared, &mut stream, inc, &wake).await {
-        Ok(Some(slot)) => {
-            let stream = Arc::new(stream);
-            let reason = drive(&shared, &stream, inc, &slot, &wake).await;
-            (reason, Arc::try_unwrap(stream).ok())
-        }
-        Ok(None) => ("refused".to_string(), Some(stream)),
-        Err(e) => (e, Some(stream)),
+    let wire = Arc::new(wire);
+    let (reason, mut pending) = match admit(&shared, &wire, inc, &wake).await {
+        Ok(Some(slot)) => drive(&shared, &wire, inc, &slot, &wake).await,
+        Ok(None) => ("refused".to_string(), VecDeque::new()),
+        Err(e) => (e, VecDeque::new()),
     };
     debug!(server = %shared.me, %inc, %reason, "client connection closed");
-    if let Some(mut stream) = stream {
-        let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.shutdown()).await;
-    }
+    wire.close(&mut pending, FLUSH_TIMEOUT).await;
     let mut st = shared.lock();
     st.conns.remove(&inc);
     st.core.handle_incarnation_closed(Instant::now(), inc);
     shared.pump(&mut st);
+}
+
+/// Reads the start of a connection until it shows whether it is a
+/// migratory client: `(true, bytes)` once the whole preamble is there,
+/// `(false, bytes)` for a plain client (or one silent for `wait`), `None`
+/// when it ended or sent an unsupported version.
+async fn read_preamble(
+    shared: &Shared,
+    wire: &Wire,
+    addr: SocketAddr,
+    wait: Duration,
+) -> Option<(bool, BytesMut)> {
+    let mut first = BytesMut::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match check_preamble(&first) {
+            Ok(PreambleCheck::Migratory) => return Some((true, first)),
+            Ok(PreambleCheck::NeedMore) => {}
+            Err(DecodeError::NotMigratory) => return Some((false, first)),
+            Err(e) => {
+                debug!(server = %shared.me, %addr, error = %e, "refusing connection");
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, wire.read(&mut first)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => return Some((false, first)),
+        }
+    }
 }
 
 /// Runs a connection through admission: returns the session it was
@@ -311,11 +371,11 @@ async fn serve_client(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAd
 /// frames), or why it ended.
 async fn admit(
     shared: &Arc<Shared>,
-    stream: &mut TcpStream,
+    wire: &Wire,
     inc: IncarnationId,
     wake: &Notify,
 ) -> Result<Option<Slot>, String> {
-    let mut buf = vec![0u8; 4096];
+    let mut buf = BytesMut::new();
     loop {
         let (out, close, attached) = {
             let mut st = shared.lock();
@@ -325,7 +385,8 @@ async fn admit(
             (c.out.split(), c.close.clone(), c.attached.clone())
         };
         if !out.is_empty() {
-            tokio::time::timeout(FLUSH_TIMEOUT, stream.write_all(&out))
+            let mut out = VecDeque::from([out.freeze()]);
+            tokio::time::timeout(FLUSH_TIMEOUT, wire.write_all(&mut out))
                 .await
                 .map_err(|_| "write timed out".to_string())?
                 .map_err(|e| e.to_string())?;
@@ -337,12 +398,13 @@ async fn admit(
             return Ok(None);
         }
         tokio::select! {
-            r = stream.read(&mut buf) => match r {
+            r = wire.read(&mut buf) => match r {
                 Ok(0) => return Err("EOF".into()),
-                Ok(n) => {
+                Ok(_) => {
                     let mut st = shared.lock();
                     let t0 = Instant::now();
-                    st.core.handle_input(t0, inc, &buf[..n]);
+                    st.core.handle_input(t0, inc, &buf);
+                    buf.clear();
                     shared.pump(&mut st);
                     if let Some(sid) = st.core.pending_state_request(inc) {
                         // The client's proof sent a state request out.
@@ -358,19 +420,21 @@ async fn admit(
 }
 
 /// Drives `slot`'s session over the connection until the connection ends
-/// or the session leaves it; returns why.
+/// or the session leaves it; returns why, and what was framed for the
+/// connection but not yet written.
 async fn drive(
     shared: &Arc<Shared>,
-    stream: &Arc<TcpStream>,
+    wire: &Arc<Wire>,
     inc: IncarnationId,
     slot: &Slot,
     wake: &Arc<Notify>,
-) -> String {
+) -> (String, VecDeque<Bytes>) {
+    let stream = wire.stream();
     {
         let mut st = slot.lock();
         st.driver = Some(wake.clone());
         st.out = Some(Output {
-            stream: stream.clone(),
+            wire: wire.clone(),
             inc,
             pending: VecDeque::new(),
             segs: Vec::new(),
@@ -385,7 +449,8 @@ async fn drive(
             (
                 st.core.incarnation() == Some(inc),
                 st.core.wants_transmit(Instant::now())
-                    || st.out.as_ref().is_some_and(|o| !o.pending.is_empty()),
+                    || st.out.as_ref().is_some_and(|o| !o.pending.is_empty())
+                    || wire.wants_write(),
                 st.core.ack_deadline(),
             )
         };
@@ -397,7 +462,7 @@ async fn drive(
                 if let Err(e) = r {
                     break closed(shared, inc, slot, e.to_string());
                 }
-                match read_some(shared, stream, inc, slot, &mut input) {
+                match read_some(shared, wire, inc, slot, &mut input) {
                     Ok(more) => busy = more,
                     Err(e) => break closed(shared, inc, slot, e),
                 }
@@ -432,16 +497,15 @@ async fn drive(
         }
         st.out.take_if(|o| o.inc == inc)
     };
-    if let Some(mut o) = out {
-        // What was framed for this connection before the session left it.
-        flush_queued(stream, &mut o.pending, FLUSH_TIMEOUT).await;
-    }
-    shared
+    // What was framed for this connection before the session left it.
+    let pending = out.map(|o| o.pending).unwrap_or_default();
+    let reason = shared
         .lock()
         .conns
         .get(&inc)
         .and_then(|c| c.close.clone())
-        .unwrap_or(reason)
+        .unwrap_or(reason);
+    (reason, pending)
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -464,14 +528,14 @@ fn closed(shared: &Arc<Shared>, inc: IncarnationId, slot: &Slot, reason: String)
 /// the budget ran out (more may be waiting).
 fn read_some(
     shared: &Arc<Shared>,
-    stream: &TcpStream,
+    wire: &Wire,
     inc: IncarnationId,
     slot: &Slot,
     buf: &mut BytesMut,
 ) -> Result<bool, String> {
     let mut total = 0;
     while total < READ_BUDGET {
-        match try_read_some(stream, buf) {
+        match wire.try_read(buf) {
             Ok(Some(0)) => return Err("EOF".to_string()),
             Ok(Some(n)) => {
                 total += n;

@@ -29,9 +29,10 @@ use rand::SeedableRng;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::Error;
+use crate::tls::{ServerConfigs, ServerTls};
 
 mod driver;
 mod peers;
@@ -88,9 +89,15 @@ pub struct Peer {
     pub control: SocketAddr,
 }
 
-/// A checked configuration: the core's config, the cluster key, and the
-/// peers' control addresses.
-type Validated = (ServerConfig, Vec<u8>, HashMap<ServerId, SocketAddr>);
+/// A checked configuration: the core's config, the cluster key, the
+/// peers' control addresses, and the TLS configurations (`None`: insecure
+/// plaintext).
+type Validated = (
+    ServerConfig,
+    Vec<u8>,
+    HashMap<ServerId, SocketAddr>,
+    Option<ServerConfigs>,
+);
 
 /// Builds a [`Server`]: set the id, addresses, peers and cluster key, then
 /// [`ServerBuilder::bind`].
@@ -106,6 +113,7 @@ pub struct ServerBuilder {
     timeouts: ServerTimeouts,
     max_state: usize,
     preamble_wait: Duration,
+    tls: Option<ServerTls>,
 }
 
 impl ServerBuilder {
@@ -122,7 +130,17 @@ impl ServerBuilder {
             timeouts: ServerTimeouts::default(),
             max_state: 64 * 1024,
             preamble_wait: DEFAULT_PREAMBLE_WAIT,
+            tls: None,
         }
+    }
+
+    /// TLS settings: the pool CA, this server's certificate and key
+    /// ([`ServerTls::from_pem_files`]), or
+    /// [`ServerTls::insecure_plaintext`]. Required: a server never falls
+    /// back to plaintext by itself.
+    pub fn tls(&mut self, tls: ServerTls) -> &mut Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Where clients connect (port 0 picks a free port).
@@ -190,6 +208,17 @@ impl ServerBuilder {
                     self.id
                 ))
             })?;
+        let tls = self
+            .tls
+            .as_ref()
+            .ok_or_else(|| {
+                cfg_err(
+                    "tls: not set (give the pool CA, this server's certificate and key, \
+                     or choose insecure plaintext explicitly)"
+                        .into(),
+                )
+            })?
+            .configs(id.as_str())?;
         let key = self
             .cluster_key
             .clone()
@@ -242,13 +271,13 @@ impl ServerBuilder {
         cfg.limits = self.limits.clone();
         cfg.timeouts = self.timeouts.clone();
         cfg.max_state = self.max_state;
-        Ok((cfg, key, controls))
+        Ok((cfg, key, controls, tls))
     }
 
     /// Checks the configuration, binds both addresses and starts serving.
     /// Peers need not be up: they are dialled on demand and retried.
     pub async fn bind(&self) -> Result<Server, Error> {
-        let (cfg, key, controls) = self.validate()?;
+        let (cfg, key, controls, tls) = self.validate()?;
         let service = self.service.expect("validated");
         let control = self.control.expect("validated");
         let svc = TcpListener::bind(service)
@@ -273,11 +302,20 @@ impl ServerBuilder {
         })?;
         let (accept_tx, accept_rx) = mpsc::unbounded_channel();
         let me = cfg.id.clone();
+        if tls.is_none() {
+            warn!(
+                server = %me,
+                "insecure plaintext: session secrets, replicas and data cross the network \
+                 in clear, and anyone who sees them can take sessions over"
+            );
+        }
         let shared = Arc::new(Shared {
             me: me.clone(),
             key,
+            tls,
             controls,
             preamble_wait: self.preamble_wait,
+            handshake: self.timeouts.handshake,
             timer: Notify::new(),
             changed: Notify::new(),
             stop: watch::channel(false).0,
@@ -631,8 +669,12 @@ struct State {
 struct Shared {
     me: ServerId,
     key: Vec<u8>,
+    /// TLS configurations; `None` when the pool runs insecure plaintext.
+    tls: Option<ServerConfigs>,
     controls: HashMap<ServerId, SocketAddr>,
     preamble_wait: Duration,
+    /// Bound on a new connection's TLS handshake and preamble.
+    handshake: Duration,
     timer: Notify,
     /// Woken when a session ends or migrates (operator pushes wait on it).
     changed: Notify,

@@ -20,13 +20,15 @@ use bytes::Bytes;
 use migratory_proto::control::ControlMessage;
 use migratory_proto::peer::PeerLink;
 use migratory_proto::types::ServerId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{ServerHandle, Shared, State, OPERATOR_ID, PEERS_UP};
-use crate::conn::{self, Out, Tx};
+use crate::conn::{self, BoxIo, Out, Tx};
+use crate::tls;
 
 /// Bound on connecting to a peer and authenticating it.
 const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -158,10 +160,10 @@ pub(super) async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
 
 /// Runs the authentication handshake on a control connection; returns the
 /// authenticated link.
-pub(crate) async fn handshake(
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     me: &ServerId,
     key: &[u8],
-    stream: &mut TcpStream,
+    stream: &mut S,
     expected: Option<ServerId>,
 ) -> Result<PeerLink, String> {
     let nonce: [u8; 32] = rand::random();
@@ -172,6 +174,7 @@ pub(crate) async fn handshake(
             let out = link.take_output();
             if !out.is_empty() {
                 stream.write_all(&out).await.map_err(|e| e.to_string())?;
+                stream.flush().await.map_err(|e| e.to_string())?;
             }
             if link.peer().is_some() {
                 return Ok::<(), String>(());
@@ -240,11 +243,40 @@ fn link_reader(
     }
 }
 
-async fn serve_peer(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
-    let link = match handshake(&shared.me, &shared.key, &mut stream, None).await {
-        Ok(link) => link,
-        Err(e) => {
+/// Accepts one control connection: TLS with a client certificate from the
+/// pool CA (unless the pool runs plaintext), then the cluster key's
+/// handshake, whose claimed id the certificate must name.
+async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let accepted = async {
+        let (mut stream, certs): (BoxIo, _) = match &shared.tls {
+            Some(tls) => {
+                let s = tokio_rustls::TlsAcceptor::from(tls.control.clone())
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| format!("TLS handshake: {e}"))?;
+                let certs = s.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                (Box::new(s), certs)
+            }
+            None => (Box::new(tcp), None),
+        };
+        let link = handshake(&shared.me, &shared.key, &mut stream, None).await?;
+        let peer = link.peer().expect("authenticated").clone();
+        if shared.tls.is_some() && !tls::names(certs.as_deref(), peer.as_str()) {
+            return Err(format!(
+                "authenticated as {peer:?} with a certificate that does not name it"
+            ));
+        }
+        Ok((stream, link))
+    };
+    let (stream, link) = match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, accepted).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
             warn!(server = %shared.me, %addr, error = %e, "control connection refused");
+            return;
+        }
+        Err(_) => {
+            warn!(server = %shared.me, %addr, "control connection refused: handshake timed out");
             return;
         }
     };
@@ -331,7 +363,21 @@ fn link_closed(
 async fn dial(shared: Arc<Shared>, peer: ServerId) {
     let addr = shared.controls[&peer];
     let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let mut stream: BoxIo = match &shared.tls {
+            Some(tls) => {
+                let name = ServerName::try_from(peer.as_str().to_string())
+                    .map_err(|_| format!("peer id {peer:?} is not a DNS name"))?;
+                Box::new(
+                    tokio_rustls::TlsConnector::from(tls.dial.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS handshake: {e}"))?,
+                )
+            }
+            None => Box::new(tcp),
+        };
         let link = handshake(&shared.me, &shared.key, &mut stream, Some(peer.clone())).await?;
         Ok::<_, String>((stream, link))
     })
@@ -364,7 +410,7 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
 }
 
 /// Answers an operator's requests, one at a time, until it disconnects.
-async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: PeerLink) {
+async fn serve_operator(handle: ServerHandle, mut stream: BoxIo, mut link: PeerLink) {
     let mut stopped = handle.shared.stop.subscribe();
     tokio::select! {
         _ = operator_requests(&handle, &mut stream, &mut link) => {}
@@ -372,13 +418,14 @@ async fn serve_operator(handle: ServerHandle, mut stream: TcpStream, mut link: P
     }
 }
 
-async fn operator_requests(handle: &ServerHandle, stream: &mut TcpStream, link: &mut PeerLink) {
+async fn operator_requests(handle: &ServerHandle, stream: &mut BoxIo, link: &mut PeerLink) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         while let Some(msg) = link.poll_message() {
             let reply = handle.operator_request(msg).await;
             link.send(&reply);
-            if stream.write_all(&link.take_output()).await.is_err() {
+            if stream.write_all(&link.take_output()).await.is_err() || stream.flush().await.is_err()
+            {
                 return;
             }
         }

@@ -20,3 +20,82 @@ pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
     }
     held.iter().map(|l| l.local_addr().unwrap()).collect()
 }
+
+/// The test pool's CA and certificates, made once per test binary.
+#[allow(dead_code)]
+pub fn certs() -> &'static migratory::PoolCerts {
+    static CERTS: std::sync::OnceLock<migratory::PoolCerts> = std::sync::OnceLock::new();
+    CERTS.get_or_init(|| migratory::PoolCerts::generate(migratory::tls::DEFAULT_POOL_NAME).unwrap())
+}
+
+/// TLS settings of server `id` of the test pool.
+#[allow(dead_code)]
+pub fn server_tls(id: &str) -> migratory::ServerTls {
+    certs().server_tls(id).unwrap()
+}
+
+/// TLS settings of a client of the test pool.
+#[allow(dead_code)]
+pub fn client_tls() -> migratory::ClientTls {
+    certs().client_tls().unwrap()
+}
+
+/// TLS settings of an operator of the test pool.
+#[allow(dead_code)]
+pub fn operator_tls() -> migratory::OperatorTls {
+    certs().operator_tls().unwrap()
+}
+
+/// A hand-written client's TLS connection to a server of the test pool.
+#[allow(dead_code)]
+pub type TlsConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Connects a hand-written client to `addr` over TLS, verifying `name`
+/// against the test pool's CA.
+#[allow(dead_code)]
+pub async fn tls_connect(addr: SocketAddr, name: &str) -> TlsConn {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(certs().ca_pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Accepts a TLS connection as server `id` of the test pool (for a
+/// hand-written peer).
+#[allow(dead_code)]
+pub async fn tls_accept(
+    tcp: tokio::net::TcpStream,
+    id: &str,
+) -> std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let c = certs().server(id).unwrap();
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))
+        .accept(tcp)
+        .await
+}

@@ -1,0 +1,639 @@
+//! TLS 1.3 on every connection: client incarnations, control links between
+//! servers, operator connections (rustls, with the *ring* provider).
+//!
+//! A pool has its own certificate authority (CA). Every server holds a
+//! certificate from it that names two DNS names: its server id (e.g. `a`)
+//! and the pool's name ([`DEFAULT_POOL_NAME`] unless configured), with both
+//! the server and the client extended key usages (a server is the TLS
+//! client of the control links it dials). An operator holds a client
+//! certificate that names [`OPERATOR_ID`](crate::OPERATOR_ID).
+//!
+//! Who checks what:
+//!
+//! * A client's first connection verifies the pool name: any server of the
+//!   pool may answer. When the server then says who it is (its Welcome),
+//!   the client checks that the certificate also names that server id. A
+//!   migration to server `b` verifies the name `b` in the handshake.
+//! * Control links are mutual TLS: the dialler verifies the name of the
+//!   peer it dials; the acceptor requires a certificate from the pool CA
+//!   and checks that it names the server id the peer then authenticates
+//!   as. A relay in the middle holds neither certificate, so it can only
+//!   pass ciphertext along.
+//! * An operator's certificate must name `operator`; that name is the
+//!   operator's credential (the cluster key is checked too, inside the
+//!   channel).
+//!
+//! Plaintext exists only behind constructors named `insecure_plaintext`.
+//! [`PoolCerts::generate`] makes a CA and certificates (rcgen) for tests,
+//! the demo and `migratory certs`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::error::Error;
+
+/// The DNS name every server certificate of a pool carries besides its
+/// server id; a client's first connection, to any server of the pool,
+/// verifies it.
+pub const DEFAULT_POOL_NAME: &str = "pool.migratory";
+
+/// ALPN protocol of a migratory incarnation.
+pub(crate) const ALPN: &[u8] = b"migratory/2";
+/// ALPN protocol of a control link (peer or operator).
+pub(crate) const ALPN_CONTROL: &[u8] = b"migratory-control/2";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A name as rustls wants it, or a configuration error naming `what`.
+fn dns_name(name: &str, what: &str) -> Result<ServerName<'static>, Error> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| Error::Config(format!("{what} {name:?} is not a valid DNS name")))
+}
+
+/// Where a PEM input came from, for error messages.
+#[derive(Clone)]
+enum Source {
+    File(PathBuf),
+    Memory(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Memory(what) => write!(f, "{what} (PEM in memory)"),
+        }
+    }
+}
+
+fn read_pem(src: &Source, data: Option<&[u8]>) -> Result<Vec<u8>, Error> {
+    match (src, data) {
+        (_, Some(d)) => Ok(d.to_vec()),
+        (Source::File(p), None) => std::fs::read(p)
+            .map_err(|e| Error::Config(format!("{}: cannot read: {e}", p.display()))),
+        (Source::Memory(_), None) => unreachable!("memory sources carry their data"),
+    }
+}
+
+fn certs(src: &Source, data: Option<&[u8]>) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = read_pem(src, data)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Config(format!("{src}: not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::Config(format!("{src}: no certificate in it")));
+    }
+    Ok(certs)
+}
+
+fn key(src: &Source, data: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem = read_pem(src, data)?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| Error::Config(format!("{src}: not a PEM private key: {e}")))
+}
+
+fn roots(src: &Source, ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, Error> {
+    let mut roots = RootCertStore::empty();
+    for c in ca {
+        roots
+            .add(c.clone())
+            .map_err(|e| Error::Config(format!("{src}: not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A certificate with its key, checked against the pool CA.
+#[derive(Clone)]
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<RootCertStore>,
+    cert_src: Source,
+}
+
+impl Identity {
+    fn load(
+        ca: (Source, Option<&[u8]>),
+        cert: (Source, Option<&[u8]>),
+        key_in: (Source, Option<&[u8]>),
+    ) -> Result<Self, Error> {
+        let ca_certs = certs(&ca.0, ca.1)?;
+        let roots = roots(&ca.0, &ca_certs)?;
+        let chain = certs(&cert.0, cert.1)?;
+        let key = key(&key_in.0, key_in.1)?;
+        rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider()).map_err(
+            |e| {
+                Error::Config(format!(
+                    "{}: does not match the certificate in {}: {e}",
+                    key_in.0, cert.0
+                ))
+            },
+        )?;
+        Ok(Self {
+            chain,
+            key: Arc::new(key),
+            roots,
+            cert_src: cert.0,
+        })
+    }
+
+    /// Checks that the certificate is valid now, issued by the pool CA and
+    /// names each of `names`.
+    fn check_names(&self, names: &[&str]) -> Result<(), Error> {
+        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| Error::Config(format!("pool CA: {e}")))?;
+        for name in names {
+            let sn = dns_name(name, "name")?;
+            verifier
+                .verify_server_cert(&self.chain[0], &self.chain[1..], &sn, &[], UnixTime::now())
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "{}: not a valid certificate for {name:?} from the pool CA: {e}",
+                        self.cert_src
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// A server's TLS settings: the pool CA, its certificate and its key; or
+/// plaintext, which only [`ServerTls::insecure_plaintext`] gives.
+#[derive(Clone)]
+pub struct ServerTls {
+    identity: Option<Identity>,
+    pool_name: String,
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.identity {
+            Some(i) => write!(f, "ServerTls({}, pool {:?})", i.cert_src, self.pool_name),
+            None => f.write_str("ServerTls(insecure plaintext)"),
+        }
+    }
+}
+
+impl ServerTls {
+    /// Loads the pool CA certificate, this server's certificate chain and
+    /// its private key from PEM files. Errors name the file at fault
+    /// (missing, unreadable, not PEM, key not matching the certificate);
+    /// the certificate's names and validity are checked when the server
+    /// binds.
+    pub fn from_pem_files(
+        ca: impl AsRef<Path>,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, Error> {
+        let identity = Identity::load(
+            (Source::File(ca.as_ref().into()), None),
+            (Source::File(cert.as_ref().into()), None),
+            (Source::File(key.as_ref().into()), None),
+        )?;
+        Ok(Self {
+            identity: Some(identity),
+            pool_name: DEFAULT_POOL_NAME.into(),
+        })
+    }
+
+    /// The same from PEM text in memory.
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, Error> {
+        let identity = Identity::load(
+            (Source::Memory("pool CA"), Some(ca.as_bytes())),
+            (Source::Memory("certificate"), Some(cert.as_bytes())),
+            (Source::Memory("key"), Some(key.as_bytes())),
+        )?;
+        Ok(Self {
+            identity: Some(identity),
+            pool_name: DEFAULT_POOL_NAME.into(),
+        })
+    }
+
+    /// No TLS at all: session secrets, replicas and application data cross
+    /// the network in clear, and anyone who sees them can take sessions
+    /// over. Only for a network you fully trust; the server logs a warning.
+    pub fn insecure_plaintext() -> Self {
+        Self {
+            identity: None,
+            pool_name: DEFAULT_POOL_NAME.into(),
+        }
+    }
+
+    /// The pool name the certificate must carry ([`DEFAULT_POOL_NAME`]).
+    pub fn pool_name(mut self, name: impl Into<String>) -> Self {
+        self.pool_name = name.into();
+        self
+    }
+
+    /// Whether this is plaintext.
+    pub fn is_plaintext(&self) -> bool {
+        self.identity.is_none()
+    }
+
+    /// The rustls configurations of server `id`: checks that the
+    /// certificate is valid now and names `id` and the pool name.
+    pub(crate) fn configs(&self, id: &str) -> Result<Option<ServerConfigs>, Error> {
+        let Some(ident) = &self.identity else {
+            return Ok(None);
+        };
+        ident.check_names(&[id, &self.pool_name])?;
+        let tls_err = |e: rustls::Error| Error::Config(format!("{}: {e}", ident.cert_src));
+        let v13 = &[&rustls::version::TLS13];
+        let mut service = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(v13)
+            .map_err(tls_err)?
+            .with_no_client_auth()
+            .with_single_cert(ident.chain.clone(), ident.key.clone_key())
+            .map_err(tls_err)?;
+        service.alpn_protocols = vec![ALPN.to_vec()];
+        // TLS 1.3 resumption: a client coming back to this server skips
+        // the certificate exchange.
+        service.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls_err)?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(ident.roots.clone(), provider())
+                .build()
+                .map_err(|e| Error::Config(format!("pool CA: {e}")))?;
+        let mut control = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(v13)
+            .map_err(tls_err)?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(ident.chain.clone(), ident.key.clone_key())
+            .map_err(tls_err)?;
+        control.alpn_protocols = vec![ALPN_CONTROL.to_vec()];
+        let dial = client_config(ident, ALPN_CONTROL, true)?;
+        Ok(Some(ServerConfigs {
+            service: Arc::new(service),
+            control: Arc::new(control),
+            dial,
+        }))
+    }
+}
+
+/// A rustls client configuration trusting `ident`'s pool CA, presenting its
+/// certificate when `present` is set.
+fn client_config(
+    ident: &Identity,
+    alpn: &[u8],
+    present: bool,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let b = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Config(e.to_string()))?
+        .with_root_certificates(ident.roots.clone());
+    let mut c = if present {
+        b.with_client_auth_cert(ident.chain.clone(), ident.key.clone_key())
+            .map_err(|e| Error::Config(format!("{}: {e}", ident.cert_src)))?
+    } else {
+        b.with_no_client_auth()
+    };
+    c.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// The rustls configurations one server uses.
+#[derive(Clone)]
+pub(crate) struct ServerConfigs {
+    /// Accepting clients on the service address.
+    pub(crate) service: Arc<rustls::ServerConfig>,
+    /// Accepting peers and operators on the control address (mutual TLS).
+    pub(crate) control: Arc<rustls::ServerConfig>,
+    /// Dialling peers (presents this server's certificate).
+    pub(crate) dial: Arc<rustls::ClientConfig>,
+}
+
+/// A client's TLS settings: the pool CA and the pool name its servers'
+/// certificates carry; or plaintext, which only
+/// [`ClientTls::insecure_plaintext`] gives. Cheap to clone: clones share
+/// one TLS session cache, so migrations back to a server resume TLS
+/// sessions instead of redoing the full handshake.
+#[derive(Clone)]
+pub struct ClientTls {
+    config: Option<Arc<rustls::ClientConfig>>,
+    pool_name: ServerName<'static>,
+}
+
+impl fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.config {
+            Some(_) => write!(f, "ClientTls(pool {:?})", self.pool_name.to_str()),
+            None => f.write_str("ClientTls(insecure plaintext)"),
+        }
+    }
+}
+
+impl ClientTls {
+    /// Trusts the pool CA in this PEM file; servers must carry the pool
+    /// name [`DEFAULT_POOL_NAME`] (see [`ClientTls::pool_name`]).
+    pub fn from_ca_file(ca: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::from_ca(Source::File(ca.as_ref().into()), None)
+    }
+
+    /// The same from PEM text in memory.
+    pub fn from_ca_pem(ca: &str) -> Result<Self, Error> {
+        Self::from_ca(Source::Memory("pool CA"), Some(ca.as_bytes()))
+    }
+
+    fn from_ca(src: Source, data: Option<&[u8]>) -> Result<Self, Error> {
+        let ca = certs(&src, data)?;
+        let roots = roots(&src, &ca)?;
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Self {
+            config: Some(Arc::new(c)),
+            pool_name: dns_name(DEFAULT_POOL_NAME, "pool name")?,
+        })
+    }
+
+    /// The pool name the servers' certificates carry.
+    pub fn pool_name(mut self, name: &str) -> Result<Self, Error> {
+        self.pool_name = dns_name(name, "pool name")?;
+        Ok(self)
+    }
+
+    /// No TLS: the session's secret and data cross the network in clear,
+    /// and anyone who sees them can take the session over. Only for a
+    /// network you fully trust.
+    pub fn insecure_plaintext() -> Self {
+        Self {
+            config: None,
+            pool_name: ServerName::try_from(DEFAULT_POOL_NAME).expect("a valid DNS name"),
+        }
+    }
+
+    /// Whether this is plaintext.
+    pub fn is_plaintext(&self) -> bool {
+        self.config.is_none()
+    }
+
+    pub(crate) fn config(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.config.as_ref()
+    }
+
+    /// The name to verify when connecting to `server` (`None`: any server
+    /// of the pool).
+    pub(crate) fn name_for(&self, server: Option<&str>) -> Result<ServerName<'static>, String> {
+        match server {
+            None => Ok(self.pool_name.clone()),
+            Some(s) => ServerName::try_from(s.to_string())
+                .map_err(|_| format!("server id {s:?} is not a DNS name: cannot verify it")),
+        }
+    }
+}
+
+/// An operator's TLS settings: the pool CA and a client certificate that
+/// names `operator`; or plaintext ([`OperatorTls::insecure_plaintext`]).
+#[derive(Clone)]
+pub struct OperatorTls {
+    config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for OperatorTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.config {
+            Some(_) => "OperatorTls(..)",
+            None => "OperatorTls(insecure plaintext)",
+        })
+    }
+}
+
+impl OperatorTls {
+    /// Loads the pool CA, the operator's certificate and its key from PEM
+    /// files (errors name the file at fault).
+    pub fn from_pem_files(
+        ca: impl AsRef<Path>,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, Error> {
+        let ident = Identity::load(
+            (Source::File(ca.as_ref().into()), None),
+            (Source::File(cert.as_ref().into()), None),
+            (Source::File(key.as_ref().into()), None),
+        )?;
+        Self::from_identity(ident)
+    }
+
+    /// The same from PEM text in memory.
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, Error> {
+        let ident = Identity::load(
+            (Source::Memory("pool CA"), Some(ca.as_bytes())),
+            (Source::Memory("certificate"), Some(cert.as_bytes())),
+            (Source::Memory("key"), Some(key.as_bytes())),
+        )?;
+        Self::from_identity(ident)
+    }
+
+    fn from_identity(ident: Identity) -> Result<Self, Error> {
+        Ok(Self {
+            config: Some(client_config(&ident, ALPN_CONTROL, true)?),
+        })
+    }
+
+    /// No TLS: the cluster key's proof and every answer cross the network
+    /// in clear. Only for a server that runs plaintext.
+    pub fn insecure_plaintext() -> Self {
+        Self { config: None }
+    }
+
+    pub(crate) fn config(&self) -> Option<&Arc<rustls::ClientConfig>> {
+        self.config.as_ref()
+    }
+}
+
+/// Whether the end-entity certificate in `certs` names `name`.
+pub(crate) fn names(certs: Option<&[CertificateDer<'_>]>, name: &str) -> bool {
+    let (Some(cert), Ok(sn)) = (
+        certs.and_then(<[_]>::first),
+        ServerName::try_from(name.to_string()),
+    ) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .and_then(|c| c.verify_is_valid_for_subject_name(&sn))
+        .is_ok()
+}
+
+/// A pool CA with certificates made by it, as PEM text: for tests, the
+/// demo and `migratory certs`. Each certificate is valid for ten years
+/// from now (one day back, for clock skew).
+pub struct PoolCerts {
+    ca_cert: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pool_name: String,
+}
+
+impl fmt::Debug for PoolCerts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PoolCerts(pool {:?})", self.pool_name)
+    }
+}
+
+/// A certificate and its private key, as PEM text.
+#[derive(Clone)]
+pub struct CertPem {
+    /// The certificate.
+    pub cert: String,
+    /// Its private key (keep it secret).
+    pub key: String,
+}
+
+impl fmt::Debug for CertPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertPem(..)")
+    }
+}
+
+/// Makes `p` valid from `days_back` days ago until `days` days from now
+/// (negative: already expired).
+fn set_validity(p: &mut rcgen::CertificateParams, days_back: i64, days: i64) {
+    let now = rcgen::date_time_ymd(1970, 1, 1)
+        + std::time::Duration::from_secs(UnixTime::now().as_secs());
+    p.not_before = now - time_days(days_back);
+    p.not_after = if days >= 0 {
+        now + time_days(days)
+    } else {
+        now - time_days(-days)
+    };
+}
+
+impl PoolCerts {
+    /// A new pool CA (ECDSA P-256) for pool `pool_name`.
+    pub fn generate(pool_name: &str) -> Result<Self, Error> {
+        let err = |e: rcgen::Error| Error::Config(format!("cannot make the pool CA: {e}"));
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("migratory pool CA {pool_name}"),
+        );
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        set_validity(&mut p, 1, 3650);
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        Ok(Self {
+            ca_cert: rcgen::CertifiedIssuer::self_signed(p, key).map_err(err)?,
+            pool_name: pool_name.into(),
+        })
+    }
+
+    /// The CA certificate (give it to clients, servers and operators).
+    pub fn ca_pem(&self) -> String {
+        self.ca_cert.pem()
+    }
+
+    /// A certificate for server `id`: names `id` and the pool name, for TLS
+    /// servers and clients (control links).
+    pub fn server(&self, id: &str) -> Result<CertPem, Error> {
+        self.issue(&[id, &self.pool_name], id, 1, 3650)
+    }
+
+    /// A client certificate for the operator (names `operator`).
+    pub fn operator(&self) -> Result<CertPem, Error> {
+        self.issue(&[crate::OPERATOR_ID], crate::OPERATOR_ID, 1, 3650)
+    }
+
+    /// A certificate for `names`, valid from `days_back` days ago for
+    /// `days` days from now (negative: already expired); for tests of
+    /// certificate checks.
+    pub fn issue(
+        &self,
+        names: &[&str],
+        common_name: &str,
+        days_back: i64,
+        days: i64,
+    ) -> Result<CertPem, Error> {
+        let err = |e: rcgen::Error| Error::Config(format!("cannot make a certificate: {e}"));
+        let mut p =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .map_err(err)?;
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, common_name.to_string());
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.use_authority_key_identifier_extension = true;
+        set_validity(&mut p, days_back, days);
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let cert = p.signed_by(&key, &self.ca_cert).map_err(err)?;
+        Ok(CertPem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the pool's files into `dir` (created if missing): `ca.pem`,
+    /// and for each of `servers` and for the operator `<id>.pem` with
+    /// `<id>.key` (keys readable by their owner only). The CA's own key is
+    /// not written: to add a server later, make the pool's files again.
+    pub fn write_dir(&self, dir: &Path, servers: &[&str]) -> Result<(), Error> {
+        let io_err = |p: &Path, e: std::io::Error| {
+            Error::Config(format!("{}: cannot write: {e}", p.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let write = |name: String, text: &str, secret: bool| {
+            let p = dir.join(name);
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            if secret {
+                use std::os::unix::fs::OpenOptionsExt;
+                o.mode(0o600);
+            }
+            #[cfg(not(unix))]
+            let _ = secret;
+            std::io::Write::write_all(&mut o.open(&p).map_err(|e| io_err(&p, e))?, text.as_bytes())
+                .map_err(|e| io_err(&p, e))
+        };
+        write("ca.pem".into(), &self.ca_pem(), false)?;
+        for id in servers {
+            let c = self.server(id)?;
+            write(format!("{id}.pem"), &c.cert, false)?;
+            write(format!("{id}.key"), &c.key, true)?;
+        }
+        let c = self.operator()?;
+        write(format!("{}.pem", crate::OPERATOR_ID), &c.cert, false)?;
+        write(format!("{}.key", crate::OPERATOR_ID), &c.key, true)?;
+        Ok(())
+    }
+
+    /// TLS settings of server `id`, with a fresh certificate.
+    pub fn server_tls(&self, id: &str) -> Result<ServerTls, Error> {
+        let c = self.server(id)?;
+        Ok(ServerTls::from_pem(&self.ca_pem(), &c.cert, &c.key)?.pool_name(&self.pool_name))
+    }
+
+    /// TLS settings of a client of the pool.
+    pub fn client_tls(&self) -> Result<ClientTls, Error> {
+        ClientTls::from_ca_pem(&self.ca_pem())?.pool_name(&self.pool_name)
+    }
+
+    /// TLS settings of an operator, with a fresh certificate.
+    pub fn operator_tls(&self) -> Result<OperatorTls, Error> {
+        let c = self.operator()?;
+        OperatorTls::from_pem(&self.ca_pem(), &c.cert, &c.key)
+    }
+}
+
+fn time_days(days: i64) -> std::time::Duration {
+    std::time::Duration::from_secs(days.unsigned_abs() * 86_400)
+}
