@@ -516,9 +516,12 @@ impl PoolCerts {
         let err = |e: rcgen::Error| Error::Config(format!("cannot make the pool CA: {e}"));
         let mut p = rcgen::CertificateParams::default();
         p.distinguished_name = rcgen::DistinguishedName::new();
+        // A name of its own: certificates are matched to their issuer by
+        // name, so two pools' CAs must not share one.
+        let tag: u64 = rand::random();
         p.distinguished_name.push(
             rcgen::DnType::CommonName,
-            format!("migratory pool CA {pool_name}"),
+            format!("migratory pool CA {pool_name} {tag:016x}"),
         );
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         p.key_usages = vec![

@@ -58,22 +58,41 @@ fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
 /// against the test pool's CA.
 #[allow(dead_code)]
 pub async fn tls_connect(addr: SocketAddr, name: &str) -> TlsConn {
+    tls_connect_as(addr, name, None).await.unwrap()
+}
+
+/// The same, presenting `cert` as a client certificate if given (for the
+/// control address).
+#[allow(dead_code)]
+pub async fn tls_connect_as(
+    addr: SocketAddr,
+    name: &str,
+    cert: Option<&migratory::tls::CertPem>,
+) -> std::io::Result<TlsConn> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(certs().ca_pem().as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let b = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        .with_root_certificates(roots);
+    let cfg = match cert {
+        Some(c) => {
+            let chain = rustls::pki_types::CertificateDer::pem_slice_iter(c.cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(c.key.as_bytes()).unwrap();
+            b.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(name, tcp)
         .await
-        .unwrap()
 }
 
 /// Accepts a TLS connection as server `id` of the test pool (for a
