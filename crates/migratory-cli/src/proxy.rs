@@ -12,7 +12,7 @@ use migratory::{ClientTls, MigratoryStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::serve::shutdown_signal;
 
@@ -68,6 +68,12 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
     let local = listener
         .local_addr()
         .map_err(|e| format!("cannot bind {}: {e}", args.listen))?;
+    if !any_answers(&args.service).await {
+        warn!(
+            service = ?args.service,
+            "no service address answers now: sessions will fail until one does"
+        );
+    }
     let files = crate::nofile::raise();
     info!(listen = %local, service = ?args.service, open_files = ?files, "proxy ready (open-file limit raised to the hard limit)");
     let stop = shutdown_signal();
@@ -108,25 +114,52 @@ pub(crate) async fn relay(
     let session = match MigratoryStream::connect(&service, &tls).await {
         Ok(s) => s,
         Err(e) => {
-            // Closing the local connection is all a plain client can be told.
-            warn!(%peer, error = %e, "cannot open a session: closing the connection");
+            warn!(%peer, error = %e, "cannot open a session: resetting the connection");
+            abort(&conn);
             return;
         }
     };
     let id = session.session();
     info!(%peer, session = ?id, server = ?session.server(), "session opened");
-    let (from_local, to_local) = conn.into_split();
-    match tokio::try_join!(up(from_local, &session), down(&session, to_local)) {
+    let (from_local, mut to_local) = conn.into_split();
+    let result = tokio::try_join!(up(&from_local, &session), down(&session, &mut to_local));
+    let conn = from_local
+        .reunite(to_local)
+        .expect("halves of one connection");
+    match result {
         Ok((up, down)) => info!(%peer, session = ?id, up, down, "session closed"),
-        Err(e) => debug!(%peer, session = ?id, error = %e, "session ended with an error"),
+        Err(e) => {
+            // A plain client cannot be told why; a reset at least tells it
+            // that the stream did not end normally (a FIN would read as a
+            // complete response to a length-less protocol).
+            warn!(%peer, session = ?id, error = %e, "session failed: resetting the connection");
+            abort(&conn);
+        }
     }
+}
+
+/// Ends `conn` with a reset (SO_LINGER 0) when it is dropped.
+fn abort(conn: &TcpStream) {
+    let _ = socket2::SockRef::from(conn).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Whether any of `service` accepts a TCP connection now (within a
+/// second each).
+pub(crate) async fn any_answers(service: &[SocketAddr]) -> bool {
+    for a in service {
+        let c = tokio::time::timeout(std::time::Duration::from_secs(1), TcpStream::connect(a));
+        if matches!(c.await, Ok(Ok(_))) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Most bytes a relay copies at a time in each direction.
 const RELAY_BUF: usize = 64 * 1024;
 
 /// Local connection to session, until the local side closes its writing.
-async fn up(from: OwnedReadHalf, mut to: &MigratoryStream) -> io::Result<u64> {
+async fn up(from: &OwnedReadHalf, mut to: &MigratoryStream) -> io::Result<u64> {
     let mut total = 0;
     loop {
         from.readable().await?;
@@ -150,7 +183,7 @@ async fn up(from: OwnedReadHalf, mut to: &MigratoryStream) -> io::Result<u64> {
 }
 
 /// Session to local connection, until the session's down stream ends.
-async fn down(mut from: &MigratoryStream, mut to: OwnedWriteHalf) -> io::Result<u64> {
+async fn down(mut from: &MigratoryStream, to: &mut OwnedWriteHalf) -> io::Result<u64> {
     let mut total = 0;
     loop {
         from.readable().await;
@@ -169,5 +202,51 @@ async fn down(mut from: &MigratoryStream, mut to: OwnedWriteHalf) -> io::Result<
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{any_answers, relay};
+    use crate::service::tests::{options, pool, TempDir, TEST_TIMEOUT};
+    use crate::service::Kind;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_no_server_can_resume_resets_the_local_connection() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("proxy-reset");
+            let pool = pool(Kind::Echo, vec![options(&dir.0, Duration::ZERO)]).await;
+            assert!(any_answers(&pool.service).await);
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (service, tls) = (pool.service.clone(), pool.tls.clone());
+            tokio::spawn(async move {
+                let (conn, peer) = l.accept().await.unwrap();
+                relay(conn, peer, service, tls).await;
+            });
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"hello").await.unwrap();
+            let mut got = [0u8; 5];
+            c.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello");
+            // The pool's only server stops: no server can resume the
+            // session, and the local client reads a reset, not an end.
+            let service = pool.service.clone();
+            drop(pool);
+            let mut b = [0u8; 16];
+            let r = c.read(&mut b).await;
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                "{r:?}"
+            );
+            assert!(!any_answers(&service).await);
+        })
+        .await
+        .expect("bounded");
     }
 }
