@@ -11,9 +11,9 @@
 //!    acknowledged while the lock holds), the lock's table made, and our
 //!    packets to the peers dropped ([`Direction::Outbound`]): what arrives
 //!    from now on is not acknowledged to the peer;
-//! 2. once each peer has either sent something new (then 0.5 ms or two
-//!    round trips later) or nothing for two round trips (at least 1 ms; at
-//!    most 30 ms in all), the peers' packets are dropped too
+//! 2. once each peer has sent something new (then 0.5 ms or two round
+//!    trips later; at most 30 ms for a peer that sends nothing), the
+//!    peers' packets are dropped too
 //!    ([`Direction::Inbound`]; a streaming peer then resends what the lock
 //!    drops as soon as the restored socket answers, see "Packets dropped
 //!    by the lock" below), and the process gets a moment (at most 100 ms)
@@ -37,23 +37,27 @@
 //!
 //! # Packets dropped by the lock
 //!
-//! Until 2026-12 the inbound lock waited until the peers went quiet: a
-//! streaming peer stops only once its congestion window is out, sent at its
+//! The inbound lock used to wait until the peers went quiet: a streaming
+//! peer stops only once its congestion window is out, sent at its
 //! application's pace (6-7 ms of the stall in BENCHMARKS.md), and nothing
-//! it sent was dropped. Now a peer that streams has its packets dropped
-//! shortly after its first new byte (`wait_peers_quiet`), and the restore
-//! makes it resend them at once: the restored socket's first segment (an
-//! acknowledgement the restore sends as it goes live, see
-//! [`crate::repair`]) acknowledges what arrived here after our packets
-//! were held back, which the peer has not seen acknowledged. That frees its
-//! window, it sends new data, which arrives beyond the hole the lock left,
-//! the restored socket says so (SACK), and the peer resends the dropped
-//! segments at once (RACK, RFC 8985) rather than at its retransmission
-//! timeout (200 ms or more). What the image holds is unaffected: the
-//! frozen socket's queues are what the kernel took in and acknowledged
-//! (dropped packets never reach it), checked before and after they are
-//! read and again after the kill. A peer that stops sending while the lock
-//! holds has no new data to send, and resends at its timeout, as before.
+//! it sent was dropped. Now each peer's packets are dropped shortly after
+//! its first new byte (`wait_for_news`), and the restore makes it resend
+//! them at once: the restored socket's first segment (an acknowledgement
+//! the restore sends as it goes live, see [`crate::repair`]) acknowledges
+//! what arrived here after our packets were held back, which the peer has
+//! not seen acknowledged. That frees its window, it sends new data, which
+//! arrives beyond the hole the lock left, the restored socket says so
+//! (SACK), and the peer resends the dropped segments at once (RACK,
+//! RFC 8985) rather than at its retransmission timeout (200 ms or more).
+//! What the image holds is unaffected: the frozen socket's queues are what
+//! the kernel took in and acknowledged (dropped packets never reach it),
+//! checked before and after they are read and again after the kill.
+//!
+//! What still waits for the peer's timeout: a peer that sends nothing for
+//! 30 ms and then sends while the lock holds (nothing new to
+//! acknowledge), and one that stops sending while the lock holds (no new
+//! data to send after the acknowledgement). Its data is resent then; the
+//! connection is kept either way.
 //!
 //! # What is durable when
 //!
@@ -97,18 +101,13 @@ use crate::steps::step;
 /// they close.
 const RECHECKS: usize = 10;
 
-/// How long the peers must have sent nothing new, with our packets to them
-/// held back, before theirs are dropped too: at least this, and at least
-/// two round trips.
-const PEERS_QUIET: Duration = Duration::from_millis(1);
-
 /// How long after a peer's first new byte with our packets held back its
 /// packets are dropped too (at least; two round trips if longer): see
-/// [`wait_peers_quiet`].
+/// [`wait_for_news`].
 const PEERS_CUT: Duration = Duration::from_micros(500);
 
-/// The longest the outbound-only phase of the lock lasts (a peer with a
-/// large window may not run out of it sooner).
+/// The longest the outbound-only phase of the lock lasts (a peer that
+/// sends nothing is not waited for longer).
 const PEERS_QUIET_MAX: Duration = Duration::from_millis(30);
 
 /// The longest the process gets, once the lock holds, to finish with what
@@ -351,7 +350,7 @@ pub fn checkpoint_process(
     let locked = (|| {
         lock.block(Direction::Outbound)?;
         step("ck out");
-        wait_peers_quiet(&taken);
+        wait_for_news(&taken);
         step("ck quiet");
         lock.block(Direction::Inbound)?;
         step("ck in");
@@ -406,45 +405,39 @@ fn take_sockets(
     Ok(taken)
 }
 
-/// With our packets held back, waits until every socket either has taken
-/// in something new (the peer is streaming) and then [`PEERS_CUT`] or two
-/// round trips went by, or has received nothing for [`PEERS_QUIET`] or two
-/// round trips (the peer is quiet); at most [`PEERS_QUIET_MAX`] in all.
-/// Something new arrived here is what the restored socket's first segment
-/// acknowledges, which makes a streaming peer resend what the lock drops
-/// at once (see "Packets dropped by the lock" in the [module docs](self));
-/// the wait after the first new byte lets what was already in flight, or
-/// sent in one burst at the link's pace, arrive whole.
-fn wait_peers_quiet(taken: &Taken) {
+/// With our packets held back, waits until every socket has taken in
+/// something new and then [`PEERS_CUT`] or two round trips went by; at most
+/// [`PEERS_QUIET_MAX`] (a peer that sends nothing). Something new arrived
+/// here is what the restored socket's first segment acknowledges, which
+/// makes a streaming peer resend what the lock drops at once (see "Packets
+/// dropped by the lock" in the [module docs](self)); the wait after the
+/// first new byte lets what was already in flight, or sent in one burst at
+/// the link's pace, arrive whole. A peer that pauses is waited for rather
+/// than cut off after a quiet moment: what it sends after its pause arrives
+/// here instead of meeting the inbound lock with nothing new to acknowledge
+/// (its resending would then wait for its retransmission timeout).
+fn wait_for_news(taken: &Taken) {
     let rtt = taken
         .iter()
         .filter_map(|(_, s)| smoothed_rtt(s).ok())
         .max()
         .unwrap_or_default();
-    let quiet = PEERS_QUIET.max(2 * rtt);
     let cut = PEERS_CUT.max(2 * rtt);
     let received = |s: &OwnedFd| bytes_received(s).unwrap_or(0);
     let start = Instant::now();
-    // Per socket: bytes received, when that last changed, and when it
-    // first changed.
-    let mut seen: Vec<(u64, Instant, Option<Instant>)> = taken
-        .iter()
-        .map(|(_, s)| (received(s), start, None))
-        .collect();
-    let done = |seen: &[(u64, Instant, Option<Instant>)]| {
-        seen.iter().all(|&(_, since, first)| match first {
-            Some(first) => first.elapsed() >= cut || since.elapsed() >= quiet,
-            None => since.elapsed() >= quiet,
-        })
+    // Per socket: bytes received when our packets were first held back,
+    // and when more had come.
+    let mut seen: Vec<(u64, Option<Instant>)> =
+        taken.iter().map(|(_, s)| (received(s), None)).collect();
+    let done = |seen: &[(u64, Option<Instant>)]| {
+        seen.iter()
+            .all(|&(_, first)| first.is_some_and(|first| first.elapsed() >= cut))
     };
     while start.elapsed() < PEERS_QUIET_MAX && !done(&seen) {
         std::thread::sleep(Duration::from_micros(100));
-        for ((_, s), (last, since, first)) in taken.iter().zip(seen.iter_mut()) {
-            let now = received(s);
-            if now != *last {
-                *last = now;
-                *since = Instant::now();
-                first.get_or_insert(*since);
+        for ((_, s), (before, first)) in taken.iter().zip(seen.iter_mut()) {
+            if first.is_none() && received(s) != *before {
+                *first = Some(Instant::now());
             }
         }
     }
