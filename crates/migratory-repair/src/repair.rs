@@ -671,7 +671,7 @@ fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError
     let snd_una = image.snd_seq.wrapping_sub(fin).wrapping_sub(queued as u32);
     if matches!(image.state, TcpState::CloseWait | TcpState::LastAck) {
         // ESTABLISHED -> CLOSE_WAIT, before anything of ours is sent.
-        inject_fin(image, snd_una)?;
+        inject_fin(stream.as_fd(), image, snd_una)?;
         wait_state(stream, &[TcpState::CloseWait.to_linux()], "CLOSE_WAIT")?;
     }
     // Before anything else of ours goes out, an acknowledgement the peer
@@ -715,7 +715,7 @@ fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError
     if image.state == TcpState::Closing {
         // FIN_WAIT1 -> CLOSING (or on, if the peer's ACK of our FIN came
         // first: FIN_WAIT2 -> TIME_WAIT).
-        inject_fin(image, snd_una)?;
+        inject_fin(stream.as_fd(), image, snd_una)?;
         wait_state(stream, &[11, 6, 7], "CLOSING")?;
     }
     Ok(())
@@ -745,7 +745,7 @@ fn wait_state(stream: &TcpStream, states: &[u8], want: &'static str) -> Result<(
 /// the peer's address and port, sequence number the image's `rcv_seq - 1`,
 /// acknowledging `ack` (which acknowledges nothing new), through a raw
 /// socket whose packets carry [`LOCK_MARK`].
-fn inject_fin(image: &SocketImage, ack: u32) -> Result<(), RepairError> {
+fn inject_fin(via: BorrowedFd<'_>, image: &SocketImage, ack: u32) -> Result<(), RepairError> {
     let window = image.window.snd_wnd >> image.wscale.map_or(0, |(snd, _)| snd);
     let tcp = tcp_segment(
         image.peer,
@@ -755,7 +755,7 @@ fn inject_fin(image: &SocketImage, ack: u32) -> Result<(), RepairError> {
         window.min(0xffff) as u16,
         &[],
     );
-    send_raw(image.peer, image.local, &tcp)
+    send_raw(via, image.peer, image.local, &tcp)
 }
 
 /// Sends the peer, from the restored (live) socket's address, the
@@ -801,31 +801,91 @@ fn send_ack(stream: &TcpStream, image: &SocketImage, snd_nxt: u32) -> Result<(),
         (window >> rcv_wscale).min(0xffff) as u16,
         &options,
     );
-    send_raw(image.local, image.peer, &tcp)
+    send_raw(stream.as_fd(), image.local, image.peer, &tcp)
 }
 
 /// Sends the TCP segment `tcp` from `src` to `dst` through a raw socket
-/// whose packets carry [`LOCK_MARK`] (a network lock lets them through).
-fn send_raw(src: SocketAddr, dst: SocketAddr, tcp: &[u8]) -> Result<(), RepairError> {
+/// whose packets carry [`LOCK_MARK`] (a network lock lets them through), in
+/// the network namespace of `via` (the restored socket).
+///
+/// The raw socket is kept for the next segment (one per address family and
+/// thread, for the namespace it was made in, compared by its cookie):
+/// making one costs more than the rest of a restore (about 20 us per
+/// socket in `migratory bench sock`).
+fn send_raw(
+    via: BorrowedFd<'_>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    tcp: &[u8],
+) -> Result<(), RepairError> {
     let (domain, packet) = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => (Domain::IPV4, ipv4_packet(s, d, tcp)),
         (IpAddr::V6(s), IpAddr::V6(d)) => (Domain::IPV6, ipv6_packet(s, d, tcp)),
         _ => return Err(RepairError::InvalidImage("mixed address families".into())),
     };
-    let raw = Socket::new(domain, Type::RAW, Some(socket2::Protocol::TCP))
-        .map_err(sys("socket (raw)"))?;
-    if domain == Domain::IPV4 {
-        raw.set_header_included_v4(true)
-            .map_err(sys("IP_HDRINCL"))?;
-    } else {
-        raw.set_header_included_v6(true)
-            .map_err(sys("IPV6_HDRINCL"))?;
+    let to: SockAddr = SocketAddr::new(dst.ip(), 0).into();
+    let send = |raw: &Socket| {
+        raw.send_to(&packet, &to)
+            .map(drop)
+            .map_err(sys("send (raw TCP segment)"))
+    };
+    let Some(netns) = netns_cookie(via) else {
+        // (A kernel without namespace cookies, before 5.14.)
+        return send(&raw_socket(domain)?);
+    };
+    let slot = usize::from(domain == Domain::IPV6);
+    RAW.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if !matches!(&cache[slot], Some((cookie, _)) if *cookie == netns) {
+            let raw = raw_socket(domain)?;
+            if netns_cookie(raw.as_fd()) != Some(netns) {
+                // This thread is in another namespace than `via`: as
+                // before, from here (not kept).
+                return send(&raw);
+            }
+            cache[slot] = Some((netns, raw));
+        }
+        match &cache[slot] {
+            Some((_, raw)) => send(raw),
+            None => unreachable!("filled above"),
+        }
+    })
+}
+
+thread_local! {
+    /// [`send_raw`]'s raw sockets: IPv4, IPv6, each with the cookie of its
+    /// network namespace.
+    static RAW: std::cell::RefCell<[Option<(u64, Socket)>; 2]> =
+        const { std::cell::RefCell::new([None, None]) };
+}
+
+/// `SO_NETNS_COOKIE` (include/uapi/asm-generic/socket.h; libc lacks it on
+/// some targets).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace `fd` belongs to (unique while the
+/// system runs), if the kernel tells it (5.14 and later).
+fn netns_cookie(fd: BorrowedFd<'_>) -> Option<u64> {
+    match getsockopt::<u64>(fd, libc::SOL_SOCKET, SO_NETNS_COOKIE) {
+        Ok((cookie, 8)) => Some(cookie),
+        _ => None,
     }
+}
+
+/// A raw socket that sends whole IP packets (ours carry TCP) marked
+/// [`LOCK_MARK`]. Of protocol `IPPROTO_RAW`: it includes the IP header
+/// itself and receives nothing (a raw socket of `IPPROTO_TCP` would be
+/// handed a copy of every TCP packet the namespace receives for as long as
+/// it is kept).
+fn raw_socket(domain: Domain) -> Result<Socket, RepairError> {
+    let raw = Socket::new(
+        domain,
+        Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .map_err(sys("socket (raw)"))?;
     raw.set_mark(LOCK_MARK).map_err(sys("SO_MARK"))?;
-    let to = SocketAddr::new(dst.ip(), 0);
-    raw.send_to(&packet, &to.into())
-        .map_err(sys("send (raw TCP segment)"))?;
-    Ok(())
+    Ok(raw)
 }
 
 /// TCP header flags.

@@ -28,6 +28,8 @@ pub(crate) unsafe trait Pod: Copy {}
 unsafe impl Pod for libc::c_int {}
 // SAFETY: as above.
 unsafe impl Pod for u32 {}
+// SAFETY: as above.
+unsafe impl Pod for u64 {}
 // SAFETY: an array of u32, no padding.
 unsafe impl Pod for [u32; 5] {}
 // SAFETY: `tcp_info` is a C struct of integers; it is zeroed before the
