@@ -54,7 +54,7 @@ impl Pair {
             now,
         );
         let cinc = client.start(now);
-        let sinc = server.new_incarnation(now);
+        let sinc = server.new_incarnation(now, None);
         let mut p = Pair {
             now,
             client,

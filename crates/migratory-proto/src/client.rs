@@ -16,9 +16,10 @@
 //! # Driving it
 //!
 //! Call [`Client::start`], then answer each [`ClientEvent::Connect`] by
-//! opening a TCP connection for that incarnation to that server; feed what
-//! it reads to [`Client::handle_input`] and report its end with
-//! [`Client::handle_incarnation_closed`]. Drain [`Client::poll_transmit`]
+//! opening a TCP connection (with TLS on it) for that incarnation to that
+//! server and calling [`Client::handle_connected`] with its channel
+//! binding once it is up; feed what it reads to [`Client::handle_input`]
+//! and report its end with [`Client::handle_incarnation_closed`]. Drain [`Client::poll_transmit`]
 //! and [`Client::poll_event`] after every call, and call
 //! [`Client::handle_timeout`] when [`Client::poll_timeout`] has passed.
 
@@ -30,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use crate::config::{ClientTimeouts, Limits};
 use crate::error::{AppError, ProtocolError, SessionError};
 use crate::frame::{Frame, MigrateRequest, RejectReason, PREAMBLE};
-use crate::mac::migrate_mac;
+use crate::mac::{migrate_mac, next_secret};
 use crate::stream::{take_scratch, ByteQueue};
 use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
 
@@ -132,8 +133,12 @@ enum Phase {
         inc: IncarnationId,
         target: ServerId,
         deadline: Instant,
-        /// Kept to answer the destination's challenge.
+        /// Sent once the connection is up; kept to answer a challenge.
         request: MigrateRequest,
+        /// The connection is up and its Migrate sent: with its proof over
+        /// the channel binding (`Some(true)`), or awaiting a Challenge
+        /// (`Some(false)`, plaintext).
+        bound: Option<bool>,
     },
     Failed(SessionError),
     Finished,
@@ -283,6 +288,45 @@ impl Client {
         self.events
             .push_back(ClientEvent::Connect { inc, server: None });
         inc
+    }
+
+    /// The connection of `inc` is up (TCP, and TLS when the pool uses it).
+    /// `binding` is its channel binding: the value both ends export from
+    /// its TLS session ([`BINDING_LABEL`](crate::mac::BINDING_LABEL),
+    /// 32 bytes), `None` for a plaintext connection. A migration's Migrate
+    /// goes out now, with its proof over the binding (or, without one, to
+    /// be challenged by the server).
+    pub fn handle_connected(
+        &mut self,
+        now: Instant,
+        inc: IncarnationId,
+        binding: Option<[u8; 32]>,
+    ) {
+        let _ = now;
+        let Phase::Migrating {
+            inc: i,
+            request,
+            bound,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if *i != inc || bound.is_some() {
+            return;
+        }
+        *bound = Some(binding.is_some());
+        let request = request.clone();
+        self.push_frame(inc, Frame::Migrate(request.clone()));
+        if let Some(b) = binding {
+            let secret = &self
+                .id
+                .as_ref()
+                .expect("migrating sessions are established")
+                .secret;
+            let mac = migrate_mac(secret, &request, &b);
+            self.push_frame(inc, Frame::Proof { mac });
+        }
     }
 
     fn new_inc(&mut self) -> IncarnationId {
@@ -518,14 +562,16 @@ impl Client {
             draining: self.draining.is_some(),
             window: self.cfg.limits.recv_window - self.down.len(),
         };
+        // The Migrate goes out once the connection is up (its proof covers
+        // the connection's channel binding).
         let inc = self.new_inc();
-        self.push_frame(inc, Frame::Migrate(request.clone()));
         self.tried.push(target.clone());
         self.phase = Phase::Migrating {
             inc,
             target: target.clone(),
             deadline: now + self.cfg.timeouts.handshake,
             request,
+            bound: None,
         };
         self.events.push_back(ClientEvent::MigrationStarted {
             to: target.clone(),
@@ -722,9 +768,19 @@ impl Client {
                     server,
                     alternates,
                     window,
+                    rekey,
                 },
-            ) => self.on_resumed(inc, up, up_fin, down, epoch, server, alternates, window),
-            (Phase::Migrating { request, .. }, Frame::Challenge { nonce }) => {
+            ) => self.on_resumed(
+                inc, up, up_fin, down, epoch, server, alternates, window, rekey,
+            ),
+            (
+                Phase::Migrating {
+                    request,
+                    bound: Some(false),
+                    ..
+                },
+                Frame::Challenge { nonce },
+            ) => {
                 let secret = &self
                     .id
                     .as_ref()
@@ -788,6 +844,7 @@ impl Client {
         server: ServerId,
         alternates: Vec<Alternate>,
         window: u64,
+        rekey: Option<[u8; 32]>,
     ) {
         // The server must send from a position the client holds and that
         // is not below its Migrate's (nothing before it is kept), and must
@@ -811,6 +868,10 @@ impl Client {
             .as_mut()
             .expect("migrating sessions are established");
         let from = std::mem::replace(&mut id.owner, server.clone());
+        if let Some(k) = rekey {
+            // The new epoch's secret (an old one moves nothing any more).
+            id.secret = next_secret(&id.secret, &k, epoch);
+        }
         id.epoch = epoch;
         // MTCP's implicit ACK: drop what the new server holds, resend the rest.
         self.stats.bytes_resent += self.up_sent.saturating_sub(up);

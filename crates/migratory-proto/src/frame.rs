@@ -14,7 +14,7 @@ use crate::types::{Alternate, Epoch, MigrationCause, Pos, ServerId, SessionId};
 use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
 /// Protocol version carried in the preamble.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 
 /// What a migratory client sends first: magic `MIGR\r\n` and the version.
 pub const PREAMBLE: [u8; 8] = [b'M', b'I', b'G', b'R', b'\r', b'\n', 0, VERSION as u8];
@@ -273,6 +273,12 @@ pub enum Frame {
         alternates: Vec<Alternate>,
         /// The client may send up bytes below `up + window`.
         window: u64,
+        /// The session secret changed with the epoch: the client derives
+        /// the new one from its secret and this value
+        /// ([`next_secret`](crate::mac::next_secret)). `None` when the
+        /// epoch (and secret) stayed, as when the client came back to its
+        /// own live server.
+        rekey: Option<[u8; 32]>,
     },
     /// S2->C: the session cannot start or resume here.
     Reject {
@@ -380,6 +386,7 @@ impl Frame {
                 server,
                 alternates,
                 window,
+                rekey,
             } => put_frame(dst, RESUMED, |b| {
                 b.put_u64(*up);
                 b.put_bool(*up_fin);
@@ -388,6 +395,10 @@ impl Frame {
                 b.put_server_id(server);
                 b.put_alternates(alternates);
                 b.put_u64(*window);
+                b.put_bool(rekey.is_some());
+                if let Some(k) = rekey {
+                    b.put_slice(k);
+                }
             }),
             Frame::Reject { reason, text } => put_frame(dst, REJECT, |b| {
                 reason.put(b);
@@ -462,6 +473,10 @@ impl Frame {
                 server: r.server_id("server")?,
                 alternates: r.alternates()?,
                 window: r.u64()?,
+                rekey: match r.bool("rekey")? {
+                    true => Some(r.array()?),
+                    false => None,
+                },
             },
             REJECT => Frame::Reject {
                 reason: RejectReason::read(&mut r)?,

@@ -229,19 +229,23 @@ fn frame() -> impl Strategy<Value = Frame> {
             pos(),
             server_id(),
             some_alternates(),
-            pos()
+            pos(),
+            proptest::option::of(any::<[u8; 32]>())
         )
-            .prop_map(|(up, up_fin, down, epoch, server, alternates, window)| {
-                Frame::Resumed {
-                    up,
-                    up_fin,
-                    down,
-                    epoch,
-                    server,
-                    alternates,
-                    window,
+            .prop_map(
+                |(up, up_fin, down, epoch, server, alternates, window, rekey)| {
+                    Frame::Resumed {
+                        up,
+                        up_fin,
+                        down,
+                        epoch,
+                        server,
+                        alternates,
+                        window,
+                        rekey,
+                    }
                 }
-            }),
+            ),
         (reason(), text()).prop_map(|(reason, text)| Frame::Reject { reason, text }),
         payload(300).prop_map(Frame::Data),
         (pos(), pos(), any::<bool>()).prop_map(|(pos, limit, fin)| Frame::Ack { pos, limit, fin }),
@@ -978,6 +982,7 @@ fn limits_round_trip_at_the_maximum() {
         server: sid(&id),
         alternates,
         window: u64::MAX,
+        rekey: Some([0xff; 32]),
     };
     let mut wire = encode_frame(&f);
     assert_eq!(Frame::decode(&mut wire, DEFAULT_MAX_FRAME), Ok(Some(f)));
@@ -1157,14 +1162,19 @@ fn preamble() {
         check_preamble(b"MIGR\n\r\0\x01"),
         Err(DecodeError::NotMigratory)
     );
-    // Other versions (1: before the Migrate carried its cause).
+    // Other versions (1: before the Migrate carried its cause; 2: before
+    // Resumed carried the rekey).
     assert_eq!(
         check_preamble(b"MIGR\r\n\0\x01"),
         Err(DecodeError::UnsupportedVersion(1))
     );
     assert_eq!(
-        check_preamble(b"MIGR\r\n\0\x03"),
-        Err(DecodeError::UnsupportedVersion(3))
+        check_preamble(b"MIGR\r\n\0\x02"),
+        Err(DecodeError::UnsupportedVersion(2))
+    );
+    assert_eq!(
+        check_preamble(b"MIGR\r\n\0\x04"),
+        Err(DecodeError::UnsupportedVersion(4))
     );
     assert_eq!(
         check_preamble(b"MIGR\r\n\x01\x00"),

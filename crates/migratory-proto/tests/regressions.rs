@@ -239,7 +239,7 @@ fn migrate_window_overflow() {
         Box::new(SmallRng::seed_from_u64(1)),
         now,
     );
-    let inc = s.new_incarnation(now);
+    let inc = s.new_incarnation(now, None);
     let mut b = BytesMut::from(&PREAMBLE[..]);
     Frame::Hello { window: 1 << 20 }.encode(&mut b);
     s.handle_input(now, inc, &b);
@@ -258,7 +258,7 @@ fn migrate_window_overflow() {
     }
     s.write(h.unwrap(), b"x").unwrap();
     drain(&mut s, now);
-    let inc2 = s.new_incarnation(now);
+    let inc2 = s.new_incarnation(now, None);
     let req = MigrateRequest {
         session,
         origin: me,
@@ -348,7 +348,7 @@ fn server_closed_incarnation_leaks_session_forever() {
     cfg.max_sessions = 10;
     let mut s = Server::new(cfg, Box::new(SmallRng::seed_from_u64(1)), now);
     for _ in 0..10 {
-        let inc = s.new_incarnation(now);
+        let inc = s.new_incarnation(now, None);
         let mut b = BytesMut::from(&PREAMBLE[..]);
         Frame::Hello { window: 1 << 20 }.encode(&mut b);
         Frame::Close { pos: 5 }.encode(&mut b); // bad position -> server closes
@@ -362,7 +362,7 @@ fn server_closed_incarnation_leaks_session_forever() {
         s.handle_timeout(now);
     }
     assert_eq!(s.owned_sessions().count(), 0, "abandoned sessions expire");
-    let inc = s.new_incarnation(now);
+    let inc = s.new_incarnation(now, None);
     let mut b = BytesMut::from(&PREAMBLE[..]);
     Frame::Hello { window: 1 << 20 }.encode(&mut b);
     s.handle_input(now, inc, &b);

@@ -571,3 +571,98 @@ fn a_refused_migration_is_reported_with_its_reason() {
     );
     assert_eq!(r[0].outcome.as_str(), "not_found");
 }
+
+/// The eavesdropper's view of the session's secrets (Welcome, then each
+/// Resumed's rekey) — what a leak of old keys would give an attacker.
+fn leaked(w: &World, epoch: u64) -> migratory_proto::types::Secret {
+    w.leaked.get(&epoch).cloned().unwrap_or_else(|| {
+        panic!(
+            "no secret followed for epoch {epoch}: {:?}",
+            w.leaked.keys()
+        )
+    })
+}
+
+#[test]
+fn the_secret_changes_at_every_epoch_and_an_old_one_moves_nothing() {
+    let mut w = world(false);
+    migrate(&mut w, 1);
+    w.client.write(b"confirm at s2|").unwrap();
+    w.pump();
+    migrate(&mut w, 2);
+    w.client.write(b"confirm at s3|").unwrap();
+    w.pump();
+    let now = w.client.epoch().unwrap();
+    assert!(w.leaked.len() >= 3, "{:?}", w.leaked.keys());
+    let epochs: Vec<u64> = w.leaked.keys().copied().collect();
+    for pair in epochs.windows(2) {
+        assert_ne!(
+            leaked(&w, pair[0]),
+            leaked(&w, pair[1]),
+            "a new secret per epoch"
+        );
+    }
+    // An attacker holding every old epoch's secret, a fresh proof for its
+    // own connection and the largest attempt number, at every server: each
+    // refuses, and the session stays with the client.
+    for old in epochs.iter().copied().filter(|e| *e != now) {
+        let mut req = request_for(&w, old);
+        req.attempt = u64::MAX;
+        for target in 0..3 {
+            w.forge(req.clone(), leaked(&w, old), target);
+            w.pump();
+        }
+    }
+    assert!(!w.attacker_rejects.is_empty());
+    assert!(
+        w.attacker_rejects
+            .iter()
+            .all(|(r, _)| matches!(r, RejectReason::AuthFailed | RejectReason::NotFound)),
+        "{:?}",
+        w.attacker_rejects
+    );
+    // The huge attempts locked nothing: the client migrates on, and every
+    // byte is still exact (the harness checks both streams).
+    migrate(&mut w, 0);
+    w.client.write(b"still mine|").unwrap();
+    w.pump();
+    assert_eq!(w.owner(), Some(0));
+    // With the current secret (a client's own), a fresh proof does move it:
+    // the refusals above are not a harness that refuses everything.
+    let mut req = request_for(&w, w.client.epoch().unwrap());
+    req.attempt = u64::MAX;
+    let before = w.attacker_rejects.len();
+    let current = leaked(&w, w.client.epoch().unwrap());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        w.forge(req, current, 1);
+        w.pump();
+    }));
+    assert!(
+        r.is_err() && w.attacker_rejects.len() == before,
+        "the current secret must resume the session (the harness then reports invariant 3)"
+    );
+}
+
+#[test]
+fn a_plaintext_pool_challenges_each_migrate_and_a_bound_one_does_not() {
+    for tls in [false, true] {
+        let mut cfg = WorldConfig::new(3, AppKind::Transform);
+        cfg.tls = tls;
+        let mut w = World::new(cfg);
+        w.pump();
+        migrate(&mut w, 1);
+        w.client.write(b"x|").unwrap();
+        w.pump();
+        migrate(&mut w, 2);
+        // The eavesdropper's replays fail either way.
+        let (req, proof) = w.sent_migrates[0].clone();
+        w.replay(req, proof, 1);
+        w.pump();
+        assert_eq!(
+            w.attacker_rejects.last().map(|r| r.0),
+            Some(RejectReason::NotFound),
+            "tls {tls}"
+        );
+        assert_eq!(w.challenges, if tls { 0 } else { 2 }, "tls {tls}");
+    }
+}

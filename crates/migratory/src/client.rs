@@ -433,11 +433,16 @@ async fn open(
         if !matches!(c.write(), Ok(false)) {
             wake.notify_one();
         }
+        let binding = c.stream.binding();
+        st.conns.insert(inc, ConnSlot::Open(c));
+        // Frames the Migrate (with its proof over the binding), if this
+        // connection carries one.
+        st.core.handle_connected(Instant::now(), inc, binding);
+        shared.pump(&mut st);
         if let Some(m) = st.migration.as_mut().filter(|_| !initial) {
             // This connection carries the migration's Migrate.
             m.sent = Some(Instant::now());
         }
-        st.conns.insert(inc, ConnSlot::Open(c));
         (stream, wake)
     };
     let reason = run_conn(&shared, inc, &stream, &wake).await;

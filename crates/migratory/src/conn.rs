@@ -334,6 +334,15 @@ impl Wire {
         tls.peer_certificates().map(<[_]>::to_vec)
     }
 
+    /// The connection's channel binding: 32 bytes both ends export from
+    /// its TLS session (RFC 8446 section 7.5) and nobody else can; `None`
+    /// without TLS.
+    pub(crate) fn binding(&self) -> Option<[u8; 32]> {
+        let tls = self.lock_tls()?;
+        tls.export_keying_material([0u8; 32], migratory_proto::mac::BINDING_LABEL, None)
+            .ok()
+    }
+
     /// Whether TLS records wait for the socket to take them.
     pub(crate) fn wants_write(&self) -> bool {
         self.lock_tls().is_some_and(|t| t.wants_write())

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use migratory::proto::client::ClientConfig;
 use migratory::proto::config::ClientTimeouts;
 use migratory::proto::frame::{Frame, MigrateRequest, RejectReason, DEFAULT_MAX_FRAME, PREAMBLE};
-use migratory::proto::mac::migrate_mac;
+use migratory::proto::mac::{migrate_mac, BINDING_LABEL};
 use migratory::proto::types::{MigrationCause, Secret, ServerId, SessionId};
 use migratory::{Manual, MigratoryStream, Peer, Server, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,18 +93,25 @@ impl Wire {
         }
     }
 
-    /// Sends a Migrate, answers the challenge with `proof(nonce)`, returns
-    /// the server's answer.
+    /// This TLS connection's channel binding (what a proof on it covers).
+    fn binding(&self) -> [u8; 32] {
+        self.s
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], BINDING_LABEL, None)
+            .unwrap()
+    }
+
+    /// Sends a Migrate with `proof(binding)` right behind it (a TLS
+    /// connection is not challenged), returns the server's answer.
     async fn migrate(
         &mut self,
         req: MigrateRequest,
         proof: impl Fn(&[u8; 32]) -> [u8; 32],
     ) -> Option<Frame> {
+        let mac = proof(&self.binding());
         self.send(Frame::Migrate(req)).await;
-        let Some(Frame::Challenge { nonce }) = self.recv().await else {
-            panic!("expected a challenge");
-        };
-        self.send(Frame::Proof { mac: proof(&nonce) }).await;
+        self.send(Frame::Proof { mac }).await;
         self.recv().await
     }
 }
@@ -302,4 +309,102 @@ async fn nc_and_socat_work_as_plain_clients() {
     if ran == 0 {
         println!("skipping: neither nc nor socat is installed");
     }
+}
+
+/// Reads echoed Data on `w` until `want` came back.
+async fn echoed(w: &mut Wire, want: &[u8]) {
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        match w.recv().await {
+            Some(Frame::Data(d)) => got.extend_from_slice(&d),
+            Some(_) => {}
+            None => panic!("closed after {} bytes", got.len()),
+        }
+    }
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_are_bound_to_their_connection_and_old_secrets_move_nothing() {
+    let (svc, ctl) = (free_addrs(2), free_addrs(2));
+    pool(&svc, &ctl, 2).await;
+    let (mut w1, session, secret0) = raw_session(svc[0]).await;
+    w1.send(Frame::Data(bytes::Bytes::from_static(b"epoch 0")))
+        .await;
+    echoed(&mut w1, b"epoch 0").await;
+
+    // A proof made for one connection, sent on another: refused.
+    let mut real = Wire::open(svc[1]).await;
+    let mut req = request(session, "s1");
+    req.down = 7; // the echo so far
+    let mac = migrate_mac(&secret0, &req, &real.binding());
+    let mut thief = Wire::open(svc[1]).await;
+    let answer = thief.migrate(req.clone(), |_| mac).await;
+    assert!(
+        matches!(
+            answer,
+            Some(Frame::Reject {
+                reason: RejectReason::AuthFailed,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    // On its own connection it is good: the session moves to s2, at a
+    // new epoch with a new secret the client derives from the rekey.
+    let answer = real.migrate(req.clone(), |_| mac).await;
+    let Some(Frame::Resumed {
+        epoch: 1,
+        rekey: Some(rekey),
+        ..
+    }) = answer
+    else {
+        panic!("expected Resumed at epoch 1 with a rekey: {answer:?}");
+    };
+    let secret1 = migratory::proto::mac::next_secret(&secret0, &rekey, 1);
+    assert_ne!(secret1, secret0);
+    real.send(Frame::Data(bytes::Bytes::from_static(b"epoch 1")))
+        .await;
+    echoed(&mut real, b"epoch 1").await;
+
+    // An attacker with the session id, its epoch and the old epoch's
+    // secret, with fresh proofs for its own connections and the largest
+    // attempt numbers: refused at both servers, for both epochs.
+    for (epoch, origin) in [(0, "s1"), (1, "s2"), (0, "s2")] {
+        for target in [svc[0], svc[1]] {
+            let mut r = request(session, origin);
+            r.epoch = epoch;
+            r.attempt = u64::MAX;
+            let mut w = Wire::open(target).await;
+            let answer = w.migrate(r.clone(), |b| migrate_mac(&secret0, &r, b)).await;
+            assert!(
+                matches!(
+                    answer,
+                    Some(Frame::Reject {
+                        reason: RejectReason::AuthFailed | RejectReason::NotFound,
+                        ..
+                    })
+                ),
+                "epoch {epoch} at {target}: {answer:?}"
+            );
+        }
+    }
+    // The client is not locked out: with the current secret and its own
+    // next attempt it moves the session back to s1, and the stream is
+    // exact.
+    let mut back = Wire::open(svc[0]).await;
+    let mut r = request(session, "s2");
+    r.epoch = 1;
+    r.attempt = 2;
+    r.down = 14; // both echoes so far
+    let answer = back
+        .migrate(r.clone(), |b| migrate_mac(&secret1, &r, b))
+        .await;
+    assert!(
+        matches!(answer, Some(Frame::Resumed { epoch: 2, .. })),
+        "{answer:?}"
+    );
+    back.send(Frame::Data(bytes::Bytes::from_static(b"epoch 2")))
+        .await;
+    echoed(&mut back, b"epoch 2").await;
 }

@@ -87,6 +87,9 @@ struct Inc {
     /// The Migrate this connection carries, until it is installed or
     /// refused (for the [`MigrationReport`]).
     migrating: Option<MigrateRequest>,
+    /// The connection's channel binding (its TLS exporter), if it has one:
+    /// the nonce a Migrate's proof on it covers, with no Challenge.
+    binding: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -230,6 +233,20 @@ impl<S: SessionSlot> Endpoint<S> {
             .is_some_and(|(_, s)| s.with(|s| s.crash_tolerant()))
     }
 
+    /// The epochs at which this server would still take a Migrate of
+    /// `session` (its copy, live or frozen, its previous epoch until the
+    /// client confirms, and a replica's): a secret of any other epoch
+    /// moves nothing here.
+    pub fn accepted_epochs(&self, session: SessionId) -> Vec<Epoch> {
+        let mut out = self
+            .sessions
+            .get(&session)
+            .map(|(_, s)| s.with(|s| s.accepted_epochs()))
+            .unwrap_or_default();
+        out.extend(self.replicas.get(&session).map(|r| r.epoch));
+        out
+    }
+
     /// Whether this server holds a replica of `session`.
     pub fn has_replica(&self, session: SessionId) -> bool {
         self.replicas.contains_key(&session)
@@ -333,8 +350,12 @@ impl<S: SessionSlot> Endpoint<S> {
 
     // ----- incarnations ---------------------------------------------------
 
-    /// Registers a newly accepted client connection.
-    pub fn new_incarnation(&mut self, now: Instant) -> IncarnationId {
+    /// Registers a newly accepted client connection. `binding` is its
+    /// channel binding ([`BINDING_LABEL`](crate::mac::BINDING_LABEL)
+    /// exported from its TLS session), `None` for a plaintext connection:
+    /// a Migrate on a bound connection carries its proof at once; on
+    /// another it is challenged with a fresh nonce.
+    pub fn new_incarnation(&mut self, now: Instant, binding: Option<[u8; 32]>) -> IncarnationId {
         self.bump(now);
         self.next_inc += 1;
         let id = IncarnationId(self.next_inc);
@@ -347,6 +368,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 queued: false,
                 opened: now,
                 migrating: None,
+                binding,
             },
         );
         self.timers
@@ -412,13 +434,21 @@ impl<S: SessionSlot> Endpoint<S> {
                     match frame {
                         Frame::Hello { window } => self.on_hello(now, inc, window),
                         Frame::Migrate(request) => {
-                            // Challenge first: a captured Migrate cannot be
-                            // replayed against a fresh nonce.
-                            let mut nonce = [0u8; 32];
-                            self.rng.fill_bytes(&mut nonce);
                             let i = self.incs.get_mut(&inc).expect("present");
-                            i.phase = IncPhase::AwaitProof(Box::new((request, nonce)));
-                            self.queue_frame(inc, Frame::Challenge { nonce });
+                            if let Some(binding) = i.binding {
+                                // The proof follows at once, over this
+                                // connection's binding: it cannot have been
+                                // made for any other connection.
+                                i.phase = IncPhase::AwaitProof(Box::new((request, binding)));
+                            } else {
+                                // Challenge first: a captured Migrate cannot
+                                // be replayed against a fresh nonce.
+                                let mut nonce = [0u8; 32];
+                                self.rng.fill_bytes(&mut nonce);
+                                let i = self.incs.get_mut(&inc).expect("present");
+                                i.phase = IncPhase::AwaitProof(Box::new((request, nonce)));
+                                self.queue_frame(inc, Frame::Challenge { nonce });
+                            }
                         }
                         f => {
                             return Err(ProtocolError::Unexpected {
@@ -678,6 +708,8 @@ impl<S: SessionSlot> Endpoint<S> {
         self.stats.bytes_replayed += replayed;
         self.stats.bytes_discarded += rp.discard;
         self.report_in(inc, outcome, replayed, rp.discard);
+        let mut rekey = [0u8; 32];
+        self.rng.fill_bytes(&mut rekey);
         self.install(
             now,
             inc,
@@ -686,6 +718,7 @@ impl<S: SessionSlot> Endpoint<S> {
             Start::Resume {
                 request: m.request.clone(),
                 owed_ack,
+                rekey,
             },
         );
     }

@@ -164,6 +164,12 @@ impl Server {
         self.endpoint.session_infos()
     }
 
+    /// The epochs at which this server would still take a Migrate of
+    /// `session` (see [`Endpoint::accepted_epochs`]).
+    pub fn accepted_epochs(&self, session: SessionId) -> Vec<Epoch> {
+        self.endpoint.accepted_epochs(session)
+    }
+
     /// Whether `session`, owned here, would survive this server's crash.
     pub fn crash_tolerant(&self, session: SessionId) -> bool {
         self.endpoint.crash_tolerant(session)
@@ -232,9 +238,10 @@ impl Server {
 
     // ----- incarnations ---------------------------------------------------
 
-    /// Registers a newly accepted client connection.
-    pub fn new_incarnation(&mut self, now: Instant) -> IncarnationId {
-        self.endpoint.new_incarnation(now)
+    /// Registers a newly accepted client connection, with its channel
+    /// binding if it has one (see [`Endpoint::new_incarnation`]).
+    pub fn new_incarnation(&mut self, now: Instant, binding: Option<[u8; 32]>) -> IncarnationId {
+        self.endpoint.new_incarnation(now, binding)
     }
 
     /// Bytes read from a client connection.

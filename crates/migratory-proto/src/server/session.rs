@@ -35,7 +35,7 @@ use crate::config::Limits;
 use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
 use crate::error::{AppError, ProtocolError, SessionError};
 use crate::frame::{Frame, Migrate, MigrateRequest, RejectReason};
-use crate::mac::verify_migrate;
+use crate::mac::{next_secret, verify_migrate};
 use crate::stream::{take_scratch, ByteQueue};
 use crate::sync::resume_point;
 use crate::types::{Epoch, IncarnationId, MigrationCause, Pos, Secret, ServerId, SessionId};
@@ -162,8 +162,12 @@ pub struct Session {
     /// StateAck owed to the origin once the client confirms this incarnation.
     owed_ack: Option<(ServerId, u64)>,
     /// The epoch the client knew before this install, accepted until the
-    /// client confirms the new incarnation (its Resumed may be lost).
+    /// client confirms the new incarnation (its Resumed may be lost), with
+    /// that epoch's secret and the rekey that made the current one from
+    /// it (a client coming back at `prev_epoch` derives the current
+    /// secret with it).
     prev_epoch: Option<Epoch>,
+    prev_secret: Option<(Secret, [u8; 32])>,
     // Up stream: [rcv_snap, rcv_nxt) is the read log plus receive buffer.
     up: ByteQueue,
     /// Position of the next byte arriving on the current incarnation; below
@@ -225,6 +229,9 @@ pub(super) enum Start {
     Resume {
         request: MigrateRequest,
         owed_ack: Option<(ServerId, u64)>,
+        /// Random, from the endpoint: the new epoch's secret is derived
+        /// from the image's with it, and the client learns it in Resumed.
+        rekey: [u8; 32],
     },
 }
 
@@ -254,16 +261,29 @@ impl Session {
         now: Instant,
     ) -> Self {
         let sid = image.session;
-        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, new) = match start {
-            Start::Hello { window } => (window, false, 0, None, None, true),
-            Start::Resume { request, owed_ack } => (
+        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, rekey) = match start {
+            Start::Hello { window } => (window, false, 0, None, None, None),
+            Start::Resume {
+                request,
+                owed_ack,
+                rekey,
+            } => (
                 request.down.saturating_add(request.window),
                 request.down_fin,
                 request.attempt,
                 owed_ack,
                 Some(request.epoch),
-                false,
+                Some(rekey),
             ),
+        };
+        let new = rekey.is_none();
+        // Every epoch has a secret of its own (see `next_secret`).
+        let (secret, prev_secret) = match rekey {
+            Some(k) => (
+                next_secret(&image.secret, &k, epoch),
+                Some((image.secret.clone(), k)),
+            ),
+            None => (image.secret.clone(), None),
         };
         let rp = resume_point(image.down_base, image.down_snap, image.down_base);
         let mut up = ByteQueue::new(image.up_snap);
@@ -276,13 +296,14 @@ impl Session {
             id: sid,
             handle,
             lifecycle: Lifecycle::Live(Link::Attached(inc)),
-            secret: image.secret,
+            secret,
             epoch,
             next_epoch: epoch + 1,
             last_attempt: attempt,
             since: now,
             owed_ack,
             prev_epoch,
+            prev_secret,
             up,
             rx_pos: 0,
             app_read: image.up_snap,
@@ -339,6 +360,7 @@ impl Session {
                 server: s.cfg.id.clone(),
                 alternates: s.cfg.alternates.clone(),
                 window: limit.saturating_sub(s.rcv_nxt()),
+                rekey,
             }
         };
         if let Some(b) = backup {
@@ -520,16 +542,23 @@ impl Session {
 
     /// The checks an owner (live or frozen) makes on a Migrate or a state
     /// request for it.
-    fn admit(&self, m: &Migrate) -> Result<(), (RejectReason, &'static str)> {
+    fn admit(&mut self, m: &Migrate) -> Result<(), (RejectReason, &'static str)> {
         if self.is_ended() {
             return Err((RejectReason::NotFound, "no such session here"));
         }
         Self::check_migrate(
-            &self.secret,
+            self.secret_for(m.request.epoch),
             (self.epoch, self.prev_epoch),
             Some(self.last_attempt),
             m,
         )?;
+        if m.request.epoch == self.epoch {
+            // Proved with this epoch's secret: the client has this epoch's
+            // Resumed, so the one before is over (as when it confirms the
+            // connection with its first frame). The origin forgets its
+            // frozen copy, and that epoch's secret moves nothing any more.
+            self.confirmed();
+        }
         if !self.migratable() {
             return Err((RejectReason::InvalidState, FINISHED_TEXT));
         }
@@ -548,6 +577,31 @@ impl Session {
             ));
         }
         Ok(())
+    }
+
+    /// The epochs a Migrate may name here (none once the session ended).
+    pub(super) fn accepted_epochs(&self) -> Vec<Epoch> {
+        if self.is_ended() {
+            return Vec::new();
+        }
+        std::iter::once(self.epoch).chain(self.prev_epoch).collect()
+    }
+
+    /// The secret a Migrate at `epoch` proves with: a client whose Resumed
+    /// was lost still holds the previous epoch's.
+    fn secret_for(&self, epoch: Epoch) -> &Secret {
+        match &self.prev_secret {
+            Some((s, _)) if self.prev_epoch == Some(epoch) && epoch != self.epoch => s,
+            _ => &self.secret,
+        }
+    }
+
+    /// The session's image for the server that resumes it for `m`: with
+    /// the secret the client holds, which the next epoch's derives from.
+    fn image_for(&mut self, m: &Migrate) -> SessionImage {
+        let mut image = self.image();
+        image.secret = self.secret_for(m.request.epoch).clone();
+        image
     }
 
     /// The client comes back to the server that owns (or froze) its
@@ -576,7 +630,7 @@ impl Session {
             Lifecycle::Frozen(_) => {
                 let epoch = self.next_epoch;
                 return ResumeHere::FromFrozen {
-                    image: self.image(),
+                    image: self.image_for(m),
                     epoch,
                 };
             }
@@ -623,6 +677,14 @@ impl Session {
             server: self.cfg.id.clone(),
             alternates: self.cfg.alternates.clone(),
             window: self.limit_sent - self.rx_pos,
+            // A client at the previous epoch derives the current secret.
+            rekey: self
+                .prev_secret
+                .as_ref()
+                .filter(|_| {
+                    self.prev_epoch == Some(m.request.epoch) && m.request.epoch != self.epoch
+                })
+                .map(|(_, k)| *k),
         });
         ResumeHere::Reattached
     }
@@ -747,13 +809,20 @@ impl Session {
             .push_back(ServerEvent::CloseIncarnation { inc, reason });
     }
 
-    fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+    /// The client holds the current epoch: the previous one is over.
+    fn confirmed(&mut self) {
         self.prev_epoch = None;
+        self.prev_secret = None;
         if let Some((origin, req)) = self.owed_ack.take() {
-            // The client confirmed this incarnation: the origin may forget.
+            // The origin may forget its frozen copy.
             self.control
                 .push_back((origin, ControlMessage::StateAck { req }));
         }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        // The client confirmed this incarnation.
+        self.confirmed();
         let limits = &self.cfg.limits;
         let mut replicate = None;
         match frame {
@@ -1404,7 +1473,7 @@ impl Session {
             };
             self.replicate(update);
         }
-        let (image, _) = self.image().trim_for(m.request.down);
+        let (image, _) = self.image_for(&m).trim_for(m.request.down);
         self.control.push_back((
             from.clone(),
             ControlMessage::StateReply {

@@ -12,6 +12,14 @@
 //! 3 one owner (never two servers live at the client's epoch with a
 //! connection to it; replayed and forged Migrates are refused); 5 no panic
 //! (every byte on every wire goes through the decoders).
+//!
+//! Connections are TLS-like when `tls` is set: each has a random channel
+//! binding that its two ends know, as a TLS exporter. The eavesdropper is
+//! stronger than a real one: it reads every frame in clear. It replays the
+//! Migrates and proofs it saw on connections of its own, and, having
+//! followed Welcome and every Resumed's rekey, forges fresh proofs with
+//! the secrets of epochs the client left behind. Neither may resume the
+//! session.
 #![allow(dead_code, clippy::disallowed_methods)]
 
 pub mod apps;
@@ -26,8 +34,9 @@ use migratory_proto::control::ControlMessage;
 use migratory_proto::control::DEFAULT_MAX_CONTROL_FRAME;
 use migratory_proto::error::{AppError, SessionError};
 use migratory_proto::frame::{Frame, MigrateRequest, DEFAULT_MAX_FRAME, PREAMBLE};
+use migratory_proto::mac::{migrate_mac, next_secret};
 use migratory_proto::server::{Arrival, Dest, Server, ServerConfig, ServerEvent, SessionHandle};
-use migratory_proto::types::{Alternate, IncarnationId, ServerId, SessionId};
+use migratory_proto::types::{Alternate, IncarnationId, Secret, ServerId, SessionId};
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -51,6 +60,9 @@ pub struct WorldConfig {
     pub max_steps: usize,
     /// Small buffers exercise back-pressure.
     pub limits: Limits,
+    /// Connections have channel bindings (TLS); else Migrates are
+    /// challenged (plaintext).
+    pub tls: bool,
 }
 
 /// Fault probabilities per step, in millionths.
@@ -85,6 +97,7 @@ impl WorldConfig {
                 send_buffer: 8 * 1024,
                 ack_delay: Duration::from_millis(5),
             },
+            tls: true,
         }
     }
 }
@@ -103,6 +116,14 @@ pub struct Conn {
     /// Server output (attackers), or the client's first bytes (captured).
     pub seen: BytesMut,
     pub captured: BytesMut,
+    /// The server's first bytes to the client (captured).
+    pub captured_s2c: BytesMut,
+    /// The epoch of the Migrate this (client) connection carried.
+    pub migrate_epoch: Option<u64>,
+    /// The connection's channel binding (TLS), if any.
+    pub binding: Option<[u8; 32]>,
+    /// Attackers holding a secret: the request they forge a proof for.
+    pub forge: Option<(MigrateRequest, Secret)>,
 }
 
 pub struct ServerNode {
@@ -145,6 +166,12 @@ pub struct World {
     /// Migrate requests the client sent, with the proof it gave (an
     /// eavesdropper's capture).
     pub sent_migrates: Vec<(MigrateRequest, [u8; 32])>,
+    /// Every epoch's secret, as the eavesdropper followed them (Welcome,
+    /// then each Resumed's rekey).
+    pub leaked: BTreeMap<u64, Secret>,
+    /// Challenges servers sent to the client (plaintext connections).
+    pub challenges: u32,
+
     pub trace: Vec<String>,
     pub steps: usize,
     /// Some crash could legitimately lose the session (lazy mode, or eager
@@ -206,6 +233,8 @@ impl World {
             next_attacker: 1 << 40,
             finished: Vec::new(),
             sent_migrates: Vec::new(),
+            leaked: BTreeMap::new(),
+            challenges: 0,
             trace: Vec::new(),
             steps: 0,
             loss_allowed: false,
@@ -399,9 +428,49 @@ impl World {
         let _ = b.split_to(PREAMBLE.len());
         let first = Frame::decode(&mut b, DEFAULT_MAX_FRAME);
         let second = Frame::decode(&mut b, DEFAULT_MAX_FRAME);
+        if let Ok(Some(Frame::Migrate(req))) = &first {
+            c.migrate_epoch = Some(req.epoch);
+        }
         if let (Ok(Some(Frame::Migrate(req))), Ok(Some(Frame::Proof { mac }))) = (first, second) {
             c.captured = BytesMut::from(&[0xffu8; 4097][..]);
             self.sent_migrates.push((req, mac));
+        }
+    }
+
+    /// The eavesdropper follows the session's secrets: Welcome's, then
+    /// each Resumed's rekey applied to the secret of the epoch its Migrate
+    /// named.
+    fn capture_s2c(&mut self, key: IncarnationId, bytes: &[u8]) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if c.attacker || c.captured_s2c.len() > 4096 {
+            return;
+        }
+        c.captured_s2c.extend_from_slice(bytes);
+        let mut b = c.captured_s2c.clone();
+        let frame = match Frame::decode(&mut b, DEFAULT_MAX_FRAME) {
+            Ok(Some(f)) => f,
+            _ => return,
+        };
+        c.captured_s2c = BytesMut::from(&[0xffu8; 4097][..]);
+        let from = c.migrate_epoch;
+        match frame {
+            Frame::Challenge { .. } => self.challenges += 1,
+            Frame::Welcome { secret, epoch, .. } => {
+                self.leaked.insert(epoch, secret);
+            }
+            Frame::Resumed {
+                epoch,
+                rekey: Some(k),
+                ..
+            } => {
+                if let Some(old) = from.and_then(|e| self.leaked.get(&e)) {
+                    let new = next_secret(old, &k, epoch);
+                    self.leaked.insert(epoch, new);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -430,7 +499,12 @@ impl World {
         let now = self.now;
         match self.servers[target].as_mut() {
             Some(node) => {
-                let server_inc = node.core.new_incarnation(now);
+                let binding = self.cfg.tls.then(|| {
+                    let mut b = [0u8; 32];
+                    self.rng.fill_bytes(&mut b);
+                    b
+                });
+                let server_inc = node.core.new_incarnation(now, binding);
                 self.by_server.insert((target, server_inc), inc);
                 self.conns.insert(
                     inc,
@@ -445,8 +519,15 @@ impl World {
                         proof: [0; 32],
                         seen: BytesMut::new(),
                         captured: BytesMut::new(),
+                        captured_s2c: BytesMut::new(),
+                        migrate_epoch: None,
+                        binding,
+                        forge: None,
                     },
                 );
+                if !attacker {
+                    self.client.handle_connected(now, inc, binding);
+                }
             }
             None if !attacker => {
                 self.log(format!("connect {inc} to s{} refused", target + 1));
@@ -482,11 +563,13 @@ impl World {
             match dest {
                 Dest::Incarnation(sinc) => {
                     if let Some(key) = self.by_server.get(&(i, sinc)) {
-                        if let Some(c) = self.conns.get_mut(key) {
+                        let key = *key;
+                        if let Some(c) = self.conns.get_mut(&key) {
                             if !c.server_closed {
                                 c.s2c.extend_from_slice(&bytes);
                             }
                         }
+                        self.capture_s2c(key, &bytes);
                     }
                 }
                 Dest::Peer(peer) => self.send_control(i, &peer, bytes),
@@ -805,6 +888,30 @@ impl World {
             c.c2s.extend_from_slice(&PREAMBLE);
             Frame::Migrate(req).encode(&mut c.c2s);
             c.proof = proof;
+            if c.binding.is_some() {
+                // A bound connection takes the proof at once.
+                Frame::Proof { mac: proof }.encode(&mut c.c2s);
+            }
+        }
+    }
+
+    /// Sends a Migrate with a proof made with `secret` (a leaked one) for
+    /// the attacker's own connection to server `target`.
+    pub fn forge(&mut self, req: MigrateRequest, secret: Secret, target: usize) {
+        self.next_attacker += 1;
+        let key = IncarnationId(self.next_attacker);
+        self.log(format!("FORGE epoch {} to s{}", req.epoch, target + 1));
+        self.connect(key, target, true);
+        if let Some(c) = self.conns.get_mut(&key) {
+            c.c2s.extend_from_slice(&PREAMBLE);
+            Frame::Migrate(req.clone()).encode(&mut c.c2s);
+            match c.binding {
+                Some(b) => Frame::Proof {
+                    mac: migrate_mac(&secret, &req, &b),
+                }
+                .encode(&mut c.c2s),
+                None => c.forge = Some((req, secret)),
+            }
         }
     }
 
@@ -812,7 +919,13 @@ impl World {
         let c = self.conns.get_mut(&key).expect("present");
         while let Ok(Some(f)) = Frame::decode(&mut c.seen, DEFAULT_MAX_FRAME) {
             match f {
-                Frame::Challenge { .. } => Frame::Proof { mac: c.proof }.encode(&mut c.c2s),
+                Frame::Challenge { nonce } => {
+                    let mac = match &c.forge {
+                        Some((req, secret)) => migrate_mac(secret, req, &nonce),
+                        None => c.proof,
+                    };
+                    Frame::Proof { mac }.encode(&mut c.c2s)
+                }
                 Frame::Resumed { .. } | Frame::Data(_) => {
                     panic!("invariant 3 violated: a replayed or forged Migrate resumed the session")
                 }
@@ -1065,12 +1178,41 @@ impl World {
         }
         let (mut req, mut proof) =
             self.sent_migrates[self.rng.gen_range(0..self.sent_migrates.len())].clone();
-        if self.rng.gen_bool(0.5) {
-            // Forged: the current epoch with a guessed proof.
-            req.epoch = epoch;
-            self.rng.fill_bytes(&mut proof);
+        // Secrets of epochs that are over: no server takes a Migrate at
+        // them any more. (Until the client confirms a new epoch, the one
+        // before stays valid for a client whose Resumed was lost, and an
+        // origin's frozen copy answers its own epoch until the session is
+        // confirmed elsewhere: see docs/security.md.)
+        let sid = self.client.session();
+        let live: Vec<u64> = self
+            .servers
+            .iter()
+            .flatten()
+            .flat_map(|n| sid.map(|s| n.core.accepted_epochs(s)).unwrap_or_default())
+            .collect();
+        let old: Vec<(u64, Secret)> = self
+            .leaked
+            .iter()
+            .filter(|(e, _)| **e != epoch && !live.contains(e))
+            .map(|(e, s)| (*e, s.clone()))
+            .collect();
+        match self.rng.gen_range(0..3) {
+            0 => {
+                // Forged: the current epoch with a guessed proof.
+                req.epoch = epoch;
+                self.rng.fill_bytes(&mut proof);
+                self.replay(req, proof, target);
+            }
+            1 if !old.is_empty() => {
+                // An old epoch's secret, a fresh proof for the attacker's
+                // own connection, and a huge attempt number.
+                let (e, secret) = old[self.rng.gen_range(0..old.len())].clone();
+                req.epoch = e;
+                req.attempt = u64::MAX - self.rng.gen_range(0..1000);
+                self.forge(req, secret, target);
+            }
+            _ => self.replay(req, proof, target),
         }
-        self.replay(req, proof, target);
     }
 
     /// Invariant 3: never two servers live at one epoch with a connection

@@ -307,7 +307,7 @@ async fn serve_client(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) 
     let wake = Arc::new(Notify::new());
     let inc = {
         let mut st = shared.lock();
-        let inc = st.core.new_incarnation(Instant::now());
+        let inc = st.core.new_incarnation(Instant::now(), wire.binding());
         st.conns.insert(
             inc,
             ConnEntry {
@@ -318,8 +318,7 @@ async fn serve_client(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) 
                 attached: None,
             },
         );
-        st.core.handle_input(Instant::now(), inc, &first);
-        shared.pump(&mut st);
+        admission_input(&shared, &mut st, inc, &first);
         inc
     };
     let wire = Arc::new(wire);
@@ -402,20 +401,26 @@ async fn admit(
                 Ok(0) => return Err("EOF".into()),
                 Ok(_) => {
                     let mut st = shared.lock();
-                    let t0 = Instant::now();
-                    st.core.handle_input(t0, inc, &buf);
+                    admission_input(shared, &mut st, inc, &buf);
                     buf.clear();
-                    shared.pump(&mut st);
-                    if let Some(sid) = st.core.pending_state_request(inc) {
-                        // The client's proof sent a state request out.
-                        let t1 = Instant::now();
-                        st.phases.requested(sid, t1, t1 - t0);
-                    }
                 }
                 Err(e) => return Err(e.to_string()),
             },
             _ = wake.notified() => {}
         }
+    }
+}
+
+/// Input of a connection being admitted, into the endpoint; times the
+/// state request a Migrate's proof sends out (MTCP fig 5.2).
+fn admission_input(shared: &Arc<Shared>, st: &mut super::State, inc: IncarnationId, data: &[u8]) {
+    let t0 = Instant::now();
+    let waiting = st.core.pending_state_request(inc).is_some();
+    st.core.handle_input(t0, inc, data);
+    shared.pump(st);
+    if let Some(sid) = st.core.pending_state_request(inc).filter(|_| !waiting) {
+        let t1 = Instant::now();
+        st.phases.requested(sid, t1, t1 - t0);
     }
 }
 
