@@ -36,6 +36,9 @@ const TCP_SEND_QUEUE: libc::c_int = 2;
 /// `TCP_LISTEN` of `tcpi_state`.
 const TCP_LISTEN: u8 = 10;
 const TCPOPT_MSS: u32 = 2;
+/// The range TCP_MAXSEG takes (TCP_MIN_MSS, MAX_TCP_WINDOW).
+const TCP_MIN_MSS: u32 = 88;
+const MAX_TCP_MAXSEG: u32 = 32767;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
 const TCPOPT_TIMESTAMP: u32 = 8;
@@ -1030,6 +1033,16 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         .wrapping_sub(queued as u32);
     set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
     set_queue_seq(fd, TCP_SEND_QUEUE, snd_start)?;
+    // The segment size is fixed at `connect` from the MSS clamp, which
+    // TCP_REPAIR_OPTIONS can only set afterwards: without this the restored
+    // socket sends 536-byte segments (524 with timestamps) for good, as
+    // `ss -ti` showed. TCP_MAXSEG before `connect` becomes the clamp there
+    // (it takes at most MAX_TCP_WINDOW, 32767: loopback's 65483 is cut to
+    // that).
+    if image.mss >= TCP_MIN_MSS {
+        let mss = image.mss.min(MAX_TCP_MAXSEG) as libc::c_int;
+        setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, mss).map_err(sys("TCP_MAXSEG"))?;
+    }
     // In repair mode connect sends no SYN; it still needs a route. A
     // socket of this connection closed a moment ago (silently, in repair
     // mode) can take a little while to leave the kernel's table: try again

@@ -306,6 +306,12 @@ fn the_recreated_fin_passes_a_lock_that_still_holds() {
 /// Bytes `s` sent that its peer has not acknowledged yet (`SIOCOUTQ`),
 /// and its retransmission timeout (`tcpi_rto`).
 fn unacked_and_rto(s: &TcpStream) -> (usize, Duration) {
+    let (outq, info) = unacked_and_info(s);
+    (outq, Duration::from_micros(info.tcpi_rto.into()))
+}
+
+/// `SIOCOUTQ` and `TCP_INFO` of `s`.
+fn unacked_and_info(s: &TcpStream) -> (usize, libc::tcp_info) {
     use std::os::fd::AsRawFd;
     let mut outq: libc::c_int = 0;
     // SAFETY: `s` is an open socket for the whole call, and TIOCOUTQ
@@ -327,7 +333,7 @@ fn unacked_and_rto(s: &TcpStream) -> (usize, Duration) {
         )
     };
     assert_eq!(r, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
-    (outq as usize, Duration::from_micros(info.tcpi_rto.into()))
+    (outq as usize, info)
 }
 
 /// What the peer sent after our packets were held back (its
@@ -363,7 +369,11 @@ fn a_restored_socket_acknowledges_at_once_what_came_under_the_lock() {
     // trips and a few timer ticks after it sent) meets the lock: only its
     // retransmission timeout would resend now.
     std::thread::sleep(rto / 4);
+    let mss = unacked_and_info(&ours).1.tcpi_snd_mss;
     let mut restored = move_socket(&net, ours, l, TcpState::Established);
+    // The restored socket sends segments as large as the old one did (not
+    // the 536 bytes `connect` in repair mode would fix).
+    assert_eq!(unacked_and_info(&restored).1.tcpi_snd_mss, mss);
     loop {
         let (unacked, _) = unacked_and_rto(&peer);
         if unacked == 0 {
