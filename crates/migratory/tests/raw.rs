@@ -5,15 +5,15 @@
 mod common;
 
 use common::free_addrs;
+use common::wire::Wire;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use migratory::proto::client::ClientConfig;
 use migratory::proto::config::ClientTimeouts;
-use migratory::proto::frame::{Frame, MigrateRequest, RejectReason, DEFAULT_MAX_FRAME, PREAMBLE};
-use migratory::proto::mac::{migrate_mac, BINDING_LABEL};
+use migratory::proto::frame::{Frame, MigrateRequest, RejectReason};
+use migratory::proto::mac::migrate_mac;
 use migratory::proto::types::{MigrationCause, Secret, ServerId, SessionId};
 use migratory::{Manual, MigratoryStream, Peer, Server, ServerBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,72 +47,6 @@ async fn pool(service: &[SocketAddr], control: &[SocketAddr], n: usize) {
                 });
             }
         });
-    }
-}
-
-/// A hand-driven connection speaking frames, over TLS to any server of
-/// the test pool.
-struct Wire {
-    s: common::TlsConn,
-    rx: BytesMut,
-}
-
-impl Wire {
-    async fn open(addr: SocketAddr) -> Self {
-        let mut s = common::tls_connect(addr, migratory::tls::DEFAULT_POOL_NAME).await;
-        s.write_all(&PREAMBLE).await.unwrap();
-        s.flush().await.unwrap();
-        Self {
-            s,
-            rx: BytesMut::new(),
-        }
-    }
-
-    async fn send(&mut self, f: Frame) {
-        let mut b = BytesMut::new();
-        f.encode(&mut b);
-        self.s.write_all(&b).await.unwrap();
-        self.s.flush().await.unwrap();
-    }
-
-    /// The next frame, or None at EOF.
-    async fn recv(&mut self) -> Option<Frame> {
-        loop {
-            if let Some(f) = Frame::decode(&mut self.rx, DEFAULT_MAX_FRAME).unwrap() {
-                return Some(f);
-            }
-            let mut buf = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut buf))
-                .await
-                .unwrap()
-                .ok()?;
-            if n == 0 {
-                return None;
-            }
-            self.rx.extend_from_slice(&buf[..n]);
-        }
-    }
-
-    /// This TLS connection's channel binding (what a proof on it covers).
-    fn binding(&self) -> [u8; 32] {
-        self.s
-            .get_ref()
-            .1
-            .export_keying_material([0u8; 32], BINDING_LABEL, None)
-            .unwrap()
-    }
-
-    /// Sends a Migrate with `proof(binding)` right behind it (a TLS
-    /// connection is not challenged), returns the server's answer.
-    async fn migrate(
-        &mut self,
-        req: MigrateRequest,
-        proof: impl Fn(&[u8; 32]) -> [u8; 32],
-    ) -> Option<Frame> {
-        let mac = proof(&self.binding());
-        self.send(Frame::Migrate(req)).await;
-        self.send(Frame::Proof { mac }).await;
-        self.recv().await
     }
 }
 

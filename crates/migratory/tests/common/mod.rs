@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 
+#[allow(dead_code)]
+pub mod wire;
+
 /// Free loopback addresses: bound, then released for the test to bind.
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
     // Below the ephemeral range (32768-60999 by default), so that no
