@@ -225,26 +225,27 @@ async fn session(tls: bool) -> (Vec<u8>, Vec<Secret>, Vec<[u8; 32]>) {
     echo(&mut w, &token).await;
     let mut down = token.len() as u64;
     let mut epoch = 0;
-    let mut attempt = 0;
     // s1 -> s2 -> s3 (migrations), then s3 crashes and s1 resumes the
     // session from its replica (failover).
-    for (to, origin, cause) in [
+    for (attempt, (to, origin, cause)) in [
         (1, "s1", MigrationCause::Requested),
         (2, "s2", MigrationCause::Requested),
         (0, "s3", MigrationCause::ServerFailed),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         if cause == MigrationCause::ServerFailed {
             // Let the replica catch up, then crash s3.
             tokio::time::sleep(Duration::from_millis(300)).await;
             tasks[2].abort();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        attempt += 1;
         let req = MigrateRequest {
             session,
             origin: ServerId::new(origin).unwrap(),
             epoch,
-            attempt,
+            attempt: attempt as u64 + 1,
             cause,
             down,
             down_fin: false,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 pub mod wire;
 
 /// Free loopback addresses: bound, then released for the test to bind.
+#[allow(dead_code)]
 pub fn free_addrs(n: usize) -> Vec<SocketAddr> {
     // Below the ephemeral range (32768-60999 by default), so that no
     // outgoing connection of a concurrent test takes the port between now
