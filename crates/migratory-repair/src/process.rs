@@ -43,7 +43,7 @@
 //! it sent was dropped. Now each peer's packets are dropped shortly after
 //! its first new byte (`wait_for_news`), and the restore makes it resend
 //! them at once: the restored socket's first segment (an acknowledgement
-//! the restore sends as it goes live, see [`crate::repair`]) acknowledges
+//! the restore sends as it goes live: [`Prepared::go_live`]) acknowledges
 //! what arrived here after our packets were held back, which the peer has
 //! not seen acknowledged. That frees its window, it sends new data, which
 //! arrives beyond the hole the lock left, the restored socket says so
