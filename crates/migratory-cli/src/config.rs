@@ -64,6 +64,8 @@ struct RawTls {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
+    max_connections: Option<usize>,
+    max_connections_per_address: Option<usize>,
     max_frame: Option<usize>,
     max_data_frame: Option<usize>,
     recv_window: Option<u64>,
@@ -139,6 +141,9 @@ pub struct PoolConfig {
     timeouts: ServerTimeouts,
     preamble_wait: Duration,
     max_state: usize,
+    /// Client connections a server holds at once: in all, and from one
+    /// source address.
+    max_connections: (usize, usize),
     /// The TLS files; `None` when the pool runs insecure plaintext.
     pub tls: Option<TlsFiles>,
 }
@@ -346,6 +351,20 @@ impl PoolConfig {
         if limits.send_buffer < 64 * 1024 || limits.send_buffer > 1 << 30 {
             return Err(at("limits.send_buffer", "must be 64 KiB to 1 GiB".into()));
         }
+        let max_connections = (
+            l.max_connections
+                .unwrap_or(migratory::server::DEFAULT_MAX_CONNECTIONS),
+            l.max_connections_per_address
+                .unwrap_or(migratory::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS),
+        );
+        for (k, v) in [
+            ("limits.max_connections", max_connections.0),
+            ("limits.max_connections_per_address", max_connections.1),
+        ] {
+            if !(1..=1 << 24).contains(&v) {
+                return Err(at(k, "must be 1 to 16777216".into()));
+            }
+        }
         let mut timeouts = ServerTimeouts::default();
         let t = &raw.timeouts;
         for (name, given, slot) in [
@@ -379,6 +398,7 @@ impl PoolConfig {
             timeouts,
             preamble_wait: raw.preamble_wait.unwrap_or(DEFAULT_PREAMBLE_WAIT),
             max_state,
+            max_connections,
             tls,
         })
     }
@@ -460,7 +480,8 @@ impl PoolConfig {
             .limits(self.limits.clone())
             .timeouts(self.timeouts.clone())
             .max_state(self.max_state)
-            .preamble_wait(self.preamble_wait);
+            .preamble_wait(self.preamble_wait)
+            .max_connections(self.max_connections.0, self.max_connections.1);
         if let Some(backup) = &me.backup {
             b.backup(backup);
         }

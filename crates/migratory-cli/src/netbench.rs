@@ -977,7 +977,7 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         std::fs::write(
             dir.join("pool.toml"),
             format!(
-                "cluster_key_file = \"cluster.key\"\ninsecure_plaintext = true\n[[server]]\nid = \"s1\"\nservice = \"{service}\"\ncontrol = \"{control}\"\n"
+                "cluster_key_file = \"cluster.key\"\ninsecure_plaintext = true\n[limits]\nmax_connections_per_address = 65536\n[[server]]\nid = \"s1\"\nservice = \"{service}\"\ncontrol = \"{control}\"\n"
             ),
         )
         .map_err(|e| e.to_string())?;

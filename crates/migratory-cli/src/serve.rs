@@ -34,6 +34,14 @@ pub struct ServeArgs {
     /// the client reads).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     counter_interval: Duration,
+    /// http: how long a request head may take to arrive (from the
+    /// connection's start, or its first byte), then 408 and close.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// http: how long a kept-alive connection may sit idle between
+    /// requests before it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
     /// Serve Prometheus metrics over HTTP at this address (any path, e.g.
     /// http://ADDR/metrics).
     #[arg(long, value_name = "ADDR")]
@@ -80,6 +88,8 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
     let opts = Arc::new(Options {
         root: args.root.clone(),
         counter_interval: args.counter_interval,
+        header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
     });
     let kind = args.service;
     let stop = shutdown_signal();

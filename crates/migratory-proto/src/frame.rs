@@ -22,6 +22,11 @@ pub const PREAMBLE: [u8; 8] = [b'M', b'I', b'G', b'R', b'\r', b'\n', 0, VERSION 
 /// Default largest frame body accepted on an incarnation (256 KiB).
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024;
 
+/// Largest frame a connection may send before it is admitted (a Hello, or
+/// a Migrate and its Proof): a client that has proved nothing yet cannot
+/// make a server buffer more than this.
+pub const MAX_ADMISSION_FRAME: usize = 4 * 1024;
+
 /// Outcome of looking at the first bytes of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreambleCheck {

@@ -409,3 +409,32 @@ fn confirm_ack_with_fin_before_reexecuted_close() {
     w.pump();
     assert_eq!(w.server_read_all(1).0, b"after");
 }
+
+/// A connection that has proved nothing cannot make the server buffer a
+/// large frame: the header of a 256 KiB Data frame closes it at once.
+#[test]
+fn a_large_frame_before_admission_closes_the_connection() {
+    let now = std::time::Instant::now();
+    let mut s = Server::new(
+        ServerConfig::new(ServerId::new("s1").unwrap()),
+        Box::new(SmallRng::seed_from_u64(1)),
+        now,
+    );
+    let inc = s.new_incarnation(now, None);
+    let mut b = BytesMut::from(&PREAMBLE[..]);
+    b.extend_from_slice(&[0x06, 0, 4, 0, 0]); // Data, 256 KiB
+    b.extend_from_slice(&[0u8; 1000]);
+    s.handle_input(now, inc, &b);
+    let mut closed = None;
+    while let Some(e) = s.poll_event() {
+        if let ServerEvent::CloseIncarnation { inc: i, reason } = e {
+            closed = Some((i, reason));
+        }
+    }
+    let (i, reason) = closed.expect("closed");
+    assert_eq!(i, inc);
+    assert!(
+        reason.contains("large") || reason.contains("max"),
+        "{reason}"
+    );
+}

@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Size of one socket read.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Most bytes one read of a connection being admitted takes.
+pub(crate) const ADMISSION_READ: usize = migratory_proto::frame::MAX_ADMISSION_FRAME;
+
 /// What the writer task is asked to do.
 #[derive(Debug)]
 pub(crate) enum Out {
@@ -349,14 +352,28 @@ impl Wire {
     }
 
     /// As [`try_read_some`]: what the peer sent, decrypted, appended to
-    /// `buf`.
+    /// `buf` (all of it: no decrypted byte waits behind the socket's
+    /// readiness).
     pub(crate) fn try_read(&self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        self.try_read_max(buf, usize::MAX)
+    }
+
+    fn try_read_max(&self, buf: &mut BytesMut, max: usize) -> io::Result<Option<usize>> {
         let Some(mut tls) = self.lock_tls() else {
-            return try_read_some(&self.stream, buf);
+            if max == usize::MAX {
+                return try_read_some(&self.stream, buf);
+            }
+            buf.reserve(max);
+            let mut limited = bytes::BufMut::limit(&mut *buf, max);
+            return match self.stream.try_read_buf(&mut limited) {
+                Ok(n) => Ok(Some(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                Err(e) => Err(e),
+            };
         };
         loop {
             let state = tls.process_new_packets().map_err(tls_error)?;
-            let n = state.plaintext_bytes_to_read();
+            let n = state.plaintext_bytes_to_read().min(max);
             if n > 0 {
                 let len = buf.len();
                 buf.resize(len + n, 0);
@@ -428,11 +445,12 @@ impl Wire {
         }
     }
 
-    /// Reads at least one byte (waiting for the socket), appended to `buf`;
-    /// 0 at the end.
+    /// Reads at least one byte and at most [`ADMISSION_READ`] (waiting for
+    /// the socket), appended to `buf`; 0 at the end. For a connection not
+    /// admitted yet: what it has proved does not earn it large buffers.
     pub(crate) async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
         loop {
-            if let Some(n) = self.try_read(buf)? {
+            if let Some(n) = self.try_read_max(buf, ADMISSION_READ)? {
                 return Ok(n);
             }
             self.stream.readable().await?;

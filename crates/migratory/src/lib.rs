@@ -19,6 +19,7 @@ mod conn;
 mod error;
 pub mod operator;
 pub mod server;
+mod throttle;
 pub mod tls;
 pub mod transfer;
 

@@ -210,13 +210,28 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> 
     // The open file of the body being sent (opened again after a resume).
     let mut file: Option<File> = None;
     let mut chunk = Vec::new();
+    // A new connection gets the header timeout for its first request; a
+    // kept-alive one the idle timeout between requests.
+    let mut first = true;
     loop {
         match &st.phase {
             Phase::Idle => {
-                let (req, used) = match read_request(s, &mut st.leftover).await? {
+                let wait = if first {
+                    opts.header_timeout
+                } else {
+                    opts.idle_timeout
+                };
+                first = false;
+                let next = read_request(s, &mut st.leftover, wait, opts.header_timeout).await?;
+                let (req, used) = match next {
                     Next::Eof => {
                         s.shutdown().await?;
                         return snapshot(s, &st.encode());
+                    }
+                    Next::Idle => {
+                        debug!("idle connection closed");
+                        st.phase = Phase::Closing;
+                        continue;
                     }
                     Next::Bad(status) => (Err(status), 0),
                     Next::Request(req, used) => (Ok(req), used),
@@ -342,6 +357,8 @@ async fn reopen(root: &Path, body: &Body) -> io::Result<File> {
 enum Next {
     /// The client closed between requests.
     Eof,
+    /// The client sent nothing within the wait.
+    Idle,
     /// A malformed or oversized request head: answer with this status and
     /// close.
     Bad(u16),
@@ -363,9 +380,16 @@ struct Request {
 }
 
 /// Reads until `buf` holds a complete request head (or an error or EOF).
-/// `buf` never grows beyond [`MAX_HEAD`].
-async fn read_request(s: &mut Session, buf: &mut Vec<u8>) -> io::Result<Next> {
+/// `buf` never grows beyond [`MAX_HEAD`]. Nothing within `wait`: `Idle`;
+/// a head begun but not complete within `header` of its first byte: 408.
+async fn read_request(
+    s: &mut Session,
+    buf: &mut Vec<u8>,
+    wait: Duration,
+    header: Duration,
+) -> io::Result<Next> {
     let mut tmp = vec![0u8; MAX_HEAD];
+    let mut deadline = tokio::time::Instant::now() + if buf.is_empty() { wait } else { header };
     loop {
         if !buf.is_empty() {
             match parse(buf) {
@@ -376,9 +400,17 @@ async fn read_request(s: &mut Session, buf: &mut Vec<u8>) -> io::Result<Next> {
             }
         }
         let room = MAX_HEAD.saturating_sub(buf.len()).max(1);
-        let n = s.read(&mut tmp[..room]).await?;
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut tmp[..room])).await {
+            Ok(r) => r?,
+            Err(_) if buf.is_empty() => return Ok(Next::Idle),
+            Err(_) => return Ok(Next::Bad(408)),
+        };
         if n == 0 {
             return Ok(Next::Eof);
+        }
+        if buf.is_empty() {
+            // The head began: it has the header timeout to complete.
+            deadline = tokio::time::Instant::now() + header;
         }
         buf.extend_from_slice(&tmp[..n]);
     }
@@ -478,6 +510,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         416 => "Range Not Satisfiable",
+        408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         505 => "HTTP Version Not Supported",

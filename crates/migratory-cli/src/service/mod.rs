@@ -41,6 +41,11 @@ pub struct Options {
     /// counter: the pause between two numbers (zero: as fast as the
     /// session takes them).
     pub counter_interval: Duration,
+    /// http: how long a request head may take to arrive, from the
+    /// connection's start or its first byte (then 408 and close).
+    pub header_timeout: Duration,
+    /// http: how long a kept-alive connection may sit between requests.
+    pub idle_timeout: Duration,
 }
 
 /// Serves one session (new, migrated, or plain TCP) until it ends or moves
@@ -159,6 +164,8 @@ pub(crate) mod tests {
         Arc::new(Options {
             root: root.to_path_buf(),
             counter_interval,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         })
     }
 

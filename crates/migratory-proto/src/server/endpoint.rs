@@ -34,7 +34,8 @@ use rand_core::RngCore;
 use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
 use crate::error::{DecodeError, ProtocolError};
 use crate::frame::{
-    check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason, PREAMBLE,
+    check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason,
+    MAX_ADMISSION_FRAME, PREAMBLE,
 };
 use crate::types::{Epoch, IncarnationId, Secret, ServerId, SessionId};
 
@@ -387,7 +388,7 @@ impl<S: SessionSlot> Endpoint<S> {
             return;
         }
         i.rx.extend_from_slice(data);
-        if matches!(i.phase, IncPhase::Pending(_)) && i.rx.len() > self.cfg.limits.max_frame {
+        if matches!(i.phase, IncPhase::Pending(_)) && i.rx.len() > MAX_ADMISSION_FRAME {
             // Nothing is decoded while the state is on its way, and a client
             // sends nothing before Resumed: do not buffer without bound.
             let e = ProtocolError::Unexpected {
@@ -402,7 +403,8 @@ impl<S: SessionSlot> Endpoint<S> {
     }
 
     fn process_input(&mut self, now: Instant, inc: IncarnationId) -> Result<(), ProtocolError> {
-        let max_frame = self.cfg.limits.max_frame;
+        // Nothing proved yet: small frames only.
+        let admission = MAX_ADMISSION_FRAME.min(self.cfg.limits.max_frame);
         loop {
             let Some(i) = self.incs.get_mut(&inc) else {
                 return Ok(());
@@ -428,7 +430,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 // sends nothing before Resumed.
                 IncPhase::Pending(_) | IncPhase::Closing => return Ok(()),
                 IncPhase::AwaitFirst => {
-                    let Some(frame) = Frame::decode(&mut i.rx, max_frame)? else {
+                    let Some(frame) = Frame::decode(&mut i.rx, admission)? else {
                         return Ok(());
                     };
                     match frame {
@@ -459,7 +461,7 @@ impl<S: SessionSlot> Endpoint<S> {
                     }
                 }
                 IncPhase::AwaitProof(_) => {
-                    let Some(frame) = Frame::decode(&mut i.rx, max_frame)? else {
+                    let Some(frame) = Frame::decode(&mut i.rx, admission)? else {
                         return Ok(());
                     };
                     let Frame::Proof { mac } = frame else {

@@ -13,9 +13,9 @@
 //! into the session's input buffer, and a connection with nothing to read
 //! gives it back, so an idle session holds no buffer at all.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -28,10 +28,11 @@ use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
 use migratory_proto::types::IncarnationId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{Arrival, Session, Shared};
 use crate::conn::Wire;
+use crate::throttle::warn_throttled;
 
 /// Bytes of output one driver frames at a time, beyond what the socket
 /// took.
@@ -223,14 +224,83 @@ pub(crate) struct ConnEntry {
     pub(crate) attached: Option<Slot>,
 }
 
+/// The client connections a server holds, against its limits (total and
+/// per source address). Every accepted connection holds a [`ConnPermit`]
+/// until it closes, plain TCP clients included.
+#[derive(Debug)]
+pub(crate) struct ConnLimits {
+    total: usize,
+    per_address: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl ConnLimits {
+    pub(crate) fn new(total: usize, per_address: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_address,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A permit for a new connection from `ip`, unless a limit is reached
+    /// (then which).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, &'static str> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.0 >= self.total {
+            return Err("max_connections");
+        }
+        let n = open.1.entry(ip).or_insert(0);
+        if *n >= self.per_address {
+            return Err("max_connections_per_address");
+        }
+        *n += 1;
+        open.0 += 1;
+        Ok(ConnPermit {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open client connection, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
 pub(super) async fn accept_clients(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_client(shared.clone(), stream, addr));
-            }
+            Ok((stream, addr)) => match shared.conn_limits.admit(addr.ip()) {
+                Ok(permit) => {
+                    tokio::spawn(serve_client(shared.clone(), stream, addr, permit));
+                }
+                Err(limit) => {
+                    // Refused at once (a reset: nothing was read), so the
+                    // server keeps serving the connections it has.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    warn_throttled!(server = %shared.me, %addr, limit, "connection refused: limit reached");
+                }
+            },
             Err(e) => {
-                warn!(server = %shared.me, error = %e, "accept failed");
+                // Out of file descriptors (or the like): wait for some to
+                // close, and say so once in a while, not for every try.
+                warn_throttled!(server = %shared.me, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -243,7 +313,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Tells a migratory client (TLS, or plaintext if the pool runs so) from a
 /// plain one by the connection's first bytes, within the preamble wait;
 /// serves a migratory one.
-async fn serve_client(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) {
+async fn serve_client(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    permit: ConnPermit,
+) {
     let mut peek = [0u8; 1];
     let first_byte = match tokio::time::timeout(shared.preamble_wait, stream.peek(&mut peek)).await
     {
@@ -294,7 +369,7 @@ async fn serve_client(shared: Arc<Shared>, stream: TcpStream, addr: SocketAddr) 
                 Some((true, first)) => (wire, first),
                 Some((false, first)) => {
                     debug!(%addr, "plain TCP client");
-                    let s = Session::plain(first.freeze(), wire.into_stream());
+                    let s = Session::plain(first.freeze(), wire.into_stream(), permit);
                     let st = shared.lock();
                     let _ = st.accept_tx.send((s, Arrival::Plain));
                     return;

@@ -48,6 +48,12 @@ pub(crate) use peers::handshake;
 use driver::{ConnEntry, Slot};
 use peers::Link;
 
+/// Default limit on client connections a server holds at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 32_768;
+
+/// Default limit on client connections from one source address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 4_096;
+
 /// Default bound on how long a new connection may take to show whether it
 /// is a migratory client: a client that sends nothing first (a protocol
 /// where the server speaks first) is served as plain TCP after this.
@@ -114,6 +120,8 @@ pub struct ServerBuilder {
     max_state: usize,
     preamble_wait: Duration,
     tls: Option<ServerTls>,
+    max_connections: usize,
+    max_connections_per_address: usize,
 }
 
 impl ServerBuilder {
@@ -131,7 +139,19 @@ impl ServerBuilder {
             max_state: 64 * 1024,
             preamble_wait: DEFAULT_PREAMBLE_WAIT,
             tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
         }
+    }
+
+    /// Most client connections held at once (migratory or plain, admitted
+    /// or not; [`DEFAULT_MAX_CONNECTIONS`]), and most from one source
+    /// address ([`DEFAULT_MAX_CONNECTIONS_PER_ADDRESS`]). A connection
+    /// beyond either is reset at once.
+    pub fn max_connections(&mut self, total: usize, per_address: usize) -> &mut Self {
+        self.max_connections = total;
+        self.max_connections_per_address = per_address;
+        self
     }
 
     /// TLS settings: the pool CA, this server's certificate and key
@@ -229,6 +249,11 @@ impl ServerBuilder {
         if self.service.is_none() {
             return Err(cfg_err("service: missing address".into()));
         }
+        if self.max_connections == 0 || self.max_connections_per_address == 0 {
+            return Err(cfg_err(
+                "max_connections: the limits must be at least 1".into(),
+            ));
+        }
         if self.control.is_none() {
             return Err(cfg_err("control: missing address".into()));
         }
@@ -316,6 +341,10 @@ impl ServerBuilder {
             controls,
             preamble_wait: self.preamble_wait,
             handshake: self.timeouts.handshake,
+            conn_limits: driver::ConnLimits::new(
+                self.max_connections,
+                self.max_connections_per_address,
+            ),
             timer: Notify::new(),
             changed: Notify::new(),
             stop: watch::channel(false).0,
@@ -675,6 +704,7 @@ struct Shared {
     preamble_wait: Duration,
     /// Bound on a new connection's TLS handshake and preamble.
     handshake: Duration,
+    conn_limits: Arc<driver::ConnLimits>,
     timer: Notify,
     /// Woken when a session ends or migrates (operator pushes wait on it).
     changed: Notify,

@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{ServerHandle, Shared, State, OPERATOR_ID, PEERS_UP};
 use crate::conn::{self, BoxIo, Out, Tx};
+use crate::throttle::warn_throttled;
 use crate::tls;
 
 /// Bound on connecting to a peer and authenticating it.
@@ -151,7 +152,7 @@ pub(super) async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
                 tokio::spawn(serve_peer(shared.clone(), stream, addr));
             }
             Err(e) => {
-                warn!(server = %shared.me, error = %e, "control accept failed");
+                warn_throttled!(server = %shared.me, error = %e, "control accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -236,7 +237,7 @@ fn link_reader(
         // What decoded before a bad frame still counts.
         deliver(&shared, &mut link);
         if let Err(e) = ok {
-            warn!(server = %shared.me, error = %e, "bad control input: closing the link");
+            warn_throttled!(server = %shared.me, error = %e, "bad control input: closing the link");
             return false;
         }
         true
@@ -272,11 +273,11 @@ async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
     let (stream, link) = match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, accepted).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            warn!(server = %shared.me, %addr, error = %e, "control connection refused");
+            warn_throttled!(server = %shared.me, %addr, error = %e, "control connection refused");
             return;
         }
         Err(_) => {
-            warn!(server = %shared.me, %addr, "control connection refused: handshake timed out");
+            warn_throttled!(server = %shared.me, %addr, "control connection refused: handshake timed out");
             return;
         }
     };
@@ -286,7 +287,7 @@ async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
         return serve_operator(ServerHandle { shared }, stream, link).await;
     }
     if !shared.controls.contains_key(&peer) {
-        warn!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
+        warn_throttled!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
         return;
     }
     debug!(server = %shared.me, %peer, "peer connected in");
@@ -397,7 +398,7 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
             });
         }
         Err(e) => {
-            warn!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
+            warn_throttled!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
             let mut st = shared.lock();
             let dialing = matches!(shared.links().get(&peer), Some(Link::Dialing { .. }));
             if dialing {
@@ -434,7 +435,7 @@ async fn operator_requests(handle: &ServerHandle, stream: &mut BoxIo, link: &mut
             Ok(n) => n,
         };
         if let Err(e) = link.handle_input(&buf[..n]) {
-            warn!(server = %handle.shared.me, error = %e, "bad operator input: closing");
+            warn_throttled!(server = %handle.shared.me, error = %e, "bad operator input: closing");
             return;
         }
     }

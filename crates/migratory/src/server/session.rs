@@ -11,7 +11,7 @@ use migratory_proto::types::SessionId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::driver::{settle, Slot};
+use super::driver::{settle, ConnPermit, Slot};
 use super::Shared;
 use crate::error::Error;
 
@@ -24,6 +24,9 @@ enum Inner {
     Plain {
         initial: Bytes,
         stream: TcpStream,
+        /// Counts the connection against the server's limits until the
+        /// application drops it.
+        _permit: ConnPermit,
     },
 }
 
@@ -55,9 +58,13 @@ impl Session {
         }
     }
 
-    pub(super) fn plain(initial: Bytes, stream: TcpStream) -> Self {
+    pub(super) fn plain(initial: Bytes, stream: TcpStream, permit: ConnPermit) -> Self {
         Self {
-            inner: Inner::Plain { initial, stream },
+            inner: Inner::Plain {
+                initial,
+                stream,
+                _permit: permit,
+            },
         }
     }
 
@@ -152,7 +159,9 @@ impl AsyncRead for Session {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.inner {
-            Inner::Plain { initial, stream } => {
+            Inner::Plain {
+                initial, stream, ..
+            } => {
                 if !initial.is_empty() {
                     let n = initial.len().min(buf.remaining());
                     buf.put_slice(&initial.split_to(n));
