@@ -626,21 +626,7 @@ pub fn rtt(a: RttArgs) -> Result<bool, String> {
 pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
     runtime()?.block_on(async {
         let raw = raw_server(App::Echo).await?;
-        let baseline = {
-            let mut v = Vec::new();
-            for _ in 0..a.rounds.min(200) {
-                let t = Instant::now();
-                let mut s = TcpStream::connect(raw).await.map_err(|e| e.to_string())?;
-                let _ = s.set_nodelay(true);
-                let mut b = [0u8; 1];
-                for _ in 0..2 {
-                    s.write_all(&[1]).await.map_err(|e| e.to_string())?;
-                    s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
-                }
-                v.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            median(v)
-        };
+        let baseline = raw_connect_and_trips(raw, a.rounds.min(200), 2).await?;
         let mut text = format!(
             "migration of an idle session, {} moves per state size (p50, us)\n  raw connect + 2 round trips: {:.0}\n",
             a.rounds, baseline
@@ -648,10 +634,19 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
         let mut rows = Vec::new();
         let mut points = Vec::new();
         let mut phase_text = String::new();
-        for &state in &a.state {
+        // The sizes asked for in plaintext (the runtime's own cost), then an
+        // empty state over TLS (what pools run by default).
+        let runs: Vec<(u64, Sec)> = a
+            .state
+            .iter()
+            .map(|s| (*s, Sec::Plain))
+            .chain([(0, Sec::Tls)])
+            .collect();
+        let mut tls_p50 = None;
+        for (state, sec) in runs {
             let state = usize::try_from(state).map_err(|_| "--state too large")?;
-            let (svc, servers) = pool_handles(2, App::Echo, state, Sec::Plain).await?;
-            let mut c = MigratoryStream::connect(&[svc[0]], &client_tls(Sec::Plain)?)
+            let (svc, servers) = pool_handles(2, App::Echo, state, sec).await?;
+            let mut c = MigratoryStream::connect(&[svc[0]], &client_tls(sec)?)
                 .await
                 .map_err(|e| e.to_string())?;
             // One exchange, so the session (and its snapshot) exists.
@@ -684,6 +679,10 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
                 return Err("echo lost after the migrations".into());
             }
             let p50 = median(times);
+            if sec == Sec::Tls {
+                tls_p50 = Some(p50);
+                continue;
+            }
             text += &format!(
                 "  state {:>8} B: {:>7.0}  ratio to baseline {:.2}\n",
                 state,
@@ -699,6 +698,20 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
                 "phases_p50_us": phases.json(),
             }));
         }
+        // TLS: each migration is a new TLS connection (resumed when the
+        // client comes back to a server it met), its Migrate proved over
+        // the connection's binding with no Challenge round trip.
+        let tls_p50 = tls_p50.expect("measured above");
+        let trips3 = raw_connect_and_trips(raw, a.rounds.min(200), 3).await?;
+        let tls_target = trips3 + 300.0;
+        text += &format!(
+            "  over TLS, state 0 B: {tls_p50:>7.0}  (target: raw connect + 3 round trips + 300 us = {tls_target:.0}; ratio {:.2})\n",
+            tls_p50 / tls_target
+        );
+        let (full, resumed) = tls_handshakes(a.rounds.min(200)).await?;
+        text += &format!(
+            "  TLS handshake, TCP connect included: full {full:>7.0}, resumed {resumed:>7.0}\n"
+        );
         text += &format!("{}{}{}", Phases::HEADER, phase_text, Phases::THESIS);
         if let Some(path) = &a.svg {
             fig_5_3(path, &points, baseline)
@@ -716,9 +729,90 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             "idle": rows,
             "loaded_p50_us": loaded,
             "loaded_pause_p50_us": pause,
+            "tls_p50_us": tls_p50,
+            "tls_target_us": tls_target,
+            "tls_handshake_full_us": full,
+            "tls_handshake_resumed_us": resumed,
         });
         emit(a.json, v, text)
     })
+}
+
+/// The median of `rounds` raw TCP connects to `raw` each followed by
+/// `trips` 1-byte round trips, in us.
+async fn raw_connect_and_trips(raw: SocketAddr, rounds: u32, trips: u32) -> Result<f64, String> {
+    let mut v = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(raw).await.map_err(|e| e.to_string())?;
+        let _ = s.set_nodelay(true);
+        let mut b = [0u8; 1];
+        for _ in 0..trips {
+            s.write_all(&[1]).await.map_err(|e| e.to_string())?;
+            s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+        }
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(median(v))
+}
+
+/// Medians of a TCP connect plus a TLS 1.3 handshake with a pool server:
+/// full (a client with no session cache) and resumed (one client config
+/// whose cache holds the server's ticket), in us.
+async fn tls_handshakes(rounds: u32) -> Result<(f64, f64), String> {
+    use rustls::pki_types::pem::PemObject;
+    let svc = pool(1, App::Echo, 0, Sec::Tls).await?;
+    let ca = bench_certs()?.ca_pem();
+    let config = |cache: bool| -> Result<Arc<rustls::ClientConfig>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots
+                .add(c.map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        if !cache {
+            c.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(Arc::new(c))
+    };
+    let name = rustls::pki_types::ServerName::try_from("s1").map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for cache in [false, true] {
+        let cfg = config(cache)?;
+        let mut v = Vec::new();
+        for i in 0..=rounds {
+            let t = Instant::now();
+            let tcp = TcpStream::connect(svc[0])
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = tcp.set_nodelay(true);
+            let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            let kind = s.get_ref().1.handshake_kind();
+            // The first handshake of the caching client fills its cache.
+            if i > 0 || !cache {
+                if cache && kind != Some(rustls::HandshakeKind::Resumed) {
+                    return Err(format!("TLS resumption did not happen: {kind:?}"));
+                }
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            // A ticket arrives after the handshake: read until it has.
+            let mut s = s;
+            let mut b = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await;
+        }
+        out.push(median(v));
+    }
+    Ok((out[0], out[1]))
 }
 
 /// MTCP fig 5.3: the median time to migrate an idle session against its
