@@ -47,9 +47,9 @@ use crate::error::Error;
 pub const DEFAULT_POOL_NAME: &str = "pool.migratory";
 
 /// ALPN protocol of a migratory incarnation.
-pub(crate) const ALPN: &[u8] = b"migratory/2";
+pub(crate) const ALPN: &[u8] = b"migratory/3";
 /// ALPN protocol of a control link (peer or operator).
-pub(crate) const ALPN_CONTROL: &[u8] = b"migratory-control/2";
+pub(crate) const ALPN_CONTROL: &[u8] = b"migratory-control/3";
 
 /// *ring*'s TLS 1.3 suites, AES-128-GCM first: as strong as a session
 /// needs and the fastest with AES instructions (bulk data is most of what a
