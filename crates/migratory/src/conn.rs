@@ -375,10 +375,21 @@ impl Wire {
             let state = tls.process_new_packets().map_err(tls_error)?;
             let n = state.plaintext_bytes_to_read().min(max);
             if n > 0 {
-                let len = buf.len();
-                buf.resize(len + n, 0);
-                io::Read::read_exact(&mut tls.reader(), &mut buf[len..])?;
-                return Ok(Some(n));
+                // Straight from rustls's buffers: one copy, nothing zeroed.
+                buf.reserve(n);
+                let mut reader = tls.reader();
+                let mut left = n;
+                while left > 0 {
+                    let chunk = io::BufRead::fill_buf(&mut reader)?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let k = chunk.len().min(left);
+                    buf.extend_from_slice(&chunk[..k]);
+                    io::BufRead::consume(&mut reader, k);
+                    left -= k;
+                }
+                return Ok(Some(n - left));
             }
             if state.peer_has_closed() {
                 return Ok(Some(0));
