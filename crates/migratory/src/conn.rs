@@ -206,6 +206,29 @@ pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Resul
     }
 }
 
+/// The first segments of `pending`, for one vectored write.
+fn front_slices(pending: &VecDeque<Bytes>) -> Vec<io::IoSlice<'_>> {
+    pending
+        .iter()
+        .take(64)
+        .map(|b| io::IoSlice::new(b))
+        .collect()
+}
+
+/// Drops the first `n` bytes of `pending` (they were written).
+fn consume_front(pending: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = pending.front_mut().expect("bytes were written");
+        if front.len() <= n {
+            n -= front.len();
+            pending.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
 /// Writes the front of `pending` while the socket takes bytes; returns how
 /// many it took and whether bytes remain because it is full.
 pub(crate) fn try_write_queued(
@@ -214,25 +237,11 @@ pub(crate) fn try_write_queued(
 ) -> io::Result<(usize, bool)> {
     let mut taken = 0;
     while !pending.is_empty() {
-        let slices: Vec<io::IoSlice<'_>> = pending
-            .iter()
-            .take(64)
-            .map(|b| io::IoSlice::new(b))
-            .collect();
-        match stream.try_write_vectored(&slices) {
+        match stream.try_write_vectored(&front_slices(pending)) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(mut n) => {
+            Ok(n) => {
                 taken += n;
-                while n > 0 {
-                    let front = pending.front_mut().expect("bytes were written");
-                    if front.len() <= n {
-                        n -= front.len();
-                        pending.pop_front();
-                    } else {
-                        front.advance(n);
-                        n = 0;
-                    }
-                }
+                consume_front(pending, n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((taken, true)),
             Err(e) => return Err(e),
@@ -433,26 +442,12 @@ impl Wire {
             if pending.is_empty() {
                 return Ok((taken, false));
             }
-            let slices: Vec<io::IoSlice<'_>> = pending
-                .iter()
-                .take(64)
-                .map(|b| io::IoSlice::new(b))
-                .collect();
-            let mut n = io::Write::write_vectored(&mut tls.writer(), &slices)?;
+            let n = io::Write::write_vectored(&mut tls.writer(), &front_slices(pending))?;
             if n == 0 {
                 return Ok((taken, true));
             }
             taken += n;
-            while n > 0 {
-                let front = pending.front_mut().expect("bytes were written");
-                if front.len() <= n {
-                    n -= front.len();
-                    pending.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
-            }
+            consume_front(pending, n);
         }
     }
 

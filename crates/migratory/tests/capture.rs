@@ -25,7 +25,6 @@ use migratory::proto::frame::{Frame, MigrateRequest};
 use migratory::proto::mac::{migrate_mac, next_secret};
 use migratory::proto::types::{MigrationCause, Secret, ServerId, SessionId};
 use migratory::{Peer, Server, ServerBuilder, ServerTls};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"capture test cluster key 0123456789ab";
 
@@ -171,16 +170,8 @@ async fn pool(tls: bool) -> (Vec<SocketAddr>, Vec<tokio::task::JoinHandle<()>>) 
         }
         let mut server: Server = b.bind().await.expect("bind");
         tasks.push(tokio::spawn(async move {
-            while let Some((mut s, _)) = server.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        let _ = s.snapshot(b"");
-                    }
-                });
+            while let Some((s, _)) = server.accept().await {
+                tokio::spawn(common::echo(s));
             }
         }));
     }

@@ -35,16 +35,8 @@ async fn pool(service: &[SocketAddr], control: &[SocketAddr], n: usize) {
         }
         let mut server: Server = b.bind().await.unwrap();
         tokio::spawn(async move {
-            while let Some((mut s, _)) = server.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        let _ = s.snapshot(b"");
-                    }
-                });
+            while let Some((s, _)) = server.accept().await {
+                tokio::spawn(common::echo(s));
             }
         });
     }

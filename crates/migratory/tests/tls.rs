@@ -20,16 +20,8 @@ async fn echo_server(id: &str, tls: ServerTls) -> Result<SocketAddr, migratory::
     b.tls(tls).service(a[0]).control(a[1]).cluster_key(KEY);
     let mut server: Server = b.bind().await?;
     tokio::spawn(async move {
-        while let Some((mut s, _)) = server.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    let _ = s.snapshot(b"");
-                }
-            });
+        while let Some((s, _)) = server.accept().await {
+            tokio::spawn(common::echo(s));
         }
     });
     Ok(a[0])

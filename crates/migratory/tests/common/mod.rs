@@ -122,3 +122,17 @@ pub async fn tls_accept(
         .accept(tcp)
         .await
 }
+
+/// An echo application: every byte back, a snapshot after each write
+/// (its output depends only on its input), until the client closes.
+#[allow(dead_code)]
+pub async fn echo(mut s: migratory::Session) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        let _ = s.snapshot(b"");
+    }
+}
