@@ -160,6 +160,22 @@ impl Identity {
         })
     }
 
+    fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, Error> {
+        Self::load(
+            (Source::File(ca.into()), None),
+            (Source::File(cert.into()), None),
+            (Source::File(key.into()), None),
+        )
+    }
+
+    fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, Error> {
+        Self::load(
+            (Source::Memory("pool CA"), Some(ca.as_bytes())),
+            (Source::Memory("certificate"), Some(cert.as_bytes())),
+            (Source::Memory("key"), Some(key.as_bytes())),
+        )
+    }
+
     /// Checks that the certificate is valid now, issued by the pool CA and
     /// names each of `names`.
     fn check_names(&self, names: &[&str]) -> Result<(), Error> {
@@ -209,11 +225,7 @@ impl ServerTls {
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
     ) -> Result<Self, Error> {
-        let identity = Identity::load(
-            (Source::File(ca.as_ref().into()), None),
-            (Source::File(cert.as_ref().into()), None),
-            (Source::File(key.as_ref().into()), None),
-        )?;
+        let identity = Identity::from_files(ca.as_ref(), cert.as_ref(), key.as_ref())?;
         Ok(Self {
             identity: Some(identity),
             pool_name: DEFAULT_POOL_NAME.into(),
@@ -222,11 +234,7 @@ impl ServerTls {
 
     /// The same from PEM text in memory.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, Error> {
-        let identity = Identity::load(
-            (Source::Memory("pool CA"), Some(ca.as_bytes())),
-            (Source::Memory("certificate"), Some(cert.as_bytes())),
-            (Source::Memory("key"), Some(key.as_bytes())),
-        )?;
+        let identity = Identity::from_pem(ca, cert, key)?;
         Ok(Self {
             identity: Some(identity),
             pool_name: DEFAULT_POOL_NAME.into(),
@@ -432,22 +440,16 @@ impl OperatorTls {
         cert: impl AsRef<Path>,
         key: impl AsRef<Path>,
     ) -> Result<Self, Error> {
-        let ident = Identity::load(
-            (Source::File(ca.as_ref().into()), None),
-            (Source::File(cert.as_ref().into()), None),
-            (Source::File(key.as_ref().into()), None),
-        )?;
-        Self::from_identity(ident)
+        Self::from_identity(Identity::from_files(
+            ca.as_ref(),
+            cert.as_ref(),
+            key.as_ref(),
+        )?)
     }
 
     /// The same from PEM text in memory.
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, Error> {
-        let ident = Identity::load(
-            (Source::Memory("pool CA"), Some(ca.as_bytes())),
-            (Source::Memory("certificate"), Some(cert.as_bytes())),
-            (Source::Memory("key"), Some(key.as_bytes())),
-        )?;
-        Self::from_identity(ident)
+        Self::from_identity(Identity::from_pem(ca, cert, key)?)
     }
 
     fn from_identity(ident: Identity) -> Result<Self, Error> {
