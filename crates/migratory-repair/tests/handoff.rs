@@ -20,8 +20,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use migratory_repair::handoff::{
-    exec_with_fds, listen_fds, recv_sockets, send_sockets, socket_fds, stop, take_fd, terminate,
-    HandoffError, MAX_BLOB, MAX_FDS,
+    exec_held, exec_with_fds, listen_fds, recv_sockets, send_sockets, socket_fds, stop, take_fd,
+    terminate, HandoffError, MAX_BLOB, MAX_FDS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -950,4 +950,251 @@ fn an_unprivileged_user_is_not_permitted() {
         e.to_string(),
         "not permitted to take descriptors from process 1: x"
     );
+}
+
+// ---------------------------------------------------------------------------
+// A child forked ahead and held (exec_held)
+// ---------------------------------------------------------------------------
+
+const HELD_ENV: &str = "MIGRATORY_HANDOFF_TEST_HELD";
+
+/// What a child says about itself: its socket-activation variables, its
+/// environment (without `LISTEN_PID`) and its descriptors (as numbers and
+/// kinds), then it reads fd 3 to its end.
+fn describe_self() -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"echo "$LISTEN_FDS $LISTEN_PID $$ ${LISTEN_FDNAMES-unset} $HANDOFF_MARK"
+env | grep -v '^LISTEN_PID=' | sort
+for f in /proc/$$/fd/*; do echo "${f##*/} $(readlink "$f" | cut -d: -f1)"; done
+exec cat <&3 >/dev/null"#,
+    ])
+    .env("HANDOFF_MARK", "kept")
+    .env_remove("HANDOFF_GONE")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    cmd
+}
+
+fn gone(pid: i32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A file name no other test uses.
+fn marker(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("migratory-handoff-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn exec_held_gives_the_child_what_exec_with_fds_gives() {
+    // The same command both ways: the same first line (with the child's
+    // own pid), environment and descriptors.
+    let mut seen = Vec::new();
+    for held in [false, true] {
+        let (_listener, server, peer) = tcp_setup();
+        let (_listener2, server2, _peer2) = tcp_setup();
+        let mut child = if held {
+            let h = exec_held(describe_self(), 8).unwrap();
+            let child = h.start(&[server.as_fd(), server2.as_fd()]).unwrap();
+            drop((server, server2));
+            ChildGuard(child)
+        } else {
+            let mut cmd = describe_self();
+            ChildGuard(
+                exec_with_fds(&mut cmd, vec![for_child(server), for_child(server2)]).unwrap(),
+            )
+        };
+        let pid = child.pid();
+        let output = read_all_async(child.0.stdout.take().unwrap());
+        peer.shutdown(Shutdown::Write).unwrap();
+        let out = String::from_utf8(output.recv_timeout(TIMEOUT).expect("child output")).unwrap();
+        assert!(child.0.wait().unwrap().success());
+        let (first, rest) = out.split_once('\n').unwrap();
+        assert_eq!(first, format!("2 {pid} {pid} unset kept"));
+        // The numbers and kinds of the descriptors (fd 3 and 4: sockets).
+        assert!(rest.contains("\n3 socket\n4 socket\n"), "{rest}");
+        seen.push(rest.to_string());
+    }
+    assert_eq!(seen[0], seen[1]);
+}
+
+#[test]
+fn exec_held_runs_nothing_before_start_and_then_continues_the_connection() {
+    let (_listener, server, mut peer) = tcp_setup();
+    let mark = marker("held-start");
+    let _ = fs::remove_file(&mark);
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"touch "$1"; exec cat <&3 >&3"#, "sh"])
+        .arg(&mark)
+        .stdin(Stdio::null());
+    let held = exec_held(cmd, 4).unwrap();
+    let pid = held.id() as i32;
+    // Held: forked (this test binary, not sh), blocked, the program not run.
+    thread::sleep(Duration::from_millis(300));
+    assert!(!mark.exists(), "the program ran before start");
+    let exe = fs::read_link("/proc/self/exe").unwrap();
+    assert_eq!(fs::read_link(format!("/proc/{pid}/exe")).unwrap(), exe);
+    assert_eq!(state(pid), 'S');
+    // Data sent meanwhile is read by the program once it runs.
+    peer.write_all(b"before ").unwrap();
+    let child = ChildGuard(held.start(&[server.as_fd()]).unwrap());
+    assert_eq!(child.pid(), pid);
+    drop(server);
+    peer.write_all(b"after\n").unwrap();
+    assert_eq!(read_line(&peer), "before after\n");
+    assert!(mark.exists());
+    drop(child);
+    let _ = fs::remove_file(&mark);
+}
+
+#[test]
+fn dropping_a_held_exec_kills_and_reaps_the_child() {
+    let mark = marker("held-drop");
+    let _ = fs::remove_file(&mark);
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"touch "$1""#, "sh"]).arg(&mark);
+    let held = exec_held(cmd, 4).unwrap();
+    let pid = held.id() as i32;
+    assert!(!gone(pid));
+    drop(held);
+    // Reaped (not even a zombie) when the drop returns; never ran.
+    assert!(gone(pid), "the held child {pid} is still there");
+    assert!(!mark.exists());
+}
+
+#[test]
+fn exec_held_reports_a_missing_program_and_reaps_the_child() {
+    for (program, path) in [
+        ("/nonexistent/program", "/usr/bin:/bin"),
+        ("no-such-program-migratory", "/usr/bin:/bin"),
+        ("sh", "/nonexistent-dir"),
+    ] {
+        let (_listener, server, peer) = tcp_setup();
+        let mut cmd = Command::new(program);
+        cmd.env("PATH", path);
+        let held = exec_held(cmd, 4).unwrap();
+        let pid = held.id() as i32;
+        let e = held.start(&[server.as_fd()]).unwrap_err();
+        match &e {
+            HandoffError::Spawn { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{e}")
+            }
+            other => panic!("expected Spawn, got {other:?}"),
+        }
+        assert!(e.to_string().contains(program), "{e}");
+        assert!(gone(pid), "the held child {pid} is still there");
+        // Ours stay ours: the connection is still up until we close it.
+        (&server).write_all(b"still here\n").unwrap();
+        assert_eq!(read_line(&peer), "still here\n");
+    }
+}
+
+#[test]
+fn exec_held_refuses_more_descriptors_than_it_was_sized_for() {
+    let (_listener, server, _peer) = tcp_setup();
+    let held = exec_held(Command::new("true"), 1).unwrap();
+    let pid = held.id() as i32;
+    let e = held.start(&[server.as_fd(), server.as_fd()]).unwrap_err();
+    assert!(matches!(e, HandoffError::TooManyFds { count: 2 }), "{e:?}");
+    assert!(gone(pid), "the held child {pid} is still there");
+}
+
+/// Not a test of its own: the child half of
+/// `exec_held_passes_more_than_one_message_of_descriptors_in_order`, run in
+/// a new process of this test binary with `HELD_ENV` set. Writes each
+/// descriptor's index into it.
+#[test]
+fn helper_held_many() {
+    if std::env::var_os(HELD_ENV).is_none() {
+        return;
+    }
+    let fds = listen_fds().unwrap();
+    for (i, fd) in fds.into_iter().enumerate() {
+        UnixStream::from(fd)
+            .write_all(format!("{i}\n").as_bytes())
+            .unwrap();
+    }
+    println!("RESULT: ok");
+}
+
+#[test]
+fn exec_held_passes_more_than_one_message_of_descriptors_in_order() {
+    let count = 2 * MAX_FDS + 7;
+    let pairs: Vec<(UnixStream, UnixStream)> =
+        (0..count).map(|_| UnixStream::pair().unwrap()).collect();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "helper_held_many",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(HELD_ENV, "1")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    let held = exec_held(cmd, count).unwrap();
+    let fds: Vec<_> = pairs.iter().map(|(theirs, _)| theirs.as_fd()).collect();
+    let child = ChildGuard(held.start(&fds).unwrap());
+    drop(fds);
+    for (i, (theirs, ours)) in pairs.into_iter().enumerate() {
+        drop(theirs);
+        ours.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut got = String::new();
+        BufReader::new(&ours).read_line(&mut got).unwrap();
+        assert_eq!(got, format!("{i}\n"));
+    }
+    assert_eq!(helper_result(child), "ok");
+}
+
+/// Not a test of its own: run alone in a new process by
+/// `exec_held_leaks_no_descriptor`, so that no other test opens
+/// descriptors meanwhile.
+#[test]
+fn helper_held_descriptors() {
+    if std::env::var_os(HELD_ENV).is_none_or(|v| v != "fds") {
+        return;
+    }
+    let count = || fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = count();
+    let (_listener, server, _peer) = tcp_setup();
+    let with_socket = count();
+    // Dropped while held.
+    drop(exec_held(Command::new("true"), 4).unwrap());
+    // A program that cannot be started.
+    let e = exec_held(Command::new("/nonexistent/x"), 4)
+        .unwrap()
+        .start(&[server.as_fd()]);
+    assert!(e.is_err());
+    // Too many descriptors.
+    assert!(exec_held(Command::new("true"), 0)
+        .unwrap()
+        .start(&[server.as_fd()])
+        .is_err());
+    // Started, ran and ended.
+    let mut child = exec_held(Command::new("true"), 4)
+        .unwrap()
+        .start(&[server.as_fd()])
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let after = count();
+    drop(server);
+    println!("RESULT: {} {}", with_socket - before, after - with_socket);
+}
+
+#[test]
+fn exec_held_leaks_no_descriptor() {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "helper_held_descriptors",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(HELD_ENV, "fds")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    let child = ChildGuard(cmd.spawn().unwrap());
+    // Three for the connection (listener, server, peer); none after.
+    assert_eq!(helper_result(child), "3 0");
 }
