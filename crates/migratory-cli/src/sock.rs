@@ -319,13 +319,11 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
             }
         }
     };
-    let restored = || {
-        eprintln!(
-            "{}: {} socket(s) restored",
-            a.image.display(),
-            sockets.len()
-        )
-    };
+    eprintln!(
+        "{}: {} socket(s) restored",
+        a.image.display(),
+        sockets.len()
+    );
     let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
     let give_up = |e: String| {
         abandon_all(&sockets);
@@ -337,9 +335,6 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
             .start(&fds)
             .map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
         step("rs spawned");
-        // Said once the program runs: whoever waits for this line then
-        // competes with the program's start no earlier.
-        restored();
         drop(fds);
         drop(sockets);
         release();
@@ -347,7 +342,6 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
         let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
         return Ok(status.success());
     }
-    restored();
     let (path, channel) = channel.expect("--send or --exec, checked above");
     send_sockets(&channel, &fds, &image.app_state)
         .map_err(|e| give_up(format!("--send {path}: {e}")))?;
