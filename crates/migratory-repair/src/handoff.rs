@@ -619,11 +619,9 @@ pub fn exec_with_fds(cmd: &mut Command, fds: Vec<OwnedFd>) -> Result<Child, Hand
     }
 }
 
-/// [`exec_held`]'s "go" message begins with this magic and the descriptor
-/// count (u32, little-endian); the descriptors follow in chunks of at most
-/// [`MAX_FDS`], each a u32 count (little-endian) with that many as
-/// `SCM_RIGHTS`, the first in the same message as the header, each further
-/// one a message of its own (`SOCK_SEQPACKET`).
+/// [`exec_held`]'s "go" message: this magic and the descriptor count (u32,
+/// little-endian); the descriptors follow in chunks of at most [`MAX_FDS`],
+/// each message a u32 count with that many as `SCM_RIGHTS`.
 const HELD_MAGIC: [u8; 8] = *b"MIGRHLD1";
 const HELD_HEADER_LEN: usize = 12;
 /// How long [`exec_held`] waits for the forked child to be held, and
@@ -865,33 +863,31 @@ impl HeldExec {
         let control = self.control.as_ref().expect("held until started");
         let count =
             u32::try_from(fds.len()).map_err(|_| HandoffError::TooManyFds { count: fds.len() })?;
-        // The first message: the header, the total count, and the first
-        // chunk; then a message per further chunk.
-        let mut first = [0u8; HELD_HEADER_LEN];
-        first[..8].copy_from_slice(&HELD_MAGIC);
-        first[8..].copy_from_slice(&count.to_le_bytes());
-        let mut chunks: Vec<&[BorrowedFd<'_>]> = fds.chunks(MAX_FDS).collect();
-        if chunks.is_empty() {
-            chunks.push(&[]);
+        let mut header = [0u8; HELD_HEADER_LEN];
+        header[..8].copy_from_slice(&HELD_MAGIC);
+        header[8..].copy_from_slice(&count.to_le_bytes());
+        let sent = retry_intr(|| send(control, &header, SendFlags::NOSIGNAL))
+            .map_err(|e| channel_error("send to the held child", e.into()))?;
+        if sent != header.len() {
+            return Err(os("send to the held child", Errno::MSGSIZE));
         }
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        for chunk in fds.chunks(MAX_FDS) {
             let word = (chunk.len() as u32).to_le_bytes();
             let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
             let mut ancillary = SendAncillaryBuffer::new(&mut space);
-            if !chunk.is_empty() && !ancillary.push(SendAncillaryMessage::ScmRights(chunk)) {
+            if !ancillary.push(SendAncillaryMessage::ScmRights(chunk)) {
                 return Err(HandoffError::TooManyFds { count: chunk.len() });
             }
-            let header: &[u8] = if i == 0 { &first } else { &[] };
             let sent = retry_intr(|| {
                 sendmsg(
                     control,
-                    &[IoSlice::new(header), IoSlice::new(&word)],
+                    &[IoSlice::new(&word)],
                     &mut ancillary,
                     SendFlags::NOSIGNAL,
                 )
             })
             .map_err(|e| channel_error("sendmsg to the held child", e.into()))?;
-            if sent != header.len() + word.len() {
+            if sent != word.len() {
                 return Err(os("sendmsg to the held child", Errno::MSGSIZE));
             }
         }
@@ -1161,11 +1157,24 @@ impl ExecPlan {
         // in this (child) process's descriptor table.
         unsafe { libc::close(held.parent_end) };
         self.send_word(getpid().as_raw_pid() as u32);
-        // The first message says how many descriptors come, and brings the
-        // first of them.
-        let (count, mut have) = self.recv_chunk(held, None);
+        let mut header = [0u8; HELD_HEADER_LEN];
+        let got = self.recv_message(&mut header);
+        if got == 0 {
+            // The parent went away or gave up: the program never runs.
+            // SAFETY: _exit ends the child at once, without the exit handlers
+            // or unwinding a forked child must not run.
+            unsafe { libc::_exit(127) }
+        }
+        if got != HELD_HEADER_LEN || header[..8] != HELD_MAGIC {
+            self.fail(libc::EPROTO);
+        }
+        let count = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        if count > held.got.len() {
+            self.fail(libc::EMFILE);
+        }
+        let mut have = 0;
         while have < count {
-            have += self.recv_chunk(held, Some((have, count))).1;
+            have += self.recv_chunk(held, have, count);
         }
         // Every descriptor of ours (received, or the control socket) below
         // 3 + count that is not already at its own target goes above that
@@ -1219,18 +1228,27 @@ impl ExecPlan {
         moved
     }
 
-    /// Receives one message of descriptors into `held.got`: the first
-    /// (`progress` `None`: the header, the total count, then a chunk), or a
-    /// later one (`Some((have, count))`: a chunk). Returns the total count
-    /// and how many came in this message. At end-of-file before the first,
-    /// the parent went away or gave up: the child ends, the program never
-    /// runs.
-    fn recv_chunk(&self, held: &mut HeldPlan, progress: Option<(usize, usize)>) -> (usize, usize) {
-        let mut data = [0u8; HELD_HEADER_LEN + 4];
-        let want = if progress.is_none() { data.len() } else { 4 };
+    /// One message of the parent into `buf`: its length, 0 at end-of-file.
+    fn recv_message(&self, buf: &mut [u8]) -> usize {
+        loop {
+            // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
+            let n = unsafe { libc::recv(self.report, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return n as usize;
+            }
+            if last_errno() != libc::EINTR {
+                self.fail(last_errno());
+            }
+        }
+    }
+
+    /// Receives one chunk of descriptors into `held.got[have..count]`:
+    /// returns how many came.
+    fn recv_chunk(&self, held: &mut HeldPlan, have: usize, count: usize) -> usize {
+        let mut word = [0u8; 4];
         let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr().cast(),
-            iov_len: want,
+            iov_base: word.as_mut_ptr().cast(),
+            iov_len: word.len(),
         };
         // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -1239,32 +1257,14 @@ impl ExecPlan {
         msg.msg_control = held.control.as_mut_ptr().cast();
         msg.msg_controllen = (held.control.len() * std::mem::size_of::<u64>()) as _;
         let n = loop {
-            // SAFETY: `msg` points at `iov` (`want` bytes of `data`) and at
-            // the control buffer with its true length, all alive for the call.
+            // SAFETY: `msg` points at `iov` (4 bytes of `word`) and at the
+            // control buffer with its true length, all alive for the call.
             let n = unsafe { libc::recvmsg(self.report, &mut msg, libc::MSG_CMSG_CLOEXEC) };
             if n >= 0 {
                 break n as usize;
             }
             if last_errno() != libc::EINTR {
                 self.fail(last_errno());
-            }
-        };
-        let (have, count) = match progress {
-            Some(progress) => progress,
-            None if n == 0 => {
-                // SAFETY: _exit ends the child at once, without the exit
-                // handlers or unwinding a forked child must not run.
-                unsafe { libc::_exit(127) }
-            }
-            None => {
-                if n != want || data[..8] != HELD_MAGIC {
-                    self.fail(libc::EPROTO);
-                }
-                let count = u32::from_le_bytes([data[8], data[9], data[10], data[11]]) as usize;
-                if count > held.got.len() {
-                    self.fail(libc::EMFILE);
-                }
-                (0, count)
             }
         };
         // Whatever arrived is recorded (and, on an error, closed by _exit).
@@ -1299,18 +1299,16 @@ impl ExecPlan {
             // SAFETY: as for CMSG_FIRSTHDR: the walk stays within the buffer.
             cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
         }
-        let w = want - 4;
-        let announced =
-            u32::from_le_bytes([data[w], data[w + 1], data[w + 2], data[w + 3]]) as usize;
-        if n != want
+        let announced = u32::from_le_bytes(word) as usize;
+        if n != word.len()
             || msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0
             || arrived != announced
-            || (arrived == 0 && have < count)
+            || arrived == 0
             || have + arrived > count
         {
             self.fail(libc::EPROTO);
         }
-        (count, arrived)
+        arrived
     }
 
     /// Sends 4 bytes to the parent over the report socket (never raising

@@ -1177,12 +1177,6 @@ fn helper_held_descriptors() {
         .start(&[server.as_fd()])
         .unwrap();
     assert!(child.wait().unwrap().success());
-    // Each spawning thread holds a pidfd of its child until it sees the
-    // child end (then it ends too): a moment after the last wait.
-    let deadline = Instant::now() + TIMEOUT;
-    while count() != with_socket && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(5));
-    }
     let after = count();
     drop(server);
     println!("RESULT: {} {}", with_socket - before, after - with_socket);
@@ -1203,17 +1197,4 @@ fn exec_held_leaks_no_descriptor() {
     let child = ChildGuard(cmd.spawn().unwrap());
     // Three for the connection (listener, server, peer); none after.
     assert_eq!(helper_result(child), "3 0");
-}
-
-#[test]
-fn exec_held_with_no_descriptors() {
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", r#"echo "$LISTEN_FDS $LISTEN_PID $$""#])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
-    let mut child = ChildGuard(exec_held(cmd, 0).unwrap().start(&[]).unwrap());
-    let pid = child.pid();
-    let output = read_all_async(child.0.stdout.take().unwrap());
-    let out = output.recv_timeout(TIMEOUT).expect("child output");
-    assert_eq!(String::from_utf8_lossy(&out), format!("0 {pid} {pid}\n"));
 }
