@@ -13,8 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use migratory_repair::handoff::{self, exec_held, exec_with_fds, send_sockets, take_fd};
-use migratory_repair::image::MAX_SOCKETS;
+use migratory_repair::handoff::{self, exec_with_fds, send_sockets, take_fd};
 use migratory_repair::lock::{self, Direction, DEFAULT_TIMEOUT};
 use migratory_repair::process::{
     abandon_all, checkpoint_process, image_lock, restore_all, restore_when_ready, After,
@@ -281,20 +280,6 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
     if channel.is_none() && argv.is_empty() {
         return Err("--exec needs a command".into());
     }
-    // The command's child is forked now and held before its program runs
-    // (exec_held): the fork is done before the sockets go live, and the
-    // program runs only once they are. Every error return below drops the
-    // held child, which kills and reaps it.
-    let held = match (&channel, argv.split_first()) {
-        (None, Some((prog, args))) => {
-            let mut cmd = Command::new(prog);
-            cmd.args(args);
-            let held = exec_held(cmd, MAX_SOCKETS).map_err(|e| format!("--exec {prog}: {e}"))?;
-            step("rs held");
-            Some((prog, held))
-        }
-        _ => None,
-    };
     let (image, lock, sockets) = match a.wait {
         Some(wait) => {
             restore_when_ready(&a.image, wait, Some(DEFAULT_TIMEOUT)).map_err(|e| e.to_string())?
@@ -324,30 +309,35 @@ fn restore_cmd(a: RestoreArgs) -> Result<bool, String> {
         a.image.display(),
         sockets.len()
     );
-    let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
     let give_up = |e: String| {
         abandon_all(&sockets);
         e
     };
-    if let Some((prog, held)) = held {
-        // The child gets copies; ours make a failed start silent.
-        let mut child = held
-            .start(&fds)
-            .map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
-        step("rs spawned");
-        drop(fds);
-        drop(sockets);
+    if let Some((path, channel)) = channel {
+        let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
+        send_sockets(&channel, &fds, &image.app_state)
+            .map_err(|e| give_up(format!("--send {path}: {e}")))?;
+        eprintln!("{} socket(s) sent to {path}", sockets.len());
         release();
-        step("rs released");
-        let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
-        return Ok(status.success());
+        return Ok(true);
     }
-    let (path, channel) = channel.expect("--send or --exec, checked above");
-    send_sockets(&channel, &fds, &image.app_state)
-        .map_err(|e| give_up(format!("--send {path}: {e}")))?;
-    eprintln!("{} socket(s) sent to {path}", sockets.len());
+    let (prog, args) = argv.split_first().expect("checked above");
+    let mut cmd = Command::new(prog);
+    cmd.args(args);
+    // The child gets copies; ours make a failed start silent.
+    let copies = sockets
+        .iter()
+        .map(|s| s.try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| give_up(format!("dup: {e}")))?;
+    let mut child =
+        exec_with_fds(&mut cmd, copies).map_err(|e| give_up(format!("--exec {prog}: {e}")))?;
+    step("rs spawned");
+    drop(sockets);
     release();
-    Ok(true)
+    step("rs released");
+    let status = child.wait().map_err(|e| format!("--exec {prog}: {e}"))?;
+    Ok(status.success())
 }
 
 fn handoff_cmd(a: HandoffArgs) -> Result<bool, String> {

@@ -9,10 +9,8 @@
 //!   a small framed message that also carries an application blob;
 //! * to a **command started with them** as descriptors 3, 4, ... (the systemd
 //!   socket-activation convention, `LISTEN_FDS` / `LISTEN_PID`):
-//!   [`exec_with_fds`] on the starting side (or [`exec_held`], which forks
-//!   the child before the descriptors exist and lets it exec once they are
-//!   ready), [`listen_fds`] on the receiving side. An unmodified `socat
-//!   FD:3 ...` continues a restored connection;
+//!   [`exec_with_fds`] on the starting side, [`listen_fds`] on the receiving
+//!   side. An unmodified `socat FD:3 ...` continues a restored connection;
 //! * **out of an unmodified process** (MIGSOCK's controlling program):
 //!   [`stop`] it, list its sockets with [`socket_fds`], duplicate them with
 //!   [`take_fd`] (`pidfd_getfd`), then resume or kill it through the
@@ -40,7 +38,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -51,18 +49,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustix::io::{fcntl_dupfd_cloexec, fcntl_setfd, Errno, FdFlags};
-use rustix::net::sockopt::{set_socket_timeout, Timeout};
 use rustix::net::{
-    recv, recvmsg, send, sendmsg, socketpair, AddressFamily, RecvAncillaryBuffer,
-    RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage,
-    SendFlags, SocketFlags, SocketType,
+    recvmsg, send, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
 };
 use rustix::process::{
-    getpid, pidfd_getfd, pidfd_open, pidfd_send_signal, waitid, Pid, PidfdFlags, PidfdGetfdFlags,
-    Signal, WaitId, WaitIdOptions,
+    getpid, pidfd_getfd, pidfd_open, pidfd_send_signal, Pid, PidfdFlags, PidfdGetfdFlags, Signal,
 };
-
-use crate::steps::step;
 
 /// Most descriptors one handoff message carries: the kernel's `SCM_MAX_FD`.
 pub const MAX_FDS: usize = 253;
@@ -590,9 +583,45 @@ pub fn exec_with_fds(cmd: &mut Command, fds: Vec<OwnedFd>) -> Result<Child, Hand
     // Only the child may keep a write end, or the report never reads EOF.
     drop(report_low);
 
-    let strings = ExecStrings::new(cmd, Some(count)).map_err(&spawn_error)?;
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => env.insert(key.to_os_string(), value.to_os_string()),
+            None => env.remove(key),
+        };
+    }
+    for var in LISTEN_VARS {
+        env.remove(OsStr::new(var));
+    }
+    let path = env
+        .get(OsStr::new("PATH"))
+        .cloned()
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let mut env_strings = Vec::with_capacity(env.len() + 2);
+    for (key, value) in &env {
+        let mut entry = key.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value.as_bytes());
+        env_strings.push(cstring(entry).map_err(&spawn_error)?);
+    }
+    env_strings.push(cstring(format!("LISTEN_FDS={count}").into_bytes()).map_err(&spawn_error)?);
+    // Placeholder, replaced in the child by "LISTEN_PID=<its pid>".
+    env_strings.push(cstring(b"LISTEN_PID=".to_vec()).map_err(&spawn_error)?);
+    let mut arg_strings = vec![cstring(program.as_bytes().to_vec()).map_err(&spawn_error)?];
+    for arg in cmd.get_args() {
+        arg_strings.push(cstring(arg.as_bytes().to_vec()).map_err(&spawn_error)?);
+    }
+    let candidates = exec_candidates(&program, &path).map_err(&spawn_error)?;
+
     let spent = Arc::new(AtomicBool::new(false));
-    let mut plan = ExecPlan::new(Arc::clone(&spent), moves, report_write.as_raw_fd(), strings);
+    let mut plan = ExecPlan::new(
+        Arc::clone(&spent),
+        moves,
+        report_write.as_raw_fd(),
+        candidates,
+        arg_strings,
+        env_strings,
+    );
     // SAFETY: the hook runs in the forked child before exec, where only
     // async-signal-safe work is allowed (another thread of ours may have held
     // the allocator's lock at the fork). `ExecPlan::run` loads an atomic,
@@ -616,322 +645,6 @@ pub fn exec_with_fds(cmd: &mut Command, fds: Vec<OwnedFd>) -> Result<Child, Hand
             let _ = child.wait();
             Err(spawn_error(io::Error::from_raw_os_error(errno)))
         }
-    }
-}
-
-/// [`exec_held`]'s "go" message: this magic and the descriptor count (u32,
-/// little-endian); the descriptors follow in chunks of at most [`MAX_FDS`],
-/// each message a u32 count with that many as `SCM_RIGHTS`.
-const HELD_MAGIC: [u8; 8] = *b"MIGRHLD1";
-const HELD_HEADER_LEN: usize = 12;
-/// How long [`exec_held`] waits for the forked child to be held, and
-/// [`HeldExec::start`] for it to exec (or say why not).
-const HELD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Forks the child of [`exec_with_fds`] now, before its descriptors exist,
-/// and holds it before its program runs: [`HeldExec::start`] then passes
-/// the descriptors and lets it exec, so that the fork is done before the
-/// moment that matters (for `migratory sock restore --exec`: before the
-/// restored sockets go live, while it waits for the image).
-///
-/// The child gets exactly what [`exec_with_fds`] gives it, with the same
-/// rules (see there): everything `Command` sets up, `cmd`'s arguments and
-/// its environment changes over this process's environment (as it is now),
-/// the descriptors as 3, 4, ... in the order given to `start`, and
-/// `LISTEN_FDS` / `LISTEN_PID` (its own pid). The held child is this
-/// program, forked, blocked in its `pre_exec` hook on a private
-/// close-on-exec socket pair (`SOCK_SEQPACKET`): on the "go" message it
-/// receives the descriptors (`SCM_RIGHTS`), moves them into place and calls
-/// `execve`; at end-of-file (the [`HeldExec`] dropped, or this process
-/// died) it exits with status 127 and the program never runs. Dropping a
-/// [`HeldExec`] that was not started also kills the child (`SIGKILL`
-/// through a pidfd) and reaps it. Descriptors this process opens after this
-/// call never reach the child; it holds the close-on-exec ones open now
-/// until it execs or ends.
-///
-/// Why it is held before exec and not after: a program that got sockets
-/// still in repair mode could not use them (a read fails with `EPERM`, a
-/// write goes into the repair queue instead of the network), and a restore
-/// builds its sockets only after this fork. What is left between the
-/// sockets going live and the program running is one message, the child's
-/// wake-up, a few `dup2` and the exec (and the program's own start).
-///
-/// `max_fds`: the most descriptors `start` may pass (the child's buffer for
-/// them is allocated before the fork). This call returns once the child is
-/// forked and held (or failed to get there: [`HandoffError::Spawn`]). The
-/// fork is done on a thread of its own (`Command::spawn` returns only once
-/// the child exec'd), which stays, without reaping the child, until the
-/// child ends: the thread that forks a process is its parent for
-/// `PR_SET_PDEATHSIG`, whose signal would otherwise come when that thread
-/// ends. (Other children of this process are not affected; the child's
-/// parent process is this one, as with [`exec_with_fds`].)
-pub fn exec_held(mut cmd: Command, max_fds: usize) -> Result<HeldExec, HandoffError> {
-    let name = cmd.get_program().to_string_lossy().into_owned();
-    let spawn_error = |source: io::Error| HandoffError::Spawn {
-        program: name.clone(),
-        source,
-    };
-    if RawFd::try_from(max_fds)
-        .ok()
-        .and_then(|n| n.checked_add(LISTEN_FDS_START))
-        .is_none()
-    {
-        return Err(HandoffError::TooManyFds { count: max_fds });
-    }
-    let strings = ExecStrings::new(&cmd, None).map_err(&spawn_error)?;
-    let (parent_end, child_end) = socketpair(
-        AddressFamily::UNIX,
-        SocketType::SEQPACKET,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(|e| os("socketpair for the held child", e))?;
-    let fds_slot = strings.env.len() - 2;
-    let mut plan = ExecPlan::new(
-        Arc::new(AtomicBool::new(false)),
-        Vec::new(),
-        child_end.as_raw_fd(),
-        strings,
-    );
-    plan.held = Some(HeldPlan {
-        parent_end: parent_end.as_raw_fd(),
-        // Zeroed: pages the child never touches cost nothing.
-        got: vec![0; max_fds],
-        control: vec![0u64; rustix::cmsg_space!(ScmRights(MAX_FDS)).div_ceil(8)],
-        fds_slot,
-    });
-    // SAFETY: as in exec_with_fds: the hook runs in the forked child before
-    // exec, where only async-signal-safe work is allowed. `ExecPlan::run`
-    // (with `wait_for_descriptors`) calls close, getpid, send, recv,
-    // recvmsg, fcntl, dup2, execve and _exit, writes into buffers and
-    // vectors allocated before the fork (never growing or dropping them),
-    // and formats digits into stack buffers: no allocation, no lock, no
-    // unwinding. All the memory it reads was built here, before the fork,
-    // and is owned by the closure.
-    unsafe {
-        cmd.pre_exec(move || plan.run());
-    }
-    let (report_spawn, spawned) = std::sync::mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name("migratory-exec".into())
-        .spawn(move || {
-            let result = cmd.spawn();
-            // Our copy of the child's end goes once the child exec'd or
-            // ended: the parent end then reads end-of-file.
-            drop(child_end);
-            // This thread is the child's parent (prctl(2): the one whose end
-            // sends PR_SET_PDEATHSIG's signal): it stays until the child
-            // ends, as the spawning thread of exec_with_fds would, without
-            // reaping it (WNOWAIT: the owner of the `Child` reaps).
-            let pidfd = result.as_ref().ok().and_then(|child| {
-                let pid = Pid::from_raw(child.id() as i32)?;
-                pidfd_open(pid, PidfdFlags::empty()).ok()
-            });
-            let _ = report_spawn.send(result);
-            if let Some(pidfd) = pidfd {
-                let _ = retry_intr(|| {
-                    waitid(
-                        WaitId::PidFd(pidfd.as_fd()),
-                        WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-                    )
-                });
-            }
-        })
-        .map_err(|e| os("a thread to start the command", e))?;
-    let mut held = HeldExec {
-        program: name.clone(),
-        control: Some(parent_end),
-        pidfd: None,
-        pid: 0,
-        max_fds,
-        spawned: Some(spawned),
-    };
-    let control = held.control.as_ref().expect("just set");
-    let _ = set_socket_timeout(control, Timeout::Recv, Some(HELD_TIMEOUT));
-    let _ = set_socket_timeout(control, Timeout::Send, Some(HELD_TIMEOUT));
-    match recv_word(control) {
-        Ok(Some(pid)) => {
-            held.pid = pid as i32;
-            // The child cannot be reaped before it execs or ends (only the
-            // spawning thread reaps, and only a child that failed before
-            // our hook): the pid still names it.
-            let pid = Pid::from_raw(held.pid).ok_or_else(|| os("fork", Errno::SRCH))?;
-            held.pidfd =
-                Some(pidfd_open(pid, PidfdFlags::empty()).map_err(|e| os("pidfd_open", e))?);
-            Ok(held)
-        }
-        // The child ended before it was held (`Command` failed to set it
-        // up): the spawning thread has the error.
-        Ok(None) => {
-            let spawned = held.spawned.take().expect("just set").recv();
-            held.control = None;
-            Err(match spawned {
-                Ok(Err(e)) => spawn_error(e),
-                Ok(Ok(mut child)) => {
-                    let _ = child.wait();
-                    spawn_error(io::Error::other("the child ended before it was held"))
-                }
-                Err(_) => spawn_error(io::Error::other("the spawning thread panicked")),
-            })
-        }
-        // Not forked within HELD_TIMEOUT: dropping the control socket makes a
-        // child that gets there later end at once.
-        Err(e) => {
-            held.control = None;
-            held.spawned = None;
-            Err(channel_error("waiting for the held child", e))
-        }
-    }
-}
-
-/// A child forked and held by [`exec_held`]: [`HeldExec::start`] lets it
-/// run its program; dropping it instead kills and reaps the child (the
-/// program never runs).
-#[derive(Debug)]
-#[must_use = "dropping it kills the held child"]
-pub struct HeldExec {
-    program: String,
-    control: Option<OwnedFd>,
-    pidfd: Option<OwnedFd>,
-    pid: i32,
-    /// The most descriptors the child accepts (its buffer, sized at the
-    /// fork).
-    max_fds: usize,
-    /// What `Command::spawn` returned, on its thread: once the child exec'd
-    /// or ended.
-    spawned: Option<std::sync::mpsc::Receiver<io::Result<Child>>>,
-}
-
-impl HeldExec {
-    /// The held child's pid.
-    pub fn id(&self) -> u32 {
-        self.pid as u32
-    }
-
-    /// Passes `fds` (duplicates: ours stay open) to the held child as its
-    /// descriptors 3, 4, ... and lets it exec; returns once it has exec'd
-    /// the program (or failed to: [`HandoffError::Spawn`], the child reaped,
-    /// like [`exec_with_fds`]). On any error the child is killed and reaped;
-    /// the descriptors it may have received die with it.
-    pub fn start(mut self, fds: &[BorrowedFd<'_>]) -> Result<Child, HandoffError> {
-        let spawn_error = |source: io::Error| HandoffError::Spawn {
-            program: self.program.clone(),
-            source,
-        };
-        if fds.len() > self.max_fds {
-            return Err(HandoffError::TooManyFds { count: fds.len() });
-        }
-        self.send_go(fds)?;
-        step("rs go");
-        let report = recv_word(self.control.as_ref().expect("held until started"));
-        if report.is_err() {
-            // Neither exec'd nor failed in time (stopped?): it never will.
-            if let Some(pidfd) = &self.pidfd {
-                let _ = pidfd_send_signal(pidfd, Signal::KILL);
-            }
-        }
-        let spawned = self.spawned.take().expect("held until started").recv();
-        // From here on nothing is left to kill: the child exec'd (or
-        // failed and is reaped below).
-        self.pidfd = None;
-        self.control = None;
-        let mut child = match spawned {
-            Ok(Ok(child)) => child,
-            Ok(Err(e)) => return Err(spawn_error(e)),
-            Err(_) => {
-                return Err(spawn_error(io::Error::other(
-                    "the spawning thread panicked",
-                )))
-            }
-        };
-        match report {
-            // End-of-file: close-on-exec closed the child's end.
-            Ok(None) => Ok(child),
-            Ok(Some(errno)) => {
-                let _ = child.wait();
-                Err(spawn_error(io::Error::from_raw_os_error(errno as i32)))
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(channel_error("waiting for the held child's exec", e))
-            }
-        }
-    }
-
-    fn send_go(&self, fds: &[BorrowedFd<'_>]) -> Result<(), HandoffError> {
-        let control = self.control.as_ref().expect("held until started");
-        let count =
-            u32::try_from(fds.len()).map_err(|_| HandoffError::TooManyFds { count: fds.len() })?;
-        let mut header = [0u8; HELD_HEADER_LEN];
-        header[..8].copy_from_slice(&HELD_MAGIC);
-        header[8..].copy_from_slice(&count.to_le_bytes());
-        let sent = retry_intr(|| send(control, &header, SendFlags::NOSIGNAL))
-            .map_err(|e| channel_error("send to the held child", e.into()))?;
-        if sent != header.len() {
-            return Err(os("send to the held child", Errno::MSGSIZE));
-        }
-        for chunk in fds.chunks(MAX_FDS) {
-            let word = (chunk.len() as u32).to_le_bytes();
-            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-            let mut ancillary = SendAncillaryBuffer::new(&mut space);
-            if !ancillary.push(SendAncillaryMessage::ScmRights(chunk)) {
-                return Err(HandoffError::TooManyFds { count: chunk.len() });
-            }
-            let sent = retry_intr(|| {
-                sendmsg(
-                    control,
-                    &[IoSlice::new(&word)],
-                    &mut ancillary,
-                    SendFlags::NOSIGNAL,
-                )
-            })
-            .map_err(|e| channel_error("sendmsg to the held child", e.into()))?;
-            if sent != word.len() {
-                return Err(os("sendmsg to the held child", Errno::MSGSIZE));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for HeldExec {
-    fn drop(&mut self) {
-        if let Some(pidfd) = self.pidfd.take() {
-            let _ = pidfd_send_signal(&pidfd, Signal::KILL);
-        }
-        // End-of-file for a child not killed (it then ends by itself).
-        self.control = None;
-        if let Some(spawned) = self.spawned.take() {
-            // The child died before exec: `Command::spawn` reads end-of-file
-            // on its own pipe and returns it, not yet reaped.
-            if let Ok(Ok(mut child)) = spawned.recv() {
-                let _ = child.wait();
-            }
-        }
-    }
-}
-
-fn retry_intr<T>(mut f: impl FnMut() -> Result<T, Errno>) -> Result<T, Errno> {
-    loop {
-        match f() {
-            Err(Errno::INTR) => continue,
-            other => return other,
-        }
-    }
-}
-
-/// One 4-byte message of the held child; `None` at end-of-file.
-fn recv_word(control: &OwnedFd) -> Result<Option<u32>, io::Error> {
-    let mut buf = [0u8; 4];
-    let (n, _) = retry_intr(|| recv(control, &mut buf, RecvFlags::empty()))?;
-    match n {
-        0 => Ok(None),
-        4 => Ok(Some(u32::from_ne_bytes(buf))),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "a short message from the held child",
-        )),
     }
 }
 
@@ -968,62 +681,8 @@ fn exec_candidates(program: &OsStr, path: &OsStr) -> Result<Vec<CString>, io::Er
         .collect()
 }
 
-/// The program, arguments and environment a child execs, built before the
-/// fork: this process's environment with `cmd`'s changes applied (as
-/// `Command` would), without inherited socket-activation variables, plus
-/// `LISTEN_FDS` and a `LISTEN_PID` placeholder (the last two entries).
-struct ExecStrings {
-    candidates: Vec<CString>,
-    args: Vec<CString>,
-    env: Vec<CString>,
-}
-
-impl ExecStrings {
-    /// `count`: the number of descriptors passed, or `None` when it is only
-    /// known in the child (the `LISTEN_FDS` entry is then a placeholder too).
-    fn new(cmd: &Command, count: Option<usize>) -> Result<ExecStrings, io::Error> {
-        let program = cmd.get_program();
-        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
-        for (key, value) in cmd.get_envs() {
-            match value {
-                Some(value) => env.insert(key.to_os_string(), value.to_os_string()),
-                None => env.remove(key),
-            };
-        }
-        for var in LISTEN_VARS {
-            env.remove(OsStr::new(var));
-        }
-        let path = env
-            .get(OsStr::new("PATH"))
-            .cloned()
-            .unwrap_or_else(|| DEFAULT_PATH.into());
-        let mut env_strings = Vec::with_capacity(env.len() + 2);
-        for (key, value) in &env {
-            let mut entry = key.as_bytes().to_vec();
-            entry.push(b'=');
-            entry.extend_from_slice(value.as_bytes());
-            env_strings.push(cstring(entry)?);
-        }
-        // Placeholders are replaced in the child.
-        env_strings.push(cstring(match count {
-            Some(count) => format!("LISTEN_FDS={count}").into_bytes(),
-            None => b"LISTEN_FDS=".to_vec(),
-        })?);
-        env_strings.push(cstring(b"LISTEN_PID=".to_vec())?);
-        let mut args = vec![cstring(program.as_bytes().to_vec())?];
-        for arg in cmd.get_args() {
-            args.push(cstring(arg.as_bytes().to_vec())?);
-        }
-        Ok(ExecStrings {
-            candidates: exec_candidates(program, &path)?,
-            args,
-            env: env_strings,
-        })
-    }
-}
-
-/// What the `pre_exec` hook of [`exec_with_fds`] or [`exec_held`] needs,
-/// built before the fork.
+/// What the `pre_exec` hook of [`exec_with_fds`] needs, built before the
+/// fork.
 struct ExecPlan {
     spent: Arc<AtomicBool>,
     moves: Vec<(RawFd, RawFd)>,
@@ -1034,23 +693,6 @@ struct ExecPlan {
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     pid_slot: usize,
-    /// For [`exec_held`]: the descriptors come over `report` once the child
-    /// is told to go.
-    held: Option<HeldPlan>,
-}
-
-/// The held child's part of an [`ExecPlan`]: buffers allocated before the
-/// fork, so that receiving the descriptors allocates nothing.
-struct HeldPlan {
-    /// The parent's end of the control socket (the child closes its copy,
-    /// or it never reads end-of-file when the parent goes away).
-    parent_end: RawFd,
-    /// The descriptors received, in order (`len` = the most accepted).
-    got: Vec<RawFd>,
-    /// Ancillary data of one chunk (`u64`s: aligned for `cmsghdr`).
-    control: Vec<u64>,
-    /// The `LISTEN_FDS` entry's index in `envp`.
-    fds_slot: usize,
 }
 
 // SAFETY: the raw pointers in `argv` and `envp` point into the heap buffers
@@ -1068,13 +710,10 @@ impl ExecPlan {
         spent: Arc<AtomicBool>,
         moves: Vec<(RawFd, RawFd)>,
         report: RawFd,
-        strings: ExecStrings,
+        candidates: Vec<CString>,
+        args: Vec<CString>,
+        env: Vec<CString>,
     ) -> ExecPlan {
-        let ExecStrings {
-            candidates,
-            args,
-            env,
-        } = strings;
         let argv = args
             .iter()
             .map(|s| s.as_ptr())
@@ -1095,7 +734,6 @@ impl ExecPlan {
             argv,
             envp,
             pid_slot,
-            held: None,
         }
     }
 
@@ -1104,16 +742,6 @@ impl ExecPlan {
         if self.spent.load(Ordering::SeqCst) {
             // Before any change: Command reports this as a spawn error.
             return Err(io::Error::from_raw_os_error(libc::EBADF));
-        }
-        // Stack buffers for the entries filled in here; they live until
-        // execve, which is called in this frame.
-        let mut fds_entry = [0u8; 32];
-        if let Some(mut held) = self.held.take() {
-            let count = self.wait_for_descriptors(&mut held);
-            write_number_entry(&mut fds_entry, b"LISTEN_FDS=", count as u32);
-            self.envp[held.fds_slot] = fds_entry.as_ptr().cast();
-            // Put back, not dropped: freeing is not async-signal-safe.
-            self.held = Some(held);
         }
         for &(from, to) in &self.moves {
             // SAFETY: dup2 takes two integers and changes only this (child)
@@ -1129,9 +757,8 @@ impl ExecPlan {
         for candidate in &self.candidates {
             // SAFETY: `candidate` is a NUL-terminated string, `argv` and
             // `envp` are null-terminated arrays of NUL-terminated strings, all
-            // owned by `self` or (the LISTEN_PID and LISTEN_FDS entries) on
-            // this stack frame, alive until execve returns or replaces the
-            // process image.
+            // owned by `self` or (the LISTEN_PID entry) on this stack frame,
+            // alive until execve returns or replaces the process image.
             unsafe {
                 libc::execve(candidate.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
             }
@@ -1147,191 +774,16 @@ impl ExecPlan {
         self.fail(error)
     }
 
-    /// The held child's wait (see [`exec_held`]): says its pid, blocks until
-    /// the parent sends the descriptors (or goes away: then it ends here),
-    /// and plans their move to 3, 4, ... Returns how many there are.
-    /// Async-signal-safe: system calls into buffers allocated before the
-    /// fork.
-    fn wait_for_descriptors(&mut self, held: &mut HeldPlan) -> usize {
-        // SAFETY: close takes an integer; the parent's end is ours to close
-        // in this (child) process's descriptor table.
-        unsafe { libc::close(held.parent_end) };
-        self.send_word(getpid().as_raw_pid() as u32);
-        let mut header = [0u8; HELD_HEADER_LEN];
-        let got = self.recv_message(&mut header);
-        if got == 0 {
-            // The parent went away or gave up: the program never runs.
-            // SAFETY: _exit ends the child at once, without the exit handlers
-            // or unwinding a forked child must not run.
-            unsafe { libc::_exit(127) }
-        }
-        if got != HELD_HEADER_LEN || header[..8] != HELD_MAGIC {
-            self.fail(libc::EPROTO);
-        }
-        let count = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
-        if count > held.got.len() {
-            self.fail(libc::EMFILE);
-        }
-        let mut have = 0;
-        while have < count {
-            have += self.recv_chunk(held, have, count);
-        }
-        // Every descriptor of ours (received, or the control socket) below
-        // 3 + count that is not already at its own target goes above that
-        // range first, so that no dup2 below replaces one of ours. Whatever
-        // else holds a target number is replaced, as by exec_with_fds.
-        let limit = LISTEN_FDS_START + count as RawFd;
-        let ours = |fd: RawFd, target: Option<RawFd>| {
-            (LISTEN_FDS_START..limit).contains(&fd) && Some(fd) != target
-        };
-        if ours(self.report, None) {
-            self.report = self.above(self.report, limit);
-        }
-        for i in 0..count {
-            let target = LISTEN_FDS_START + i as RawFd;
-            if ours(held.got[i], Some(target)) {
-                held.got[i] = self.above(held.got[i], limit);
-            }
-        }
-        for i in 0..count {
-            let target = LISTEN_FDS_START + i as RawFd;
-            let fd = held.got[i];
-            if fd == target {
-                // Received close-on-exec, already in place: keep it open.
-                // SAFETY: fcntl(F_SETFD) changes one flag of our descriptor.
-                if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                    self.fail(last_errno());
-                }
-            } else {
-                // SAFETY: dup2 takes two integers and changes only this
-                // (child) process's descriptor table; the close-on-exec
-                // original goes at exec.
-                if unsafe { libc::dup2(fd, target) } == -1 {
-                    self.fail(last_errno());
-                }
-            }
-        }
-        count
-    }
-
-    /// `fd` moved to the lowest free number at or above `limit`
-    /// (close-on-exec), the old number closed.
-    fn above(&self, fd: RawFd, limit: RawFd) -> RawFd {
-        // SAFETY: fcntl(F_DUPFD_CLOEXEC) and close take integers and change
-        // only this (child) process's descriptor table; `fd` is ours.
-        let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, limit) };
-        if moved == -1 {
-            self.fail(last_errno());
-        }
-        // SAFETY: as above.
-        unsafe { libc::close(fd) };
-        moved
-    }
-
-    /// One message of the parent into `buf`: its length, 0 at end-of-file.
-    fn recv_message(&self, buf: &mut [u8]) -> usize {
-        loop {
-            // SAFETY: recv writes at most `buf.len()` bytes into `buf`.
-            let n = unsafe { libc::recv(self.report, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n >= 0 {
-                return n as usize;
-            }
-            if last_errno() != libc::EINTR {
-                self.fail(last_errno());
-            }
-        }
-    }
-
-    /// Receives one chunk of descriptors into `held.got[have..count]`:
-    /// returns how many came.
-    fn recv_chunk(&self, held: &mut HeldPlan, have: usize, count: usize) -> usize {
-        let mut word = [0u8; 4];
-        let mut iov = libc::iovec {
-            iov_base: word.as_mut_ptr().cast(),
-            iov_len: word.len(),
-        };
-        // SAFETY: msghdr is plain data; all-zero is a valid (empty) value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = held.control.as_mut_ptr().cast();
-        msg.msg_controllen = (held.control.len() * std::mem::size_of::<u64>()) as _;
-        let n = loop {
-            // SAFETY: `msg` points at `iov` (4 bytes of `word`) and at the
-            // control buffer with its true length, all alive for the call.
-            let n = unsafe { libc::recvmsg(self.report, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-            if n >= 0 {
-                break n as usize;
-            }
-            if last_errno() != libc::EINTR {
-                self.fail(last_errno());
-            }
-        };
-        // Whatever arrived is recorded (and, on an error, closed by _exit).
-        let mut arrived = 0;
-        // SAFETY: `msg` is the header recvmsg just filled: its control
-        // pointer and length describe our buffer, and the CMSG_* walk stays
-        // within the `msg_controllen` bytes the kernel wrote.
-        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        while !cmsg.is_null() {
-            // SAFETY: `cmsg` is non-null and inside the control buffer.
-            let header = unsafe { &*cmsg };
-            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
-                // SAFETY: CMSG_LEN is pure arithmetic.
-                let empty = unsafe { libc::CMSG_LEN(0) } as usize;
-                let fds = (header.cmsg_len as usize).saturating_sub(empty) / 4;
-                // SAFETY: CMSG_DATA points at the message's data, which
-                // holds `fds` descriptors (read unaligned: no alignment is
-                // promised for them).
-                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-                for k in 0..fds {
-                    // SAFETY: `k < fds`: within this message's data.
-                    let fd = unsafe { data.add(k).read_unaligned() };
-                    if have + arrived < count {
-                        held.got[have + arrived] = fd;
-                    } else {
-                        // SAFETY: close takes an integer; `fd` just arrived.
-                        unsafe { libc::close(fd) };
-                    }
-                    arrived += 1;
-                }
-            }
-            // SAFETY: as for CMSG_FIRSTHDR: the walk stays within the buffer.
-            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-        }
-        let announced = u32::from_le_bytes(word) as usize;
-        if n != word.len()
-            || msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0
-            || arrived != announced
-            || arrived == 0
-            || have + arrived > count
-        {
-            self.fail(libc::EPROTO);
-        }
-        arrived
-    }
-
-    /// Sends 4 bytes to the parent over the report socket (never raising
-    /// `SIGPIPE`; errors are ignored: the parent then learns by end-of-file).
-    fn send_word(&self, word: u32) {
-        let bytes = word.to_ne_bytes();
-        // SAFETY: send reads 4 bytes from a live stack buffer.
-        unsafe {
-            libc::send(
-                self.report,
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-    }
-
     /// Reports `errno` to the parent and ends the child.
     fn fail(&self, errno: i32) -> ! {
-        self.send_word(errno as u32);
-        // SAFETY: _exit ends the child at once, without the exit handlers or
-        // unwinding a forked child must not run.
-        unsafe { libc::_exit(127) }
+        let bytes = errno.to_ne_bytes();
+        // SAFETY: write reads 4 bytes from a live stack buffer into our
+        // report socket; _exit ends the child at once, without the exit
+        // handlers or unwinding a forked child must not run.
+        unsafe {
+            libc::write(self.report, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        }
     }
 }
 
@@ -1343,15 +795,10 @@ fn last_errno() -> i32 {
 
 /// Writes `LISTEN_PID=<pid>` and a NUL into `buf`, without allocating.
 fn write_pid_entry(buf: &mut [u8; 32], pid: i32) {
-    write_number_entry(buf, b"LISTEN_PID=", pid.unsigned_abs());
-}
-
-/// Writes `prefix`, the decimal `n` and a NUL into `buf`, without
-/// allocating (`prefix` is at most 20 bytes).
-fn write_number_entry(buf: &mut [u8; 32], prefix: &[u8], n: u32) {
-    buf[..prefix.len()].copy_from_slice(prefix);
+    const PREFIX: &[u8] = b"LISTEN_PID=";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut digits = [0u8; 10];
-    let mut n = n;
+    let mut n = pid.unsigned_abs();
     let mut len = 0;
     loop {
         digits[len] = b'0' + (n % 10) as u8;
@@ -1362,9 +809,9 @@ fn write_number_entry(buf: &mut [u8; 32], prefix: &[u8], n: u32) {
         }
     }
     for (i, digit) in digits[..len].iter().rev().enumerate() {
-        buf[prefix.len() + i] = *digit;
+        buf[PREFIX.len() + i] = *digit;
     }
-    buf[prefix.len() + len] = 0;
+    buf[PREFIX.len() + len] = 0;
 }
 
 /// The errno sent by a child whose exec failed, or `None` once the report
