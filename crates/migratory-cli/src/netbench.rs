@@ -681,6 +681,7 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             let p50 = median(times);
             if sec == Sec::Tls {
                 tls_p50 = Some(p50);
+                phase_text += &phases.row("0 B, TLS");
                 continue;
             }
             text += &format!(
