@@ -10,11 +10,13 @@
 
 mod common;
 
-use std::fs::File;
+/// The socket-migration tests' namespace helpers.
+#[allow(dead_code)]
+#[path = "../../migratory-repair/tests/common/mod.rs"]
+mod ns;
+
 use std::io::Read;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,42 +30,22 @@ use migratory::{Peer, Server, ServerBuilder, ServerTls};
 
 const KEY: &[u8] = b"capture test cluster key 0123456789ab";
 
-fn skip_reason() -> Option<&'static str> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("needs root (a network namespace and a packet socket)");
-    }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("needs `ip` from iproute2 (.ci/run installs it)");
-    }
-    None
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A network namespace with its loopback up, deleted on drop.
 struct Netns(String);
 
 impl Netns {
     fn new(tag: &str) -> Self {
         let name = format!("migcap-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns::delete_namespaces([&name]);
+        ns::ip(&["netns", "add", &name]);
+        ns::ip(&["-n", &name, "link", "set", "lo", "up"]);
         Self(name)
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        ns::delete_namespaces([&self.0]);
     }
 }
 
@@ -76,17 +58,10 @@ struct Run {
     rekeys: Vec<[u8; 32]>,
 }
 
-/// Runs the session inside `ns` while a packet socket records its
+/// Runs the session inside `netns` while a packet socket records its
 /// loopback.
-fn run_in(ns: &Netns, tls: bool) -> Run {
-    let path = format!("/run/netns/{}", ns.0);
-    std::thread::spawn(move || {
-        let f = File::open(&path).expect("open the namespace");
-        rustix::thread::move_into_link_name_space(
-            f.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )
-        .expect("setns");
+fn run_in(netns: &Netns, tls: bool) -> Run {
+    ns::in_ns(&netns.0, move || {
         // Every packet on this namespace's loopback, both ways.
         const ETH_P_ALL: u16 = 0x0003;
         let sock = socket2::Socket::new(
@@ -275,7 +250,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[test]
 fn a_packet_capture_of_a_whole_session_shows_no_payload_and_no_secret() {
-    if let Some(why) = skip_reason() {
+    if let Some(why) = ns::needs_root_and_ip() {
         eprintln!("skipped: {why}");
         return;
     }
