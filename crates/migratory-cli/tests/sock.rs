@@ -23,6 +23,13 @@ use std::time::{Duration, Instant};
 #[path = "../../migratory/tests/common/mod.rs"]
 mod common;
 
+/// The socket crate's namespace helpers.
+#[allow(dead_code)]
+#[path = "../../migratory-repair/tests/common/mod.rs"]
+mod ns;
+
+use ns::ip;
+
 use common::free_addrs;
 
 const BIN: &str = env!("CARGO_BIN_EXE_migratory");
@@ -575,16 +582,6 @@ fn ns_ready() -> bool {
         }
     }
     true
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Network namespaces made for one test, deleted on drop: `client` with a
