@@ -93,7 +93,9 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
                 .poll_transmit(Instant::now(), &mut o.segs, BATCH)
                 .is_none()
             {
-                break Ok(false);
+                // Nothing more to frame: what TLS still holds goes out
+                // (else the end of a burst would wait for the next one).
+                break o.wire.try_write(&mut o.pending).map(|(_, full)| full);
             }
             o.pending.extend(o.segs.drain(..));
         }
