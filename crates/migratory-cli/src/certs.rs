@@ -30,7 +30,11 @@ pub fn run(args: CertsArgs) -> Result<bool, String> {
             args.config.display()
         ));
     };
-    let mut files = vec![tls.ca.clone()];
+    let mut files = vec![
+        tls.ca.clone(),
+        tls.dir.join(format!("{}.pem", migratory::OPERATOR_ID)),
+        tls.dir.join(format!("{}.key", migratory::OPERATOR_ID)),
+    ];
     for s in &config.servers {
         files.push(s.cert.clone());
         files.push(s.key.clone());

@@ -258,6 +258,20 @@ impl PoolConfig {
                 format!("{pool_name:?} is not a DNS name"),
             ));
         }
+        let tls_given =
+            raw.tls.dir.is_some() || raw.tls.ca.is_some() || raw.tls.pool_name.is_some();
+        if raw.insecure_plaintext
+            && (tls_given
+                || raw
+                    .servers
+                    .iter()
+                    .any(|s| s.cert.is_some() || s.key.is_some()))
+        {
+            return Err(at(
+                "insecure_plaintext",
+                "true, but TLS files are given too: choose one".into(),
+            ));
+        }
         let tls = (!raw.insecure_plaintext).then(|| TlsFiles {
             ca: raw
                 .tls
@@ -633,6 +647,10 @@ control = "127.0.0.1:7202"
             (
                 format!("{GOOD}[tls]\npool_name = \"a b\"\n"),
                 "tls.pool_name",
+            ),
+            (
+                format!("insecure_plaintext = true\n{GOOD}[tls]\ndir = \"certs\"\n"),
+                "insecure_plaintext",
             ),
             (GOOD.replace("7202", "7201"), "server[1].control"),
             (

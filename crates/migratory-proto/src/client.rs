@@ -298,11 +298,10 @@ impl Client {
     /// be challenged by the server).
     pub fn handle_connected(
         &mut self,
-        now: Instant,
+        _now: Instant,
         inc: IncarnationId,
         binding: Option<[u8; 32]>,
     ) {
-        let _ = now;
         let Phase::Migrating {
             inc: i,
             request,
@@ -867,6 +866,13 @@ impl Client {
             .id
             .as_mut()
             .expect("migrating sessions are established");
+        if (epoch != id.epoch) != rekey.is_some() {
+            // A new epoch comes with a new secret, and only a new one.
+            return self.fail(SessionError::Protocol(ProtocolError::Unexpected {
+                frame: "Resumed",
+                why: "a new epoch without a rekey, or a rekey without a new epoch",
+            }));
+        }
         let from = std::mem::replace(&mut id.owner, server.clone());
         if let Some(k) = rekey {
             // The new epoch's secret (an old one moves nothing any more).

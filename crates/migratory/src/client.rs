@@ -180,7 +180,13 @@ impl Shared {
             if c.stream.stream().poll_read_ready(cx).is_pending() {
                 return false;
             }
-            match c.stream.try_read(&mut c.rx) {
+            let r = c.stream.try_read(&mut c.rx);
+            if c.stream.wants_write() {
+                // TLS records the read produced (a key update's answer):
+                // the connection's task writes them.
+                c.wake.notify_one();
+            }
+            match r {
                 Ok(Some(n)) if n > 0 => {
                     core.handle_input_buf(Instant::now(), inc, &mut c.rx);
                     self.pump(st);

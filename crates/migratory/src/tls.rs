@@ -618,8 +618,15 @@ impl PoolCerts {
             }
             #[cfg(not(unix))]
             let _ = secret;
-            std::io::Write::write_all(&mut o.open(&p).map_err(|e| io_err(&p, e))?, text.as_bytes())
-                .map_err(|e| io_err(&p, e))
+            let mut f = o.open(&p).map_err(|e| io_err(&p, e))?;
+            #[cfg(unix)]
+            if secret {
+                // A key file that existed keeps its old mode otherwise.
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| io_err(&p, e))?;
+            }
+            std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io_err(&p, e))
         };
         write("ca.pem".into(), &self.ca_pem(), false)?;
         for id in servers {

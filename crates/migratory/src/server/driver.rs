@@ -227,7 +227,7 @@ pub(crate) struct ConnEntry {
 }
 
 /// The client connections a server holds, against its limits (total and
-/// per source address). Every accepted connection holds a [`ConnPermit`]
+/// per source address; an IPv6 source counts by its /64). Every accepted connection holds a [`ConnPermit`]
 /// until it closes, plain TCP clients included.
 #[derive(Debug)]
 pub(crate) struct ConnLimits {
@@ -238,6 +238,7 @@ pub(crate) struct ConnLimits {
 
 impl ConnLimits {
     pub(crate) fn new(total: usize, per_address: usize) -> Arc<Self> {
+        debug_assert!(total > 0 && per_address > 0);
         Arc::new(Self {
             total,
             per_address,
@@ -247,7 +248,15 @@ impl ConnLimits {
 
     /// A permit for a new connection from `ip`, unless a limit is reached
     /// (then which).
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, &'static str> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnPermit, &'static str> {
+        // An IPv6 host usually holds a whole /64: count it as one address.
+        let ip = match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+                IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())
+            }
+            IpAddr::V6(v6) => IpAddr::V4(v6.to_ipv4_mapped().expect("checked")),
+            v4 => v4,
+        };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.0 >= self.total {
             return Err("max_connections");
@@ -330,10 +339,19 @@ async fn serve_client(
         Err(_) => None,
     };
     let _ = stream.set_nodelay(true);
+    let Some(first_byte) = first_byte else {
+        // Silent: a protocol where the server speaks first.
+        debug!(%addr, "plain TCP client");
+        let s = Session::plain(Bytes::new(), stream, permit);
+        let _ = shared.lock().accept_tx.send((s, Arrival::Plain));
+        return;
+    };
+    // One bound on the TLS handshake and the preamble together.
+    let handshake_end = tokio::time::Instant::now() + shared.handshake;
     let (wire, first) = match (&shared.tls, first_byte) {
-        (Some(tls), Some(TLS_HANDSHAKE_RECORD)) => {
+        (Some(tls), TLS_HANDSHAKE_RECORD) => {
             let accept = tokio_rustls::TlsAcceptor::from(tls.service.clone()).accept(stream);
-            let tls_stream = match tokio::time::timeout(shared.handshake, accept).await {
+            let tls_stream = match tokio::time::timeout_at(handshake_end, accept).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     debug!(server = %shared.me, %addr, error = %e, "TLS handshake failed");
@@ -347,7 +365,8 @@ async fn serve_client(
             let (tcp, conn) = tls_stream.into_inner();
             let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
             // Inside TLS only a migratory client is served.
-            match read_preamble(&shared, &wire, addr, shared.handshake).await {
+            let left = handshake_end.saturating_duration_since(tokio::time::Instant::now());
+            match read_preamble(&shared, &wire, addr, left).await {
                 Some((true, first)) => (wire, first),
                 _ => return,
             }
@@ -355,7 +374,7 @@ async fn serve_client(
         _ => {
             let wire = Wire::plain(stream);
             match read_preamble(&shared, &wire, addr, shared.preamble_wait).await {
-                Some((true, first)) if shared.tls.is_some() => {
+                Some((true, _)) if shared.tls.is_some() => {
                     debug!(server = %shared.me, %addr, "plaintext migratory client refused");
                     let mut out = BytesMut::new();
                     Frame::Reject {
@@ -363,7 +382,6 @@ async fn serve_client(
                         text: "this pool accepts migratory clients over TLS only".into(),
                     }
                     .encode(&mut out);
-                    let _ = first;
                     wire.close(&mut VecDeque::from([out.freeze()]), FLUSH_TIMEOUT)
                         .await;
                     return;
@@ -524,8 +542,17 @@ async fn drive(
     }
     let mut input = BytesMut::new();
     let mut stop = shared.stop.subscribe();
-    let mut busy = false;
+    // What admission read but did not need (decrypted, or still staged in
+    // TLS) is the session's now: take it before waiting for the socket.
+    let mut failed = None;
+    let mut busy = read_some(shared, wire, inc, slot, &mut input).unwrap_or_else(|e| {
+        failed = Some(e);
+        false
+    });
     let reason = loop {
+        if let Some(e) = failed.take() {
+            break closed(shared, inc, slot, e);
+        }
         let (current, want_write, ack_at) = {
             let st = slot.lock();
             (

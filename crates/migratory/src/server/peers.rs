@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::driver::{ConnLimits, ConnPermit};
 use super::{ServerHandle, Shared, State, OPERATOR_ID, PEERS_UP};
 use crate::conn::{self, BoxIo, Out, Tx};
 use crate::throttle::warn_throttled;
@@ -145,12 +146,24 @@ impl Shared {
     }
 }
 
+/// Most control connections being authenticated at once, in all and from
+/// one address (peers and operators are few; each handshake is bounded by
+/// [`PEER_HANDSHAKE_TIMEOUT`]).
+const CONTROL_HANDSHAKES: (usize, usize) = (256, 32);
+
 pub(super) async fn accept_peers(shared: Arc<Shared>, listener: TcpListener) {
+    let handshakes = ConnLimits::new(CONTROL_HANDSHAKES.0, CONTROL_HANDSHAKES.1);
     loop {
         match listener.accept().await {
-            Ok((stream, addr)) => {
-                tokio::spawn(serve_peer(shared.clone(), stream, addr));
-            }
+            Ok((stream, addr)) => match handshakes.admit(addr.ip()) {
+                Ok(permit) => {
+                    tokio::spawn(serve_peer(shared.clone(), stream, addr, permit));
+                }
+                Err(limit) => {
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    warn_throttled!(server = %shared.me, %addr, limit, "control connection refused: too many handshakes");
+                }
+            },
             Err(e) => {
                 warn_throttled!(server = %shared.me, error = %e, "control accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -247,7 +260,7 @@ fn link_reader(
 /// Accepts one control connection: TLS with a client certificate from the
 /// pool CA (unless the pool runs plaintext), then the cluster key's
 /// handshake, whose claimed id the certificate must name.
-async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
+async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, permit: ConnPermit) {
     let _ = tcp.set_nodelay(true);
     let accepted = async {
         let (mut stream, certs): (BoxIo, _) = match &shared.tls {
@@ -281,6 +294,8 @@ async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr) {
             return;
         }
     };
+    // Authenticated: no longer counted against the handshake limits.
+    drop(permit);
     let peer = link.peer().expect("authenticated").clone();
     if peer.as_str() == OPERATOR_ID {
         info!(server = %shared.me, %addr, "operator connected");
