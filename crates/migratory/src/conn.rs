@@ -278,29 +278,7 @@ pub(crate) async fn run_timer(
 #[derive(Debug)]
 pub(crate) struct Wire {
     stream: TcpStream,
-    tls: Option<std::sync::Mutex<Tls>>,
-}
-
-/// A connection's TLS session, and the records read from the socket that
-/// it has not taken yet (rustls takes 4 KiB at a time: one socket read of
-/// up to [`READ_CHUNK`] feeds it several times).
-#[derive(Debug)]
-struct Tls {
-    conn: rustls::Connection,
-    staged: BytesMut,
-}
-
-impl std::ops::Deref for Tls {
-    type Target = rustls::Connection;
-    fn deref(&self) -> &rustls::Connection {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Tls {
-    fn deref_mut(&mut self) -> &mut rustls::Connection {
-        &mut self.conn
-    }
+    tls: Option<std::sync::Mutex<rustls::Connection>>,
 }
 
 /// `io::Read`/`io::Write` over a tokio socket's non-blocking calls, for
@@ -340,10 +318,7 @@ impl Wire {
     pub(crate) fn tls(stream: TcpStream, tls: rustls::Connection) -> Self {
         Self {
             stream,
-            tls: Some(std::sync::Mutex::new(Tls {
-                conn: tls,
-                staged: BytesMut::new(),
-            })),
+            tls: Some(std::sync::Mutex::new(tls)),
         }
     }
 
@@ -357,7 +332,7 @@ impl Wire {
         &self.stream
     }
 
-    fn lock_tls(&self) -> Option<std::sync::MutexGuard<'_, Tls>> {
+    fn lock_tls(&self) -> Option<std::sync::MutexGuard<'_, rustls::Connection>> {
         self.tls
             .as_ref()
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
@@ -405,22 +380,13 @@ impl Wire {
                 Err(e) => Err(e),
             };
         };
-        let tls = &mut *tls;
-        let mut got = 0;
         loop {
-            let state = tls.conn.process_new_packets().map_err(tls_error)?;
-            if tls.conn.wants_write() {
-                // Records the reading produced (a key update's answer);
-                // what the socket does not take now goes with the next
-                // write (callers wait for writability while
-                // `wants_write`).
-                let _ = tls.conn.write_tls(&mut SockIo(&self.stream));
-            }
-            let n = state.plaintext_bytes_to_read().min(max - got);
+            let state = tls.process_new_packets().map_err(tls_error)?;
+            let n = state.plaintext_bytes_to_read().min(max);
             if n > 0 {
                 // Straight from rustls's buffers: one copy, nothing zeroed.
                 buf.reserve(n);
-                let mut reader = tls.conn.reader();
+                let mut reader = tls.reader();
                 let mut left = n;
                 while left > 0 {
                     let chunk = io::BufRead::fill_buf(&mut reader)?;
@@ -432,39 +398,20 @@ impl Wire {
                     io::BufRead::consume(&mut reader, k);
                     left -= k;
                 }
-                got += n - left;
-                if got >= max {
-                    return Ok(Some(got));
-                }
-                continue;
+                return Ok(Some(n - left));
             }
             if state.peer_has_closed() {
-                tls.staged = BytesMut::new();
-                return Ok(Some(got));
+                return Ok(Some(0));
             }
-            if !tls.staged.is_empty() {
-                // Feed rustls what the socket gave (4 KiB at a time).
-                let n = tls.conn.read_tls(&mut &tls.staged[..])?;
-                if n == 0 {
-                    // Nothing more is taken after the peer's close_notify.
-                    tls.staged.clear();
-                }
-                tls.staged.advance(n);
-                continue;
-            }
-            if got > 0 {
-                // Everything read is decrypted and handed out.
-                return Ok(Some(got));
-            }
-            if tls.staged.capacity() < READ_CHUNK / 4 {
-                tls.staged.reserve(READ_CHUNK);
-            }
-            match self.stream.try_read_buf(&mut tls.staged) {
+            match tls.read_tls(&mut SockIo(&self.stream)) {
                 Ok(0) => return Ok(Some(0)),
-                Ok(_) => {}
+                Ok(_) => {
+                    // Records the reading produced (a key update's answer).
+                    if tls.wants_write() {
+                        let _ = tls.write_tls(&mut SockIo(&self.stream));
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // An idle connection holds no buffer.
-                    tls.staged = BytesMut::new();
                     if buf.is_empty() {
                         *buf = BytesMut::new();
                     }
