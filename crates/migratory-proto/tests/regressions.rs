@@ -438,3 +438,33 @@ fn a_large_frame_before_admission_closes_the_connection() {
         "{reason}"
     );
 }
+
+/// A pool that requires TLS refuses a migratory connection without a
+/// channel binding right after its preamble, saying so; one with a
+/// binding is served.
+#[test]
+fn a_pool_requiring_tls_refuses_an_unbound_connection() {
+    let now = std::time::Instant::now();
+    let mut cfg = ServerConfig::new(ServerId::new("s1").unwrap());
+    cfg.require_binding = true;
+    let mut s = Server::new(cfg, Box::new(SmallRng::seed_from_u64(1)), now);
+    let mut b = BytesMut::from(&PREAMBLE[..]);
+    Frame::Hello { window: 1 << 20 }.encode(&mut b);
+    let plain = s.new_incarnation(now, None);
+    s.handle_input(now, plain, &b);
+    let fr = drain(&mut s, now);
+    assert!(
+        matches!(
+            &fr[..],
+            [Frame::Reject {
+                reason: migratory_proto::frame::RejectReason::TlsRequired,
+                ..
+            }]
+        ),
+        "{fr:?}"
+    );
+    let bound = s.new_incarnation(now, Some([7; 32]));
+    s.handle_input(now, bound, &b);
+    let fr = drain(&mut s, now);
+    assert!(matches!(fr[..], [Frame::Welcome { .. }]), "{fr:?}");
+}

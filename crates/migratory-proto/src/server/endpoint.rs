@@ -415,6 +415,14 @@ impl<S: SessionSlot> Endpoint<S> {
                     Ok(PreambleCheck::Migratory) => {
                         let _ = i.rx.split_to(PREAMBLE.len());
                         i.phase = IncPhase::AwaitFirst;
+                        if self.cfg.require_binding && i.binding.is_none() {
+                            self.reject(
+                                inc,
+                                RejectReason::TlsRequired,
+                                "this pool accepts migratory clients over TLS only",
+                            );
+                            return Ok(());
+                        }
                     }
                     Err(DecodeError::NotMigratory) => {
                         let i = self.incs.remove(&inc).expect("present");

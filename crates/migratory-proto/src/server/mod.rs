@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub max_sessions: usize,
     /// Timeouts.
     pub timeouts: ServerTimeouts,
+    /// Serve migratory clients only on connections with a channel binding
+    /// (TLS): one without is refused with `Reject(TlsRequired)`.
+    pub require_binding: bool,
 }
 
 impl ServerConfig {
@@ -74,6 +77,7 @@ impl ServerConfig {
             max_state: 64 * 1024,
             max_sessions: 100_000,
             timeouts: ServerTimeouts::default(),
+            require_binding: false,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use migratory_proto::control::ControlMessage;
 use migratory_proto::error::DecodeError;
-use migratory_proto::frame::{check_preamble, Frame, PreambleCheck, RejectReason};
+use migratory_proto::frame::{check_preamble, PreambleCheck};
 use migratory_proto::server::{ServerEvent, Session as CoreSession, SessionSlot};
 use migratory_proto::types::IncarnationId;
 use tokio::net::{TcpListener, TcpStream};
@@ -364,7 +364,9 @@ async fn serve_client(
             };
             let (tcp, conn) = tls_stream.into_inner();
             let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
-            // Inside TLS only a migratory client is served.
+            // Inside TLS only a migratory client is served. (A migratory
+            // client without TLS is refused by the endpoint when the pool
+            // requires TLS.)
             let left = handshake_end.saturating_duration_since(tokio::time::Instant::now());
             match read_preamble(&shared, &wire, addr, left).await {
                 Some((true, first)) => (wire, first),
@@ -374,18 +376,6 @@ async fn serve_client(
         _ => {
             let wire = Wire::plain(stream);
             match read_preamble(&shared, &wire, addr, shared.preamble_wait).await {
-                Some((true, _)) if shared.tls.is_some() => {
-                    debug!(server = %shared.me, %addr, "plaintext migratory client refused");
-                    let mut out = BytesMut::new();
-                    Frame::Reject {
-                        reason: RejectReason::TlsRequired,
-                        text: "this pool accepts migratory clients over TLS only".into(),
-                    }
-                    .encode(&mut out);
-                    wire.close(&mut VecDeque::from([out.freeze()]), FLUSH_TIMEOUT)
-                        .await;
-                    return;
-                }
                 Some((true, first)) => (wire, first),
                 Some((false, first)) => {
                     debug!(%addr, "plain TCP client");

@@ -296,6 +296,7 @@ impl ServerBuilder {
         cfg.limits = self.limits.clone();
         cfg.timeouts = self.timeouts.clone();
         cfg.max_state = self.max_state;
+        cfg.require_binding = tls.is_some();
         Ok((cfg, key, controls, tls))
     }
 
