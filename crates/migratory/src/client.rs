@@ -477,11 +477,7 @@ async fn connect_one(
         return Ok(Wire::plain(tcp));
     };
     let name = tls.name_for(server.map(ServerId::as_str))?;
-    let s = tokio_rustls::TlsConnector::from(config.clone())
-        .connect(name, tcp)
-        .await
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    let (tcp, conn) = s.into_inner();
+    let (tcp, conn) = tls::dial(config, name, tcp).await?.into_inner();
     Ok(Wire::tls(tcp, rustls::Connection::Client(conn)))
 }
 

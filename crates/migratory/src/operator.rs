@@ -18,8 +18,7 @@ use tokio::net::TcpStream;
 use crate::conn::BoxIo;
 use crate::error::Error;
 use crate::server::{handshake, OPERATOR_ID};
-use crate::tls::OperatorTls;
-use rustls::pki_types::ServerName;
+use crate::tls::{self, OperatorTls};
 
 /// Bound on connecting and authenticating, and on a listing's answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,16 +62,11 @@ impl Operator {
                 })?;
             let mut stream: BoxIo = match tls.config() {
                 Some(config) => {
-                    let name = ServerName::try_from(server.to_string()).map_err(|_| {
-                        Error::Config(format!("server id {server:?} is not a DNS name"))
-                    })?;
+                    let name = tls::server_name(server).map_err(Error::Config)?;
                     Box::new(
-                        tokio_rustls::TlsConnector::from(config.clone())
-                            .connect(name, tcp)
+                        tls::dial(config, name, tcp)
                             .await
-                            .map_err(|e| {
-                                Error::Control(format!("{server} at {control}: TLS: {e}"))
-                            })?,
+                            .map_err(|e| Error::Control(format!("{server} at {control}: {e}")))?,
                     )
                 }
                 None => Box::new(tcp),

@@ -410,10 +410,28 @@ impl ClientTls {
     pub(crate) fn name_for(&self, server: Option<&str>) -> Result<ServerName<'static>, String> {
         match server {
             None => Ok(self.pool_name.clone()),
-            Some(s) => ServerName::try_from(s.to_string())
-                .map_err(|_| format!("server id {s:?} is not a DNS name: cannot verify it")),
+            Some(s) => server_name(s),
         }
     }
+}
+
+/// The DNS name a certificate must carry to speak for server `id`.
+pub(crate) fn server_name(id: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(id.to_string())
+        .map_err(|_| format!("server id {id:?} is not a DNS name: cannot verify it"))
+}
+
+/// A TLS connection over `tcp` with `config`, to a server whose
+/// certificate names `name`.
+pub(crate) async fn dial(
+    config: &Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    tcp: tokio::net::TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))
 }
 
 /// An operator's TLS settings: the pool CA and a client certificate that

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use migratory_proto::control::ControlMessage;
 use migratory_proto::peer::PeerLink;
 use migratory_proto::types::ServerId;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -383,14 +382,7 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
         let _ = tcp.set_nodelay(true);
         let mut stream: BoxIo = match &shared.tls {
             Some(tls) => {
-                let name = ServerName::try_from(peer.as_str().to_string())
-                    .map_err(|_| format!("peer id {peer:?} is not a DNS name"))?;
-                Box::new(
-                    tokio_rustls::TlsConnector::from(tls.dial.clone())
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| format!("TLS handshake: {e}"))?,
-                )
+                Box::new(tls::dial(&tls.dial, tls::server_name(peer.as_str())?, tcp).await?)
             }
             None => Box::new(tcp),
         };
