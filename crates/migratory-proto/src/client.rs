@@ -956,6 +956,23 @@ impl Client {
             }
             Frame::Ping { nonce } => self.push_frame(inc, Frame::Pong { nonce }),
             Frame::Pong { .. } => {}
+            // The server ended the session: it shut down and no peer could
+            // take it (`Shutdown`). No other server holds it: fail at once
+            // rather than try them one by one.
+            Frame::Reject { reason, text } => {
+                let server = match &self.id {
+                    Some(id) => id.owner.clone(),
+                    None => return Err(ProtocolError::Unexpected {
+                        frame: "Reject",
+                        why: "before the session is established",
+                    }),
+                };
+                self.fail(SessionError::Rejected {
+                    server,
+                    reason,
+                    text,
+                });
+            }
             f => {
                 return Err(ProtocolError::Unexpected {
                     frame: f.name(),

@@ -72,6 +72,11 @@ pub enum RejectReason {
     OriginUnreachable,
     /// The server requires TLS and the client spoke plaintext.
     TlsRequired,
+    /// The server is shutting down and no peer could take the session:
+    /// sent to refuse a new session, and on an established connection to
+    /// end its session (the client fails at once instead of trying other
+    /// servers).
+    Shutdown,
 }
 
 impl RejectReason {
@@ -84,6 +89,7 @@ impl RejectReason {
             Self::Busy => "busy",
             Self::OriginUnreachable => "origin_unreachable",
             Self::TlsRequired => "tls_required",
+            Self::Shutdown => "shutdown",
         }
     }
 
@@ -95,6 +101,7 @@ impl RejectReason {
             Self::Busy => 4,
             Self::OriginUnreachable => 5,
             Self::TlsRequired => 6,
+            Self::Shutdown => 7,
         }
     }
 
@@ -106,6 +113,7 @@ impl RejectReason {
             4 => Self::Busy,
             5 => Self::OriginUnreachable,
             6 => Self::TlsRequired,
+            7 => Self::Shutdown,
             _ => return None,
         })
     }
@@ -129,6 +137,7 @@ impl fmt::Display for RejectReason {
             Self::Busy => "server busy",
             Self::OriginUnreachable => "origin server unreachable",
             Self::TlsRequired => "the server requires TLS; this client spoke plaintext",
+            Self::Shutdown => "the server shut down and no other server could take the session",
         })
     }
 }
