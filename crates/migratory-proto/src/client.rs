@@ -24,7 +24,7 @@
 //! [`Client::handle_timeout`] when [`Client::poll_timeout`] has passed.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -34,6 +34,9 @@ use crate::frame::{Frame, MigrateRequest, RejectReason, PREAMBLE};
 use crate::mac::{migrate_mac, next_secret};
 use crate::stream::{take_scratch, ByteQueue};
 use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
+
+/// Most unanswered pings [`Client::ping`] remembers.
+const MAX_PINGS: usize = 16;
 
 /// Configuration of a client session.
 #[derive(Debug, Clone)]
@@ -105,6 +108,13 @@ pub enum ClientEvent {
         server: ServerId,
         /// Why it failed.
         reason: String,
+    },
+    /// The current server answered a Ping sent with [`Client::ping`].
+    Pong {
+        /// The Ping's nonce.
+        nonce: u64,
+        /// From the Ping queued to its Pong read.
+        rtt: Duration,
     },
     /// A server asked the client to migrate.
     Triggered {
@@ -223,6 +233,11 @@ pub struct Client {
     progress: bool,
     last_rx: Instant,
     ping_sent: Option<Instant>,
+    /// Pings sent with [`Client::ping`] on the current incarnation and not
+    /// answered yet: (nonce, sent), oldest first, at most `MAX_PINGS`.
+    pings: VecDeque<(u64, Instant)>,
+    /// The nonce of the next Ping.
+    next_nonce: u64,
     events: VecDeque<ClientEvent>,
     stats: ClientStats,
     /// Where frame headers are encoded (see `take_scratch`).
@@ -268,6 +283,8 @@ impl Client {
             progress: false,
             last_rx: now,
             ping_sent: None,
+            pings: VecDeque::new(),
+            next_nonce: 0,
             events: VecDeque::new(),
             stats: ClientStats::default(),
             scratch: BytesMut::new(),
@@ -497,6 +514,48 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a Ping to the current server now and returns its nonce; a
+    /// [`ClientEvent::Pong`] with the round-trip time follows when the
+    /// server answers. For a liveness check of a server process (its
+    /// kernel may still acknowledge TCP while the process hangs). `None`
+    /// when the session is not attached to a server (connecting,
+    /// migrating, ended). At most `MAX_PINGS` pings are remembered: an
+    /// answer to an older one is not reported.
+    pub fn ping(&mut self, now: Instant) -> Option<u64> {
+        let inc = self.current_incarnation()?;
+        let nonce = self.take_nonce();
+        if self.pings.len() == MAX_PINGS {
+            self.pings.pop_front();
+        }
+        self.pings.push_back((nonce, now));
+        self.push_frame(inc, Frame::Ping { nonce });
+        Some(nonce)
+    }
+
+    fn take_nonce(&mut self) -> u64 {
+        self.next_nonce = self.next_nonce.wrapping_add(1);
+        self.next_nonce
+    }
+
+    /// Declares the current server failed (say, it stopped answering
+    /// pings): the client leaves its connection at once, without draining
+    /// it, and fails over to the other servers as when the connection
+    /// breaks (`reason` is kept for the error if no server can resume the
+    /// session). Fails when the session is not attached to a server.
+    pub fn fail_server(&mut self, now: Instant, reason: &str) -> Result<(), SessionError> {
+        match &self.phase {
+            Phase::Established if self.cur.is_some() && !self.wire_done() => {}
+            Phase::Finished => return Err(SessionError::Closed),
+            Phase::Failed(e) => return Err(e.clone()),
+            _ => return Err(SessionError::Unestablished("no server attached".into())),
+        }
+        if let Some(inc) = self.cur.take() {
+            self.abandon(inc);
+        }
+        self.server_failed(now, reason.to_string());
+        Ok(())
+    }
+
     /// The next server to try in this failover round.
     fn next_candidate(&self) -> Option<ServerId> {
         let owner = self.id.as_ref().map(|i| i.owner.clone());
@@ -520,6 +579,8 @@ impl Client {
             let last = std::mem::take(&mut self.last_failure);
             return self.fail(SessionError::NoServerLeft { last });
         };
+        // Pings on the old incarnation are answered there, if at all.
+        self.pings.clear();
         // Stop sending on the old incarnation; keep reading it while its
         // server is alive (the origin waits for what is in flight there to
         // be acknowledged before it answers).
@@ -955,17 +1016,27 @@ impl Client {
                 }
             }
             Frame::Ping { nonce } => self.push_frame(inc, Frame::Pong { nonce }),
-            Frame::Pong { .. } => {}
+            Frame::Pong { nonce } => {
+                if let Some(i) = self.pings.iter().position(|(n, _)| *n == nonce) {
+                    let (_, sent) = self.pings.remove(i).expect("found");
+                    self.events.push_back(ClientEvent::Pong {
+                        nonce,
+                        rtt: now.saturating_duration_since(sent),
+                    });
+                }
+            }
             // The server ended the session: it shut down and no peer could
             // take it (`Shutdown`). No other server holds it: fail at once
             // rather than try them one by one.
             Frame::Reject { reason, text } => {
                 let server = match &self.id {
                     Some(id) => id.owner.clone(),
-                    None => return Err(ProtocolError::Unexpected {
-                        frame: "Reject",
-                        why: "before the session is established",
-                    }),
+                    None => {
+                        return Err(ProtocolError::Unexpected {
+                            frame: "Reject",
+                            why: "before the session is established",
+                        })
+                    }
                 };
                 self.fail(SessionError::Rejected {
                     server,
@@ -1188,12 +1259,8 @@ impl Client {
             {
                 self.ping_sent = Some(now);
                 if let Some(inc) = self.cur {
-                    self.push_frame(
-                        inc,
-                        Frame::Ping {
-                            nonce: self.stats.migrations,
-                        },
-                    );
+                    let nonce = self.take_nonce();
+                    self.push_frame(inc, Frame::Ping { nonce });
                 }
             }
             _ => {}
@@ -1296,5 +1363,133 @@ impl Client {
     /// The next event for the runtime or the application.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use bytes::BytesMut;
+
+    use super::{Client, ClientConfig, ClientEvent, MAX_PINGS};
+    use crate::frame::{Frame, DEFAULT_MAX_FRAME, PREAMBLE};
+    use crate::types::{Alternate, Secret, ServerId, SessionId};
+
+    /// A client established with server `s1` (one alternate, `s2`) on its
+    /// first incarnation, its output and events drained.
+    fn established(now: Instant) -> Client {
+        let mut c = Client::new(ClientConfig::default(), now);
+        let inc = c.start(now);
+        c.handle_connected(now, inc, None);
+        let mut wire = BytesMut::new();
+        Frame::Welcome {
+            session: SessionId(7),
+            secret: Secret([3; 32]),
+            epoch: 1,
+            server: ServerId::new("s1").unwrap(),
+            alternates: vec![Alternate {
+                id: ServerId::new("s2").unwrap(),
+                addrs: vec![],
+            }],
+            window: 1 << 20,
+        }
+        .encode(&mut wire);
+        c.handle_input(now, inc, &wire);
+        assert!(c.is_established());
+        drain(&mut c, now);
+        c
+    }
+
+    /// Every frame the client sends, decoded (preambles dropped).
+    fn drain(c: &mut Client, now: Instant) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let mut segs = Vec::new();
+        while c.poll_transmit(now, &mut segs).is_some() {}
+        let mut buf = BytesMut::new();
+        for s in segs {
+            buf.extend_from_slice(&s);
+        }
+        if buf.starts_with(&PREAMBLE) {
+            let _ = buf.split_to(PREAMBLE.len());
+        }
+        while let Some(f) = Frame::decode(&mut buf, DEFAULT_MAX_FRAME).unwrap() {
+            out.push(f);
+        }
+        while c.poll_event().is_some() {}
+        out
+    }
+
+    fn pong(c: &mut Client, now: Instant, nonce: u64) -> Vec<ClientEvent> {
+        let mut wire = BytesMut::new();
+        Frame::Pong { nonce }.encode(&mut wire);
+        let inc = c.current_incarnation().unwrap();
+        c.handle_input(now, inc, &wire);
+        std::iter::from_fn(|| c.poll_event()).collect()
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a test picks its starting instant
+    fn a_ping_is_sent_and_its_pong_reports_the_round_trip() {
+        let t0 = Instant::now();
+        let mut c = established(t0);
+        let n = c.ping(t0).expect("attached");
+        assert_eq!(drain(&mut c, t0), vec![Frame::Ping { nonce: n }]);
+        let events = pong(&mut c, t0 + Duration::from_millis(7), n);
+        assert_eq!(
+            events,
+            vec![ClientEvent::Pong {
+                nonce: n,
+                rtt: Duration::from_millis(7)
+            }]
+        );
+        // A second Pong with the same nonce, or one never asked for, is
+        // not reported.
+        assert!(pong(&mut c, t0, n).is_empty());
+        assert!(pong(&mut c, t0, n + 100).is_empty());
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn only_the_latest_pings_are_remembered() {
+        let t0 = Instant::now();
+        let mut c = established(t0);
+        let nonces: Vec<u64> = (0..MAX_PINGS + 2).map(|_| c.ping(t0).unwrap()).collect();
+        let sent = drain(&mut c, t0);
+        assert_eq!(
+            sent,
+            nonces
+                .iter()
+                .map(|&nonce| Frame::Ping { nonce })
+                .collect::<Vec<_>>()
+        );
+        assert!(pong(&mut c, t0, nonces[0]).is_empty(), "forgotten");
+        let last = *nonces.last().unwrap();
+        assert_eq!(pong(&mut c, t0, last).len(), 1);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn a_failed_server_is_left_without_draining_for_an_alternate() {
+        let t0 = Instant::now();
+        let mut c = established(t0);
+        let old = c.current_incarnation().unwrap();
+        c.fail_server(t0, "no answer to 3 pings").unwrap();
+        let events: Vec<ClientEvent> = std::iter::from_fn(|| c.poll_event()).collect();
+        assert!(
+            events.contains(&ClientEvent::CloseIncarnation(old)),
+            "{events:?}"
+        );
+        let s2 = ServerId::new("s2").unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, ClientEvent::Connect { server: Some(s), .. } if *s == s2)),
+            "{events:?}"
+        );
+        assert!(c.is_migrating());
+        // No ping while migrating, and no second failure.
+        assert_eq!(c.ping(t0), None);
+        assert!(c.fail_server(t0, "again").is_err());
     }
 }

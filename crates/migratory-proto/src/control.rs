@@ -226,6 +226,21 @@ pub enum PushOutcome {
     Ended,
 }
 
+/// What a server tells its peers of its load ([`ControlMessage::Load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadReport {
+    /// Sessions it owns.
+    pub sessions: u32,
+    /// Sessions it takes before it sends new ones to peers
+    /// (`ServerConfig::max_sessions`).
+    pub capacity: u32,
+    /// Bytes per second its sessions moved (both directions), over the
+    /// last report period.
+    pub bytes_per_sec: u64,
+    /// It is draining: it takes no session and gives away all it has.
+    pub draining: bool,
+}
+
 /// A message on a control connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -297,11 +312,9 @@ pub enum ControlMessage {
         /// The session.
         session: SessionId,
     },
-    /// Load report, in thousandths of capacity.
-    Load {
-        /// Load in permille.
-        permille: u32,
-    },
+    /// A server's load, sent to every connected peer periodically and at
+    /// once when it starts draining (load balancing, drain).
+    Load(LoadReport),
     /// Anyone -> owner: send the session's client a Trigger to `dest`
     /// (destination pull, or a third party).
     TriggerRequest {
@@ -342,6 +355,25 @@ pub enum ControlMessage {
         /// One entry per session selected.
         results: Vec<(SessionId, PushOutcome)>,
     },
+    /// Operator -> server: drain (stop admitting sessions, move every
+    /// session to live peers, close what cannot move by the deadline).
+    OperatorDrain {
+        /// Request id, echoed in the answer.
+        req: u64,
+        /// How long the drain may take, in milliseconds.
+        deadline_ms: u64,
+    },
+    /// Server -> operator: the drain is over.
+    OperatorDrained {
+        /// The request answered.
+        req: u64,
+        /// Sessions moved to peers.
+        moved: u64,
+        /// Sessions that could not move and were closed.
+        closed: u64,
+        /// How long the drain took, in milliseconds.
+        millis: u64,
+    },
     /// Server -> operator: the request cannot be served.
     OperatorError {
         /// The request answered.
@@ -368,6 +400,8 @@ const OPERATOR_SESSIONS: u8 = 0x4e;
 const OPERATOR_PUSH: u8 = 0x4f;
 const OPERATOR_PUSHED: u8 = 0x50;
 const OPERATOR_ERROR: u8 = 0x51;
+const OPERATOR_DRAIN: u8 = 0x52;
+const OPERATOR_DRAINED: u8 = 0x53;
 
 const SEL_SESSION: u8 = 1;
 const SEL_COUNT: u8 = 2;
@@ -407,6 +441,8 @@ impl ControlMessage {
             Self::OperatorPush { .. } => "OperatorPush",
             Self::OperatorPushed { .. } => "OperatorPushed",
             Self::OperatorError { .. } => "OperatorError",
+            Self::OperatorDrain { .. } => "OperatorDrain",
+            Self::OperatorDrained { .. } => "OperatorDrained",
         }
     }
 
@@ -420,6 +456,8 @@ impl ControlMessage {
                 | Self::OperatorPush { .. }
                 | Self::OperatorPushed { .. }
                 | Self::OperatorError { .. }
+                | Self::OperatorDrain { .. }
+                | Self::OperatorDrained { .. }
         )
     }
 
@@ -502,7 +540,12 @@ impl ControlMessage {
                 put_frame(dst, REPLICATE_RESYNC, |b| b.put_session(*session))
             }
             Self::Forget { session } => put_frame(dst, FORGET, |b| b.put_session(*session)),
-            Self::Load { permille } => put_frame(dst, LOAD, |b| b.put_u32(*permille)),
+            Self::Load(l) => put_frame(dst, LOAD, |b| {
+                b.put_u32(l.sessions);
+                b.put_u32(l.capacity);
+                b.put_u64(l.bytes_per_sec);
+                b.put_bool(l.draining);
+            }),
             Self::TriggerRequest { session, dest } => put_frame(dst, TRIGGER_REQUEST, |b| {
                 b.put_session(*session);
                 b.put_server_id(dest);
@@ -569,6 +612,21 @@ impl ControlMessage {
                 b.put_u64(*req);
                 b.put_text(text);
             }),
+            Self::OperatorDrain { req, deadline_ms } => put_frame(dst, OPERATOR_DRAIN, |b| {
+                b.put_u64(*req);
+                b.put_u64(*deadline_ms);
+            }),
+            Self::OperatorDrained {
+                req,
+                moved,
+                closed,
+                millis,
+            } => put_frame(dst, OPERATOR_DRAINED, |b| {
+                b.put_u64(*req);
+                b.put_u64(*moved);
+                b.put_u64(*closed);
+                b.put_u64(*millis);
+            }),
         }
     }
 
@@ -579,7 +637,7 @@ impl ControlMessage {
         src: &mut BytesMut,
         max_frame: usize,
     ) -> Result<Option<ControlMessage>, DecodeError> {
-        let known = |t| (PEER_HELLO..=OPERATOR_ERROR).contains(&t);
+        let known = |t| (PEER_HELLO..=OPERATOR_DRAINED).contains(&t);
         let Some((ty, body)) = split_frame(src, max_frame, known)? else {
             return Ok(None);
         };
@@ -600,6 +658,8 @@ impl ControlMessage {
             OPERATOR_SESSIONS => "OperatorSessions",
             OPERATOR_PUSH => "OperatorPush",
             OPERATOR_PUSHED => "OperatorPushed",
+            OPERATOR_DRAIN => "OperatorDrain",
+            OPERATOR_DRAINED => "OperatorDrained",
             _ => "OperatorError",
         };
         let mut r = Reader::new(body, name);
@@ -663,7 +723,22 @@ impl ControlMessage {
             FORGET => Self::Forget {
                 session: r.session()?,
             },
-            LOAD => Self::Load { permille: r.u32()? },
+            LOAD => Self::Load(LoadReport {
+                sessions: r.u32()?,
+                capacity: r.u32()?,
+                bytes_per_sec: r.u64()?,
+                draining: r.bool("draining")?,
+            }),
+            OPERATOR_DRAIN => Self::OperatorDrain {
+                req: r.u64()?,
+                deadline_ms: r.u64()?,
+            },
+            OPERATOR_DRAINED => Self::OperatorDrained {
+                req: r.u64()?,
+                moved: r.u64()?,
+                closed: r.u64()?,
+                millis: r.u64()?,
+            },
             TRIGGER_REQUEST => Self::TriggerRequest {
                 session: r.session()?,
                 dest: r.server_id("dest")?,

@@ -192,9 +192,15 @@ mod tests {
         pump(&mut a, &mut b).unwrap();
         assert_eq!(a.peer(), Some(&id("s2")));
         assert_eq!(b.peer(), Some(&id("s1")));
-        a.send(&ControlMessage::Load { permille: 7 });
+        let load = crate::control::LoadReport {
+            sessions: 7,
+            capacity: 9,
+            bytes_per_sec: 1 << 40,
+            draining: true,
+        };
+        a.send(&ControlMessage::Load(load));
         pump(&mut a, &mut b).unwrap();
-        assert_eq!(b.poll_message(), Some(ControlMessage::Load { permille: 7 }));
+        assert_eq!(b.poll_message(), Some(ControlMessage::Load(load)));
     }
 
     #[test]

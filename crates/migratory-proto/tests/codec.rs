@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
 use migratory_proto::control::{
-    ControlMessage, PushOutcome, ReplicaUpdate, Selection, SessionImage, SessionRow,
+    ControlMessage, LoadReport, PushOutcome, ReplicaUpdate, Selection, SessionImage, SessionRow,
     DEFAULT_MAX_CONTROL_FRAME,
 };
 use migratory_proto::error::DecodeError;
@@ -312,7 +312,26 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         }),
         session().prop_map(|session| ControlMessage::ReplicateResync { session }),
         session().prop_map(|session| ControlMessage::Forget { session }),
-        any::<u32>().prop_map(|permille| ControlMessage::Load { permille }),
+        (any::<u32>(), any::<u32>(), any::<u64>(), any::<bool>()).prop_map(
+            |(sessions, capacity, bytes_per_sec, draining)| {
+                ControlMessage::Load(LoadReport {
+                    sessions,
+                    capacity,
+                    bytes_per_sec,
+                    draining,
+                })
+            }
+        ),
+        (pos(), pos())
+            .prop_map(|(req, deadline_ms)| ControlMessage::OperatorDrain { req, deadline_ms }),
+        (pos(), pos(), pos(), pos()).prop_map(|(req, moved, closed, millis)| {
+            ControlMessage::OperatorDrained {
+                req,
+                moved,
+                closed,
+                millis,
+            }
+        }),
         (session(), server_id())
             .prop_map(|(session, dest)| ControlMessage::TriggerRequest { session, dest }),
         pos().prop_map(|req| ControlMessage::OperatorList { req }),
@@ -679,7 +698,7 @@ fn unknown_type() {
     // The two codecs have separate type spaces.
     assert_eq!(frame_err(&raw(0x41, &[])), DecodeError::UnknownType(0x41));
     assert_eq!(control_err(&[0x01]), DecodeError::UnknownType(0x01));
-    assert_eq!(control_err(&raw(0x52, &[])), DecodeError::UnknownType(0x52));
+    assert_eq!(control_err(&raw(0x54, &[])), DecodeError::UnknownType(0x54));
     // An unknown type is reported before the header is complete.
     let mut one = BytesMut::from(&[0x07u8][..]);
     assert_eq!(Frame::decode(&mut one, DEFAULT_MAX_FRAME), Ok(None));
@@ -770,7 +789,7 @@ fn trailing_bytes() {
         }
     );
     assert_eq!(
-        control_err(&raw(0x4b, &[0; 5])),
+        control_err(&raw(0x4b, &[0; 18])),
         DecodeError::TrailingBytes {
             frame: "Load",
             extra: 1
@@ -812,7 +831,7 @@ fn bad_boolean() {
 
 #[test]
 fn bad_reject_reason() {
-    for code in [0u8, 7, 0xff] {
+    for code in [0u8, 8, 0xff] {
         assert!(matches!(
             frame_err(&raw(0x05, &[code, 0, 0])),
             DecodeError::Invalid {

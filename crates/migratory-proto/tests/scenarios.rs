@@ -666,3 +666,109 @@ fn a_plaintext_pool_challenges_each_migrate_and_a_bound_one_does_not() {
         assert_eq!(w.challenges, if tls { 0 } else { 2 }, "tls {tls}");
     }
 }
+
+/// A world whose servers report their loads, and have exchanged them.
+fn balanced_world() -> World {
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.balance = true;
+    let mut w = World::new(cfg);
+    w.pump();
+    assert!(w.client.is_established());
+    w.advance(std::time::Duration::from_millis(1000));
+    w.pump();
+    w
+}
+
+#[test]
+fn a_drain_moves_the_session_to_a_live_peer_and_reports_it() {
+    let mut w = balanced_world();
+    let h = w.handle(0);
+    w.client.write(b"before the drain").unwrap();
+    w.server(0).write(h, b"AAAA").unwrap();
+    w.pump();
+    assert_eq!(w.server_read_all(0).0, b"before the drain");
+    w.server(0).snapshot(h, b"s").unwrap();
+    w.server(0).write(h, b"BBBB").unwrap();
+    let now = w.now;
+    w.server(0)
+        .drain(now, now + std::time::Duration::from_secs(10));
+    w.pump();
+    let to = w.owner().expect("moved");
+    assert_ne!(to, 0, "the session left the draining server");
+    // A draining server takes no session in.
+    let status = w.server(0).drain_status().expect("draining");
+    assert_eq!((status.moved, status.closed), (1, 0));
+    w.advance(std::time::Duration::from_millis(300));
+    w.pump();
+    let drained: Vec<_> = w.servers[0]
+        .as_ref()
+        .unwrap()
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            ServerEvent::Drained(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drained.len(), 1, "{drained:?}");
+    assert_eq!((drained[0].moved, drained[0].closed), (1, 0));
+    // The session carries on, byte-exact, at the peer.
+    assert_eq!(state(&w, to), b"s");
+    let h2 = w.handle(to);
+    w.server(to).write(h2, b"BBBBCCCC").unwrap();
+    w.client.write(b" after").unwrap();
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"AAAABBBBCCCC");
+    assert_eq!(w.server_read_all(to).0, b" after");
+    // Coming back to the draining server is refused; the client goes on.
+    w.client.migrate(w.now, Some(id(0))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_established());
+    assert_ne!(w.owner(), Some(0));
+}
+
+#[test]
+fn a_drain_with_no_live_peer_ends_the_session_with_shutdown() {
+    let mut w = balanced_world();
+    let h = w.handle(0);
+    w.server(0).write(h, b"partial").unwrap();
+    w.pump();
+    w.crash(1);
+    w.crash(2);
+    w.pump();
+    let now = w.now;
+    w.server(0)
+        .drain(now, now + std::time::Duration::from_secs(30));
+    w.pump();
+    // No peer has reported for stale_after: the session is ended, and the
+    // client fails at once with the reason (it tries no other server).
+    for _ in 0..100 {
+        if w.client.failure().is_some() {
+            break;
+        }
+        let t = w.next_timeout().unwrap();
+        w.advance(t - w.now);
+        w.pump();
+    }
+    let err = w.client.failure().cloned().expect("the session ended");
+    assert!(
+        matches!(
+            err,
+            SessionError::Rejected {
+                reason: RejectReason::Shutdown,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        w.now < now + std::time::Duration::from_secs(5),
+        "long before the deadline"
+    );
+    assert_eq!(w.client_read_all_after_failure(), b"partial");
+    // The next drain round sees nothing left.
+    w.advance(std::time::Duration::from_millis(300));
+    w.pump();
+    let status = w.server(0).drain_status().unwrap();
+    assert_eq!((status.moved, status.closed, status.done), (0, 1, true));
+}

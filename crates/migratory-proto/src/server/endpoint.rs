@@ -31,7 +31,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use rand_core::RngCore;
 
-use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
+use crate::control::{ControlMessage, LoadReport, ReplicaUpdate, SessionImage};
 use crate::error::{DecodeError, ProtocolError};
 use crate::frame::{
     check_preamble, Frame, Migrate, MigrateRequest, PreambleCheck, RejectReason,
@@ -39,9 +39,10 @@ use crate::frame::{
 };
 use crate::types::{Epoch, IncarnationId, Secret, ServerId, SessionId};
 
+use super::balance::{self, Candidate};
 use super::events::{
-    Arrival, Dest, Direction, MigrationOutcome, MigrationReport, ServerEvent, ServerStats,
-    SessionInfo,
+    Arrival, Dest, Direction, DrainReport, DrainStatus, MigrationOutcome, MigrationReport,
+    ServerEvent, ServerStats, SessionInfo,
 };
 use super::replica::Replica;
 use super::session::{EndpointEvent, EndpointEventKind, ResumeHere, Session, Start};
@@ -109,6 +110,26 @@ enum Timer {
     Pending(u64),
     Session(SessionId),
     Replica(SessionId),
+    /// Time to report this server's load to its peers.
+    Load,
+    /// Time for the rebalancer to look at the loads.
+    Balance,
+    /// Time for a drain round.
+    Drain,
+}
+
+/// A drain under way ([`Endpoint::drain`]).
+#[derive(Debug)]
+struct Drain {
+    started: Instant,
+    deadline: Instant,
+    /// Sessions sent a Trigger, and when.
+    sent: HashMap<SessionId, Instant>,
+    moved: u64,
+    finished: u64,
+    closed: u64,
+    /// The drain is over (reported once).
+    done: bool,
 }
 
 /// One server's endpoint. See the module documentation.
@@ -135,6 +156,12 @@ pub struct Endpoint<S: SessionSlot> {
     next_req: u64,
     next_handle: u64,
     stats: ServerStats,
+    /// Peers' last load reports, and when they came.
+    loads: HashMap<ServerId, (LoadReport, Instant)>,
+    /// Bytes per second this server's sessions moved lately (the runtime
+    /// measures it: [`Endpoint::set_throughput`]).
+    throughput: u64,
+    drain: Option<Drain>,
 }
 
 impl<S: SessionSlot> std::fmt::Debug for Endpoint<S> {
@@ -172,7 +199,21 @@ impl<S: SessionSlot> Endpoint<S> {
             next_req: 0,
             next_handle: 0,
             stats: ServerStats::default(),
+            loads: HashMap::new(),
+            throughput: 0,
+            drain: None,
         }
+        .with_balance_timers(now)
+    }
+
+    fn with_balance_timers(mut self, now: Instant) -> Self {
+        if let Some(b) = &self.cfg.balance {
+            self.timers.insert((now + b.report_every, Timer::Load));
+            if let Some(r) = &b.rebalance {
+                self.timers.insert((now + r.settle, Timer::Balance));
+            }
+        }
+        self
     }
 
     /// This server's id.
@@ -339,6 +380,14 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.handed_out.retain(|_, s| *s != sid);
                 if moved {
                     self.stats.migrations_out += 1;
+                }
+                if let Some(d) = &mut self.drain {
+                    d.sent.remove(&sid);
+                    if moved {
+                        d.moved += 1;
+                    } else if finished {
+                        d.finished += 1;
+                    }
                 }
                 if finished {
                     let until = self.last_now + self.cfg.timeouts.frozen;
@@ -585,9 +634,27 @@ impl<S: SessionSlot> Endpoint<S> {
     // ----- starting and resuming sessions --------------------------------
 
     fn on_hello(&mut self, now: Instant, inc: IncarnationId, window: u64) {
-        if self.sessions.len() >= self.cfg.max_sessions {
-            return self.reject(inc, RejectReason::Busy, "session limit reached");
-        }
+        // A draining or full server admits the session and at once sends
+        // its client to the least loaded live peer (a Trigger after the
+        // Welcome), within a bound on sessions on their way out.
+        let full = self.sessions.len() >= self.cfg.max_sessions;
+        let redirect = if self.drain.is_some() || full {
+            let dest = balance::spread(1, &self.candidates(now)).pop();
+            let overflow = self.cfg.max_sessions + self.cfg.max_sessions / 8 + 16;
+            match dest {
+                Some(dest) if self.sessions.len() < overflow => Some(dest),
+                _ if self.drain.is_some() => {
+                    return self.reject(
+                        inc,
+                        RejectReason::Shutdown,
+                        "server draining and no peer can take new sessions",
+                    )
+                }
+                _ => return self.reject(inc, RejectReason::Busy, "session limit reached"),
+            }
+        } else {
+            None
+        };
         let sid =
             SessionId(u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()));
         let mut secret = [0u8; 32];
@@ -607,6 +674,10 @@ impl<S: SessionSlot> Endpoint<S> {
         };
         self.stats.sessions_new += 1;
         self.install(now, inc, image, 0, Start::Hello { window });
+        if let Some(dest) = redirect {
+            self.stats.redirected += 1;
+            self.trigger(sid, Some(dest));
+        }
     }
 
     /// A client asks to resume a session here (MTCP 4.2.3, fig 4.8).
@@ -631,6 +702,9 @@ impl<S: SessionSlot> Endpoint<S> {
                 .is_some_and(|r| r.owner == m.request.origin);
         if !known {
             return self.reject(inc, RejectReason::NotFound, "unknown origin server");
+        }
+        if self.drain.is_some() {
+            return self.reject(inc, RejectReason::Busy, "server draining");
         }
         if self.sessions.len() + self.pending.len() >= self.cfg.max_sessions {
             return self.reject(inc, RejectReason::Busy, "session limit reached");
@@ -838,10 +912,13 @@ impl<S: SessionSlot> Endpoint<S> {
                 // From our backup: it will not keep this session.
                 self.call(session, |s| s.backup_lost(from));
             }
-            ControlMessage::Load { permille } => self.events.push_back(ServerEvent::PeerLoad {
-                peer: from.clone(),
-                permille,
-            }),
+            ControlMessage::Load(load) => {
+                self.loads.insert(from.clone(), (load, now));
+                self.events.push_back(ServerEvent::PeerLoad {
+                    peer: from.clone(),
+                    load,
+                });
+            }
             ControlMessage::TriggerRequest { session, dest } => {
                 self.trigger(session, Some(dest));
             }
@@ -853,6 +930,8 @@ impl<S: SessionSlot> Endpoint<S> {
             | ControlMessage::OperatorSessions { .. }
             | ControlMessage::OperatorPush { .. }
             | ControlMessage::OperatorPushed { .. }
+            | ControlMessage::OperatorDrain { .. }
+            | ControlMessage::OperatorDrained { .. }
             | ControlMessage::OperatorError { .. } => {}
         }
     }
@@ -1034,6 +1113,8 @@ impl<S: SessionSlot> Endpoint<S> {
     /// Visits every session (a rare event).
     pub fn handle_peer_down(&mut self, now: Instant, peer: &ServerId) {
         self.bump(now);
+        // No session goes to it until it reports again.
+        self.loads.remove(peer);
         let reqs: Vec<u64> = self
             .pending
             .iter()
@@ -1079,6 +1160,256 @@ impl<S: SessionSlot> Endpoint<S> {
             .collect();
         for sid in sids {
             self.call(sid, |s| s.resync(peer));
+        }
+    }
+
+    // ----- load, balance and drain ---------------------------------------------
+
+    /// How many bytes per second this server's sessions moved lately, for
+    /// its load reports (the runtime measures it; `0` if it does not).
+    pub fn set_throughput(&mut self, bytes_per_sec: u64) {
+        self.throughput = bytes_per_sec;
+    }
+
+    /// This server's load as its peers are told it. Visits every session.
+    pub fn load(&self) -> LoadReport {
+        let owned = self
+            .sessions
+            .values()
+            .filter(|(_, s)| s.with(|s| s.is_owned()))
+            .count();
+        LoadReport {
+            sessions: u32::try_from(owned).unwrap_or(u32::MAX),
+            capacity: u32::try_from(self.cfg.max_sessions).unwrap_or(u32::MAX),
+            bytes_per_sec: self.throughput,
+            draining: self.drain.is_some(),
+        }
+    }
+
+    /// The peers' last load reports, and when each came.
+    pub fn peer_loads(&self) -> impl Iterator<Item = (&ServerId, &LoadReport, Instant)> + '_ {
+        self.loads.iter().map(|(id, (l, at))| (id, l, *at))
+    }
+
+    /// Peers that may take sessions now: a fresh report, link up, not
+    /// draining, room below their capacity.
+    fn candidates(&self, now: Instant) -> Vec<Candidate> {
+        let Some(b) = &self.cfg.balance else {
+            return Vec::new();
+        };
+        let mut c: Vec<Candidate> = self
+            .loads
+            .iter()
+            .filter(|(_, (l, at))| {
+                !l.draining
+                    && l.sessions < l.capacity
+                    && now.saturating_duration_since(*at) < b.stale_after
+            })
+            .map(|(id, (l, _))| Candidate {
+                id: id.clone(),
+                load: *l,
+            })
+            .collect();
+        c.sort_by(|a, b| a.id.cmp(&b.id));
+        c
+    }
+
+    /// Sends this server's load to every peer, and arms the next report.
+    fn report_load(&mut self, now: Instant) {
+        let Some(b) = &self.cfg.balance else {
+            return;
+        };
+        let next = now + b.report_every;
+        self.timers.insert((next, Timer::Load));
+        self.send_load();
+    }
+
+    fn send_load(&mut self) {
+        let load = self.load();
+        for a in &self.cfg.alternates {
+            self.ctrl_out
+                .push_back((a.id.clone(), ControlMessage::Load(load)));
+        }
+    }
+
+    /// Sessions owned here, attached to a client, that started or arrived
+    /// at least `residence` before `now`, oldest first, skipping `skip`.
+    fn movable(
+        &self,
+        now: Instant,
+        residence: std::time::Duration,
+        skip: impl Fn(&SessionId) -> bool,
+    ) -> Vec<SessionId> {
+        let mut v: Vec<SessionInfo> = self
+            .sessions
+            .iter()
+            .filter(|(sid, _)| !skip(sid))
+            .filter_map(|(_, (_, s))| {
+                s.with(|s| (s.is_live() && s.incarnation().is_some()).then(|| s.info()))
+            })
+            .filter(|i| now.saturating_duration_since(i.since) >= residence)
+            .collect();
+        v.sort_by_key(|i| (i.since, i.session.0));
+        v.into_iter().map(|i| i.session).collect()
+    }
+
+    /// A rebalancer round (see [`balance::rebalance`]).
+    fn rebalance(&mut self, now: Instant) {
+        let Some(r) = self.cfg.balance.as_ref().and_then(|b| b.rebalance.clone()) else {
+            return;
+        };
+        let mut next = now
+            + self
+                .cfg
+                .balance
+                .as_ref()
+                .map_or(r.settle, |b| b.report_every);
+        if self.drain.is_none() {
+            let candidates = self.candidates(now);
+            let own = self.load().sessions as usize;
+            if !candidates.is_empty() {
+                let movable = self.movable(now, r.min_residence, |_| false);
+                let dests = balance::rebalance(own, movable.len(), &candidates, &r);
+                let mut sent = 0;
+                for (sid, dest) in movable.into_iter().zip(dests) {
+                    if self.trigger(sid, Some(dest)) {
+                        sent += 1;
+                    }
+                }
+                if sent > 0 {
+                    self.stats.rebalanced += sent;
+                    self.events
+                        .push_back(ServerEvent::Rebalanced { sessions: sent });
+                    next = now + r.settle;
+                }
+            }
+        }
+        self.timers.insert((next, Timer::Balance));
+    }
+
+    /// Starts draining (or moves the deadline of a drain under way): no
+    /// new session is kept here (new clients are sent to peers, migrations
+    /// in are refused with `Busy`), peers learn it at once, and every
+    /// session is sent to the live peers, least loaded first, again every
+    /// [`BalanceConfig::retrigger`](super::BalanceConfig::retrigger) while it is still here. Sessions still
+    /// here at `deadline`, or when no peer took any for
+    /// [`BalanceConfig::stale_after`](super::BalanceConfig::stale_after), are ended with
+    /// `Reject(Shutdown)`. [`ServerEvent::Drained`] reports the end.
+    /// Without a [`ServerConfig::balance`] there are no peers to send
+    /// sessions to: they are all ended at once.
+    pub fn drain(&mut self, now: Instant, deadline: Instant) {
+        self.bump(now);
+        match &mut self.drain {
+            Some(d) => d.deadline = deadline,
+            None => {
+                self.drain = Some(Drain {
+                    started: now,
+                    deadline,
+                    sent: HashMap::new(),
+                    moved: 0,
+                    finished: 0,
+                    closed: 0,
+                    done: false,
+                });
+                self.send_load();
+            }
+        }
+        self.drain_round(now);
+    }
+
+    /// Where a drain stands (`None`: not draining).
+    pub fn drain_status(&self) -> Option<DrainStatus> {
+        let d = self.drain.as_ref()?;
+        Some(DrainStatus {
+            remaining: self.sessions.len() as u64,
+            moved: d.moved,
+            finished: d.finished,
+            closed: d.closed,
+            done: d.done,
+        })
+    }
+
+    fn drain_round(&mut self, now: Instant) {
+        let Some(d) = &self.drain else {
+            return;
+        };
+        if d.done {
+            return;
+        }
+        let (started, deadline) = (d.started, d.deadline);
+        let cfg = self.cfg.balance.clone().unwrap_or_default();
+        let retrigger = cfg.retrigger;
+        let candidates = if self.cfg.balance.is_some() {
+            self.candidates(now)
+        } else {
+            Vec::new()
+        };
+        let hopeless = candidates.is_empty()
+            && (self.cfg.balance.is_none() || now >= started + cfg.stale_after);
+        if now >= deadline || hopeless {
+            self.close_all(now);
+        } else {
+            let sent = &self.drain.as_ref().expect("checked").sent;
+            let todo = self.movable(now, std::time::Duration::ZERO, |sid| {
+                sent.get(sid).is_some_and(|at| now < *at + retrigger)
+            });
+            let dests = balance::spread(todo.len(), &candidates);
+            for (sid, dest) in todo.into_iter().zip(dests) {
+                if self.trigger(sid, Some(dest)) {
+                    if let Some(d) = &mut self.drain {
+                        d.sent.insert(sid, now);
+                    }
+                }
+            }
+        }
+        let owned = self.load().sessions;
+        let d = self.drain.as_mut().expect("checked");
+        // Sessions ended at the deadline leave once their Reject is
+        // written; one whose client does not read is not waited for long.
+        let late = now >= deadline + retrigger;
+        if (owned == 0 && (self.sessions.is_empty() || now >= deadline)) || late {
+            d.done = true;
+            let report = DrainReport {
+                moved: d.moved,
+                finished: d.finished,
+                closed: d.closed,
+                duration: now.saturating_duration_since(d.started),
+            };
+            self.events.push_back(ServerEvent::Drained(report));
+        } else {
+            let next = if deadline > now {
+                (now + cfg.drain_round).min(deadline)
+            } else {
+                now + cfg.drain_round
+            };
+            self.timers.insert((next, Timer::Drain));
+        }
+    }
+
+    /// Ends every session owned here with `Reject(Shutdown)` (the drain
+    /// could not move them).
+    fn close_all(&mut self, now: Instant) {
+        let owned: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, (_, s))| s.with(|s| s.is_owned()))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in owned {
+            if self
+                .call(sid, |s| {
+                    s.abort(
+                        now,
+                        RejectReason::Shutdown,
+                        "server shut down; no peer could take the session",
+                    )
+                })
+                .unwrap_or(false)
+            {
+                if let Some(d) = &mut self.drain {
+                    d.closed += 1;
+                }
+            }
         }
     }
 
@@ -1129,6 +1460,9 @@ impl<S: SessionSlot> Endpoint<S> {
                 Timer::Session(sid) => {
                     self.call(sid, |s| s.handle_timeout(now));
                 }
+                Timer::Load => self.report_load(now),
+                Timer::Balance => self.rebalance(now),
+                Timer::Drain => self.drain_round(now),
                 Timer::Replica(sid) => {
                     let orphan = self.cfg.timeouts.orphan;
                     if self

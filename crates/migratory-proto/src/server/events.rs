@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::control::LoadReport;
 use crate::frame::RejectReason;
 use crate::types::{Epoch, IncarnationId, MigrationCause, Pos, ServerId, SessionId};
 
@@ -171,9 +172,46 @@ pub enum ServerEvent {
     PeerLoad {
         /// The peer.
         peer: ServerId,
-        /// Its load in permille.
-        permille: u32,
+        /// Its report.
+        load: LoadReport,
     },
+    /// The rebalancer sent this many sessions' clients to less loaded
+    /// peers (each still has to move).
+    Rebalanced {
+        /// Sessions sent a Trigger.
+        sessions: u64,
+    },
+    /// The drain is over ([`Endpoint::drain`](super::Endpoint::drain)):
+    /// no session is owned here any more.
+    Drained(DrainReport),
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Sessions that moved to peers.
+    pub moved: u64,
+    /// Sessions that finished (both sides closed) during the drain.
+    pub finished: u64,
+    /// Sessions that could not move and were ended with `Reject(Shutdown)`.
+    pub closed: u64,
+    /// From the start of the drain to its end.
+    pub duration: Duration,
+}
+
+/// Where a drain stands ([`Endpoint::drain_status`](super::Endpoint::drain_status)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainStatus {
+    /// Sessions still held here (owned, or frozen on their way out).
+    pub remaining: u64,
+    /// Moved so far.
+    pub moved: u64,
+    /// Finished so far.
+    pub finished: u64,
+    /// Ended with `Reject(Shutdown)` so far.
+    pub closed: u64,
+    /// The drain is over.
+    pub done: bool,
 }
 
 /// Counters of what the server did, for metrics and tests.
@@ -193,4 +231,9 @@ pub struct ServerStats {
     pub bytes_discarded: u64,
     /// Migrations refused.
     pub rejects: u64,
+    /// New sessions sent on to a peer at once (this server was full or
+    /// draining).
+    pub redirected: u64,
+    /// Sessions the rebalancer sent to other servers.
+    pub rebalanced: u64,
 }

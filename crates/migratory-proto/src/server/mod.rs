@@ -26,15 +26,17 @@ use crate::error::AppError;
 use crate::stream::MAX_FRAMES_PER_BATCH;
 use crate::types::{Alternate, Epoch, IncarnationId, ServerId, SessionId};
 
+mod balance;
 mod endpoint;
 mod events;
 mod replica;
 mod session;
 
+pub use balance::{BalanceConfig, Candidate, RebalanceConfig};
 pub use endpoint::{Endpoint, SessionSlot};
 pub use events::{
-    Arrival, Dest, Direction, MigrationOutcome, MigrationReport, ServerEvent, ServerStats,
-    SessionInfo,
+    Arrival, Dest, Direction, DrainReport, DrainStatus, MigrationOutcome, MigrationReport,
+    ServerEvent, ServerStats, SessionInfo,
 };
 pub use session::{EndpointEvent, Session};
 
@@ -56,9 +58,15 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Largest application snapshot accepted.
     pub max_state: usize,
-    /// Most sessions (owned, frozen or arriving) held at once; more are
-    /// refused with `Busy`.
+    /// Most sessions (owned, frozen or arriving) held at once. A new
+    /// session beyond it is sent on to the least loaded peer with room
+    /// when [`ServerConfig::balance`] is set, else refused with `Busy`;
+    /// a migration beyond it is refused with `Busy`.
     pub max_sessions: usize,
+    /// Load reports, new sessions sent to peers, the rebalancer and drain
+    /// ([`BalanceConfig`]); `None`: none of them (a drain then ends every
+    /// session).
+    pub balance: Option<BalanceConfig>,
     /// Timeouts.
     pub timeouts: ServerTimeouts,
     /// Serve migratory clients only on connections with a channel binding
@@ -76,6 +84,7 @@ impl ServerConfig {
             limits: Limits::default(),
             max_state: 64 * 1024,
             max_sessions: 100_000,
+            balance: None,
             timeouts: ServerTimeouts::default(),
             require_binding: false,
         }
@@ -359,6 +368,17 @@ impl Server {
     pub fn handle_peer_down(&mut self, now: Instant, peer: &ServerId) {
         self.endpoint.handle_peer_down(now, peer);
         self.sync();
+    }
+
+    /// See [`Endpoint::drain`].
+    pub fn drain(&mut self, now: Instant, deadline: Instant) {
+        self.endpoint.drain(now, deadline);
+        self.sync();
+    }
+
+    /// See [`Endpoint::drain_status`].
+    pub fn drain_status(&self) -> Option<DrainStatus> {
+        self.endpoint.drain_status()
     }
 
     /// See [`Endpoint::handle_peer_up`].

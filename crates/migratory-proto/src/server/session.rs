@@ -202,6 +202,9 @@ pub struct Session {
     rx: BytesMut,
     /// Frames to send before any data (Welcome, Resumed, Pong, Trigger).
     out: VecDeque<Frame>,
+    /// Ended by this server ([`Session::abort`]): it ends once the Reject
+    /// in `out` is handed out.
+    aborting: Option<(RejectReason, String)>,
     /// Wire bytes handed out by `poll_transmit` / taken by the socket on
     /// this incarnation.
     wire_out: u64,
@@ -328,6 +331,7 @@ impl Session {
             backup: None,
             rx: BytesMut::new(),
             out: VecDeque::new(),
+            aborting: None,
             wire_out: 0,
             wire_taken: 0,
             in_flight: VecDeque::new(),
@@ -1026,6 +1030,12 @@ impl Session {
             self.wire_out += b.len() as u64;
             out.push(b);
         }
+        if let Some((reason, text)) = self.aborting.take() {
+            // The Reject went out: nothing follows it.
+            self.scratch = hdr;
+            self.end_aborted(reason, &text);
+            return (out.len() > start).then_some(inc);
+        }
         let limits = self.cfg.limits.clone();
         let mut budget = max;
         loop {
@@ -1310,6 +1320,45 @@ impl Session {
             });
         }
         self.to_endpoint.push_back(EndpointEvent(ended));
+    }
+
+    /// Ends the session for good, with `Reject(reason)` to its client
+    /// (when it is connected; the client then fails at once instead of
+    /// looking for another server): a draining server that could not move
+    /// it. `false` when it is not owned here (frozen or ended).
+    pub(super) fn abort(&mut self, now: Instant, reason: RejectReason, text: &str) -> bool {
+        self.last_now = self.last_now.max(now);
+        let (Lifecycle::Live(link) | Lifecycle::Releasing(link)) = self.lifecycle else {
+            return false;
+        };
+        self.forget_backup();
+        match link {
+            Link::Attached(_) => {
+                self.out.push_back(Frame::Reject {
+                    reason,
+                    text: text.into(),
+                });
+                self.aborting = Some((reason, text.into()));
+            }
+            Link::Orphaned(_) => self.end_aborted(reason, text),
+        }
+        true
+    }
+
+    fn end_aborted(&mut self, reason: RejectReason, text: &str) {
+        self.end(
+            SessionError::Rejected {
+                server: self.cfg.id.clone(),
+                reason,
+                text: text.into(),
+            },
+            ServerEvent::Dropped(self.handle),
+            &format!("session ended: {reason}"),
+            EndpointEventKind::Ended {
+                finished: false,
+                moved: false,
+            },
+        );
     }
 
     /// Replaced by a newer installation of the same session here (or by the

@@ -63,6 +63,9 @@ pub struct WorldConfig {
     /// Connections have channel bindings (TLS); else Migrates are
     /// challenged (plaintext).
     pub tls: bool,
+    /// Servers report their loads and may drain (no rebalancer: one
+    /// client).
+    pub balance: bool,
 }
 
 /// Fault probabilities per step, in millionths.
@@ -98,6 +101,7 @@ impl WorldConfig {
                 ack_delay: Duration::from_millis(5),
             },
             tls: true,
+            balance: false,
         }
     }
 }
@@ -269,6 +273,12 @@ impl World {
                 let alt = sc.alternates.remove(pos);
                 sc.alternates.insert(0, alt);
             }
+        }
+        if cfg.balance {
+            sc.balance = Some(migratory_proto::server::BalanceConfig {
+                rebalance: None,
+                ..Default::default()
+            });
         }
         sc.limits = cfg.limits.clone();
         sc.timeouts = ServerTimeouts {
