@@ -71,6 +71,8 @@ pub(crate) struct Output {
     inc: IncarnationId,
     pending: VecDeque<Bytes>,
     segs: Vec<Bytes>,
+    /// The server's count of bytes its sessions moved (load reports).
+    counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Frames and writes the session's output while the socket takes bytes
@@ -102,6 +104,8 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
         match o.wire.try_write(&mut o.pending) {
             Ok((n, full)) => {
                 taken += n;
+                o.counted
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 if full {
                     break Ok(true);
                 }
@@ -528,6 +532,7 @@ async fn drive(
             inc,
             pending: VecDeque::new(),
             segs: Vec::new(),
+            counted: shared.bytes.clone(),
         });
     }
     let mut input = BytesMut::new();
@@ -638,6 +643,9 @@ fn read_some(
             Ok(Some(0)) => return Err("EOF".to_string()),
             Ok(Some(n)) => {
                 total += n;
+                shared
+                    .bytes
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut st = slot.lock();
                 st.core.handle_input_buf(Instant::now(), inc, buf);
                 settle(shared, st);

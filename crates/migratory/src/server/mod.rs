@@ -21,7 +21,8 @@ use bytes::Bytes;
 use migratory_proto::config::{Limits, ServerTimeouts};
 use migratory_proto::control::{ControlMessage, PushOutcome, Selection, SessionRow};
 use migratory_proto::server::{
-    Direction, Endpoint, MigrationOutcome, MigrationReport, ServerConfig, ServerEvent, ServerStats,
+    BalanceConfig, Direction, DrainReport, DrainStatus, Endpoint, MigrationOutcome,
+    MigrationReport, ServerConfig, ServerEvent, ServerStats,
 };
 use migratory_proto::types::{Alternate, Epoch, IncarnationId, ServerId, SessionId};
 use rand::rngs::StdRng;
@@ -76,6 +77,27 @@ pub const BYTES_REPLAYED: &str = "migratory_bytes_replayed_total";
 pub const BYTES_DISCARDED: &str = "migratory_bytes_discarded_total";
 /// Gauge: peers with a control connection up (`server`).
 pub const PEERS_UP: &str = "migratory_peers_up";
+/// Gauge: 1 while the server drains, else 0 (`server`).
+pub const DRAINING: &str = "migratory_draining";
+/// Gauge: sessions still held by a draining server (`server`).
+pub const DRAIN_REMAINING: &str = "migratory_drain_sessions_remaining";
+/// Counter: how the sessions of drains ended (`server`, `outcome`
+/// moved/finished/closed).
+pub const DRAIN_SESSIONS: &str = "migratory_drain_sessions_total";
+/// Counter: sessions the rebalancer sent to less loaded peers (`server`).
+pub const REBALANCED: &str = "migratory_rebalanced_sessions_total";
+/// Counter: new sessions sent on to a peer at once because this server
+/// was full or draining (`server`).
+pub const REDIRECTED: &str = "migratory_redirected_sessions_total";
+/// Gauge: bytes per second this server's sessions moved lately
+/// (`server`).
+pub const THROUGHPUT: &str = "migratory_bytes_per_second";
+/// Gauge: sessions each peer last reported (`server`, `peer`).
+pub const PEER_SESSIONS: &str = "migratory_peer_sessions";
+
+/// Default bound on a drain ([`ServerHandle::drain`]): it fits in
+/// Kubernetes' default 30 s grace period with time to spare.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
 
 /// The id an operator (`migratory sessions`, `migratory migrate`)
 /// authenticates with on a control connection; no server may take it.
@@ -122,6 +144,8 @@ pub struct ServerBuilder {
     tls: Option<ServerTls>,
     max_connections: usize,
     max_connections_per_address: usize,
+    max_sessions: usize,
+    balance: Option<BalanceConfig>,
 }
 
 impl ServerBuilder {
@@ -141,7 +165,26 @@ impl ServerBuilder {
             tls: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            max_sessions: 100_000,
+            balance: Some(BalanceConfig::default()),
         }
+    }
+
+    /// Sessions this server holds before it sends new ones on to the least
+    /// loaded peer with room (100,000); beyond it migrations in are
+    /// refused with `Busy`.
+    pub fn max_sessions(&mut self, n: usize) -> &mut Self {
+        self.max_sessions = n;
+        self
+    }
+
+    /// Load reports to peers, sending new sessions on when full or
+    /// draining, and the rebalancer ([`BalanceConfig::default`]: reports
+    /// every second, the rebalancer on). `None` turns all of it off: then
+    /// a drain can only end sessions.
+    pub fn balance(&mut self, balance: Option<BalanceConfig>) -> &mut Self {
+        self.balance = balance;
+        self
     }
 
     /// Most client connections held at once (migratory or plain, admitted
@@ -297,6 +340,11 @@ impl ServerBuilder {
         cfg.timeouts = self.timeouts.clone();
         cfg.max_state = self.max_state;
         cfg.require_binding = tls.is_some();
+        if self.max_sessions == 0 {
+            return Err(cfg_err("max_sessions: must be at least 1".into()));
+        }
+        cfg.max_sessions = self.max_sessions;
+        cfg.balance = self.balance.clone();
         Ok((cfg, key, controls, tls))
     }
 
@@ -349,6 +397,9 @@ impl ServerBuilder {
             timer: Notify::new(),
             changed: Notify::new(),
             stop: watch::channel(false).0,
+            draining: watch::channel(false).0,
+            bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            rate: Mutex::new((Instant::now(), 0)),
             state: Mutex::new(State {
                 core: Endpoint::new(cfg, Box::new(StdRng::from_entropy()), Instant::now()),
                 conns: HashMap::new(),
@@ -357,9 +408,12 @@ impl ServerBuilder {
                 accept_tx,
                 segs: Vec::new(),
                 phases: phases::PhaseLog::default(),
+                sessions_gauge: usize::MAX,
+                redirected_seen: 0,
             }),
             links: Mutex::new(HashMap::new()),
         });
+        shared.register_metrics();
         let tasks = vec![
             tokio::spawn(driver::accept_clients(shared.clone(), svc)),
             tokio::spawn(peers::accept_peers(shared.clone(), ctl)),
@@ -450,6 +504,104 @@ impl ServerHandle {
     /// What the server has done so far.
     pub fn stats(&self) -> ServerStats {
         self.shared.lock().core.stats().clone()
+    }
+
+    /// Drains the server (MTCP thesis, section 3.2.1, server push, for
+    /// every session): it stops keeping new sessions (new clients are
+    /// sent on to a peer with a Trigger right after their Welcome;
+    /// migrations in are refused with `Busy`), tells its peers, sends every
+    /// session to the live peers least loaded first, and waits until all
+    /// have moved or finished. Sessions still here at `deadline` (or at
+    /// once when no peer is live) are ended with `Reject(Shutdown)`: their
+    /// clients fail at once. Progress is logged every second and exported
+    /// ([`DRAINING`], [`DRAIN_REMAINING`], [`DRAIN_SESSIONS`]); plain
+    /// clients learn it from [`ServerHandle::draining`]. Calling it again
+    /// while a drain runs moves the deadline and waits for the same drain.
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        let deadline = deadline.min(MAX_PUSH_WAIT);
+        let server = self.shared.me.to_string();
+        let start = Instant::now();
+        {
+            let mut st = self.shared.lock();
+            st.core.drain(start, start + deadline);
+            self.shared.draining.send_replace(true);
+            metrics::gauge!(DRAINING, "server" => server.clone()).set(1.0);
+            self.shared.pump(&mut st);
+        }
+        info!(server = %self.shared.me, deadline_ms = deadline.as_millis() as u64, "draining");
+        // The core ends the drain by the deadline; this bound only guards
+        // against a runtime that stopped.
+        let give_up = tokio::time::Instant::now() + deadline + Duration::from_secs(10);
+        let mut next_log = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut last = DrainStatus {
+            remaining: 0,
+            moved: 0,
+            finished: 0,
+            closed: 0,
+            done: false,
+        };
+        loop {
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(s) = self.shared.lock().core.drain_status() {
+                last = s;
+            }
+            metrics::gauge!(DRAIN_REMAINING, "server" => server.clone()).set(last.remaining as f64);
+            if last.done {
+                break;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= next_log {
+                info!(
+                    server = %self.shared.me,
+                    remaining = last.remaining,
+                    moved = last.moved,
+                    finished = last.finished,
+                    closed = last.closed,
+                    "draining"
+                );
+                next_log = now + Duration::from_secs(1);
+            }
+            if now >= give_up {
+                warn!(server = %self.shared.me, remaining = last.remaining, "drain did not finish in time");
+                break;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(next_log.min(give_up)) => {}
+            }
+        }
+        let report = DrainReport {
+            moved: last.moved,
+            finished: last.finished,
+            closed: last.closed,
+            duration: start.elapsed(),
+        };
+        for (outcome, n) in [
+            ("moved", report.moved),
+            ("finished", report.finished),
+            ("closed", report.closed),
+        ] {
+            metrics::counter!(DRAIN_SESSIONS, "server" => server.clone(), "outcome" => outcome)
+                .increment(n);
+        }
+        info!(
+            server = %self.shared.me,
+            moved = report.moved,
+            finished = report.finished,
+            closed = report.closed,
+            duration_ms = report.duration.as_millis() as u64,
+            "drained"
+        );
+        report
+    }
+
+    /// `true` from the moment the server starts draining: plain
+    /// (non-migratory) clients finish their current request and close, a
+    /// readiness check says not ready.
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.shared.draining.subscribe()
     }
 
     /// How long each step of the migrations through this server took
@@ -611,6 +763,15 @@ impl ServerHandle {
                 req,
                 sessions: self.session_rows(),
             },
+            ControlMessage::OperatorDrain { req, deadline_ms } => {
+                let r = self.drain(Duration::from_millis(deadline_ms)).await;
+                ControlMessage::OperatorDrained {
+                    req,
+                    moved: r.moved,
+                    closed: r.closed,
+                    millis: r.duration.as_millis() as u64,
+                }
+            }
             ControlMessage::OperatorPush {
                 req,
                 dest,
@@ -694,6 +855,10 @@ struct State {
     segs: Vec<Bytes>,
     /// How long the steps of migrations through this server took.
     phases: phases::PhaseLog,
+    /// The session count the gauge shows.
+    sessions_gauge: usize,
+    /// New sessions sent on to peers, as counted so far.
+    redirected_seen: u64,
 }
 
 struct Shared {
@@ -712,6 +877,12 @@ struct Shared {
     /// Set when the [`Server`] is dropped: connections and operator
     /// connections end.
     stop: watch::Sender<bool>,
+    /// Set when the server starts draining.
+    draining: watch::Sender<bool>,
+    /// Bytes the sessions moved (both directions), for load reports.
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// When the rate was last measured, and the count then.
+    rate: Mutex<(Instant, u64)>,
     state: Mutex<State>,
     /// Control connections to peers. Taken after `state` when both are.
     links: Mutex<HashMap<ServerId, Link>>,
@@ -771,7 +942,70 @@ impl Shared {
                 break;
             }
         }
+        if st.core.session_count() != st.sessions_gauge {
+            st.sessions_gauge = st.core.session_count();
+            self.count_sessions(st);
+        }
         self.timer.notify_one();
+    }
+
+    /// Every series at zero from the start: a scrape of a fresh server
+    /// shows what it exports.
+    fn register_metrics(&self) {
+        let server = self.me.to_string();
+        for name in [
+            SESSIONS_OPEN,
+            PEERS_UP,
+            DRAINING,
+            DRAIN_REMAINING,
+            THROUGHPUT,
+        ] {
+            metrics::gauge!(name, "server" => server.clone()).set(0.0);
+        }
+        for name in [BYTES_REPLAYED, BYTES_DISCARDED, REBALANCED, REDIRECTED] {
+            metrics::counter!(name, "server" => server.clone()).absolute(0);
+        }
+        for outcome in ["moved", "finished", "closed"] {
+            metrics::counter!(DRAIN_SESSIONS, "server" => server.clone(), "outcome" => outcome)
+                .absolute(0);
+        }
+        for direction in [Direction::In, Direction::Out] {
+            for cause in [
+                migratory_proto::types::MigrationCause::Requested,
+                migratory_proto::types::MigrationCause::Trigger,
+                migratory_proto::types::MigrationCause::ServerFailed,
+            ] {
+                metrics::counter!(
+                    MIGRATIONS,
+                    "server" => server.clone(),
+                    "direction" => direction.as_str(),
+                    "cause" => cause.as_str(),
+                    "outcome" => MigrationOutcome::Moved.as_str(),
+                )
+                .absolute(0);
+            }
+            // Registered: shown once the first migration is recorded.
+            let _ = metrics::histogram!(
+                MIGRATION_SECONDS,
+                "server" => server.clone(),
+                "direction" => direction.as_str(),
+            );
+        }
+    }
+
+    /// Measures the bytes per second the sessions moved, for the load
+    /// reports (at most once per 500 ms).
+    fn measure_rate(&self, st: &mut State) {
+        let now = Instant::now();
+        let total = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut r = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let dt = now.saturating_duration_since(r.0);
+        if dt >= Duration::from_millis(500) {
+            let bps = ((total - r.1) as f64 / dt.as_secs_f64()) as u64;
+            *r = (now, total);
+            st.core.set_throughput(bps);
+            metrics::gauge!(THROUGHPUT, "server" => self.me.to_string()).set(bps as f64);
+        }
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ServerEvent) {
@@ -801,6 +1035,12 @@ impl Shared {
                     }
                 };
                 let s = Session::migratory(self.clone(), slot, session);
+                let redirected = st.core.stats().redirected;
+                if redirected > st.redirected_seen {
+                    metrics::counter!(REDIRECTED, "server" => self.me.to_string())
+                        .increment(redirected - st.redirected_seen);
+                    st.redirected_seen = redirected;
+                }
                 if let Err(unsent) = st.accept_tx.send((s, arrival)) {
                     // Nobody accepts any more. The session's Drop takes the
                     // lock we hold: drop it elsewhere, later.
@@ -819,9 +1059,8 @@ impl Shared {
             // application and driver (see `driver::Slot`).
             ServerEvent::Readable(_) | ServerEvent::Writable(_) => {}
             ServerEvent::MigratedAway(h) | ServerEvent::Finished(h) | ServerEvent::Dropped(h) => {
-                debug!(server = %self.me, ?h, "session ended here");
+                debug!(server = %self.me, handle = h.0, "session ended here");
                 self.changed.notify_waiters();
-                self.count_sessions(st);
             }
             ServerEvent::CloseIncarnation { inc, reason } => {
                 debug!(server = %self.me, %inc, %reason, "closing connection");
@@ -834,11 +1073,28 @@ impl Shared {
             ServerEvent::PlainClient { inc, .. } => {
                 st.conns.remove(&inc);
             }
-            ServerEvent::Migration(r) => {
-                self.on_migration(st, r);
-                self.count_sessions(st);
+            ServerEvent::Migration(r) => self.on_migration(st, r),
+            ServerEvent::PeerLoad { peer, load } => {
+                metrics::gauge!(
+                    PEER_SESSIONS,
+                    "server" => self.me.to_string(),
+                    "peer" => peer.to_string(),
+                )
+                .set(f64::from(load.sessions));
+                debug!(
+                    server = %self.me,
+                    %peer,
+                    sessions = load.sessions,
+                    bytes_per_sec = load.bytes_per_sec,
+                    draining = load.draining,
+                    "peer load"
+                );
             }
-            ServerEvent::PeerLoad { peer, permille } => debug!(%peer, permille, "peer load"),
+            ServerEvent::Rebalanced { sessions } => {
+                metrics::counter!(REBALANCED, "server" => self.me.to_string()).increment(sessions);
+                info!(server = %self.me, sessions, "rebalancing: sessions sent to less loaded peers");
+            }
+            ServerEvent::Drained(_) => self.changed.notify_waiters(),
         }
     }
 
@@ -902,6 +1158,7 @@ async fn timer(shared: Arc<Shared>) {
         || shared.lock().core.poll_timeout(),
         || {
             let mut st = shared.lock();
+            shared.measure_rate(&mut st);
             st.core.handle_timeout(Instant::now());
             shared.pump(&mut st);
         },

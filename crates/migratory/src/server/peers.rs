@@ -359,7 +359,17 @@ fn link_closed(
         let mut links = shared.links();
         let was_link = matches!(links.get(&peer), Some(Link::Up { id: i, .. }) if *i == id);
         if was_link {
-            warn!(server = %shared.me, %peer, %reason, "control connection lost");
+            // A peer that said it was draining, or our own stop, is an
+            // orderly shutdown; anything else may be a failure.
+            let left = st
+                .core
+                .peer_loads()
+                .any(|(id, l, _)| id == &peer && l.draining);
+            if left || *shared.stop.borrow() {
+                info!(server = %shared.me, %peer, "control connection closed: orderly shutdown");
+            } else {
+                warn!(server = %shared.me, %peer, %reason, "control connection lost");
+            }
             if let Some(link) = links.remove(&peer) {
                 link.close();
             }
