@@ -2,7 +2,8 @@
 //! AsyncWrite` stream whose server end may move between the servers of a
 //! pool. It learns the pool from the server (Welcome/Resumed), follows
 //! Triggers, fails over when its server dies, and fails with a clear error
-//! only when no server can resume the session.
+//! only when no server can resume the session. A [`Policy`] may move it on
+//! its own (see [`crate::policy`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -23,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::{self, Wire};
 use crate::error::Error;
+use crate::policy::{Action, ClientView, Manual, Policy, PolicyEvent};
 use crate::tls::{self, ClientTls};
 
 /// What the client has gone through, for policies and progress displays.
@@ -44,26 +46,6 @@ pub enum Status {
     },
     /// The session ended (finished or failed).
     Ended,
-}
-
-/// Decides when the client migrates on its own (MTCP 3.4). The runtime
-/// calls it on every status change; returning `Some(server)` (or `Some` of
-/// an empty string for "any alternate") starts a migration. The default,
-/// [`Manual`], never does: the application calls
-/// [`MigratoryStream::migrate`].
-pub trait Policy: Send + 'static {
-    /// Called after each event; may ask for a migration.
-    fn on_event(&mut self, event: &ClientEvent) -> Option<Option<String>>;
-}
-
-/// Never migrates by itself.
-#[derive(Debug, Default)]
-pub struct Manual;
-
-impl Policy for Manual {
-    fn on_event(&mut self, _event: &ClientEvent) -> Option<Option<String>> {
-        None
-    }
 }
 
 enum ConnSlot {
@@ -112,6 +94,13 @@ struct State {
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
     policy: Box<dyn Policy>,
+    /// When the policy wants its next tick.
+    policy_at: Option<Instant>,
+    /// The session's receive window (for the policy's view).
+    recv_window: u64,
+    /// When the session last left each server (for a policy's migration
+    /// to "another server").
+    left: HashMap<ServerId, Instant>,
     segs: Vec<Bytes>,
     status: watch::Sender<Status>,
     /// The migration under way.
@@ -239,7 +228,7 @@ impl Shared {
         }
         // The timer task only needs waking for a deadline earlier than the
         // one it sleeps until (reads and writes rarely move it).
-        let t = st.core.poll_timeout();
+        let t = next_deadline(st);
         if t.is_some_and(|t| st.armed.is_none_or(|a| t < a)) {
             st.armed = t;
             self.timer.notify_one();
@@ -247,7 +236,8 @@ impl Shared {
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ClientEvent) {
-        let want = st.policy.on_event(&ev);
+        let now = Instant::now();
+        let action = ask_policy(st, PolicyEvent::Client(&ev), now);
         match &ev {
             ClientEvent::Connect { inc, server } => {
                 let addrs = match server {
@@ -280,6 +270,7 @@ impl Shared {
                 });
             }
             ClientEvent::Migrated { from, to, epoch } => {
+                st.left.insert(from.clone(), now);
                 let resent_total = st.core.stats().bytes_resent;
                 match st.migration.take() {
                     Some(m) => {
@@ -329,6 +320,7 @@ impl Shared {
                 debug!(%server, %reason, "migration attempt failed")
             }
             ClientEvent::Triggered { dest } => debug!(?dest, "trigger received"),
+            ClientEvent::Pong { rtt, .. } => debug!(rtt_us = rtt.as_micros() as u64, "pong"),
             ClientEvent::Readable => {
                 if let Some(w) = st.read_waker.take() {
                     w.wake();
@@ -352,10 +344,7 @@ impl Shared {
                 }
             }
         }
-        if let Some(dest) = want {
-            let dest = dest.filter(|d| !d.is_empty()).and_then(ServerId::new);
-            let _ = st.core.migrate(Instant::now(), dest);
-        }
+        act(st, action, now);
     }
 
     /// Why the current connection's certificate may not speak for
@@ -381,6 +370,80 @@ impl Shared {
             }
         }
     }
+}
+
+/// The earlier of the core's and the policy's deadlines.
+fn next_deadline(st: &State) -> Option<Instant> {
+    match (st.core.poll_timeout(), st.policy_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Calls the policy with what it may see of the client, and notes when it
+/// wants its next tick.
+fn ask_policy(st: &mut State, event: PolicyEvent<'_>, now: Instant) -> Action {
+    let State {
+        core,
+        policy,
+        recv_window,
+        ..
+    } = st;
+    let view = ClientView {
+        now,
+        server: core.server(),
+        attached: core.current_incarnation().is_some(),
+        down_received: core.down_received(),
+        unread: core.read_available() as u64,
+        recv_window: *recv_window,
+        migrations: core.stats().migrations,
+    };
+    let action = policy.on_event(event, &view);
+    st.policy_at = st.policy.poll_timeout();
+    action
+}
+
+/// Does what the policy asked for (within a call to `pump`, which sends
+/// what it framed).
+fn act(st: &mut State, action: Action, now: Instant) {
+    if action == Action::Stay || st.core.current_incarnation().is_none() {
+        return;
+    }
+    match action {
+        Action::Stay => {}
+        Action::Ping => {
+            st.core.ping(now);
+        }
+        Action::Migrate(dest) => {
+            let Some(dest) = dest.or_else(|| other_server(st)) else {
+                debug!("the policy asks to migrate, but no other server is known");
+                return;
+            };
+            info!(%dest, "the policy migrates the session");
+            if let Err(e) = st.core.migrate(now, Some(dest)) {
+                debug!(error = %e, "the policy's migration did not start");
+            }
+        }
+        Action::FailServer(reason) => {
+            warn!(server = ?st.core.server(), %reason, "the policy declares the server failed");
+            if let Err(e) = st.core.fail_server(now, &reason) {
+                debug!(error = %e, "the server could not be declared failed");
+            }
+        }
+    }
+}
+
+/// The server of the pool, other than the current one, that the session
+/// left the longest time ago (one it never was on first).
+fn other_server(st: &State) -> Option<ServerId> {
+    let current = st.core.server();
+    st.core
+        .alternates()
+        .iter()
+        .map(|a| &a.id)
+        .filter(|id| Some(*id) != current)
+        .min_by_key(|id| st.left.get(*id).copied())
+        .cloned()
 }
 
 /// Opens the connection of one incarnation to `server` (`None`: the
@@ -585,12 +648,17 @@ async fn timer(shared: Arc<Shared>) {
         &shared.timer,
         || {
             let mut st = shared.lock();
-            st.armed = st.core.poll_timeout();
+            st.armed = next_deadline(&st);
             st.armed
         },
         || {
             let mut st = shared.lock();
-            st.core.handle_timeout(Instant::now());
+            let now = Instant::now();
+            st.core.handle_timeout(now);
+            if st.policy_at.is_some_and(|t| t <= now) {
+                let action = ask_policy(&mut st, PolicyEvent::Tick, now);
+                act(&mut st, action, now);
+            }
             shared.pump(&mut st);
         },
     )
@@ -630,6 +698,7 @@ impl MigratoryStream {
             return Err(Error::Config("no server address given".into()));
         }
         let handshake = config.timeouts.handshake;
+        let recv_window = config.limits.recv_window;
         let (status_tx, status) = watch::channel(Status::Connecting);
         let shared = Arc::new(Shared {
             timer: Notify::new(),
@@ -642,6 +711,9 @@ impl MigratoryStream {
                 read_waker: None,
                 write_waker: None,
                 policy,
+                policy_at: None,
+                recv_window,
+                left: HashMap::new(),
                 segs: Vec::new(),
                 status: status_tx,
                 migration: None,

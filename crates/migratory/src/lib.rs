@@ -18,15 +18,20 @@ pub mod client;
 mod conn;
 mod error;
 pub mod operator;
+pub mod policy;
 pub mod server;
 mod throttle;
 pub mod tls;
 pub mod transfer;
 
-pub use client::{ClientControl, Manual, MigrationTimes, MigratoryStream, Policy, Status};
+pub use client::{ClientControl, MigrationTimes, MigratoryStream, Status};
 pub use error::{is_migrated, Error};
 pub use migratory_proto as proto;
 pub use operator::Operator;
+pub use policy::{
+    Action, ClientView, Liveness, LivenessConfig, Manual, Policy, PolicyEvent, Throughput,
+    ThroughputConfig,
+};
 pub use server::{
     Arrival, MigrationPhases, Peer, Server, ServerBuilder, ServerHandle, Session, SessionControl,
     OPERATOR_ID,
