@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use migratory::proto::config::{Limits, ServerTimeouts};
+use migratory::proto::server::BalanceConfig;
 use migratory::server::DEFAULT_PREAMBLE_WAIT;
 #[cfg(test)]
 use migratory::ClientTls;
@@ -49,6 +50,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    balance: RawBalance,
     #[serde(rename = "server", default)]
     servers: Vec<RawServer>,
 }
@@ -64,6 +67,7 @@ struct RawTls {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
+    max_sessions: Option<usize>,
     max_connections: Option<usize>,
     max_connections_per_address: Option<usize>,
     max_frame: Option<usize>,
@@ -87,6 +91,20 @@ struct RawTimeouts {
     orphan: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     backup: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBalance {
+    rebalance: Option<bool>,
+    factor: Option<f64>,
+    max_moves: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    settle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    min_residence: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    report_every: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +162,9 @@ pub struct PoolConfig {
     /// Client connections a server holds at once: in all, and from one
     /// source address.
     max_connections: (usize, usize),
+    /// Sessions a server keeps before it sends new ones to peers.
+    max_sessions: usize,
+    balance: BalanceConfig,
     /// The TLS files; `None` when the pool runs insecure plaintext.
     pub tls: Option<TlsFiles>,
 }
@@ -379,6 +400,44 @@ impl PoolConfig {
                 return Err(at(k, "must be 1 to 16777216".into()));
             }
         }
+        let max_sessions = l.max_sessions.unwrap_or(100_000);
+        if !(1..=1 << 24).contains(&max_sessions) {
+            return Err(at("limits.max_sessions", "must be 1 to 16777216".into()));
+        }
+        let rb = &raw.balance;
+        let mut balance = BalanceConfig::default();
+        if let Some(d) = rb.report_every {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(60) {
+                return Err(at("balance.report_every", "must be 100ms to 60s".into()));
+            }
+            balance.report_every = d;
+            balance.stale_after = 3 * d;
+        }
+        if rb.rebalance == Some(false) {
+            balance.rebalance = None;
+        } else if let Some(r) = &mut balance.rebalance {
+            if let Some(f) = rb.factor {
+                if !(1.0..=100.0).contains(&f) {
+                    return Err(at("balance.factor", "must be 1.0 to 100.0".into()));
+                }
+                r.factor = f;
+            }
+            if let Some(n) = rb.max_moves {
+                if n == 0 {
+                    return Err(at("balance.max_moves", "must be at least 1".into()));
+                }
+                r.max_moves = n;
+            }
+            if let Some(d) = rb.settle {
+                if d < balance.report_every {
+                    return Err(at("balance.settle", "must be at least report_every".into()));
+                }
+                r.settle = d;
+            }
+            if let Some(d) = rb.min_residence {
+                r.min_residence = d;
+            }
+        }
         let mut timeouts = ServerTimeouts::default();
         let t = &raw.timeouts;
         for (name, given, slot) in [
@@ -413,6 +472,8 @@ impl PoolConfig {
             preamble_wait: raw.preamble_wait.unwrap_or(DEFAULT_PREAMBLE_WAIT),
             max_state,
             max_connections,
+            max_sessions,
+            balance,
             tls,
         })
     }
@@ -495,7 +556,9 @@ impl PoolConfig {
             .timeouts(self.timeouts.clone())
             .max_state(self.max_state)
             .preamble_wait(self.preamble_wait)
-            .max_connections(self.max_connections.0, self.max_connections.1);
+            .max_connections(self.max_connections.0, self.max_connections.1)
+            .max_sessions(self.max_sessions)
+            .balance(Some(self.balance.clone()));
         if let Some(backup) = &me.backup {
             b.backup(backup);
         }

@@ -6,6 +6,7 @@ mod bench;
 mod certs;
 mod config;
 mod demo;
+mod metrics_http;
 mod netbench;
 mod nofile;
 mod operate;
@@ -54,6 +55,11 @@ enum Command {
     /// Ask a running server to push sessions to a peer, wait for the
     /// outcome and print it (exit status 1 unless every one moved).
     Migrate(operate::MigrateArgs),
+    /// Drain a running server: it stops taking sessions and moves every
+    /// session to its live peers, least loaded first (exit status 1 if
+    /// some could not move and were closed). SIGTERM to `serve` does the
+    /// same, then exits.
+    Drain(operate::DrainArgs),
     /// Socket checkpoint/restore with TCP_REPAIR (MIGSOCK) and same-host
     /// socket handoff: checkpoint, restore, inspect, handoff.
     Sock {
@@ -79,8 +85,11 @@ enum Command {
 
 fn init_logs(json: bool, default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Colour only for a person at a terminal, not in a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         fmt.json().try_init()
@@ -130,6 +139,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => rt.block_on(proxy::run(args)),
         Command::Sessions(args) => rt.block_on(operate::sessions(args)),
         Command::Migrate(args) => rt.block_on(operate::migrate(args)),
+        Command::Drain(args) => rt.block_on(operate::drain(args)),
         Command::Sock { command } => sock::run(command),
         Command::Bench { command } => bench::run(command),
         Command::Keygen => {

@@ -51,6 +51,37 @@ pub struct MigrateArgs {
     timeout: Duration,
 }
 
+/// Options of `migratory drain`.
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// The pool configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The server to drain.
+    #[arg(long, value_name = "ID")]
+    id: String,
+    /// How long the drain may take; sessions that have not moved by then
+    /// are closed (at most 10m).
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_timeout)]
+    deadline: Duration,
+}
+
+/// Drains a running server: it stops taking sessions, moves every session
+/// to its live peers, and answers once done (the process keeps running:
+/// stop it afterwards, or send it SIGTERM, which drains too). Fails when
+/// some session could not move.
+pub async fn drain(args: DrainArgs) -> Result<bool, String> {
+    let config = PoolConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let mut op = connect(&config, &args.id).await?;
+    let (moved, closed, took) = op.drain(args.deadline).await.map_err(|e| e.to_string())?;
+    println!(
+        "{}: drained in {} ms: {moved} session(s) moved, {closed} closed",
+        args.id,
+        took.as_millis()
+    );
+    Ok(closed == 0)
+}
+
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d.is_zero() || d > Duration::from_secs(600) {

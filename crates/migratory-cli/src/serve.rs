@@ -43,9 +43,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     idle_timeout: std::time::Duration,
     /// Serve Prometheus metrics over HTTP at this address (any path, e.g.
-    /// http://ADDR/metrics).
+    /// http://ADDR/metrics), and readiness at http://ADDR/ready (200, or
+    /// 503 while the server drains).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT the server drains: it stops taking sessions,
+    /// moves every session to its live peers, waits for them at most this
+    /// long (then closes what is left), and exits 0. A second signal
+    /// stops it at once.
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = humantime::parse_duration)]
+    drain_deadline: Duration,
 }
 
 /// Buckets of the migration duration histogram, in seconds.
@@ -60,19 +67,35 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         return Err(format!("--root {}: not a directory", args.root.display()));
     }
     let builder = config.builder(&args.id).map_err(|e| e.to_string())?;
-    if let Some(addr) = args.metrics {
-        PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .set_buckets_for_metric(
-                Matcher::Full(migratory::server::MIGRATION_SECONDS.into()),
-                DURATION_BUCKETS,
-            )
-            .map_err(|e| format!("--metrics: {e}"))?
-            .install()
-            .map_err(|e| format!("--metrics {addr}: {e}"))?;
-        info!(%addr, "metrics at http://{addr}/metrics");
-    }
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(migratory::server::MIGRATION_SECONDS.into()),
+                    DURATION_BUCKETS,
+                )
+                .map_err(|e| format!("--metrics: {e}"))?
+                .install_recorder()
+                .map_err(|e| format!("--metrics: {e}"))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("--metrics {addr}: {e}"))?;
+            Some((listener, handle))
+        }
+        None => None,
+    };
     let mut server = builder.bind().await.map_err(|e| e.to_string())?;
+    if let Some((listener, handle)) = metrics {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("--metrics: {e}"))?;
+        tokio::spawn(crate::metrics_http::serve(
+            listener,
+            handle,
+            server.handle().draining(),
+        ));
+        info!(%addr, "metrics at http://{addr}/metrics, readiness at http://{addr}/ready");
+    }
     let files = crate::nofile::raise();
     info!(
         open_files = ?files,
@@ -102,15 +125,52 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
                 tokio::spawn(async move {
                     let id = session.id();
                     if let Err(e) = service::serve(kind, session, arrival, opts).await {
-                        debug!(session = ?id, error = %e, "session ended with an error");
+                        let id = id.map_or_else(|| "plain".to_string(), |i| i.to_string());
+                        debug!(session = %id, error = %e, "session ended with an error");
                     }
                 });
             }
             signal = &mut stop => {
                 match signal {
-                    Ok(name) => info!(server = %args.id, signal = name, "stopping"),
-                    Err(e) => warn!(error = %e, "cannot wait for signals: stopping"),
+                    Ok(name) => info!(server = %args.id, signal = name, "draining, then stopping"),
+                    Err(e) => {
+                        warn!(error = %e, "cannot wait for signals: stopping");
+                        return Ok(true);
+                    }
                 }
+                break;
+            }
+        }
+    }
+    // Drain: the accept loop keeps running (a session arriving now is sent
+    // on at once, and migrated clients must still be served until they
+    // leave); a second signal stops at once.
+    let handle = server.handle();
+    let drain = handle.drain(args.drain_deadline);
+    tokio::pin!(drain);
+    let again = shutdown_signal();
+    tokio::pin!(again);
+    loop {
+        tokio::select! {
+            report = &mut drain => {
+                if report.closed > 0 {
+                    warn!(
+                        server = %args.id,
+                        closed = report.closed,
+                        "sessions that could not move were closed"
+                    );
+                }
+                break;
+            }
+            next = server.accept() => {
+                let Some((session, arrival)) = next else { break };
+                let opts = opts.clone();
+                tokio::spawn(async move {
+                    let _ = service::serve(kind, session, arrival, opts).await;
+                });
+            }
+            _ = &mut again => {
+                warn!(server = %args.id, "second signal: stopping without finishing the drain");
                 break;
             }
         }

@@ -135,6 +135,30 @@ impl Operator {
         }
     }
 
+    /// Asks the server to drain ([`ServerHandle::drain`](crate::ServerHandle::drain))
+    /// within `deadline`, and waits for the end: (sessions moved, sessions
+    /// closed, how long it took).
+    pub async fn drain(&mut self, deadline: Duration) -> Result<(u64, u64, Duration), Error> {
+        let req = self.next();
+        let msg = ControlMessage::OperatorDrain {
+            req,
+            deadline_ms: deadline.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        // The server ends the drain by its deadline, then answers.
+        let wait = deadline
+            .saturating_add(Duration::from_secs(10))
+            .saturating_add(REQUEST_TIMEOUT);
+        match self.call(msg, wait).await? {
+            ControlMessage::OperatorDrained {
+                moved,
+                closed,
+                millis,
+                ..
+            } => Ok((moved, closed, Duration::from_millis(millis))),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     fn next(&mut self) -> u64 {
         self.next_req += 1;
         self.next_req
