@@ -17,6 +17,9 @@ use migratory_repair::handoff::{recv_sockets, send_sockets};
 use clap::{Args, Subcommand};
 use migratory_repair::{checkpoint, restore};
 
+#[path = "streambench.rs"]
+mod streambench;
+
 /// `migratory bench` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -29,6 +32,10 @@ pub enum BenchCommand {
     /// MTCP fig 5.2/5.3: idle migrations for several state sizes next to a
     /// raw connect plus two round trips; then under a full-speed stream.
     Migrate(crate::netbench::MigrateArgs),
+    /// MTCP fig 5.4: a download from servers whose writes slow down after
+    /// a threshold, without migration and with the throughput policy for
+    /// several state sizes; bytes received against time.
+    Stream(streambench::StreamArgs),
     /// What idle sessions cost: RSS per session in `serve` and `proxy`,
     /// `serve`'s CPU while they sit idle, and the p99 round trip of active
     /// sessions beside them vs beside none.
@@ -79,6 +86,7 @@ pub fn run(cmd: BenchCommand) -> Result<bool, String> {
         BenchCommand::Rtt(a) => crate::netbench::rtt(a),
         BenchCommand::Migrate(a) => crate::netbench::migrate(a),
         BenchCommand::Idle(a) => crate::netbench::idle(a),
+        BenchCommand::Stream(a) => streambench::run(a),
         BenchCommand::Sock(a) => sock(a),
         BenchCommand::Handoff(a) => handoff(a),
         BenchCommand::HandoffReceiver { socket } => receive(&socket),
