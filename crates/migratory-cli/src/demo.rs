@@ -2,6 +2,7 @@
 //! migrations of every kind, every byte checked.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,10 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use migratory::proto::types::SessionId;
 use migratory::{
-    transfer, ClientTls, MigratoryStream, Peer, PoolCerts, ServerBuilder, ServerTls, SessionControl,
+    ClientTls, MigratoryStream, Peer, PoolCerts, ServerBuilder, ServerTls, SessionControl,
 };
+use migratory_services::transfer;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
@@ -76,18 +79,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
-        return Err("odd-length hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("bad hex {s:?}")))
-        .collect()
+    hex::decode(s).map_err(|e| format!("bad hex {s:?}: {e}"))
 }
 
 fn name(i: usize) -> String {
@@ -192,7 +185,7 @@ impl Drop for CertsDir {
 
 async fn start_pool(n: usize) -> Result<Pool, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
-    let key = hex(&rand::random::<[u8; 32]>());
+    let key = hex::encode(rand::random::<[u8; 32]>());
     // Free loopback ports, bound and released.
     let reserve = |n| -> Result<Vec<SocketAddr>, String> {
         let ls: Vec<std::net::TcpListener> = (0..n)
@@ -275,6 +268,80 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
+/// What the transfer and the migrations have done so far.
+#[derive(Debug, Default)]
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+    migrations: AtomicU64,
+}
+
+impl Counters {
+    fn line(&self, size: u64) -> String {
+        format!(
+            "down {:.1}/{:.1} MiB, up {:.1}/{:.1} MiB, {} migrations",
+            mib(self.down.load(Ordering::Relaxed)),
+            mib(size),
+            mib(self.up.load(Ordering::Relaxed)),
+            mib(size),
+            self.migrations.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// The demo's progress on stderr: a bar (bytes both ways, migrations) when
+/// stderr is a terminal, a plain line every second otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(size: u64, counters: Arc<Counters>) -> Self {
+        if !std::io::stderr().is_terminal() {
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    eprintln!("  progress: {}", counters.line(size));
+                }
+            });
+            return Self { bar: None, task };
+        }
+        let style = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+        let bar = ProgressBar::new(size.saturating_mul(2)).with_style(style);
+        let b = bar.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let c = &counters;
+                b.set_position(c.up.load(Ordering::Relaxed) + c.down.load(Ordering::Relaxed));
+                b.set_message(c.line(size));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self {
+            bar: Some(bar),
+            task,
+        }
+    }
+
+    /// Prints a line (above the bar, if there is one).
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(self) {
+        self.task.abort();
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// Runs the demo; `Ok(false)` when any check failed.
 pub async fn run(args: DemoArgs) -> Result<bool, String> {
     let n = args.servers as usize;
@@ -299,45 +366,30 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
     let moves = u64::from(args.migrations);
     let step = size / (moves + 1);
     let (gate_tx, gate) = watch::channel(step.max(1));
-    let up_done = Arc::new(AtomicU64::new(0));
-    let down_done = Arc::new(AtomicU64::new(0));
-    let (u, d) = (up_done.clone(), down_done.clone());
+    let counters = Arc::new(Counters::default());
+    let (u, d) = (counters.clone(), counters.clone());
     let up_gate = gate.clone();
     let uploader = tokio::spawn(async move {
         transfer::send_upload(&mut wr, size, 1, size, 2, Some(up_gate), |k| {
-            u.fetch_add(k as u64, Ordering::Relaxed);
+            u.up.fetch_add(k as u64, Ordering::Relaxed);
         })
         .await
     });
     let downloader = tokio::spawn(async move {
         transfer::receive_download(&mut rd, size, 1, Some(gate), |k| {
-            d.fetch_add(k as u64, Ordering::Relaxed);
+            d.down.fetch_add(k as u64, Ordering::Relaxed);
         })
         .await
     });
-    let progress = {
-        let (u, d) = (up_done.clone(), down_done.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                eprintln!(
-                    "  progress: down {:.1}/{:.1} MiB, up {:.1}/{:.1} MiB",
-                    mib(d.load(Ordering::Relaxed)),
-                    mib(size),
-                    mib(u.load(Ordering::Relaxed)),
-                    mib(size)
-                );
-            }
-        })
-    };
+    let progress = Progress::start(size, counters.clone());
     let mut durations = Vec::new();
     let mut counts = HashMap::new();
     let mut owner = 0usize;
     let mut failures = 0u32;
     for k in 0..moves {
         // Wait until the data reached this step in both directions.
-        while (up_done.load(Ordering::Relaxed) < step * (k + 1).min(moves)
-            || down_done.load(Ordering::Relaxed) < step * (k + 1).min(moves))
+        while (counters.up.load(Ordering::Relaxed) < step * (k + 1).min(moves)
+            || counters.down.load(Ordering::Relaxed) < step * (k + 1).min(moves))
             && !uploader.is_finished()
             && !downloader.is_finished()
         {
@@ -377,32 +429,33 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
             .is_ok();
         let took = t0.elapsed();
         if arrived {
-            eprintln!(
+            progress.println(&format!(
                 "migration {:>2}: {:<16} {} -> {}  {:>8.2} ms",
                 k + 1,
                 kind.name(),
                 name(owner),
                 name(next),
                 took.as_secs_f64() * 1e3
-            );
+            ));
+            counters.migrations.fetch_add(1, Ordering::Relaxed);
             durations.push(took);
             *counts.entry(kind.name()).or_insert(0u32) += 1;
             owner = next;
         } else {
             failures += 1;
-            eprintln!(
+            progress.println(&format!(
                 "migration {:>2}: {} to {} did not happen: {issued:?}",
                 k + 1,
                 kind.name(),
                 name(next)
-            );
+            ));
         }
         gate_tx.send_replace(step * (k + 2));
     }
     gate_tx.send_replace(u64::MAX);
     let up = uploader.await.map_err(|e| e.to_string())?;
     let down = downloader.await.map_err(|e| e.to_string())?;
-    progress.abort();
+    progress.finish();
     let seconds = started.elapsed().as_secs_f64();
     let (up_digest, down) = match (up, down) {
         (Ok(u), Ok(d)) => (u, d),
@@ -458,7 +511,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
     );
     eprintln!(
         "  down sha256 {} {}",
-        hex(&down.sha256),
+        hex::encode(down.sha256),
         if down_ok {
             "OK (matches the generated file)"
         } else {
@@ -467,7 +520,7 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
     );
     eprintln!(
         "  up   digest {} {}",
-        hex(&down.upload_report.1),
+        hex::encode(down.upload_report.1),
         if up_ok {
             "OK (server read exactly what was sent)"
         } else {
@@ -495,6 +548,18 @@ async fn command(stdin: &mut ChildStdin, line: &str) -> Result<(), String> {
         .map_err(|e| format!("server gone: {e}"))
 }
 
+/// The `--json` line.
+#[derive(Debug, serde::Serialize)]
+struct Outcome {
+    ok: bool,
+    bytes_up: u64,
+    bytes_down: u64,
+    migrations: usize,
+    migration_p50_us: u64,
+    migration_p99_us: u64,
+    seconds: f64,
+}
+
 fn print_json(json: bool, ok: bool, up: u64, down: u64, sorted: &[Duration], seconds: f64) {
     if !json {
         return;
@@ -502,14 +567,22 @@ fn print_json(json: bool, ok: bool, up: u64, down: u64, sorted: &[Duration], sec
     let pct = |p: usize| {
         sorted
             .get((sorted.len().saturating_sub(1)) * p / 100)
-            .map_or(0, |d| d.as_micros())
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     };
-    println!(
-        "{{\"ok\":{ok},\"bytes_up\":{up},\"bytes_down\":{down},\"migrations\":{},\"migration_p50_us\":{},\"migration_p99_us\":{},\"seconds\":{seconds:.3}}}",
-        sorted.len(),
-        pct(50),
-        pct(99)
-    );
+    let outcome = Outcome {
+        ok,
+        bytes_up: up,
+        bytes_down: down,
+        migrations: sorted.len(),
+        migration_p50_us: pct(50),
+        migration_p99_us: pct(99),
+        // Milliseconds are enough.
+        seconds: (seconds * 1e3).round() / 1e3,
+    };
+    match serde_json::to_string(&outcome) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("cannot write the JSON line: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -529,9 +602,27 @@ mod tests {
     #[test]
     fn hex_round_trips() {
         assert_eq!(
-            unhex(&hex(&[0, 1, 254, 255])).unwrap(),
+            unhex(&hex::encode([0, 1, 254, 255])).unwrap(),
             vec![0, 1, 254, 255]
         );
         assert!(unhex("abc").is_err());
+        assert!(unhex("zz").is_err());
+    }
+
+    #[test]
+    fn the_json_line_has_the_fields_in_order() {
+        let o = Outcome {
+            ok: true,
+            bytes_up: 1,
+            bytes_down: 2,
+            migrations: 3,
+            migration_p50_us: 4,
+            migration_p99_us: 5,
+            seconds: 1.25,
+        };
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"ok":true,"bytes_up":1,"bytes_down":2,"migrations":3,"migration_p50_us":4,"migration_p99_us":5,"seconds":1.25}"#
+        );
     }
 }

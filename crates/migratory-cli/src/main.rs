@@ -12,7 +12,6 @@ mod nofile;
 mod operate;
 mod proxy;
 mod serve;
-mod service;
 mod sock;
 
 use std::process::ExitCode;

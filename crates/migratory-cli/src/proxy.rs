@@ -361,8 +361,8 @@ mod tests {
     use migratory::{LivenessConfig, ThroughputConfig};
 
     use super::{any_answers, relay, relay_with, PolicySpec, ProxyArgs, Spread};
-    use crate::service::tests::{options, pattern, pool, TempDir, TEST_TIMEOUT};
-    use crate::service::Kind;
+    use migratory_services::testing::{options, pattern, pool, TempDir, TEST_TIMEOUT};
+    use migratory_services::Kind;
 
     #[derive(Parser)]
     struct Cli {

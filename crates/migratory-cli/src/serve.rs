@@ -10,7 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::{debug, info, warn};
 
 use crate::config::PoolConfig;
-use crate::service::{self, Kind, Options};
+use migratory_services::{self as service, Kind, Options};
 
 /// Options of `migratory serve`.
 #[derive(Args, Debug)]
@@ -113,6 +113,7 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         counter_interval: args.counter_interval,
         header_timeout: args.header_timeout,
         idle_timeout: args.idle_timeout,
+        draining: server.handle().draining(),
     });
     let kind = args.service;
     let stop = shutdown_signal();

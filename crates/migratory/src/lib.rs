@@ -22,7 +22,6 @@ pub mod policy;
 pub mod server;
 mod throttle;
 pub mod tls;
-pub mod transfer;
 
 pub use client::{ClientControl, MigrationTimes, MigratoryStream, Status};
 pub use error::{is_migrated, Error};

@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use migratory::proto::control::{PushOutcome, Selection};
 use migratory::proto::types::SessionId;
 use migratory::{
-    transfer, ClientControl, MigrationPhases, MigratoryStream, Operator, Peer, Server,
-    ServerBuilder, ServerHandle, Session, SessionControl,
+    ClientControl, MigrationPhases, MigratoryStream, Operator, Peer, Server, ServerBuilder,
+    ServerHandle, Session, SessionControl,
 };
+use migratory_services::transfer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"loopback test cluster key 0123456789";

@@ -19,7 +19,7 @@ use std::task::Poll;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::server::{Arrival, Session};
+use migratory::{Arrival, Session};
 
 /// Upload digest block size.
 const BLOCK: usize = 4096;
@@ -250,7 +250,7 @@ pub async fn serve(mut s: Session, arrival: Arrival) -> io::Result<bool> {
     .await;
     match result {
         Ok(()) => Ok(true),
-        Err(e) if crate::is_migrated(&e) => Ok(false),
+        Err(e) if migratory::is_migrated(&e) => Ok(false),
         Err(e) => Err(e),
     }
 }

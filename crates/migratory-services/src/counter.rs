@@ -2,7 +2,8 @@
 //! 1, 2, 3, ... one decimal number per line, one line per interval (or as
 //! fast as the session takes them when the interval is zero), until the
 //! client closes its side. Input is read and discarded, so the client can
-//! close.
+//! close. A plain TCP client is closed, after the line being written, once
+//! the server drains.
 //!
 //! State: the next number to send and how many bytes of its line were
 //! already written (a write may take part of a line), snapshotted after
@@ -18,7 +19,7 @@ use std::time::Duration;
 use migratory::{Arrival, Session};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{invalid, snapshot};
+use super::{invalid, snapshot, Drain};
 
 const TAG: u8 = b'C';
 const VERSION: u8 = 1;
@@ -127,14 +128,20 @@ impl State {
 /// What one round of the loop did.
 #[derive(Debug, Default)]
 struct Round {
+    /// The client closed its side, or the server drains.
     eof: bool,
     read: bool,
     wrote: usize,
 }
 
-/// Serves one count session until the client closes its side or the
-/// session moves away.
-pub(super) async fn serve(s: &mut Session, arrival: Arrival, interval: Duration) -> io::Result<()> {
+/// Serves one count session until the client closes its side, the server
+/// drains (a plain client), or the session moves away.
+pub(super) async fn serve(
+    s: &mut Session,
+    arrival: Arrival,
+    interval: Duration,
+    drain: Drain,
+) -> io::Result<()> {
     let mut st = match arrival {
         Arrival::Migrated { state } if !state.is_empty() => State::decode(&state)?,
         _ => State::default(),
@@ -144,9 +151,17 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, interval: Duration)
     let mut rbuf = vec![0u8; READ_BUF];
     let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
     st.fill(&mut out, batch);
+    let mut drain = drain;
+    let drained = drain.wait();
+    tokio::pin!(drained);
     loop {
         let round = poll_fn(|cx| {
             let mut r = Round::default();
+            // Draining ends the session as the client's end would.
+            if drained.as_mut().poll(cx).is_ready() {
+                r.eof = true;
+                return Poll::Ready(Ok(r));
+            }
             let mut rb = ReadBuf::new(&mut rbuf);
             match Pin::new(&mut *s).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => r.eof = true,
@@ -203,9 +218,9 @@ mod tests {
     use migratory::MigratoryStream;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-    use super::super::tests::{options, pool, TempDir, TEST_TIMEOUT};
-    use super::super::Kind;
     use super::*;
+    use crate::testing::{draining_options, options, pool, TempDir, TEST_TIMEOUT};
+    use crate::Kind;
 
     /// Reads lines, checking they are consecutive numbers from `*expect`.
     struct Lines {
@@ -387,6 +402,37 @@ mod tests {
             lines.read_until(&mut s, 50_000).await;
             s.shutdown().await.unwrap();
             lines.read_to_end(&mut s).await;
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_server_closes_a_plain_client_after_whole_lines() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("counter-drain");
+            let (o, drain) = draining_options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Counter, vec![o]).await;
+            let mut plain = tokio::net::TcpStream::connect(pool.service[0])
+                .await
+                .unwrap();
+            let mut m = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
+            let (mut lp, mut lm) = (Lines::new(), Lines::new());
+            lp.read_until(&mut plain, 20_000).await;
+            lm.read_until(&mut m, 20_000).await;
+            drain.send_replace(true);
+            // Consecutive whole lines up to the end, which comes without
+            // the plain client closing first.
+            lp.read_to_end(&mut plain).await;
+            assert!(lp.expect > 20_000);
+            // The migratory session counts on.
+            let upto = lm.expect + 50_000;
+            lm.read_until(&mut m, upto).await;
+            m.shutdown().await.unwrap();
+            lm.read_to_end(&mut m).await;
             assert!(pool.errors().is_empty(), "{:?}", pool.errors());
         })
         .await

@@ -2,14 +2,15 @@
 //!
 //! The output depends only on the input, so the state is empty: after each
 //! chunk is written back in full the service snapshots, and a server that
-//! resumes the session reads from the first byte not yet echoed.
+//! resumes the session reads from the first byte not yet echoed. A plain
+//! TCP client is closed once the server drains.
 
 use std::io;
 
 use migratory::{Arrival, Session};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{invalid, snapshot};
+use super::{invalid, snapshot, Drain};
 
 /// Largest chunk read (and written back) at once.
 const CHUNK: usize = 64 * 1024;
@@ -20,8 +21,8 @@ const CHUNK: usize = 64 * 1024;
 const IDLE_CHUNK: usize = 1024;
 
 /// Serves one echo session until the client closes its side (then closes
-/// ours) or the session moves away.
-pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
+/// ours), the server drains (a plain client), or the session moves away.
+pub(super) async fn serve(s: &mut Session, arrival: Arrival, mut drain: Drain) -> io::Result<()> {
     if let Arrival::Migrated { state } = &arrival {
         if !state.is_empty() {
             return Err(invalid(format!(
@@ -32,7 +33,11 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival) -> io::Result<()> {
     }
     let mut buf = vec![0u8; IDLE_CHUNK];
     loop {
-        let n = s.read(&mut buf).await?;
+        let n = tokio::select! {
+            biased;
+            () = drain.wait() => 0,
+            r = s.read(&mut buf) => r?,
+        };
         if n == 0 {
             s.shutdown().await?;
             return snapshot(s, &[]);
@@ -55,8 +60,8 @@ mod tests {
     use migratory::MigratoryStream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use super::super::tests::{options, pattern, pool, TempDir, TEST_TIMEOUT};
-    use super::super::Kind;
+    use crate::testing::{draining_options, options, pattern, pool, TempDir, TEST_TIMEOUT};
+    use crate::Kind;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn echo_is_exact_across_migrations() {
@@ -175,4 +180,47 @@ mod tests {
         .await
         .expect("test timed out");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_server_closes_plain_clients_only() {
+        tokio::time::timeout(TEST_TIMEOUT, async {
+            let dir = TempDir::new("echo-drain");
+            let (o, drain) = draining_options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Echo, vec![o]).await;
+            let mut plain = tokio::net::TcpStream::connect(pool.service[0])
+                .await
+                .unwrap();
+            let mut m = MigratoryStream::connect(&pool.service[..1], &pool.tls)
+                .await
+                .unwrap();
+            let msg = pattern(100_000, 9);
+            for s in [&mut plain as &mut (dyn AsyncRw + Unpin), &mut m] {
+                s.write_all(&msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                s.read_exact(&mut back).await.unwrap();
+                assert!(back == msg);
+            }
+            drain.send_replace(true);
+            // The plain client reads the end, after nothing more.
+            let mut rest = Vec::new();
+            plain.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "{} bytes after the echo", rest.len());
+            // The migratory session is not the service's to close.
+            m.write_all(b"still here").await.unwrap();
+            let mut back = [0u8; 10];
+            m.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"still here");
+            m.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            m.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty());
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// A stream of either kind.
+    trait AsyncRw: tokio::io::AsyncRead + tokio::io::AsyncWrite {}
+    impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite> AsyncRw for T {}
 }

@@ -8,18 +8,27 @@
 //! (the start of the next pipelined request). The service snapshots after
 //! writing a response head, after each body chunk, and after finishing a
 //! response. Responses depend only on the request and the file (no dates),
-//! so a server that resumes from an earlier snapshot writes the same bytes.
+//! so a server that resumes from an earlier snapshot writes the same bytes:
+//! the response head is written here, by hand, field by field.
+//!
+//! Once the server drains, a plain TCP client gets the response in
+//! progress (with `Connection: close` if its head is not written yet) and
+//! then the connection closes; a kept-alive connection waiting for its
+//! next request closes at once. A request whose head had begun to arrive
+//! is still answered.
 
 use std::io::{self, SeekFrom};
 use std::path::Path;
 use std::time::Duration;
 
+use http::StatusCode;
+use http_range_header::{EndPosition, RangeUnsatisfiableError, StartPosition};
 use migratory::{Arrival, Session};
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use super::{invalid, snapshot, Options};
+use super::{invalid, snapshot, Drain, Options};
 
 /// Largest request head accepted (a larger one gets 431).
 const MAX_HEAD: usize = 16 * 1024;
@@ -201,8 +210,14 @@ impl<'a> Reader<'a> {
 }
 
 /// Serves one HTTP session until the client closes, the connection must
-/// close, or the session moves away.
-pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> io::Result<()> {
+/// close (or the server drains, for a plain client), or the session moves
+/// away.
+pub(super) async fn serve(
+    s: &mut Session,
+    arrival: Arrival,
+    opts: &Options,
+    mut drain: Drain,
+) -> io::Result<()> {
     let mut st = match arrival {
         Arrival::Migrated { state } if !state.is_empty() => State::decode(&state)?,
         _ => State::default(),
@@ -222,7 +237,8 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> 
                     opts.idle_timeout
                 };
                 first = false;
-                let next = read_request(s, &mut st.leftover, wait, opts.header_timeout).await?;
+                let next = read_request(s, &mut st.leftover, wait, opts.header_timeout, &mut drain)
+                    .await?;
                 let (req, used) = match next {
                     Next::Eof => {
                         s.shutdown().await?;
@@ -233,14 +249,27 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> 
                         st.phase = Phase::Closing;
                         continue;
                     }
+                    Next::Drain => {
+                        debug!("idle connection closed: the server drains");
+                        st.phase = Phase::Closing;
+                        continue;
+                    }
                     Next::Bad(status) => (Err(status), 0),
                     Next::Request(req, used) => (Ok(req), used),
                 };
                 let resp = match req {
-                    Ok(req) => respond(&req, &opts.root).await,
+                    Ok(mut req) => {
+                        // Its head is not written yet: it says the close.
+                        req.close |= drain.now();
+                        respond(&req, &opts.root).await
+                    }
                     Err(status) => Response::error(status, true, false, false),
                 };
-                debug!(status = resp.status, close = resp.close, "response");
+                debug!(
+                    status = resp.status.as_u16(),
+                    close = resp.close,
+                    "response"
+                );
                 st.leftover.drain(..used);
                 st.close = resp.close;
                 s.write_all(&resp.head).await?;
@@ -250,7 +279,7 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> 
                         file = Some(f);
                         snapshot(s, &st.encode())?;
                     }
-                    None => finish(s, &mut st)?,
+                    None => finish(s, &mut st, &drain)?,
                 }
             }
             Phase::Body(body) => {
@@ -282,21 +311,22 @@ pub(super) async fn serve(s: &mut Session, arrival: Arrival, opts: &Options) -> 
                     snapshot(s, &st.encode())?;
                 }
                 file = None;
-                finish(s, &mut st)?;
+                finish(s, &mut st, &drain)?;
             }
             Phase::Closing => {
                 st.leftover.clear();
                 s.shutdown().await?;
                 snapshot(s, &st.encode())?;
-                return drain(s, &st).await;
+                return linger(s, &st).await;
             }
         }
     }
 }
 
-/// After a complete response: the next request, or closing.
-fn finish(s: &Session, st: &mut State) -> io::Result<()> {
-    if st.close {
+/// After a complete response: the next request, or closing (also when the
+/// server drains).
+fn finish(s: &Session, st: &mut State, drain: &Drain) -> io::Result<()> {
+    if st.close || drain.now() {
         // The Closing arm shuts the down stream and snapshots after that.
         st.phase = Phase::Closing;
         Ok(())
@@ -308,7 +338,7 @@ fn finish(s: &Session, st: &mut State) -> io::Result<()> {
 
 /// Reads and discards the input until the client's end (so a plain TCP
 /// close does not reset the response), for at most [`LINGER`].
-async fn drain(s: &mut Session, st: &State) -> io::Result<()> {
+async fn linger(s: &mut Session, st: &State) -> io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     let run = async {
         loop {
@@ -359,9 +389,11 @@ enum Next {
     Eof,
     /// The client sent nothing within the wait.
     Idle,
+    /// The server drains and no request had begun.
+    Drain,
     /// A malformed or oversized request head: answer with this status and
     /// close.
-    Bad(u16),
+    Bad(StatusCode),
     /// A request and the length of its head.
     Request(Request, usize),
 }
@@ -382,11 +414,14 @@ struct Request {
 /// Reads until `buf` holds a complete request head (or an error or EOF).
 /// `buf` never grows beyond [`MAX_HEAD`]. Nothing within `wait`: `Idle`;
 /// a head begun but not complete within `header` of its first byte: 408.
+/// While no head has begun, the server's drain ends the wait (`Drain`);
+/// input already there still counts as a begun head.
 async fn read_request(
     s: &mut Session,
     buf: &mut Vec<u8>,
     wait: Duration,
     header: Duration,
+    drain: &mut Drain,
 ) -> io::Result<Next> {
     let mut tmp = vec![0u8; MAX_HEAD];
     let mut deadline = tokio::time::Instant::now() + if buf.is_empty() { wait } else { header };
@@ -395,15 +430,27 @@ async fn read_request(
             match parse(buf) {
                 Parsed::Complete(req, used) => return Ok(Next::Request(req, used)),
                 Parsed::Bad(status) => return Ok(Next::Bad(status)),
-                Parsed::Partial if buf.len() >= MAX_HEAD => return Ok(Next::Bad(431)),
+                Parsed::Partial if buf.len() >= MAX_HEAD => {
+                    return Ok(Next::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+                }
                 Parsed::Partial => {}
             }
         }
         let room = MAX_HEAD.saturating_sub(buf.len()).max(1);
-        let n = match tokio::time::timeout_at(deadline, s.read(&mut tmp[..room])).await {
+        let read = tokio::time::timeout_at(deadline, s.read(&mut tmp[..room]));
+        let n = if buf.is_empty() {
+            tokio::select! {
+                biased;
+                r = read => r,
+                () = drain.wait() => return Ok(Next::Drain),
+            }
+        } else {
+            read.await
+        };
+        let n = match n {
             Ok(r) => r?,
             Err(_) if buf.is_empty() => return Ok(Next::Idle),
-            Err(_) => return Ok(Next::Bad(408)),
+            Err(_) => return Ok(Next::Bad(StatusCode::REQUEST_TIMEOUT)),
         };
         if n == 0 {
             return Ok(Next::Eof);
@@ -419,7 +466,7 @@ async fn read_request(
 enum Parsed {
     Complete(Request, usize),
     Partial,
-    Bad(u16),
+    Bad(StatusCode),
 }
 
 /// Whether a comma-separated field value holds `token` (case-insensitive).
@@ -435,12 +482,16 @@ fn parse(buf: &[u8]) -> Parsed {
     let used = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(httparse::Error::TooManyHeaders) => return Parsed::Bad(431),
-        Err(httparse::Error::Version) => return Parsed::Bad(505),
-        Err(_) => return Parsed::Bad(400),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Bad(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        }
+        Err(httparse::Error::Version) => {
+            return Parsed::Bad(StatusCode::HTTP_VERSION_NOT_SUPPORTED)
+        }
+        Err(_) => return Parsed::Bad(StatusCode::BAD_REQUEST),
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Parsed::Bad(400);
+        return Parsed::Bad(StatusCode::BAD_REQUEST);
     };
     let mut keep_alive = version >= 1;
     let mut has_body = false;
@@ -458,10 +509,10 @@ fn parse(buf: &[u8]) -> Parsed {
         } else if name.eq_ignore_ascii_case("content-length") {
             let v = h.value.trim_ascii();
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-                return Parsed::Bad(400);
+                return Parsed::Bad(StatusCode::BAD_REQUEST);
             }
             if content_length.is_some_and(|c| c != v) {
-                return Parsed::Bad(400);
+                return Parsed::Bad(StatusCode::BAD_REQUEST);
             }
             content_length = Some(v);
             has_body |= v.iter().any(|d| *d != b'0');
@@ -495,35 +546,29 @@ fn parse(buf: &[u8]) -> Parsed {
 /// A response: its head (with the whole body for small ones), and the
 /// file range to send after it.
 struct Response {
-    status: u16,
+    status: StatusCode,
     head: Vec<u8>,
     body: Option<(Body, File)>,
     close: bool,
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        206 => "Partial Content",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        416 => "Range Not Satisfiable",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
+/// The status code and reason phrase, e.g. `404 Not Found`.
+fn status_line(status: StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Unknown")
+    )
 }
 
 /// The head of a response, ending with the empty line.
-fn head(status: u16, fields: &[(&str, String)], close: bool, keep_alive_10: bool) -> Vec<u8> {
-    let mut h = format!(
-        "HTTP/1.1 {status} {}\r\nServer: migratory\r\n",
-        reason(status)
-    );
+fn head(
+    status: StatusCode,
+    fields: &[(&str, String)],
+    close: bool,
+    keep_alive_10: bool,
+) -> Vec<u8> {
+    let mut h = format!("HTTP/1.1 {}\r\nServer: migratory\r\n", status_line(status));
     for (name, value) in fields {
         h.push_str(name);
         h.push_str(": ");
@@ -541,18 +586,18 @@ fn head(status: u16, fields: &[(&str, String)], close: bool, keep_alive_10: bool
 
 impl Response {
     /// A short text response.
-    fn error(status: u16, close: bool, keep_alive_10: bool, head_only: bool) -> Self {
+    fn error(status: StatusCode, close: bool, keep_alive_10: bool, head_only: bool) -> Self {
         Self::text(status, Vec::new(), close, keep_alive_10, head_only)
     }
 
     fn text(
-        status: u16,
+        status: StatusCode,
         mut fields: Vec<(&str, String)>,
         close: bool,
         keep_alive_10: bool,
         head_only: bool,
     ) -> Self {
-        let body = format!("{status} {}\n", reason(status));
+        let body = format!("{}\n", status_line(status));
         fields.insert(0, ("Content-Type", "text/plain; charset=utf-8".into()));
         fields.insert(1, ("Content-Length", body.len().to_string()));
         let mut h = head(status, &fields, close, keep_alive_10);
@@ -574,7 +619,13 @@ async fn respond(req: &Request, root: &Path) -> Response {
     let ka10 = req.version == 0 && !close;
     let head_only = req.method == "HEAD";
     if req.method != "GET" && !head_only {
-        return Response::text(405, vec![("Allow", "GET, HEAD".into())], close, ka10, false);
+        return Response::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            vec![("Allow", "GET, HEAD".into())],
+            close,
+            ka10,
+            false,
+        );
     }
     let err = |status| Response::error(status, close, ka10, head_only);
     let rel = match request_path(&req.target) {
@@ -583,21 +634,21 @@ async fn respond(req: &Request, root: &Path) -> Response {
     };
     let (mut f, len) = match open_under(root, &rel).await {
         Lookup::Found(f, len) => (f, len),
-        Lookup::NotFound => return err(404),
-        Lookup::Forbidden => return err(403),
+        Lookup::NotFound => return err(StatusCode::NOT_FOUND),
+        Lookup::Forbidden => return err(StatusCode::FORBIDDEN),
         Lookup::Failed(e) => {
             warn!(path = %rel, error = %e, "cannot serve a file");
-            return err(500);
+            return err(StatusCode::INTERNAL_SERVER_ERROR);
         }
     };
     let (status, start, end) = match req.range.as_deref().filter(|_| !head_only) {
-        None => (200, 0, len),
+        None => (StatusCode::OK, 0, len),
         Some(r) => match parse_range(r, len) {
-            RangeSpec::Whole => (200, 0, len),
-            RangeSpec::Part(a, b) => (206, a, b),
+            RangeSpec::Whole => (StatusCode::OK, 0, len),
+            RangeSpec::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, b),
             RangeSpec::Unsatisfiable => {
                 return Response::text(
-                    416,
+                    StatusCode::RANGE_NOT_SATISFIABLE,
                     vec![("Content-Range", format!("bytes */{len}"))],
                     close,
                     ka10,
@@ -608,14 +659,14 @@ async fn respond(req: &Request, root: &Path) -> Response {
     };
     if let Err(e) = f.seek(SeekFrom::Start(start)).await {
         warn!(path = %rel, error = %e, "cannot seek in a file");
-        return err(500);
+        return err(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let mut fields = vec![
-        ("Content-Type", content_type(&rel).to_string()),
+        ("Content-Type", content_type(&rel)),
         ("Content-Length", (end - start).to_string()),
         ("Accept-Ranges", "bytes".to_string()),
     ];
-    if status == 206 {
+    if status == StatusCode::PARTIAL_CONTENT {
         fields.push(("Content-Range", format!("bytes {start}-{}/{len}", end - 1)));
     }
     let h = head(status, &fields, close, ka10);
@@ -642,7 +693,7 @@ async fn respond(req: &Request, root: &Path) -> Response {
 /// The path of a request target, relative to the root: origin form (or
 /// absolute form), query and fragment dropped, percent-decoded, `.` and
 /// empty segments dropped. `..` is refused (403); bad encodings are 400.
-fn request_path(target: &str) -> Result<String, u16> {
+fn request_path(target: &str) -> Result<String, StatusCode> {
     let mut t = target;
     for scheme in ["http://", "https://"] {
         let prefixed = t
@@ -656,15 +707,15 @@ fn request_path(target: &str) -> Result<String, u16> {
         }
     }
     if !t.starts_with('/') {
-        return Err(400);
+        return Err(StatusCode::BAD_REQUEST);
     }
     let t = t.split(['?', '#']).next().unwrap_or("");
-    let decoded = percent_decode(t.as_bytes()).ok_or(400u16)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| 400u16)?;
+    let decoded = percent_decode(t.as_bytes()).ok_or(StatusCode::BAD_REQUEST)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| StatusCode::BAD_REQUEST)?;
     match components(&decoded) {
         Ok(c) => Ok(c.join("/")),
-        Err(PathError::Traversal) => Err(403),
-        Err(PathError::Bad) => Err(400),
+        Err(PathError::Traversal) => Err(StatusCode::FORBIDDEN),
+        Err(PathError::Bad) => Err(StatusCode::BAD_REQUEST),
     }
 }
 
@@ -689,22 +740,15 @@ fn components(path: &str) -> Result<Vec<&str>, PathError> {
     Ok(out)
 }
 
+/// Percent-decodes `s`; `None` if a `%` is not followed by two hex digits
+/// (`percent_encoding` would keep such a `%` as it is).
 fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'%' {
-            let hi = hex(*s.get(i + 1)?)?;
-            let lo = hex(*s.get(i + 2)?)?;
-            out.push((hi << 4) | lo);
-            i += 3;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    Some(out)
+    let well_formed = s.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || s.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    well_formed.then(|| percent_encoding::percent_decode(s).collect())
 }
 
 /// The result of looking a path up under the root.
@@ -751,17 +795,15 @@ async fn open_under(root: &Path, rel: &str) -> Lookup {
     }
 }
 
-fn content_type(path: &str) -> &'static str {
-    let ext = path
-        .rsplit('/')
-        .next()
-        .and_then(|name| name.rsplit_once('.'))
-        .map(|(_, e)| e.to_ascii_lowercase());
-    match ext.as_deref() {
-        Some("html" | "htm") => "text/html; charset=utf-8",
-        Some("txt") => "text/plain; charset=utf-8",
-        Some("json") => "application/json",
-        _ => "application/octet-stream",
+/// The media type of a file, from its name's last extension; text gets
+/// `charset=utf-8`, an unknown type is `application/octet-stream`.
+fn content_type(path: &str) -> String {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let mime = mime_guess::from_path(name).first_or_octet_stream();
+    if mime.type_() == mime_guess::mime::TEXT && mime.get_param("charset").is_none() {
+        format!("{}; charset=utf-8", mime.essence_str())
+    } else {
+        mime.essence_str().to_string()
     }
 }
 
@@ -776,54 +818,40 @@ enum RangeSpec {
     Unsatisfiable,
 }
 
+/// What a `Range` field asks of a file of `len` bytes. `http_range_header`
+/// parses the range; satisfiability follows RFC 9110 14.1.2 (a suffix
+/// longer than the file is the whole file; `-0`, a first byte past the
+/// end, or any range of an empty file is unsatisfiable). The unit is
+/// case-insensitive and whitespace inside the range is ignored.
 fn parse_range(value: &str, len: u64) -> RangeSpec {
-    let v = value.trim();
-    let Some(spec) = v
-        .split_once('=')
-        .filter(|(unit, _)| unit.trim().eq_ignore_ascii_case("bytes"))
-        .map(|(_, s)| s.trim())
-    else {
+    let Some((unit, set)) = value.split_once('=') else {
         return RangeSpec::Whole;
     };
-    if spec.contains(',') {
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return RangeSpec::Whole;
+    }
+    let set: String = set.split_ascii_whitespace().collect();
+    if set.contains(',') {
         // Several ranges: served as a whole (allowed by RFC 9110 14.2).
         return RangeSpec::Whole;
     }
-    let Some((a, b)) = spec.split_once('-') else {
-        return RangeSpec::Whole;
+    let range = match http_range_header::parse_range_header(&format!("bytes={set}")) {
+        Ok(parsed) => match parsed.ranges.first() {
+            Some(r) => *r,
+            None => return RangeSpec::Whole,
+        },
+        Err(RangeUnsatisfiableError::ZeroSuffix) => return RangeSpec::Unsatisfiable,
+        Err(_) => return RangeSpec::Whole,
     };
-    let num = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        s.parse().ok()
-    };
-    if a.trim().is_empty() {
-        // Suffix: the last n bytes.
-        return match num(b) {
-            None => RangeSpec::Whole,
-            Some(0) => RangeSpec::Unsatisfiable,
-            Some(_) if len == 0 => RangeSpec::Unsatisfiable,
-            Some(n) => RangeSpec::Part(len - n.min(len), len),
-        };
+    match (range.start, range.end) {
+        // Not a valid range (RFC 9110 14.1.1): ignored.
+        (StartPosition::Index(a), EndPosition::Index(b)) if b < a => RangeSpec::Whole,
+        (StartPosition::Index(a), _) if a >= len => RangeSpec::Unsatisfiable,
+        (StartPosition::FromLast(_), _) if len == 0 => RangeSpec::Unsatisfiable,
+        (StartPosition::Index(a), EndPosition::Index(b)) => RangeSpec::Part(a, b.min(len - 1) + 1),
+        (StartPosition::Index(a), EndPosition::LastByte) => RangeSpec::Part(a, len),
+        (StartPosition::FromLast(n), _) => RangeSpec::Part(len - n.min(len), len),
     }
-    let Some(first) = num(a) else {
-        return RangeSpec::Whole;
-    };
-    let last = if b.trim().is_empty() {
-        None
-    } else {
-        match num(b) {
-            Some(l) if l >= first => Some(l),
-            _ => return RangeSpec::Whole,
-        }
-    };
-    if first >= len {
-        return RangeSpec::Unsatisfiable;
-    }
-    let end = last.map_or(len, |l| l.min(len - 1) + 1);
-    RangeSpec::Part(first, end)
 }
 
 #[cfg(test)]
@@ -833,9 +861,9 @@ mod tests {
     use migratory::{ClientControl, MigratoryStream};
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    use super::super::tests::{options, pattern, pool, Pool, TempDir, TEST_TIMEOUT};
-    use super::super::Kind;
     use super::*;
+    use crate::testing::{draining_options, options, pattern, pool, Pool, TempDir, TEST_TIMEOUT};
+    use crate::Kind;
 
     /// A response as the client read it.
     #[derive(Debug)]
@@ -1366,6 +1394,62 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_draining_server_lets_plain_clients_go_after_their_response() {
+        run(async {
+            let dir = TempDir::new("http-drain");
+            let data = files(&dir, 16 << 20);
+            let (o, drain) = draining_options(&dir.0, Duration::ZERO);
+            let pool = pool(Kind::Http, vec![o]).await;
+            // Kept alive, waiting for its next request.
+            let mut idle = Client::plain(&pool).await;
+            let r = idle.get("/a.txt").await;
+            assert_eq!((r.status, r.header("connection")), (200, None));
+            // In the middle of a body (its head is out, without a close),
+            // with the next request pipelined behind it.
+            let mut busy = Client::plain(&pool).await;
+            busy.send(concat!(
+                "GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n",
+                "GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n",
+            ))
+            .await;
+            while !busy.buf.windows(4).any(|w| w == b"\r\n\r\n") || busy.buf.len() < 100_000 {
+                assert!(busy.more(4096).await > 0);
+            }
+            // A request whose head has begun to arrive.
+            let mut begun = Client::plain(&pool).await;
+            begun.send("GET /a.txt HTTP/1.1\r\nHost: t\r\n").await;
+            // A migratory session, kept alive too.
+            let mut m = Client::migratory(&pool).await;
+            let r = m.get("/a.txt").await;
+            assert_eq!((r.status, r.header("connection")), (200, None));
+
+            drain.send_replace(true);
+            // The idle connection ends at once.
+            idle.expect_eof().await;
+            // The body in progress ends whole, then the connection: the
+            // pipelined request is not answered.
+            let r = busy.response(false, &[]).await;
+            assert_eq!((r.status, r.header("connection")), (200, None));
+            assert!(r.body == data, "body differs");
+            busy.expect_eof().await;
+            // The begun request is answered, saying the close.
+            begun.send("\r\n").await;
+            let r = begun.response(false, &[]).await;
+            assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+            assert_eq!(r.body, b"hello, world\n");
+            begun.expect_eof().await;
+            // The migratory session is left alone: still kept alive.
+            let r = m.get("/index.html").await;
+            assert_eq!((r.status, r.header("connection")), (200, None));
+            assert_eq!(r.body, b"<p>hi</p>");
+            m.s.shutdown().await.unwrap();
+            m.expect_eof().await;
+            assert!(pool.errors().is_empty(), "{:?}", pool.errors());
+        })
+        .await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_changed_file_ends_the_resumed_session() {
         run(async {
             let (d1, d2) = (TempDir::new("http-c1"), TempDir::new("http-c2"));
@@ -1525,15 +1609,24 @@ mod tests {
         assert_eq!(parse_range("bytes=+1-2", 1000), RangeSpec::Whole);
         assert_eq!(request_path("/a/b?c"), Ok("a/b".into()));
         assert_eq!(request_path("/"), Ok(String::new()));
-        assert_eq!(request_path("*"), Err(400));
-        assert_eq!(request_path("/a/%2e%2E"), Err(403));
+        assert_eq!(request_path("*"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(request_path("/a/%2e%2E"), Err(StatusCode::FORBIDDEN));
         assert_eq!(request_path("HTTP://h"), Ok(String::new()));
         // Non-ASCII where a scheme would end: no slicing inside a character.
         assert_eq!(request_path("/abcdeé"), Ok("abcdeé".into()));
         assert_eq!(request_path("/abcdefé"), Ok("abcdefé".into()));
-        assert_eq!(request_path("éééé"), Err(400));
+        assert_eq!(request_path("éééé"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(percent_decode(b"%41%2f%2F"), Some(b"A//".to_vec()));
+        for bad in [&b"%"[..], b"%4", b"%4g", b"a%%41", "%é".as_bytes()] {
+            assert_eq!(percent_decode(bad), None, "{bad:?}");
+        }
         assert_eq!(content_type("x/Y.HTML"), "text/html; charset=utf-8");
-        assert_eq!(content_type("x.tar.gz"), "application/octet-stream");
+        assert_eq!(content_type("a.txt"), "text/plain; charset=utf-8");
+        assert_eq!(content_type("data.json"), "application/json");
+        // The last extension counts; an unknown one is octet-stream.
+        assert_eq!(content_type("x.tar.gz"), "application/gzip");
+        assert_eq!(content_type("x.gz.unknownext"), "application/octet-stream");
         assert_eq!(content_type("dir.json/file"), "application/octet-stream");
+        assert_eq!(content_type("big.bin"), "application/octet-stream");
     }
 }
