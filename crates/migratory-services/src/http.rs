@@ -374,10 +374,11 @@ async fn reopen(root: &Path, body: &Body) -> io::Result<File> {
             )))
         }
         other => {
-            warn!(path = %body.path, found = ?other, "resumed session: the file is not here");
+            let found = other.describe();
+            warn!(path = %body.path, %found, "resumed session: the file is not here");
             Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!("http: cannot resume {}: {other:?}", body.path),
+                format!("http: cannot resume {}: {found}", body.path),
             ))
         }
     }
@@ -760,6 +761,18 @@ enum Lookup {
     /// A directory, not a regular file, outside the root, or no permission.
     Forbidden,
     Failed(io::Error),
+}
+
+impl Lookup {
+    /// What was found, in words (for logs and errors).
+    fn describe(&self) -> String {
+        match self {
+            Lookup::Found(_, len) => format!("a file of {len} bytes"),
+            Lookup::NotFound => "not found".into(),
+            Lookup::Forbidden => "forbidden (not a regular file under the root)".into(),
+            Lookup::Failed(e) => format!("cannot open: {e}"),
+        }
+    }
 }
 
 /// Opens `rel` (checked by [`components`]) under `root`, refusing anything
