@@ -535,8 +535,13 @@ pub async fn run(args: DemoArgs) -> Result<bool, String> {
         &durations,
         seconds,
     );
+    // All at once, so that no server outlives another long enough to
+    // report its peer gone.
+    for c in &mut pool.children {
+        let _ = c.start_kill();
+    }
     for mut c in pool.children.drain(..) {
-        let _ = c.kill().await;
+        let _ = c.wait().await;
     }
     Ok(ok)
 }
