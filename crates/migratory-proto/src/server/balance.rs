@@ -50,11 +50,14 @@ impl Default for BalanceConfig {
 
 /// When the rebalancer moves sessions off this server. It compares the
 /// sessions this server owns with the mean over itself and its candidate
-/// peers; above `factor` x the mean (and at least `min_excess` above it)
-/// it sends the sessions beyond the mean to the peers below it. Then it
-/// waits `settle` before it looks again, so the peers' next reports show
-/// what arrived: with reports fresher than `settle` and moves that only
-/// level towards the mean, a pool in balance stays put.
+/// peers. Above `factor` x the mean (and at least `min_excess` above it)
+/// it starts sending the sessions beyond the mean to the peers below it,
+/// at most `max_moves` per round, waiting `settle` after each round so
+/// the peers' next reports show what arrived; it goes on round by round
+/// until it is less than `min_excess` above the mean (hysteresis: it
+/// starts high and stops low). Moves only level towards the mean and a
+/// server that received sessions ends at most at the mean, so a pool in
+/// balance stays put.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RebalanceConfig {
     /// Move only when owning more than `factor` x the pool mean (1.25).
@@ -135,14 +138,17 @@ fn spread_upto(
 
 /// The rebalancer's decision: where to send sessions from a server that
 /// owns `own` (of which `movable` may move now), given its candidate
-/// peers. Empty when the pool is in balance by `cfg`'s rule.
+/// peers, and whether it is rebalancing (`active`: it was, the last
+/// round; updated). Empty when the pool is in balance by `cfg`'s rule.
 pub fn rebalance(
     own: usize,
     movable: usize,
     candidates: &[Candidate],
     cfg: &RebalanceConfig,
+    active: &mut bool,
 ) -> Vec<ServerId> {
     if candidates.is_empty() {
+        *active = false;
         return Vec::new();
     }
     let total: usize = own
@@ -153,7 +159,12 @@ pub fn rebalance(
     let servers = candidates.len() + 1;
     let mean = total as f64 / servers as f64;
     let target = total.div_ceil(servers);
-    if (own as f64) <= mean * cfg.factor || own < target + cfg.min_excess {
+    if own < target + cfg.min_excess {
+        *active = false;
+    } else if (own as f64) > mean * cfg.factor {
+        *active = true;
+    }
+    if !*active {
         return Vec::new();
     }
     let n = (own - target).min(movable).min(cfg.max_moves);
@@ -201,33 +212,51 @@ mod tests {
         assert!(spread(1, &[]).is_empty());
     }
 
+    fn once(own: usize, movable: usize, c: &[Candidate], cfg: &RebalanceConfig) -> Vec<ServerId> {
+        rebalance(own, movable, c, cfg, &mut false)
+    }
+
     #[test]
     fn rebalance_levels_a_hot_server_and_then_stays_put() {
         let cfg = RebalanceConfig::default();
         let c = [cand("b", 0), cand("c", 0)];
-        let d = rebalance(
-            300,
-            300,
-            &c,
-            &RebalanceConfig {
-                max_moves: 1000,
-                ..cfg.clone()
-            },
-        );
+        let all = RebalanceConfig {
+            max_moves: 1000,
+            ..cfg.clone()
+        };
+        let d = once(300, 300, &c, &all);
         assert_eq!((count(&d, "b"), count(&d, "c")), (100, 100));
         // The rate limit.
-        assert_eq!(rebalance(300, 300, &c, &cfg).len(), 100);
+        assert_eq!(once(300, 300, &c, &cfg).len(), 100);
         // In balance, or within the factor: nothing moves.
-        assert!(rebalance(100, 100, &[cand("b", 100), cand("c", 100)], &cfg).is_empty());
-        assert!(rebalance(110, 110, &[cand("b", 95), cand("c", 95)], &cfg).is_empty());
-        assert!(
-            rebalance(3, 3, &[cand("b", 0)], &cfg).is_empty(),
-            "min_excess"
-        );
+        assert!(once(100, 100, &[cand("b", 100), cand("c", 100)], &cfg).is_empty());
+        assert!(once(110, 110, &[cand("b", 95), cand("c", 95)], &cfg).is_empty());
+        assert!(once(3, 3, &[cand("b", 0)], &cfg).is_empty(), "min_excess");
         // Only what may move now.
-        assert_eq!(rebalance(300, 7, &c, &cfg).len(), 7);
+        assert_eq!(once(300, 7, &c, &cfg).len(), 7);
         // Nobody to give to.
-        assert!(rebalance(300, 300, &[], &cfg).is_empty());
+        assert!(once(300, 300, &[], &cfg).is_empty());
+    }
+
+    #[test]
+    fn rebalance_starts_high_and_stops_low() {
+        let cfg = RebalanceConfig::default();
+        let mut active = false;
+        // 116 of 300 is within the factor: a balanced pool is left alone.
+        let c = [cand("b", 92), cand("c", 92)];
+        assert!(rebalance(116, 116, &c, &cfg, &mut active).is_empty());
+        assert!(!active);
+        // Far above: it starts, and round after round it goes on to the
+        // mean even once within the factor.
+        let d = rebalance(300, 300, &[cand("b", 0), cand("c", 0)], &cfg, &mut active);
+        assert!(active);
+        assert_eq!(d.len(), 100);
+        let d = rebalance(116, 116, &c, &cfg, &mut active);
+        assert_eq!((count(&d, "b"), count(&d, "c")), (8, 8));
+        // Level: it stops.
+        let level = [cand("b", 100), cand("c", 100)];
+        assert!(rebalance(100, 100, &level, &cfg, &mut active).is_empty());
+        assert!(!active);
     }
 
     #[test]
@@ -237,7 +266,7 @@ mod tests {
             ..RebalanceConfig::default()
         };
         // Mean 100: b is above it already and gets nothing.
-        let d = rebalance(180, 180, &[cand("b", 110), cand("c", 10)], &cfg);
+        let d = once(180, 180, &[cand("b", 110), cand("c", 10)], &cfg);
         assert_eq!((count(&d, "b"), count(&d, "c")), (0, 80));
     }
 }

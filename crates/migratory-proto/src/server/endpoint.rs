@@ -123,6 +123,8 @@ enum Timer {
 struct Drain {
     started: Instant,
     deadline: Instant,
+    /// When a peer could last take sessions.
+    last_live: Instant,
     /// Sessions sent a Trigger, and when.
     sent: HashMap<SessionId, Instant>,
     moved: u64,
@@ -162,6 +164,13 @@ pub struct Endpoint<S: SessionSlot> {
     /// measures it: [`Endpoint::set_throughput`]).
     throughput: u64,
     drain: Option<Drain>,
+    /// The rebalancer is moving sessions off (see
+    /// [`RebalanceConfig`](super::RebalanceConfig)).
+    rebalancing: bool,
+    /// Sessions the rebalancer's last round sent away, still here.
+    rebalance_sent: Vec<SessionId>,
+    /// When its last round sent sessions away, or when they all left.
+    rebalance_at: Instant,
 }
 
 impl<S: SessionSlot> std::fmt::Debug for Endpoint<S> {
@@ -202,6 +211,9 @@ impl<S: SessionSlot> Endpoint<S> {
             loads: HashMap::new(),
             throughput: 0,
             drain: None,
+            rebalancing: false,
+            rebalance_sent: Vec::new(),
+            rebalance_at: now,
         }
         .with_balance_timers(now)
     }
@@ -1255,36 +1267,66 @@ impl<S: SessionSlot> Endpoint<S> {
 
     /// A rebalancer round (see [`balance::rebalance`]).
     fn rebalance(&mut self, now: Instant) {
-        let Some(r) = self.cfg.balance.as_ref().and_then(|b| b.rebalance.clone()) else {
+        let Some(b) = self.cfg.balance.clone() else {
             return;
         };
-        let mut next = now
-            + self
-                .cfg
-                .balance
-                .as_ref()
-                .map_or(r.settle, |b| b.report_every);
-        if self.drain.is_none() {
-            let candidates = self.candidates(now);
-            let own = self.load().sessions as usize;
-            if !candidates.is_empty() {
-                let movable = self.movable(now, r.min_residence, |_| false);
-                let dests = balance::rebalance(own, movable.len(), &candidates, &r);
-                let mut sent = 0;
-                for (sid, dest) in movable.into_iter().zip(dests) {
-                    if self.trigger(sid, Some(dest)) {
-                        sent += 1;
-                    }
-                }
-                if sent > 0 {
-                    self.stats.rebalanced += sent;
-                    self.events
-                        .push_back(ServerEvent::Rebalanced { sessions: sent });
-                    next = now + r.settle;
-                }
+        let Some(r) = b.rebalance.clone() else {
+            return;
+        };
+        let next = self.rebalance_round(now, &b, &r);
+        self.timers.insert((next, Timer::Balance));
+    }
+
+    /// One look of the rebalancer; returns when to look next. Sessions sent
+    /// away in the last round count as this server's until they left, and
+    /// a peer's report shows them only after it took them: the next round
+    /// waits until they all left (or `5 x settle`) and then two reports,
+    /// so no round acts on loads that do not count sessions in flight.
+    fn rebalance_round(
+        &mut self,
+        now: Instant,
+        b: &super::BalanceConfig,
+        r: &super::RebalanceConfig,
+    ) -> Instant {
+        let reports = 2 * b.report_every;
+        if !self.rebalance_sent.is_empty() {
+            let sessions = &self.sessions;
+            self.rebalance_sent.retain(|sid| {
+                sessions
+                    .get(sid)
+                    .is_some_and(|(_, s)| s.with(|s| s.is_owned()))
+            });
+            if !self.rebalance_sent.is_empty() && now < self.rebalance_at + 5 * r.settle {
+                return now + b.report_every;
+            }
+            self.rebalance_sent.clear();
+            self.rebalance_at = now;
+        }
+        let ready = (self.rebalance_at + r.settle).max(self.rebalance_at + reports);
+        if now < ready {
+            return ready;
+        }
+        if self.drain.is_some() {
+            return now + r.settle;
+        }
+        let candidates = self.candidates(now);
+        let own = self.load().sessions as usize;
+        let movable = self.movable(now, r.min_residence, |_| false);
+        let dests = balance::rebalance(own, movable.len(), &candidates, r, &mut self.rebalancing);
+        for (sid, dest) in movable.into_iter().zip(dests) {
+            if self.trigger(sid, Some(dest)) {
+                self.rebalance_sent.push(sid);
             }
         }
-        self.timers.insert((next, Timer::Balance));
+        if self.rebalance_sent.is_empty() {
+            return now + b.report_every;
+        }
+        let sent = self.rebalance_sent.len() as u64;
+        self.rebalance_at = now;
+        self.stats.rebalanced += sent;
+        self.events
+            .push_back(ServerEvent::Rebalanced { sessions: sent });
+        now + b.report_every
     }
 
     /// Starts draining (or moves the deadline of a drain under way): no
@@ -1305,6 +1347,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.drain = Some(Drain {
                     started: now,
                     deadline,
+                    last_live: now,
                     sent: HashMap::new(),
                     moved: 0,
                     finished: 0,
@@ -1336,7 +1379,7 @@ impl<S: SessionSlot> Endpoint<S> {
         if d.done {
             return;
         }
-        let (started, deadline) = (d.started, d.deadline);
+        let deadline = d.deadline;
         let cfg = self.cfg.balance.clone().unwrap_or_default();
         let retrigger = cfg.retrigger;
         let candidates = if self.cfg.balance.is_some() {
@@ -1344,8 +1387,18 @@ impl<S: SessionSlot> Endpoint<S> {
         } else {
             Vec::new()
         };
+        // No peer could take sessions for stale_after (a peer's reports
+        // may be late for a moment): nobody will.
+        let last_live = if candidates.is_empty() {
+            d.last_live
+        } else {
+            now
+        };
         let hopeless = candidates.is_empty()
-            && (self.cfg.balance.is_none() || now >= started + cfg.stale_after);
+            && (self.cfg.balance.is_none() || now >= last_live + cfg.stale_after);
+        if let Some(d) = &mut self.drain {
+            d.last_live = last_live;
+        }
         if now >= deadline || hopeless {
             self.close_all(now);
         } else {

@@ -1,0 +1,231 @@
+//! Why sessions move on their own, over loopback with in-process servers:
+//! the rebalancer spreads sessions that all started on one server and
+//! then leaves them alone; a drain moves every session (and sends new
+//! clients on) while the bytes keep flowing; a drain with no live peer
+//! ends its sessions at once with a reason. Every byte is checked.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use migratory::proto::error::SessionError;
+use migratory::proto::frame::RejectReason;
+use migratory::proto::server::{BalanceConfig, RebalanceConfig};
+use migratory::{MigratoryStream, Peer, ServerBuilder, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const KEY: &[u8] = b"balance test cluster key 0123456789";
+
+fn name(i: usize) -> String {
+    format!("s{}", i + 1)
+}
+
+/// Faster than the defaults, so the tests take seconds.
+fn fast_balance() -> BalanceConfig {
+    BalanceConfig {
+        report_every: Duration::from_millis(200),
+        stale_after: Duration::from_millis(600),
+        rebalance: Some(RebalanceConfig {
+            settle: Duration::from_secs(1),
+            min_residence: Duration::from_millis(300),
+            ..RebalanceConfig::default()
+        }),
+        ..BalanceConfig::default()
+    }
+}
+
+/// `n` echo servers that know each other.
+async fn pool(n: usize, balance: BalanceConfig) -> (Vec<ServerHandle>, Vec<SocketAddr>) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let service = common::free_addrs(n);
+    let control = common::free_addrs(n);
+    let mut handles = Vec::new();
+    for i in 0..n {
+        let mut b = ServerBuilder::new(name(i));
+        b.tls(common::server_tls(&name(i)))
+            .service(service[i])
+            .control(control[i])
+            .cluster_key(KEY)
+            .balance(Some(balance.clone()));
+        for j in (0..n).filter(|j| *j != i) {
+            b.peer(Peer {
+                id: name(j),
+                service: service[j],
+                control: control[j],
+            });
+        }
+        let mut server = b.bind().await.expect("bind");
+        handles.push(server.handle());
+        tokio::spawn(async move {
+            while let Some((s, _)) = server.accept().await {
+                tokio::spawn(common::echo(s));
+            }
+        });
+    }
+    (handles, service)
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
+}
+
+/// One echo round: `data` out, the same back.
+async fn round(c: &mut MigratoryStream, data: &[u8]) {
+    c.write_all(data).await.expect("write");
+    let mut got = vec![0u8; data.len()];
+    c.read_exact(&mut got).await.expect("read");
+    assert!(got == data, "the echo differs");
+}
+
+fn counts(handles: &[ServerHandle]) -> Vec<usize> {
+    handles.iter().map(|h| h.sessions().len()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_sessions_on_one_server_spread_evenly_and_stay_put() {
+    let (handles, service) = pool(3, fast_balance()).await;
+    let tls = common::client_tls();
+    let mut clients = Vec::new();
+    for i in 0..300u32 {
+        let mut c = MigratoryStream::connect(&service[..1], &tls)
+            .await
+            .expect("connect");
+        round(&mut c, &pattern(512, i)).await;
+        clients.push(c);
+    }
+    // They all started on s1: the rebalancer sends two thirds away.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let settled = loop {
+        let n = counts(&handles);
+        if n.iter().sum::<usize>() == 300 && n.iter().all(|c| (90..=110).contains(c)) {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "not spread: {n:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("spread: {settled:?}");
+    // Every client moved or not, each byte exact.
+    for (i, c) in clients.iter_mut().enumerate() {
+        round(c, &pattern(2048, 1000 + i as u32)).await;
+    }
+    // The rebalancer levels to the mean (it stops within `min_excess` of
+    // it), then nothing moves: several rounds later, the same.
+    let rebalanced = || -> Vec<u64> { handles.iter().map(|h| h.stats().rebalanced).collect() };
+    let mut quiet = None;
+    for _ in 0..10 {
+        let before = (counts(&handles), rebalanced());
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        if (counts(&handles), rebalanced()) == before {
+            quiet = Some(before);
+            break;
+        }
+    }
+    let (level, moved) = quiet.expect("the rebalancer never stopped");
+    eprintln!("level: {level:?}");
+    assert!(level.iter().all(|c| (90..=110).contains(c)), "{level:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(counts(&handles), level, "sessions flapped");
+    assert_eq!(
+        rebalanced(),
+        moved,
+        "the rebalancer moved sessions of a balanced pool"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        round(c, &pattern(512, 5000 + i as u32)).await;
+        c.shutdown().await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_moves_streaming_sessions_and_sends_new_clients_on() {
+    // No rebalancer: every move is the drain's.
+    let balance = BalanceConfig {
+        rebalance: None,
+        ..fast_balance()
+    };
+    let (handles, service) = pool(3, balance).await;
+    // The peers have reported their loads.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tls = common::client_tls();
+    // 24 clients on s1, each streaming 64 KiB rounds until s1 drained,
+    // and a few more.
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for i in 0..24u32 {
+        let mut c = MigratoryStream::connect(&service[..1], &tls)
+            .await
+            .expect("connect");
+        round(&mut c, &pattern(100, i)).await;
+        let drained = drained.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = 0u32;
+            while !*drained.borrow() {
+                round(&mut c, &pattern(64 << 10, i * 1000 + r)).await;
+                r += 1;
+            }
+            for r in 0..4u32 {
+                round(&mut c, &pattern(64 << 10, i * 1000 + 999 - r)).await;
+            }
+            let server = c.server().expect("attached");
+            c.shutdown().await.expect("close");
+            server
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let drain = {
+        let h = handles[0].clone();
+        tokio::spawn(async move { h.drain(Duration::from_secs(20)).await })
+    };
+    // A client that arrives meanwhile is served elsewhere.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut late = MigratoryStream::connect(&service[..1], &tls)
+        .await
+        .expect("connect while draining");
+    round(&mut late, &pattern(4096, 77)).await;
+    assert_ne!(late.server().map(|s| s.to_string()), Some(name(0)));
+    let report = drain.await.unwrap();
+    drained_tx.send_replace(true);
+    eprintln!("{report:?}");
+    assert_eq!(report.closed, 0);
+    // The 24, and the client that arrived during the drain.
+    assert_eq!(report.moved + report.finished, 25, "{report:?}");
+    assert!(handles[0].sessions().is_empty());
+    for t in tasks {
+        let server = t.await.unwrap();
+        assert_ne!(server.as_str(), "s1");
+    }
+    round(&mut late, &pattern(4096, 78)).await;
+    assert_eq!(handles[0].stats().redirected, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_no_live_peer_ends_sessions_with_a_reason() {
+    let (handles, service) = pool(1, fast_balance()).await;
+    let tls = common::client_tls();
+    let mut c = MigratoryStream::connect(&service, &tls).await.unwrap();
+    round(&mut c, &pattern(1000, 1)).await;
+    let start = Instant::now();
+    let report = handles[0].drain(Duration::from_secs(20)).await;
+    assert_eq!((report.moved, report.closed), (0, 1), "{report:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    // The client learns at once, with the reason.
+    let mut buf = [0u8; 16];
+    let err = c.read(&mut buf).await.expect_err("the session ended");
+    let inner = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<migratory::Error>())
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| err.to_string());
+    assert!(inner.contains("shut down"), "{inner}");
+    let _ = (SessionError::Closed, RejectReason::Shutdown);
+}
