@@ -183,6 +183,8 @@ impl Pool {
         let mut p = Command::new(BIN)
             .args(["proxy", "--listen", &pool.proxy.to_string()])
             .args(["--service", &services])
+            // Every session starts on s1: the tests know where it is.
+            .args(["--spread", "first"])
             .arg("--ca")
             .arg(dir.join("certs/ca.pem"))
             .stdout(Stdio::null())
@@ -246,11 +248,34 @@ impl Pool {
         format!("http://{}/{file}", self.proxy)
     }
 
+    /// Server `i`'s value of an unlabelled-but-`server` metric, if shown.
+    fn scrape_one(&self, i: usize, metric: &str) -> Option<f64> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{}/metrics", self.metrics[i]),
+            ])
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "metrics scrape failed");
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == format!("{metric}{{server=\"{}\"}}", id(i))).then(|| value.parse().ok())?
+        })
+    }
+
     /// The sum of a metric's samples over the three servers, for samples
     /// whose labels contain every one of `labels`.
     fn scrape(&self, metric: &str, labels: &[&str]) -> f64 {
+        self.scrape_from(&[0, 1, 2], metric, labels)
+    }
+
+    /// [`Pool::scrape`] over some of the servers.
+    fn scrape_from(&self, servers: &[usize], metric: &str, labels: &[&str]) -> f64 {
         let mut sum = 0.0;
-        for m in &self.metrics {
+        for m in servers.iter().map(|i| &self.metrics[*i]) {
             let out = Command::new("curl")
                 .args(["-sS", "--max-time", "10", &format!("http://{m}/metrics")])
                 .output()
@@ -269,6 +294,286 @@ impl Pool {
         }
         sum
     }
+}
+
+impl Pool {
+    /// Sends SIGTERM to server `i`.
+    fn term(&self, i: usize) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.children[i].id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Server `i`'s exit status, if it exited by `within`.
+    fn exited(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.children[i].try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The status code of server `i`'s readiness path, `None` when it does
+    /// not answer.
+    fn ready(&self, i: usize) -> Option<u16> {
+        let mut s = TcpStream::connect_timeout(&self.metrics[i], Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut head = String::new();
+        s.read_to_string(&mut head).ok()?;
+        head.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The sessions `migratory sessions` lists on server `i`.
+    fn listed(&self, i: usize) -> usize {
+        let out = self.run(&["sessions", "--id", &id(i)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).lines().count() - 1
+    }
+}
+
+/// A raw TCP client of the echo service through the proxy: writes and
+/// reads back `len` bytes.
+fn echo_round(s: &mut TcpStream, seed: u32, len: usize) {
+    let data: Vec<u8> = (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    s.write_all(&data).unwrap();
+    let mut got = vec![0u8; len];
+    s.read_exact(&mut got).unwrap();
+    assert!(got == data, "the echo differs");
+}
+
+#[test]
+fn sigterm_drains_eight_curls_and_lets_a_plain_client_finish() {
+    if !have("curl") {
+        eprintln!("skipped: curl is not installed (.ci/run installs it)");
+        return;
+    }
+    const LEN: usize = 24 << 20;
+    const SMALL: usize = 4 << 20;
+    let (mut pool, sums) = Pool::start(
+        "drain",
+        "http",
+        &[("big.bin", LEN, 11), ("small.bin", SMALL, 12)],
+    );
+    // Eight downloads through the proxy (all on s1), slowed so the drain
+    // comes in the middle.
+    let mut curls = Vec::new();
+    for k in 0..8 {
+        let out = pool.dir.join(format!("got{k}.bin"));
+        let c = Command::new("curl")
+            .args(["-sS", "--fail", "--limit-rate", "6M", "-o"])
+            .arg(&out)
+            .arg(pool.url("big.bin"))
+            .spawn()
+            .expect("start curl");
+        curls.push((c, out));
+    }
+    // And a plain HTTP client straight to s1 (not migratory): it must get
+    // its whole response, then be let go.
+    let service = pool.run(&["sessions", "--id", "s1"]);
+    assert!(service.status.success());
+    let cfg = std::fs::read_to_string(&pool.config).unwrap();
+    let s1 = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("service = \""))
+        .map(|l| l.trim_end_matches('"').to_string())
+        .unwrap();
+    let plain_out = pool.dir.join("plain.bin");
+    let mut plain = Command::new("curl")
+        .args(["-sS", "--fail", "--limit-rate", "1M", "-D", "-", "-o"])
+        .arg(&plain_out)
+        .arg(format!("http://{s1}/small.bin"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start plain curl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while curls.iter().any(|(_, f)| file_len(f) == 0) || file_len(&plain_out) == 0 {
+        assert!(Instant::now() < deadline, "the downloads did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pool.listed(0), 8, "the eight sessions are on s1");
+    assert_eq!(pool.ready(0), Some(200));
+    let t0 = Instant::now();
+    pool.term(0);
+    // Readiness says no while the drain (and the plain client) go on.
+    let mut saw_503 = false;
+    let status = loop {
+        if let Some(s) = pool.exited(0, Duration::ZERO) {
+            break s;
+        }
+        saw_503 |= pool.ready(0) == Some(503);
+        assert!(t0.elapsed() < Duration::from_secs(40), "s1 did not exit");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = t0.elapsed();
+    eprintln!("s1 drained and exited in {took:?}");
+    assert!(status.success(), "s1 exited with {status}");
+    assert!(took < Duration::from_secs(25), "within the drain deadline");
+    assert!(saw_503, "readiness never said 503 while draining");
+    for (mut c, out) in curls {
+        let st = c.wait().unwrap();
+        assert!(st.success(), "curl failed: {st}");
+        assert_eq!(sha256_file(&out), sums[0], "a download differs");
+    }
+    let plain = plain.wait_with_output().unwrap();
+    assert!(plain.status.success());
+    assert_eq!(
+        sha256_file(&plain_out),
+        sums[1],
+        "the plain download differs"
+    );
+    let head = String::from_utf8_lossy(&plain.stdout).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Its response was under way when the drain began: it may have been
+    // written already, with no `connection: close`; either way the server
+    // closed the connection after it (curl would have waited otherwise).
+    // The sessions moved: the other servers count them in.
+    let moved_in = pool.scrape_from(
+        &[1, 2],
+        "migratory_migrations_total",
+        &["direction=\"in\"", "outcome=\"moved\""],
+    );
+    assert!(moved_in >= 8.0, "{moved_in}");
+}
+
+#[test]
+fn sigterm_drains_socat_echo_streaming_both_ways() {
+    if !have("socat") {
+        eprintln!("skipped: socat is not installed (.ci/run installs it)");
+        return;
+    }
+    let (mut pool, _) = Pool::start("drain-echo", "echo", &[]);
+    let mut child = Command::new("socat")
+        .args(["-t", "30", "-"])
+        .arg(format!("TCP:{}", pool.proxy))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start socat");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let sent: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    let to_send = sent.clone();
+    let writer = std::thread::spawn(move || {
+        for chunk in to_send.chunks(64 << 10) {
+            stdin.write_all(chunk).unwrap();
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    });
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        stdout.read_to_end(&mut got).unwrap();
+        got
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pool.session(0).is_none_or(|(up, _)| up < 1 << 20) {
+        assert!(Instant::now() < deadline, "the stream did not start on s1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pool.term(0);
+    let status = pool.exited(0, Duration::from_secs(25)).expect("s1 exits");
+    assert!(status.success(), "s1 exited with {status}");
+    writer.join().unwrap();
+    let got = reader.join().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "echo differs");
+}
+
+#[test]
+fn sigterm_to_the_last_server_standing_resets_its_clients() {
+    let (mut pool, _) = Pool::start("last", "echo", &[]);
+    let mut c = TcpStream::connect(pool.proxy).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    echo_round(&mut c, 1, 100_000);
+    // The two peers leave first (they hold nothing: they exit at once).
+    for i in [1, 2] {
+        pool.term(i);
+        let st = pool.exited(i, Duration::from_secs(20)).expect("peer exits");
+        assert!(st.success(), "s{} exited with {st}", i + 1);
+    }
+    echo_round(&mut c, 2, 100_000);
+    let t0 = Instant::now();
+    pool.term(0);
+    let st = pool.exited(0, Duration::from_secs(20)).expect("s1 exits");
+    assert!(st.success(), "s1 exited with {st}");
+    eprintln!(
+        "the last server ended its session and exited in {:?}",
+        t0.elapsed()
+    );
+    // The client learns through a reset (not an end of stream it could
+    // take for a complete answer).
+    let mut buf = [0u8; 64];
+    match c.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes instead of a reset"),
+    }
+}
+
+#[test]
+fn metrics_match_the_session_listing_after_opens_moves_and_closes() {
+    let (pool, _) = Pool::start("metrics", "echo", &[]);
+    let open = |i: usize| pool.scrape_one(i, "migratory_sessions_open");
+    // Every series is there before the first session (s3 never had one).
+    assert_eq!(open(2), Some(0.0), "s3 shows no sessions gauge");
+    for i in 0..3 {
+        assert_eq!(pool.scrape_one(i, "migratory_draining"), Some(0.0));
+    }
+    let check = |want: [usize; 3]| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed: Vec<usize> = (0..3).map(|i| pool.listed(i)).collect();
+            let gauge: Vec<Option<f64>> = (0..3).map(open).collect();
+            let as_gauge: Vec<Option<f64>> = want.iter().map(|n| Some(*n as f64)).collect();
+            if listed == want && gauge == as_gauge {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "want {want:?}: listed {listed:?}, gauge {gauge:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The harness's readiness probe of the proxy was a session too: gone.
+    check([0, 0, 0]);
+    let mut clients: Vec<TcpStream> = (0..5)
+        .map(|k| {
+            let mut c = TcpStream::connect(pool.proxy).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            echo_round(&mut c, k, 1000);
+            c
+        })
+        .collect();
+    check([5, 0, 0]);
+    let out = pool.run(&["migrate", "--from", "s1", "--to", "s2", "--count", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check([3, 2, 0]);
+    for (k, c) in clients.iter_mut().enumerate() {
+        echo_round(c, 10 + k as u32, 1000);
+    }
+    drop(clients);
+    check([0, 0, 0]);
 }
 
 #[test]
