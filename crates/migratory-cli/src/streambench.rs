@@ -65,6 +65,16 @@ pub struct StreamArgs {
     /// The throughput policy's trigger (fraction of the best smoothed rate).
     #[arg(long, default_value_t = 0.7)]
     trigger: f64,
+    /// The throughput policy's sampling period.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    period: Duration,
+    /// The throughput policy's least time between migrations.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    min_interval: Duration,
+    /// The throughput policy's samples in a row at or below the trigger
+    /// before it acts.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    confirm: u32,
     /// Write the bytes received against time here (CSV: case, state_bytes,
     /// seconds, bytes).
     #[arg(long, value_name = "FILE")]
@@ -231,6 +241,9 @@ async fn download(
             let cfg = ThroughputConfig {
                 alpha: a.alpha,
                 trigger: a.trigger,
+                period: a.period,
+                confirm: a.confirm,
+                min_interval: a.min_interval,
                 ..ThroughputConfig::default()
             };
             cfg.validate()?;
@@ -396,6 +409,9 @@ pub fn run(a: StreamArgs) -> Result<bool, String> {
         "ramp": a.ramp,
         "alpha": a.alpha,
         "trigger": a.trigger,
+        "period_ms": a.period.as_secs_f64() * 1e3,
+        "confirm": a.confirm,
+        "min_interval_ms": a.min_interval.as_secs_f64() * 1e3,
         "best_rate": best,
         "cases": rows,
     });
@@ -436,7 +452,14 @@ fn figure(
         .x_desc("seconds")
         .y_desc("MiB received")
         .draw()?;
-    let colors = [BLACK, BLUE, RED, GREEN, MAGENTA, CYAN];
+    let colors = [
+        BLACK,
+        BLUE,
+        RED,
+        RGBColor(0, 140, 0),
+        MAGENTA,
+        RGBColor(200, 120, 0),
+    ];
     for (i, r) in runs.iter().enumerate() {
         let color = colors[i % colors.len()];
         chart
