@@ -40,6 +40,9 @@ pub enum BenchCommand {
     /// `serve`'s CPU while they sit idle, and the p99 round trip of active
     /// sessions beside them vs beside none.
     Idle(crate::netbench::IdleArgs),
+    /// Drain a server of many sessions (a share of them streaming) to its
+    /// two peers: how long it takes and what the clients saw go wrong.
+    Drain(crate::netbench::DrainArgs),
     /// Checkpoint and restore N loopback TCP sockets, each with data
     /// queued, several rounds; prints the median time per socket.
     Sock(SockBenchArgs),
@@ -86,6 +89,7 @@ pub fn run(cmd: BenchCommand) -> Result<bool, String> {
         BenchCommand::Rtt(a) => crate::netbench::rtt(a),
         BenchCommand::Migrate(a) => crate::netbench::migrate(a),
         BenchCommand::Idle(a) => crate::netbench::idle(a),
+        BenchCommand::Drain(a) => crate::netbench::drain(a),
         BenchCommand::Stream(a) => streambench::run(a),
         BenchCommand::Sock(a) => sock(a),
         BenchCommand::Handoff(a) => handoff(a),

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use hdrhistogram::Histogram;
+use migratory::proto::server::BalanceConfig;
 use migratory::{
-    Arrival, ClientTls, MigrationPhases, MigratoryStream, PoolCerts, ServerBuilder, ServerHandle,
-    ServerTls, Session,
+    Arrival, ClientTls, MigrationPhases, MigrationTimes, MigratoryStream, PoolCerts, ServerBuilder,
+    ServerHandle, ServerTls, Session,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -197,6 +198,17 @@ async fn pool_handles(
     state: usize,
     sec: Sec,
 ) -> Result<(Vec<SocketAddr>, Vec<ServerHandle>), String> {
+    pool_with(n, app, state, sec, Some(BalanceConfig::default())).await
+}
+
+/// [`pool_handles`] with these balance settings.
+async fn pool_with(
+    n: usize,
+    app: App,
+    state: usize,
+    sec: Sec,
+    balance: Option<BalanceConfig>,
+) -> Result<(Vec<SocketAddr>, Vec<ServerHandle>), String> {
     let mut listeners = Vec::new();
     for _ in 0..2 * n {
         listeners.push(std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?);
@@ -214,6 +226,7 @@ async fn pool_handles(
             .service(addrs[2 * i])
             .control(addrs[2 * i + 1])
             .cluster_key(KEY)
+            .balance(balance.clone())
             .max_state(state.len().max(64 * 1024));
         for j in (0..n).filter(|j| *j != i) {
             b.peer(migratory::Peer {
@@ -1194,4 +1207,239 @@ pub fn idle(a: IdleArgs) -> Result<bool, String> {
         });
         emit(a.json, v, text)
     })
+}
+
+/// Options of `migratory bench drain`.
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// Sessions on the server that drains.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    sessions: u32,
+    /// The share of them streaming (16 KiB echo rounds, checked) while the
+    /// server drains; the others are idle.
+    #[arg(long, default_value_t = 0.5)]
+    streaming: f64,
+    /// Pace of each streaming session, bytes per second each way (e.g.
+    /// 1MiB; 0: as fast as it goes).
+    #[arg(long, default_value = "0", value_parser = crate::demo::parse_size)]
+    rate: u64,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One echo round of `len` bytes, checked: `false` on any error or
+/// difference (a client-visible error).
+async fn echo_checked(c: &mut MigratoryStream, seed: u64, len: usize) -> bool {
+    let data: Vec<u8> = (0..len as u64)
+        .map(|i| ((i + seed).wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    if c.write_all(&data).await.is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; len];
+    c.read_exact(&mut got).await.is_ok() && got == data
+}
+
+/// A pool of three `migratory serve --service echo` processes over TLS
+/// (no rebalancer: every session starts and stays on s1), `sessions`
+/// clients in this process on s1, a share of them streaming; then an
+/// operator drains s1, as `migratory drain` does. Measures the drain and
+/// counts what the clients saw go wrong (every byte is checked, and every
+/// idle client does one more round after the drain).
+pub fn drain(a: DrainArgs) -> Result<bool, String> {
+    if !(0.0..=1.0).contains(&a.streaming) {
+        return Err("--streaming must be between 0 and 1".into());
+    }
+    crate::nofile::raise();
+    let rt = runtime()?;
+    let v = rt.block_on(async {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let dir =
+            std::env::temp_dir().join(format!("migratory-bench-drain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let key = "bench-drain-cluster-key-0123456789abcdef";
+        std::fs::write(dir.join("cluster.key"), key).map_err(|e| e.to_string())?;
+        let mut cfg = String::from(
+            "cluster_key_file = \"cluster.key\"\n[limits]\nmax_connections = 1000000\n\
+             max_connections_per_address = 1000000\n[balance]\nrebalance = false\n",
+        );
+        let mut service = Vec::new();
+        let mut control = Vec::new();
+        for i in 0..3 {
+            service.push(free_port()?);
+            control.push(free_port()?);
+            cfg += &format!(
+                "[[server]]\nid = \"s{}\"\nservice = \"{}\"\ncontrol = \"{}\"\n",
+                i + 1,
+                service[i],
+                control[i]
+            );
+        }
+        let pool = dir.join("pool.toml");
+        std::fs::write(&pool, cfg).map_err(|e| e.to_string())?;
+        let certs = std::process::Command::new(&exe)
+            .args(["certs", "--force", "--config"])
+            .arg(&pool)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !certs.status.success() {
+            return Err(format!("certs: {}", String::from_utf8_lossy(&certs.stderr)));
+        }
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            servers.push(Child(
+                std::process::Command::new(&exe)
+                    .args(["serve", "--config"])
+                    .arg(&pool)
+                    .args(["--id", &format!("s{}", i + 1), "--service", "echo"])
+                    .env("RUST_LOG", "warn")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("cannot start serve: {e}"))?,
+            ));
+        }
+        for s in &service {
+            wait_listening(*s).await?;
+        }
+        // The peers report their loads.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let tls = ClientTls::from_ca_file(dir.join("certs/ca.pem")).map_err(|e| e.to_string())?;
+        let op_tls = migratory::OperatorTls::from_pem_files(
+            dir.join("certs/ca.pem"),
+            dir.join("certs/operator.pem"),
+            dir.join("certs/operator.key"),
+        )
+        .map_err(|e| e.to_string())?;
+        let listed = |i: usize| {
+            let op_tls = op_tls.clone();
+            let control = control[i];
+            async move {
+                let id = format!("s{}", i + 1);
+                let mut op = migratory::Operator::connect(control, &op_tls, key.as_bytes(), &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                op.sessions()
+                    .await
+                    .map(|r| r.len())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let n = a.sessions as usize;
+        let streaming = ((n as f64) * a.streaming).round() as usize;
+        let connects = Arc::new(Semaphore::new(64));
+        let mut opening = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tls, addr, connects) = (tls.clone(), service[0], connects.clone());
+            opening.push(tokio::spawn(async move {
+                let _permit = connects.acquire().await.map_err(|e| e.to_string())?;
+                let mut c = MigratoryStream::connect(&[addr], &tls)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                if !echo_checked(&mut c, i as u64, 16).await {
+                    return Err("first round failed".to_string());
+                }
+                Ok::<_, String>(c)
+            }));
+        }
+        let mut clients = Vec::with_capacity(n);
+        for o in opening {
+            clients.push(o.await.map_err(|e| e.to_string())??);
+        }
+        let on_s1 = listed(0).await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut streamers = Vec::new();
+        let idle: Vec<MigratoryStream> = clients.split_off(streaming);
+        const ROUND: usize = 16 << 10;
+        let pause = (a.rate > 0).then(|| Duration::from_secs_f64(ROUND as f64 / a.rate as f64));
+        for (i, mut c) in clients.into_iter().enumerate() {
+            let stop = stop.clone();
+            streamers.push(tokio::spawn(async move {
+                let mut rounds = 0u64;
+                let mut next = tokio::time::Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if !echo_checked(&mut c, (i as u64) << 32 | rounds, ROUND).await {
+                        return (rounds, 1u64);
+                    }
+                    rounds += 1;
+                    if let Some(p) = pause {
+                        next += p;
+                        tokio::time::sleep_until(next).await;
+                    }
+                }
+                (rounds, 0)
+            }));
+        }
+        // Let the streams run.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut op = migratory::Operator::connect(control[0], &op_tls, key.as_bytes(), "s1")
+            .await
+            .map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        let (moved, closed, took) = op
+            .drain(Duration::from_secs(25))
+            .await
+            .map_err(|e| e.to_string())?;
+        let drain_ms = t0.elapsed().as_secs_f64() * 1e3;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut errors = 0u64;
+        let mut rounds = 0u64;
+        for t in streamers {
+            let (r, e) = t.await.map_err(|e| e.to_string())?;
+            rounds += r;
+            errors += e;
+        }
+        let ms = |v: Vec<f64>| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                median(v) * 1e3
+            }
+        };
+        let client: Vec<MigrationTimes> = idle
+            .iter()
+            .filter_map(|c| c.last_migration_times())
+            .collect();
+        let c_prepare = ms(client.iter().map(|t| t.prepare.as_secs_f64()).collect());
+        let c_wait = ms(client.iter().map(|t| t.wait.as_secs_f64()).collect());
+        let mut idle_errors = 0u64;
+        for (i, mut c) in idle.into_iter().enumerate() {
+            if !echo_checked(&mut c, 1 << 40 | i as u64, 64).await {
+                idle_errors += 1;
+            }
+        }
+        let after = vec![listed(1).await?, listed(2).await?];
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok::<_, String>(json!({
+            "sessions": n,
+            "streaming": streaming,
+            "rate": a.rate,
+            "on_s1_before": on_s1,
+            "drain_ms": drain_ms,
+            "server_drain_ms": took.as_secs_f64() * 1e3,
+            "moved": moved,
+            "closed": closed,
+            "stream_rounds": rounds,
+            "errors": errors + idle_errors,
+            "after_s2_s3": after,
+            "client_prepare_p50_ms": c_prepare,
+            "client_wait_p50_ms": c_wait,
+        }))
+    })?;
+    let text = format!(
+        "drain of {} sessions ({} streaming) on s1: {:.0} ms; moved {}, closed {}; \
+         client-visible errors {}; sessions on s2, s3 after: {}\n",
+        v["sessions"],
+        v["streaming"],
+        v["drain_ms"].as_f64().unwrap_or(0.0),
+        v["moved"],
+        v["closed"],
+        v["errors"],
+        v["after_s2_s3"]
+    );
+    emit(a.json, v, text)
 }

@@ -393,7 +393,7 @@ fn sigterm_drains_eight_curls_and_lets_a_plain_client_finish() {
         .map(|l| l.trim_end_matches('"').to_string())
         .unwrap();
     let plain_out = pool.dir.join("plain.bin");
-    let mut plain = Command::new("curl")
+    let plain = Command::new("curl")
         .args(["-sS", "--fail", "--limit-rate", "1M", "-D", "-", "-o"])
         .arg(&plain_out)
         .arg(format!("http://{s1}/small.bin"))

@@ -34,6 +34,10 @@ pub struct BalanceConfig {
     pub drain_round: Duration,
     /// See [`BalanceConfig::drain_round`] (2 s).
     pub retrigger: Duration,
+    /// Most sessions of a drain on their way out at once (256): the next
+    /// goes as one leaves, so a drain of many sessions neither floods the
+    /// peers with handshakes nor holds two connections per session.
+    pub drain_parallel: usize,
 }
 
 impl Default for BalanceConfig {
@@ -44,6 +48,7 @@ impl Default for BalanceConfig {
             rebalance: Some(RebalanceConfig::default()),
             drain_round: Duration::from_millis(250),
             retrigger: Duration::from_secs(2),
+            drain_parallel: 256,
         }
     }
 }

@@ -125,8 +125,11 @@ struct Drain {
     deadline: Instant,
     /// When a peer could last take sessions.
     last_live: Instant,
-    /// Sessions sent a Trigger, and when.
+    /// Sessions sent a Trigger and not yet gone, and when: at most
+    /// [`BalanceConfig::drain_parallel`](super::BalanceConfig::drain_parallel).
     sent: HashMap<SessionId, Instant>,
+    /// Sessions to send next.
+    queue: VecDeque<SessionId>,
     moved: u64,
     finished: u64,
     closed: u64,
@@ -171,6 +174,8 @@ pub struct Endpoint<S: SessionSlot> {
     rebalance_sent: Vec<SessionId>,
     /// When its last round sent sessions away, or when they all left.
     rebalance_at: Instant,
+    /// Sessions sent to each peer since its last load report.
+    sent_since_report: HashMap<ServerId, u32>,
 }
 
 impl<S: SessionSlot> std::fmt::Debug for Endpoint<S> {
@@ -214,6 +219,7 @@ impl<S: SessionSlot> Endpoint<S> {
             rebalancing: false,
             rebalance_sent: Vec::new(),
             rebalance_at: now,
+            sent_since_report: HashMap::new(),
         }
         .with_balance_timers(now)
     }
@@ -399,6 +405,14 @@ impl<S: SessionSlot> Endpoint<S> {
                         d.moved += 1;
                     } else if finished {
                         d.finished += 1;
+                    }
+                    // The last one left: the drain is over now, not at
+                    // its next round (no session is visited: none is left).
+                    if !d.done && self.sessions.is_empty() {
+                        self.drain_round(self.last_now);
+                    } else if !d.done {
+                        // Room for one more on its way out.
+                        self.drain_pump(self.last_now);
                     }
                 }
                 if finished {
@@ -688,7 +702,7 @@ impl<S: SessionSlot> Endpoint<S> {
         self.install(now, inc, image, 0, Start::Hello { window });
         if let Some(dest) = redirect {
             self.stats.redirected += 1;
-            self.trigger(sid, Some(dest));
+            self.send_to(sid, dest);
         }
     }
 
@@ -926,6 +940,7 @@ impl<S: SessionSlot> Endpoint<S> {
             }
             ControlMessage::Load(load) => {
                 self.loads.insert(from.clone(), (load, now));
+                self.sent_since_report.remove(from);
                 self.events.push_back(ServerEvent::PeerLoad {
                     peer: from.clone(),
                     load,
@@ -1217,13 +1232,30 @@ impl<S: SessionSlot> Endpoint<S> {
                     && l.sessions < l.capacity
                     && now.saturating_duration_since(*at) < b.stale_after
             })
-            .map(|(id, (l, _))| Candidate {
-                id: id.clone(),
-                load: *l,
+            .map(|(id, (l, _))| {
+                let mut load = *l;
+                let sent = self.sent_since_report.get(id).copied().unwrap_or(0);
+                load.sessions = load.sessions.saturating_add(sent);
+                Candidate {
+                    id: id.clone(),
+                    load,
+                }
             })
+            .filter(|c| c.load.sessions < c.load.capacity)
             .collect();
         c.sort_by(|a, b| a.id.cmp(&b.id));
         c
+    }
+
+    /// Sends `session`'s client to `dest` for the rebalancer, a drain or a
+    /// new session sent on, counting it against `dest`'s load until its
+    /// next report (which shows it, as it arrives in a few milliseconds).
+    fn send_to(&mut self, session: SessionId, dest: ServerId) -> bool {
+        if !self.trigger(session, Some(dest.clone())) {
+            return false;
+        }
+        *self.sent_since_report.entry(dest).or_default() += 1;
+        true
     }
 
     /// Sends this server's load to every peer, and arms the next report.
@@ -1314,7 +1346,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let movable = self.movable(now, r.min_residence, |_| false);
         let dests = balance::rebalance(own, movable.len(), &candidates, r, &mut self.rebalancing);
         for (sid, dest) in movable.into_iter().zip(dests) {
-            if self.trigger(sid, Some(dest)) {
+            if self.send_to(sid, dest) {
                 self.rebalance_sent.push(sid);
             }
         }
@@ -1348,6 +1380,7 @@ impl<S: SessionSlot> Endpoint<S> {
                     started: now,
                     deadline,
                     last_live: now,
+                    queue: VecDeque::new(),
                     sent: HashMap::new(),
                     moved: 0,
                     finished: 0,
@@ -1402,18 +1435,13 @@ impl<S: SessionSlot> Endpoint<S> {
         if now >= deadline || hopeless {
             self.close_all(now);
         } else {
+            // Sent long ago and still here: send again (maybe elsewhere).
+            let d = self.drain.as_mut().expect("checked");
+            d.sent.retain(|_, at| now < *at + retrigger);
             let sent = &self.drain.as_ref().expect("checked").sent;
-            let todo = self.movable(now, std::time::Duration::ZERO, |sid| {
-                sent.get(sid).is_some_and(|at| now < *at + retrigger)
-            });
-            let dests = balance::spread(todo.len(), &candidates);
-            for (sid, dest) in todo.into_iter().zip(dests) {
-                if self.trigger(sid, Some(dest)) {
-                    if let Some(d) = &mut self.drain {
-                        d.sent.insert(sid, now);
-                    }
-                }
-            }
+            let todo = self.movable(now, std::time::Duration::ZERO, |sid| sent.contains_key(sid));
+            self.drain.as_mut().expect("checked").queue = todo.into();
+            self.drain_pump(now);
         }
         let owned = self.load().sessions;
         let d = self.drain.as_mut().expect("checked");
@@ -1436,6 +1464,42 @@ impl<S: SessionSlot> Endpoint<S> {
                 now + cfg.drain_round
             };
             self.timers.insert((next, Timer::Drain));
+        }
+    }
+
+    /// Sends the next sessions of the drain's queue to the least loaded
+    /// candidates, while fewer than `drain_parallel` are on their way.
+    fn drain_pump(&mut self, now: Instant) {
+        let parallel = self
+            .cfg
+            .balance
+            .as_ref()
+            .map_or(0, |b| b.drain_parallel.max(1));
+        let Some(d) = &mut self.drain else {
+            return;
+        };
+        let room = parallel.saturating_sub(d.sent.len());
+        if room == 0 || d.queue.is_empty() || d.done {
+            return;
+        }
+        let mut picks = Vec::with_capacity(room.min(d.queue.len()));
+        while picks.len() < room {
+            let Some(sid) = d.queue.pop_front() else {
+                break;
+            };
+            if !d.sent.contains_key(&sid) {
+                picks.push(sid);
+            }
+        }
+        for sid in picks {
+            let Some(dest) = balance::spread(1, &self.candidates(now)).pop() else {
+                break;
+            };
+            if self.send_to(sid, dest) {
+                if let Some(d) = &mut self.drain {
+                    d.sent.insert(sid, now);
+                }
+            }
         }
     }
 
