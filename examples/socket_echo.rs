@@ -1,4 +1,4 @@
-//! An echo server in the shapes of MIGSOCK II's test programs (seed 004,
+//! An echo server in the shapes of MIGSOCK II's test programs (MIGSOCK report,
 //! section 6): one process with many sockets, one process per connection,
 //! or one thread per connection; and a socket-activated mode that serves
 //! whatever sockets it is started with (`LISTEN_FDS`), which is how

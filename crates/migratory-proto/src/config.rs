@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::frame::DEFAULT_MAX_FRAME;
 
-/// Buffer and frame limits shared by client and server (DESIGN.md
+/// Buffer and frame limits shared by client and server (docs/architecture.md
 /// invariant 4: every buffer is bounded by these).
 #[derive(Debug, Clone)]
 pub struct Limits {

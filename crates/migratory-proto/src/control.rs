@@ -1,5 +1,5 @@
 //! Messages between the servers of a pool on their control connection
-//! (DESIGN.md 3.3, MTCP 4.2.3 "Control Connection and State Transfer
+//! (docs/architecture.md 3.3, MTCP 4.2.3 "Control Connection and State Transfer
 //! Details"): peer authentication, lazy state transfer, eager replication
 //! and triggers. Same framing as [`crate::frame`], separate type space.
 //!
@@ -120,7 +120,7 @@ impl SessionImage {
 }
 
 /// One step of eager replication from a session's owner to its backup
-/// (DESIGN.md 3.6), in stream order on the control connection.
+/// (docs/architecture.md 3.6), in stream order on the control connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaUpdate {
     /// The whole state: opens the replica, or re-synchronises it after the

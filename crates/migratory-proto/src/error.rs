@@ -6,7 +6,7 @@ use crate::frame::RejectReason;
 use crate::types::ServerId;
 
 /// Malformed input on the wire. Every decoder returns one of these for bad
-/// input; none panics (DESIGN.md invariant 5).
+/// input; none panics (docs/architecture.md invariant 5).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DecodeError {
     /// The connection did not start with the migratory preamble: it is a
@@ -92,7 +92,7 @@ pub enum SessionError {
         text: String,
     },
     /// Every known server was tried and none could resume the session: the
-    /// state is lost (fail closed, DESIGN.md invariant 2).
+    /// state is lost (fail closed, docs/architecture.md invariant 2).
     #[error("no server could resume the session (last failure: {last})")]
     NoServerLeft {
         /// The last failure seen.

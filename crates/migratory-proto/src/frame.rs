@@ -1,4 +1,4 @@
-//! Frames on an incarnation between a client and a server (DESIGN.md 3.2).
+//! Frames on an incarnation between a client and a server (docs/architecture.md 3.2).
 //!
 //! An incarnation starts with [`PREAMBLE`] from the client, so a server can
 //! tell a migratory client from a plain TCP client on the same port. Then

@@ -1,5 +1,5 @@
 //! Sans-IO core of **migratory**, the live-migration protocol for TCP
-//! sessions (the MTCP design; see `DESIGN.md` in the repository).
+//! sessions (the MTCP design; see `docs/architecture.md`).
 //!
 //! This crate does no IO and reads no clock: bytes and `Instant`s go in,
 //! frames and events come out. It holds every protocol rule — the frame

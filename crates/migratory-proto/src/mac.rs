@@ -1,7 +1,7 @@
 //! Message authentication: the MAC on `Migrate` (keyed by the session
-//! secret, DESIGN.md 3.2), the secret's change at every epoch, and the
+//! secret, docs/architecture.md 3.2), the secret's change at every epoch, and the
 //! challenge-response between peers of a pool (keyed by the cluster key,
-//! DESIGN.md 3.3).
+//! docs/architecture.md 3.3).
 //!
 //! The `nonce` a Migrate's proof covers is the new connection's channel
 //! binding when it has one: a value both ends of that TLS connection

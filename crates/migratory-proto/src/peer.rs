@@ -1,5 +1,5 @@
 //! The authenticated control connection between two servers of a pool
-//! (DESIGN.md 3.3): a mutual challenge-response keyed by the cluster key,
+//! (docs/architecture.md 3.3): a mutual challenge-response keyed by the cluster key,
 //! then framed [`ControlMessage`]s.
 //!
 //! Each side sends `PeerHello {id, nonce}`; each answers the other's nonce

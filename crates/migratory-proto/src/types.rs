@@ -1,4 +1,4 @@
-//! Names of the protocol (DESIGN.md 3.1): sessions, servers, epochs,
+//! Names of the protocol (docs/architecture.md 3.1): sessions, servers, epochs,
 //! incarnations and the alternates a client may migrate to.
 
 use std::fmt;

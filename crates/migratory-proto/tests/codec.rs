@@ -1,6 +1,6 @@
 //! Property and unit tests of the wire codecs (`frame`, `control`): every
 //! value round-trips, an incremental decoder reassembles frames split at any
-//! point, arbitrary bytes never panic a decoder (DESIGN.md invariant 5), and
+//! point, arbitrary bytes never panic a decoder (docs/architecture.md invariant 5), and
 //! each kind of malformed input gets its typed error.
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,4 +1,4 @@
-//! Named scenarios, one per case of the MTCP thesis (002) and DESIGN.md 3:
+//! Named scenarios, one per case of the MTCP thesis and docs/architecture.md 3:
 //! each drives one client and a pool of servers by hand over the simulated
 //! network and checks every byte both applications read.
 

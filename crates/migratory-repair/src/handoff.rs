@@ -1,4 +1,4 @@
-//! Handing live sockets to another process (DESIGN.md section 5).
+//! Handing live sockets to another process (docs/architecture.md section 5).
 //!
 //! Three ways a socket changes owner on one host, none of which closes it
 //! (the kernel socket lives while any descriptor for it is open, so the peer

@@ -1,5 +1,5 @@
 //! Socket images: what [`crate::checkpoint`] reads out of a kernel TCP
-//! socket and [`crate::restore`] puts back (DESIGN.md section 5), and the
+//! socket and [`crate::restore`] puts back (docs/architecture.md section 5), and the
 //! file that holds several of them with an application-state blob.
 //!
 //! # File format (version 1)

@@ -1,5 +1,5 @@
 //! Socket checkpoint/restore with Linux `TCP_REPAIR`, and handoff of live
-//! sockets between processes (DESIGN.md section 5). While a connection
+//! sockets between processes (docs/architecture.md section 5). While a connection
 //! moves, [`lock`] keeps its packets from a socket that is frozen or not
 //! yet restored (nftables); [`process`] checkpoints a running process's
 //! sockets under that lock and never kills it before the image is safe.

@@ -1,4 +1,4 @@
-//! MIGSOCK's controlling program (seed 004, start_migrate and
+//! MIGSOCK's controlling program (MIGSOCK report, start_migrate and
 //! finish_migrate): checkpoint the TCP sockets of a running process into an
 //! image file, and restore an image's sockets to hand them on.
 //!

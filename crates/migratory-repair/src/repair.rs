@@ -1,5 +1,5 @@
 //! Checkpoint and restore of one kernel TCP socket with `TCP_REPAIR`
-//! (DESIGN.md section 5; the sequences of `notes/tcp-repair.md`).
+//! (docs/architecture.md section 5).
 //!
 //! Every state of an open connection is supported: ESTABLISHED; the
 //! half-closes where only our side closed, FIN_WAIT1 (our FIN not yet

@@ -1,4 +1,4 @@
-//! Cross-host socket migration (MIGSOCK's experiment, seed 004): network
+//! Cross-host socket migration (the MIGSOCK report's experiment): network
 //! namespaces `client`, `hostA` and `hostB` on a bridge; an unmodified peer
 //! in `client` streams data both ways with a server in `hostA`; the
 //! server's socket is checkpointed while data is in flight both ways, the

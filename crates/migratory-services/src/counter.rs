@@ -1,4 +1,4 @@
-//! MIGSOCK's count server (seed 004, "count server"): sends the integers
+//! MIGSOCK's count server (MIGSOCK report, "count server"): sends the integers
 //! 1, 2, 3, ... one decimal number per line, one line per interval (or as
 //! fast as the session takes them when the interval is zero), until the
 //! client closes its side. Input is read and discarded, so the client can

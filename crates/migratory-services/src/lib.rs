@@ -2,7 +2,7 @@
 //! server, an echo server and MIGSOCK's count server — and the demo's
 //! bulk-transfer service ([`transfer`]).
 //!
-//! Every service follows MTCP's contract (DESIGN.md 3.4): it snapshots its
+//! Every service follows MTCP's contract (docs/architecture.md 3.4): it snapshots its
 //! per-connection state with [`migratory::Session::snapshot`] at points
 //! where that state, together with the up stream from the first byte not yet
 //! read and the down stream from the first byte not yet written, lets a

@@ -1,5 +1,5 @@
 //! **migratory**: live migration of TCP sessions between the servers of a
-//! pool (the MTCP design; see `DESIGN.md`).
+//! pool (the MTCP design; see `docs/architecture.md`).
 //!
 //! A [`ServerBuilder`] binds one server of a pool; [`Server::accept`] yields
 //! each session with how it arrived — new, migrated with the application's

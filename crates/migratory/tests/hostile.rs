@@ -1,4 +1,4 @@
-//! Hostile peers against bounded memory (DESIGN.md invariant 4): a client
+//! Hostile peers against bounded memory (docs/architecture.md invariant 4): a client
 //! that acknowledges bytes it never received, and a backup that stops
 //! reading. Each test measures this process's resident memory, so they
 //! run one at a time.

@@ -1038,7 +1038,7 @@ impl<S: SessionSlot> Endpoint<S> {
     }
 
     /// The origin could not give the state: resume from a local replica if
-    /// there is one (DESIGN.md 3.6), else tell the client why.
+    /// there is one (docs/architecture.md 3.6), else tell the client why.
     fn fallback(&mut self, now: Instant, p: PendingMigration, reason: RejectReason, text: String) {
         let Some(inc) = p.inc.filter(|i| self.incs.contains_key(i)) else {
             return;

@@ -50,7 +50,7 @@ pub enum MigrationOutcome {
     /// from its own frozen state). Out: the destination confirmed it.
     Moved,
     /// In: the session was installed from this server's replica; its owner
-    /// had failed (DESIGN.md 3.6).
+    /// had failed (docs/architecture.md 3.6).
     Failover,
     /// In: the client was refused for this reason.
     Rejected(RejectReason),

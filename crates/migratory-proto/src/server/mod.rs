@@ -52,7 +52,7 @@ pub struct ServerConfig {
     /// The other servers of the pool, as told to clients (preferred first).
     pub alternates: Vec<Alternate>,
     /// The peer that keeps an eager replica of every session this server
-    /// owns (DESIGN.md 3.6), if any.
+    /// owns (docs/architecture.md 3.6), if any.
     pub backup: Option<ServerId>,
     /// Buffer and frame limits.
     pub limits: Limits,

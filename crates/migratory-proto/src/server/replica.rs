@@ -1,5 +1,5 @@
 //! What a backup keeps of a session it does not own (eager replication,
-//! MTCP chapter 3; DESIGN.md 3.6), and the image both an owner and a
+//! MTCP chapter 3; docs/architecture.md 3.6), and the image both an owner and a
 //! replica hand out.
 
 use std::time::Instant;

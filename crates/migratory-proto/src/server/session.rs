@@ -445,7 +445,7 @@ impl Session {
 
     /// Whether the session would survive this server's crash: its backup
     /// is connected and holds the whole state, including every up byte
-    /// acknowledged to the client (DESIGN.md 3.6).
+    /// acknowledged to the client (docs/architecture.md 3.6).
     pub fn crash_tolerant(&self) -> bool {
         self.is_owned()
             && self.backup.as_ref().is_some_and(|b| {
@@ -472,7 +472,7 @@ impl Session {
 
     /// The up position acknowledged to the client: everything received, or
     /// with a live backup only what the backup holds (output commit,
-    /// DESIGN.md 3.6).
+    /// docs/architecture.md 3.6).
     fn commit_point(&self) -> Pos {
         match &self.backup {
             Some(b) if b.live => self.rcv_nxt().min(b.held_up).max(self.ack_sent),

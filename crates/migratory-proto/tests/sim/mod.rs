@@ -4,7 +4,7 @@
 //! queues that can break, virtual time, and crashes. Everything random comes
 //! from one seed, so a failing seed replays exactly.
 //!
-//! Invariants checked (DESIGN.md 4): 1 exactly-once in order (every byte the
+//! Invariants checked (docs/architecture.md 4): 1 exactly-once in order (every byte the
 //! client reads is compared with the expected stream; the server
 //! application's own record of what it read is compared with everything
 //! the client wrote); 2 fail closed (a lost session ends with a clean error
@@ -47,7 +47,7 @@ pub use apps::{AppKind, ServerApp};
 pub struct WorldConfig {
     pub seed: u64,
     pub servers: usize,
-    /// Each server backs up to the next one (DESIGN.md 3.6).
+    /// Each server backs up to the next one (docs/architecture.md 3.6).
     pub eager: bool,
     pub app: AppKind,
     /// Bytes the client uploads.

@@ -1,6 +1,6 @@
 //! A server of a pool: accepts clients on its service address, serves their
 //! sessions to the application, and talks to its peers on its control
-//! address (DESIGN.md 3.3) to move sessions in and out.
+//! address (docs/architecture.md 3.3) to move sessions in and out.
 //!
 //! The protocol core is split as quinn's is: one [`Endpoint`] under the
 //! server's lock routes (admission, the session table, the control plane,
@@ -230,7 +230,7 @@ impl ServerBuilder {
         self
     }
 
-    /// The peer that keeps an eager replica of every session (DESIGN.md 3.6).
+    /// The peer that keeps an eager replica of every session (docs/architecture.md 3.6).
     pub fn backup(&mut self, id: impl Into<String>) -> &mut Self {
         self.backup = Some(id.into());
         self

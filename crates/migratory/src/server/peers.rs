@@ -1,4 +1,4 @@
-//! Control connections between the servers of a pool (DESIGN.md 3.3):
+//! Control connections between the servers of a pool (docs/architecture.md 3.3):
 //! authentication, one link per pair of peers, and operators.
 //!
 //! Every link is bounded. Messages for a peer (replication, state
