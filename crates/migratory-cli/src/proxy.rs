@@ -201,12 +201,19 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
         .map_err(|e| format!("cannot bind {}: {e}", args.listen))?;
     if !any_answers(&args.service).await {
         warn!(
-            service = ?args.service,
+            service = %addr_list(&args.service),
             "no service address answers now: sessions will fail until one does"
         );
     }
     let files = crate::nofile::raise();
-    info!(listen = %local, service = ?args.service, spread = ?args.spread, policy = ?policy, open_files = ?files, "proxy ready (open-file limit raised to the hard limit)");
+    info!(
+        listen = %local,
+        service = %addr_list(&args.service),
+        spread = ?args.spread,
+        policy = ?policy,
+        open_files = ?files,
+        "proxy ready (open-file limit raised to the hard limit)"
+    );
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -264,20 +271,25 @@ pub(crate) async fn relay_with(
             return;
         }
     };
-    let id = session.session();
-    info!(%peer, session = ?id, server = ?session.server(), "session opened");
+    let id = session
+        .session()
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
+    let server = session
+        .server()
+        .map_or_else(|| "-".to_string(), |s| s.to_string());
+    info!(%peer, session = %id, %server, "session opened");
     let (from_local, mut to_local) = conn.into_split();
     let result = tokio::try_join!(up(&from_local, &session), down(&session, &mut to_local));
     let conn = from_local
         .reunite(to_local)
         .expect("halves of one connection");
     match result {
-        Ok((up, down)) => info!(%peer, session = ?id, up, down, "session closed"),
+        Ok((up, down)) => info!(%peer, session = %id, up, down, "session closed"),
         Err(e) => {
             // A plain client cannot be told why; a reset at least tells it
             // that the stream did not end normally (a FIN would read as a
             // complete response to a length-less protocol).
-            warn!(%peer, session = ?id, error = %e, "session failed: resetting the connection");
+            warn!(%peer, session = %id, error = %e, "session failed: resetting the connection");
             abort(&conn);
         }
     }
@@ -348,6 +360,15 @@ async fn down(mut from: &MigratoryStream, to: &mut OwnedWriteHalf) -> io::Result
             }
         }
     }
+}
+
+/// `a,b,c`: addresses as a user typed them.
+fn addr_list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]

@@ -425,7 +425,8 @@ fn act(st: &mut State, action: Action, now: Instant) {
             }
         }
         Action::FailServer(reason) => {
-            warn!(server = ?st.core.server(), %reason, "the policy declares the server failed");
+            let server = st.core.server().map_or_else(String::new, |s| s.to_string());
+            warn!(%server, %reason, "the policy declares the server failed");
             if let Err(e) = st.core.fail_server(now, &reason) {
                 debug!(error = %e, "the server could not be declared failed");
             }
