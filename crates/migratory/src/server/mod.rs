@@ -834,9 +834,16 @@ impl Drop for Server {
         for (_, c) in st.conns.drain() {
             c.wake.notify_one();
         }
+        // Peers learn that this is an orderly stop (they log it as such,
+        // and send nothing more here), before the links close.
+        let mut load = st.core.load();
+        load.draining = true;
         drop(st);
+        let mut bye = bytes::BytesMut::new();
+        ControlMessage::Load(load).encode(&mut bye);
+        let bye = bye.freeze();
         for (_, link) in self.shared.links().drain() {
-            link.close();
+            link.close_after(bye.clone());
         }
     }
 }

@@ -60,6 +60,14 @@ impl Link {
             let _ = tx.send(Out::Close);
         }
     }
+
+    /// Sends `last`, then closes the connection (after what is queued).
+    pub(crate) fn close_after(self, last: Bytes) {
+        if let Link::Up { tx, .. } = self {
+            let _ = tx.send(Out::Data(vec![last]));
+            let _ = tx.send(Out::Close);
+        }
+    }
 }
 
 static LINK_IDS: AtomicU64 = AtomicU64::new(1);
