@@ -105,6 +105,7 @@ struct RawBalance {
     min_residence: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     report_every: Option<Duration>,
+    drain_parallel: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -412,6 +413,12 @@ impl PoolConfig {
             }
             balance.report_every = d;
             balance.stale_after = 3 * d;
+        }
+        if let Some(n) = rb.drain_parallel {
+            if !(1..=1 << 20).contains(&n) {
+                return Err(at("balance.drain_parallel", "must be 1 to 1048576".into()));
+            }
+            balance.drain_parallel = n;
         }
         if rb.rebalance == Some(false) {
             balance.rebalance = None;

@@ -527,6 +527,43 @@ fn sigterm_to_the_last_server_standing_resets_its_clients() {
 }
 
 #[test]
+fn migratory_drain_moves_the_sessions_and_the_server_stays_up_not_ready() {
+    let (mut pool, _) = Pool::start("drain-cmd", "echo", &[]);
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|k| {
+            let mut c = TcpStream::connect(pool.proxy).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            echo_round(&mut c, k, 10_000);
+            c
+        })
+        .collect();
+    assert_eq!(pool.listed(0), 3);
+    let out = pool.run(&["drain", "--id", "s1", "--deadline", "10s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3 session(s) moved, 0 closed"), "{stdout}");
+    assert_eq!(pool.listed(0), 0);
+    assert_eq!(pool.listed(1) + pool.listed(2), 3);
+    // The process is still there, drained and not ready; the sessions
+    // carry on elsewhere, every byte checked.
+    assert!(pool.exited(0, Duration::ZERO).is_none(), "s1 exited");
+    assert_eq!(pool.ready(0), Some(503));
+    for (k, c) in clients.iter_mut().enumerate() {
+        echo_round(c, 100 + k as u32, 10_000);
+    }
+    // A new session through the proxy does not stay on s1.
+    let mut c = TcpStream::connect(pool.proxy).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    echo_round(&mut c, 7, 10_000);
+    clients.push(c);
+    assert_eq!(pool.listed(0), 0);
+}
+
+#[test]
 fn metrics_match_the_session_listing_after_opens_moves_and_closes() {
     let (pool, _) = Pool::start("metrics", "echo", &[]);
     let open = |i: usize| pool.scrape_one(i, "migratory_sessions_open");

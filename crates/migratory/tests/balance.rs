@@ -205,6 +205,59 @@ async fn a_drain_moves_streaming_sessions_and_sends_new_clients_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_sends_new_sessions_to_the_least_loaded_peer() {
+    // s1 takes 5 sessions; no rebalancer, so only admission moves them.
+    let balance = BalanceConfig {
+        rebalance: None,
+        ..fast_balance()
+    };
+    let service = common::free_addrs(3);
+    let control = common::free_addrs(3);
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let mut b = ServerBuilder::new(name(i));
+        b.tls(common::server_tls(&name(i)))
+            .service(service[i])
+            .control(control[i])
+            .cluster_key(KEY)
+            .balance(Some(balance.clone()));
+        if i == 0 {
+            b.max_sessions(5);
+        }
+        for j in (0..3).filter(|j| *j != i) {
+            b.peer(Peer {
+                id: name(j),
+                service: service[j],
+                control: control[j],
+            });
+        }
+        let mut server = b.bind().await.expect("bind");
+        handles.push(server.handle());
+        tokio::spawn(async move {
+            while let Some((s, _)) = server.accept().await {
+                tokio::spawn(common::echo(s));
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tls = common::client_tls();
+    let mut clients = Vec::new();
+    for i in 0..11u32 {
+        let mut c = MigratoryStream::connect(&service[..1], &tls).await.unwrap();
+        round(&mut c, &pattern(3000, i)).await;
+        clients.push(c);
+    }
+    let n = counts(&handles);
+    assert_eq!(n[0], 5, "{n:?}");
+    // The six others were sent on, spread: 3 and 3.
+    assert_eq!((n[1], n[2]), (3, 3), "{n:?}");
+    assert_eq!(handles[0].stats().redirected, 6);
+    for (i, c) in clients.iter_mut().enumerate() {
+        round(c, &pattern(3000, 100 + i as u32)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_with_no_live_peer_ends_sessions_with_a_reason() {
     let (handles, service) = pool(1, fast_balance()).await;
     let tls = common::client_tls();
