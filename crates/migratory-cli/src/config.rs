@@ -420,31 +420,34 @@ impl PoolConfig {
             }
             balance.drain_parallel = n;
         }
-        if rb.rebalance == Some(false) {
-            balance.rebalance = None;
-        } else if let Some(r) = &mut balance.rebalance {
-            if let Some(f) = rb.factor {
-                if !(1.0..=100.0).contains(&f) {
-                    return Err(at("balance.factor", "must be 1.0 to 100.0".into()));
-                }
-                r.factor = f;
+        // Checked whether or not the rebalancer is on.
+        let mut r = balance.rebalance.take().unwrap_or_default();
+        if let Some(f) = rb.factor {
+            if !(1.0..=100.0).contains(&f) {
+                return Err(at("balance.factor", "must be 1.0 to 100.0".into()));
             }
-            if let Some(n) = rb.max_moves {
-                if n == 0 {
-                    return Err(at("balance.max_moves", "must be at least 1".into()));
-                }
-                r.max_moves = n;
-            }
-            if let Some(d) = rb.settle {
-                if d < balance.report_every {
-                    return Err(at("balance.settle", "must be at least report_every".into()));
-                }
-                r.settle = d;
-            }
-            if let Some(d) = rb.min_residence {
-                r.min_residence = d;
-            }
+            r.factor = f;
         }
+        if let Some(n) = rb.max_moves {
+            if !(1..=1 << 20).contains(&n) {
+                return Err(at("balance.max_moves", "must be 1 to 1048576".into()));
+            }
+            r.max_moves = n;
+        }
+        r.settle = rb.settle.unwrap_or(r.settle.max(balance.report_every));
+        if r.settle < balance.report_every || r.settle > Duration::from_secs(3600) {
+            return Err(at(
+                "balance.settle",
+                "must be at least report_every and at most 1h".into(),
+            ));
+        }
+        if let Some(d) = rb.min_residence {
+            if d > Duration::from_secs(3600) {
+                return Err(at("balance.min_residence", "must be at most 1h".into()));
+            }
+            r.min_residence = d;
+        }
+        balance.rebalance = (rb.rebalance != Some(false)).then_some(r);
         let mut timeouts = ServerTimeouts::default();
         let t = &raw.timeouts;
         for (name, given, slot) in [
@@ -707,6 +710,23 @@ control = "127.0.0.1:7202"
     #[test]
     fn each_error_is_one_line_naming_the_key() {
         let cases = [
+            (format!("{GOOD}[balance]\nfactor = 0.5\n"), "balance.factor"),
+            (
+                format!("{GOOD}[balance]\nrebalance = false\nmax_moves = 0\n"),
+                "balance.max_moves",
+            ),
+            (
+                format!("{GOOD}[balance]\nreport_every = \"5s\"\nsettle = \"1s\"\n"),
+                "balance.settle",
+            ),
+            (
+                format!("{GOOD}[balance]\ndrain_parallel = 0\n"),
+                "balance.drain_parallel",
+            ),
+            (
+                format!("{GOOD}[limits]\nmax_sessions = 0\n"),
+                "limits.max_sessions",
+            ),
             (GOOD.replace("7101\"", "7101x\""), "server[0].service"),
             (
                 GOOD.replace("backup = \"s2\"", "backup = \"s7\""),

@@ -14,6 +14,8 @@ use tokio::sync::watch;
 const MAX_HEAD: usize = 8 * 1024;
 /// How long a scraper may take to send its request.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most scrapes and checks answered at once; more are closed at once.
+const MAX_CONCURRENT: usize = 64;
 
 /// Answers scrapes and readiness checks until the task is dropped.
 pub async fn serve(
@@ -29,15 +31,20 @@ pub async fn serve(
             upkeep.run_upkeep();
         }
     });
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
+        };
         let handle = handle.clone();
         let draining = draining.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(HEAD_TIMEOUT, answer(stream, &handle, &draining)).await;
+            drop(slot);
         });
     }
 }

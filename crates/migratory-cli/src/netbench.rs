@@ -1350,9 +1350,12 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             }));
         }
         let mut clients = Vec::with_capacity(n);
+        let progress = Opening::start(n as u64);
         for o in opening {
             clients.push(o.await.map_err(|e| e.to_string())??);
+            progress.inc();
         }
+        progress.finish();
         let on_s1 = listed(0).await?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut streamers = Vec::new();
@@ -1448,4 +1451,62 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
         v["after_s2_s3"]
     );
     emit(a.json, v, text)
+}
+
+/// Sessions being opened, on stderr: a bar on a terminal, a line a
+/// second otherwise (opening ten thousand takes a while).
+struct Opening {
+    bar: Option<indicatif::ProgressBar>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Opening {
+    fn start(n: u64) -> Self {
+        use std::io::IsTerminal;
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if std::io::stderr().is_terminal() {
+            let style = indicatif::ProgressStyle::with_template(
+                "opening sessions {elapsed_precise} [{bar:30}] {pos}/{len}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            let bar = indicatif::ProgressBar::new(n).with_style(style);
+            let task = tokio::spawn(async {});
+            return Self {
+                bar: Some(bar),
+                done,
+                task,
+            };
+        }
+        let d = done.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                eprintln!(
+                    "  opening sessions: {} of {n}",
+                    d.load(std::sync::atomic::Ordering::Relaxed)
+                );
+            }
+        });
+        Self {
+            bar: None,
+            done,
+            task,
+        }
+    }
+
+    fn inc(&self) {
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+
+    fn finish(self) {
+        self.task.abort();
+        if let Some(b) = self.bar {
+            b.finish_and_clear();
+        }
+    }
 }

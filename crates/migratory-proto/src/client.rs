@@ -788,6 +788,22 @@ impl Client {
                     self.fin_unconfirmed = true;
                     self.on_down_close(pos)
                 }
+                // The server ended the session while the client was leaving
+                // it (a drain's deadline): it exists nowhere now.
+                Frame::Reject {
+                    reason: RejectReason::Shutdown,
+                    text,
+                } => {
+                    let server = self.id.as_ref().map(|i| i.owner.clone());
+                    if let Some(server) = server {
+                        self.fail(SessionError::Rejected {
+                            server,
+                            reason: RejectReason::Shutdown,
+                            text,
+                        });
+                    }
+                    Ok(())
+                }
                 _ => Ok(()),
             };
         }
@@ -872,7 +888,8 @@ impl Client {
                     // session is over: no other server can do better.
                     RejectReason::AuthFailed
                     | RejectReason::InvalidState
-                    | RejectReason::TlsRequired => {
+                    | RejectReason::TlsRequired
+                    | RejectReason::Shutdown => {
                         self.fail(SessionError::Rejected {
                             server,
                             reason,

@@ -249,8 +249,10 @@ async fn a_full_server_sends_new_sessions_to_the_least_loaded_peer() {
     }
     let n = counts(&handles);
     assert_eq!(n[0], 5, "{n:?}");
-    // The six others were sent on, spread: 3 and 3.
-    assert_eq!((n[1], n[2]), (3, 3), "{n:?}");
+    // The six others were sent on, to both peers (least loaded first, by
+    // loads a report may refresh meanwhile: not always 3 and 3).
+    assert_eq!(n[1] + n[2], 6, "{n:?}");
+    assert!(n[1] >= 2 && n[2] >= 2, "not spread: {n:?}");
     assert_eq!(handles[0].stats().redirected, 6);
     for (i, c) in clients.iter_mut().enumerate() {
         round(c, &pattern(3000, 100 + i as u32)).await;

@@ -46,7 +46,7 @@ use super::events::{
 };
 use super::replica::Replica;
 use super::session::{EndpointEvent, EndpointEventKind, ResumeHere, Session, Start};
-use super::{ServerConfig, SessionHandle, FINISHED_TEXT};
+use super::{ServerConfig, SessionHandle, ABORT_TEXT, FINISHED_TEXT};
 
 /// Where the endpoint keeps a [`Session`]: the caller's choice of cell,
 /// shared between the endpoint's table and whoever drives the session.
@@ -103,7 +103,8 @@ struct PendingMigration {
 
 /// What a deadline in the timer set is for. Entries are checked when they
 /// fire (an entry whose object moved on does nothing), so nothing is ever
-/// removed early and no call scans every session.
+/// removed early and no event scans every session (the load report, the
+/// rebalancer and the drain visit the table once a round, not per event).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Handshake(IncarnationId),
@@ -130,6 +131,12 @@ struct Drain {
     sent: HashMap<SessionId, Instant>,
     /// Sessions to send next.
     queue: VecDeque<SessionId>,
+    /// When each session was last sent away: those never tried go first,
+    /// so sessions that do not move cannot hold the others back.
+    tried: HashMap<SessionId, Instant>,
+    /// When the next round is due (a timer entry for another instant is
+    /// stale).
+    next_round: Instant,
     moved: u64,
     finished: u64,
     closed: u64,
@@ -176,6 +183,13 @@ pub struct Endpoint<S: SessionSlot> {
     rebalance_at: Instant,
     /// Sessions sent to each peer since its last load report.
     sent_since_report: HashMap<ServerId, u32>,
+    /// Sessions the rebalancer sent away lately, and when.
+    rebalance_tried: HashMap<SessionId, Instant>,
+    /// Peers whose control link failed and that have not been heard from
+    /// since: load reports dial them only every tenth period.
+    peers_down: std::collections::HashSet<ServerId>,
+    /// Load reports sent so far (counts the periods).
+    reports: u64,
 }
 
 impl<S: SessionSlot> std::fmt::Debug for Endpoint<S> {
@@ -220,6 +234,9 @@ impl<S: SessionSlot> Endpoint<S> {
             rebalance_sent: Vec::new(),
             rebalance_at: now,
             sent_since_report: HashMap::new(),
+            rebalance_tried: HashMap::new(),
+            peers_down: std::collections::HashSet::new(),
+            reports: 0,
         }
         .with_balance_timers(now)
     }
@@ -367,8 +384,9 @@ impl<S: SessionSlot> Endpoint<S> {
 
     /// An event a session reported (from [`Session::poll_endpoint_event`]),
     /// for a caller that drains sessions itself. `handle` is the
-    /// session's [`Session::handle`]. The endpoint does not call into any
-    /// session here, so the caller may hold the session's lock.
+    /// session's [`Session::handle`]. The caller must not hold any
+    /// session's lock: while draining, a session that ends lets the
+    /// endpoint send the next one away (it calls into other sessions).
     pub fn handle_endpoint_event(
         &mut self,
         now: Instant,
@@ -941,6 +959,7 @@ impl<S: SessionSlot> Endpoint<S> {
             ControlMessage::Load(load) => {
                 self.loads.insert(from.clone(), (load, now));
                 self.sent_since_report.remove(from);
+                self.peers_down.remove(from);
                 self.events.push_back(ServerEvent::PeerLoad {
                     peer: from.clone(),
                     load,
@@ -1142,6 +1161,7 @@ impl<S: SessionSlot> Endpoint<S> {
         self.bump(now);
         // No session goes to it until it reports again.
         self.loads.remove(peer);
+        self.peers_down.insert(peer.clone());
         let reqs: Vec<u64> = self
             .pending
             .iter()
@@ -1179,6 +1199,7 @@ impl<S: SessionSlot> Endpoint<S> {
     /// us are re-sent whole. Visits every session (a rare event).
     pub fn handle_peer_up(&mut self, now: Instant, peer: &ServerId) {
         self.bump(now);
+        self.peers_down.remove(peer);
         let sids: Vec<SessionId> = self
             .sessions
             .iter()
@@ -1268,11 +1289,19 @@ impl<S: SessionSlot> Endpoint<S> {
         self.send_load();
     }
 
+    /// A report to every peer; one whose link failed (and that has not
+    /// been heard from since) only every tenth period: a report dials a
+    /// peer that is not connected, and a peer that is gone for good must
+    /// not be dialled every second.
     fn send_load(&mut self) {
         let load = self.load();
+        let retry = self.reports % 10 == 0;
+        self.reports += 1;
         for a in &self.cfg.alternates {
-            self.ctrl_out
-                .push_back((a.id.clone(), ControlMessage::Load(load)));
+            if retry || !self.peers_down.contains(&a.id) {
+                self.ctrl_out
+                    .push_back((a.id.clone(), ControlMessage::Load(load)));
+            }
         }
     }
 
@@ -1343,11 +1372,22 @@ impl<S: SessionSlot> Endpoint<S> {
         }
         let candidates = self.candidates(now);
         let own = self.load().sessions as usize;
-        let movable = self.movable(now, r.min_residence, |_| false);
-        let dests = balance::rebalance(own, movable.len(), &candidates, r, &mut self.rebalancing);
+        // How many may move is known only from the session list: decide
+        // with `own` as its bound, and list the sessions only to move some.
+        let dests = balance::rebalance(own, own, &candidates, r, &mut self.rebalancing);
+        if dests.is_empty() {
+            return now + b.report_every;
+        }
+        // Sessions sent away lately and still here (their client did not
+        // follow) are not the first to go again.
+        let forget = 10 * r.settle;
+        self.rebalance_tried.retain(|_, at| now < *at + forget);
+        let tried = &self.rebalance_tried;
+        let movable = self.movable(now, r.min_residence, |sid| tried.contains_key(sid));
         for (sid, dest) in movable.into_iter().zip(dests) {
             if self.send_to(sid, dest) {
                 self.rebalance_sent.push(sid);
+                self.rebalance_tried.insert(sid, now);
             }
         }
         if self.rebalance_sent.is_empty() {
@@ -1374,13 +1414,23 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn drain(&mut self, now: Instant, deadline: Instant) {
         self.bump(now);
         match &mut self.drain {
-            Some(d) => d.deadline = deadline,
+            Some(d) => {
+                // Only the deadline moves; an earlier one needs a round then.
+                d.deadline = deadline;
+                if !d.done && deadline.max(now) < d.next_round {
+                    d.next_round = deadline.max(now);
+                    self.timers.insert((d.next_round, Timer::Drain));
+                }
+                return;
+            }
             None => {
                 self.drain = Some(Drain {
                     started: now,
                     deadline,
                     last_live: now,
                     queue: VecDeque::new(),
+                    tried: HashMap::new(),
+                    next_round: now,
                     sent: HashMap::new(),
                     moved: 0,
                     finished: 0,
@@ -1433,15 +1483,29 @@ impl<S: SessionSlot> Endpoint<S> {
             d.last_live = last_live;
         }
         if now >= deadline || hopeless {
-            self.close_all(now);
+            // At the deadline every session; when no peer is live, those
+            // the application still serves (a released one is finishing:
+            // it has until the deadline).
+            self.close_all(now, now >= deadline);
         } else {
             // Sent long ago and still here: send again (maybe elsewhere).
             let d = self.drain.as_mut().expect("checked");
             d.sent.retain(|_, at| now < *at + retrigger);
-            let sent = &self.drain.as_ref().expect("checked").sent;
-            let todo = self.movable(now, std::time::Duration::ZERO, |sid| sent.contains_key(sid));
-            self.drain.as_mut().expect("checked").queue = todo.into();
+            let d = self.drain.as_ref().expect("checked");
+            let mut todo = self.movable(now, std::time::Duration::ZERO, |sid| {
+                d.sent.contains_key(sid)
+            });
+            // Never tried first, then the longest ago (stable: oldest
+            // session first among equals).
+            todo.sort_by_key(|sid| d.tried.get(sid).copied());
+            let d = self.drain.as_mut().expect("checked");
+            d.tried.retain(|_, at| now < *at + 10 * retrigger);
+            d.queue = todo.into();
             self.drain_pump(now);
+        }
+        // Closing the last sessions may have ended the drain already.
+        if self.drain.as_ref().is_none_or(|d| d.done) {
+            return;
         }
         let owned = self.load().sessions;
         let d = self.drain.as_mut().expect("checked");
@@ -1463,6 +1527,7 @@ impl<S: SessionSlot> Endpoint<S> {
             } else {
                 now + cfg.drain_round
             };
+            d.next_round = next;
             self.timers.insert((next, Timer::Drain));
         }
     }
@@ -1498,6 +1563,7 @@ impl<S: SessionSlot> Endpoint<S> {
             if self.send_to(sid, dest) {
                 if let Some(d) = &mut self.drain {
                     d.sent.insert(sid, now);
+                    d.tried.insert(sid, now);
                 }
             }
         }
@@ -1505,22 +1571,24 @@ impl<S: SessionSlot> Endpoint<S> {
 
     /// Ends every session owned here with `Reject(Shutdown)` (the drain
     /// could not move them).
-    fn close_all(&mut self, now: Instant) {
+    fn close_all(&mut self, now: Instant, released_too: bool) {
         let owned: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, (_, s))| s.with(|s| s.is_owned()))
+            .filter(|(_, (_, s))| {
+                s.with(|s| {
+                    if released_too {
+                        s.is_owned()
+                    } else {
+                        s.is_live()
+                    }
+                })
+            })
             .map(|(sid, _)| *sid)
             .collect();
         for sid in owned {
             if self
-                .call(sid, |s| {
-                    s.abort(
-                        now,
-                        RejectReason::Shutdown,
-                        "server shut down; no peer could take the session",
-                    )
-                })
+                .call(sid, |s| s.abort(now, RejectReason::Shutdown, ABORT_TEXT))
                 .unwrap_or(false)
             {
                 if let Some(d) = &mut self.drain {
@@ -1579,7 +1647,11 @@ impl<S: SessionSlot> Endpoint<S> {
                 }
                 Timer::Load => self.report_load(now),
                 Timer::Balance => self.rebalance(now),
-                Timer::Drain => self.drain_round(now),
+                Timer::Drain => {
+                    if self.drain.as_ref().is_some_and(|d| d.next_round == at) {
+                        self.drain_round(now);
+                    }
+                }
                 Timer::Replica(sid) => {
                     let orphan = self.cfg.timeouts.orphan;
                     if self

@@ -44,6 +44,10 @@ pub use session::{EndpointEvent, Session};
 /// LAST_ACK / TIME_WAIT): a client that had closed takes it as completion.
 pub const FINISHED_TEXT: &str = "session finished";
 
+/// Reject text for a session a draining server ended because no peer could
+/// take it (with [`RejectReason::Shutdown`](crate::frame::RejectReason::Shutdown)).
+pub const ABORT_TEXT: &str = "server shut down; no peer could take the session";
+
 /// Configuration of one server of the pool.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -60,8 +64,10 @@ pub struct ServerConfig {
     pub max_state: usize,
     /// Most sessions (owned, frozen or arriving) held at once. A new
     /// session beyond it is sent on to the least loaded peer with room
-    /// when [`ServerConfig::balance`] is set, else refused with `Busy`;
-    /// a migration beyond it is refused with `Busy`.
+    /// when [`ServerConfig::balance`] is set (it is held here for the
+    /// moment it takes to leave: at most `max_sessions / 8 + 16` more at
+    /// once), else refused with `Busy`; a migration beyond it is refused
+    /// with `Busy`.
     pub max_sessions: usize,
     /// Load reports, new sessions sent to peers, the rebalancer and drain
     /// ([`BalanceConfig`]); `None`: none of them (a drain then ends every

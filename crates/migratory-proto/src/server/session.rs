@@ -42,7 +42,7 @@ use crate::types::{Epoch, IncarnationId, MigrationCause, Pos, Secret, ServerId, 
 
 use super::events::{Direction, MigrationOutcome, MigrationReport, ServerEvent, SessionInfo};
 use super::replica::{image_of, Held};
-use super::{ServerConfig, SessionHandle, FINISHED_TEXT};
+use super::{ServerConfig, SessionHandle, ABORT_TEXT, FINISHED_TEXT};
 
 /// How far beyond what a session's application produced a client's
 /// position may be (see `Session::catch_up`): far more than any window,
@@ -556,6 +556,11 @@ impl Session {
             Some(self.last_attempt),
             m,
         )?;
+        if self.aborting.is_some() {
+            // Being ended (a drain that could not move it): it neither
+            // moves nor resumes.
+            return Err((RejectReason::Shutdown, ABORT_TEXT));
+        }
         if m.request.epoch == self.epoch {
             // Proved with this epoch's secret: the client has this epoch's
             // Resumed, so the one before is over (as when it confirms the
@@ -1326,11 +1331,15 @@ impl Session {
     /// (when it is connected; the client then fails at once instead of
     /// looking for another server): a draining server that could not move
     /// it. `false` when it is not owned here (frozen or ended).
+    /// `false` also when it is being ended already.
     pub(super) fn abort(&mut self, now: Instant, reason: RejectReason, text: &str) -> bool {
         self.last_now = self.last_now.max(now);
         let (Lifecycle::Live(link) | Lifecycle::Releasing(link)) = self.lifecycle else {
             return false;
         };
+        if self.aborting.is_some() {
+            return false;
+        }
         self.forget_backup();
         match link {
             Link::Attached(_) => {

@@ -343,6 +343,30 @@ impl ServerBuilder {
         if self.max_sessions == 0 {
             return Err(cfg_err("max_sessions: must be at least 1".into()));
         }
+        if let Some(b) = &self.balance {
+            let zero = [
+                ("report_every", b.report_every),
+                ("stale_after", b.stale_after),
+                ("drain_round", b.drain_round),
+                ("retrigger", b.retrigger),
+            ]
+            .into_iter()
+            .chain(b.rebalance.as_ref().map(|r| ("settle", r.settle)))
+            .find(|(_, d)| d.is_zero());
+            if let Some((name, _)) = zero {
+                return Err(cfg_err(format!("balance.{name}: must be above zero")));
+            }
+            if b.drain_parallel == 0 {
+                return Err(cfg_err("balance.drain_parallel: must be at least 1".into()));
+            }
+            if let Some(r) = &b.rebalance {
+                if !(r.factor >= 1.0 && r.factor.is_finite()) || r.max_moves == 0 {
+                    return Err(cfg_err(
+                        "balance: factor must be at least 1 and max_moves at least 1".into(),
+                    ));
+                }
+            }
+        }
         cfg.max_sessions = self.max_sessions;
         cfg.balance = self.balance.clone();
         Ok((cfg, key, controls, tls))
@@ -572,29 +596,12 @@ impl ServerHandle {
                 _ = tokio::time::sleep_until(next_log.min(give_up)) => {}
             }
         }
-        let report = DrainReport {
+        DrainReport {
             moved: last.moved,
             finished: last.finished,
             closed: last.closed,
             duration: start.elapsed(),
-        };
-        for (outcome, n) in [
-            ("moved", report.moved),
-            ("finished", report.finished),
-            ("closed", report.closed),
-        ] {
-            metrics::counter!(DRAIN_SESSIONS, "server" => server.clone(), "outcome" => outcome)
-                .increment(n);
         }
-        info!(
-            server = %self.shared.me,
-            moved = report.moved,
-            finished = report.finished,
-            closed = report.closed,
-            duration_ms = report.duration.as_millis() as u64,
-            "drained"
-        );
-        report
     }
 
     /// `true` from the moment the server starts draining: plain
@@ -1101,7 +1108,28 @@ impl Shared {
                 metrics::counter!(REBALANCED, "server" => self.me.to_string()).increment(sessions);
                 info!(server = %self.me, sessions, "rebalancing: sessions sent to less loaded peers");
             }
-            ServerEvent::Drained(_) => self.changed.notify_waiters(),
+            ServerEvent::Drained(report) => {
+                // Counted here, once, however many callers wait for it.
+                let server = self.me.to_string();
+                for (outcome, n) in [
+                    ("moved", report.moved),
+                    ("finished", report.finished),
+                    ("closed", report.closed),
+                ] {
+                    metrics::counter!(DRAIN_SESSIONS, "server" => server.clone(), "outcome" => outcome)
+                        .increment(n);
+                }
+                metrics::gauge!(DRAIN_REMAINING, "server" => server).set(0.0);
+                info!(
+                    server = %self.me,
+                    moved = report.moved,
+                    finished = report.finished,
+                    closed = report.closed,
+                    duration_ms = report.duration.as_millis() as u64,
+                    "drained"
+                );
+                self.changed.notify_waiters();
+            }
         }
     }
 
