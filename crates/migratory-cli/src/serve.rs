@@ -123,9 +123,7 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         let opts = opts.clone();
         let held = (arrival == migratory::Arrival::Plain).then(|| plain.clone());
         tokio::spawn(async move {
-            let id = session
-                .id()
-                .map_or_else(|| "plain".to_string(), |i| i.to_string());
+            let id = service::SessionLabel(session.id());
             if let Err(e) = service::serve(kind, session, arrival, opts).await {
                 debug!(session = %id, error = %e, "session ended with an error");
             }

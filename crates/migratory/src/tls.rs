@@ -281,6 +281,10 @@ impl ServerTls {
         // TLS 1.3 resumption: a client coming back to this server skips
         // the certificate exchange.
         service.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls_err)?;
+        // One ticket per handshake: a client spends one to come back, and
+        // that handshake gives it the next (two would only cost more
+        // crypto and bytes on every migration).
+        service.send_tls13_tickets = 1;
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(ident.roots.clone(), provider())
                 .build()
