@@ -1,5 +1,6 @@
 //! Seeded random simulation of a pool under migrations, triggers, crashes,
-//! control-link failures, connection resets and replayed Migrates.
+//! control-link failures, connection resets, drains (the drained server then
+//! exits) and replayed Migrates.
 //!
 //! `MIGRATORY_SIM_SEEDS=N` sets how many seeds each configuration runs
 //! (default 10,000 in total across the configurations below);
@@ -32,6 +33,8 @@ fn config(seed: u64) -> WorldConfig {
         link_break: 800,
         conn_reset: 800,
         replay: 2_000,
+        // A third of the seeds drain servers (their servers report loads).
+        drain: if seed % 3 == 1 { 5_000 } else { 0 },
     };
     cfg
 }
@@ -40,7 +43,15 @@ fn run_seed(seed: u64) -> Outcome {
     let mut w = World::new(config(seed));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run()));
     match result {
-        Ok(o) => o,
+        Ok(o) => {
+            // A replayed seed shows its trace however it ended.
+            if std::env::var("MIGRATORY_SIM_SEED").is_ok() {
+                for line in &w.trace {
+                    eprintln!("{line}");
+                }
+            }
+            o
+        }
         Err(e) => {
             let msg = e
                 .downcast_ref::<String>()
@@ -69,17 +80,29 @@ fn random_seeds_keep_every_invariant() {
         .map(|s| s.parse().expect("MIGRATORY_SIM_SEEDS is a number"))
         .unwrap_or(10_000);
     let (mut done, mut lost, mut migrations) = (0u64, 0u64, 0u64);
+    let (mut drained, mut lost_drained, mut shutdown) = (0u64, 0u64, 0u64);
     for seed in 0..n {
         match run_seed(seed) {
-            Outcome::Completed { migrations: m } => {
+            Outcome::Completed {
+                migrations: m,
+                drains,
+            } => {
                 done += 1;
                 migrations += u64::from(m);
+                drained += u64::from(drains > 0);
             }
-            Outcome::FailedClosed(_) => lost += 1,
+            Outcome::FailedClosed { error, drains } => {
+                lost += 1;
+                drained += u64::from(drains > 0);
+                lost_drained += u64::from(drains > 0);
+                shutdown += u64::from(error.contains("shut down"));
+            }
         }
     }
     println!(
-        "{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after crashes"
+        "{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after \
+         crashes or drains; {drained} runs drained a server ({lost_drained} of them lost the \
+         session, {shutdown} with the server's Shutdown)"
     );
     assert!(done > n / 2, "most runs must complete: {done} of {n}");
 }

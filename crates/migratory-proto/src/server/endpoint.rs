@@ -190,6 +190,8 @@ pub struct Endpoint<S: SessionSlot> {
     peers_down: std::collections::HashSet<ServerId>,
     /// Load reports sent so far (counts the periods).
     reports: u64,
+    /// When a session last finished here (a drain lingers after it).
+    last_finish: Option<Instant>,
 }
 
 impl<S: SessionSlot> std::fmt::Debug for Endpoint<S> {
@@ -237,6 +239,7 @@ impl<S: SessionSlot> Endpoint<S> {
             rebalance_tried: HashMap::new(),
             peers_down: std::collections::HashSet::new(),
             reports: 0,
+            last_finish: None,
         }
         .with_balance_timers(now)
     }
@@ -424,16 +427,19 @@ impl<S: SessionSlot> Endpoint<S> {
                     } else if finished {
                         d.finished += 1;
                     }
-                    // The last one left: the drain is over now, not at
-                    // its next round (no session is visited: none is left).
+                    // The last one left: a round at once says whether the
+                    // drain is over (not from here: this may be the old
+                    // copy of a session being installed again).
                     if !d.done && self.sessions.is_empty() {
-                        self.drain_round(self.last_now);
+                        d.next_round = self.last_now;
+                        self.timers.insert((self.last_now, Timer::Drain));
                     } else if !d.done {
                         // Room for one more on its way out.
                         self.drain_pump(self.last_now);
                     }
                 }
                 if finished {
+                    self.last_finish = Some(self.last_now);
                     let until = self.last_now + self.cfg.timeouts.frozen;
                     self.tombstones.push_back((until, sid));
                     self.tombstoned.insert(sid, until);
@@ -729,6 +735,11 @@ impl<S: SessionSlot> Endpoint<S> {
         if let Some(i) = self.incs.get_mut(&inc) {
             i.migrating = Some(m.request.clone());
         }
+        if self.drain.as_ref().is_some_and(|d| d.done) {
+            // Drained: about to stop. Another server can still ask for a
+            // state frozen here, but nothing resumes here any more.
+            return self.reject(inc, RejectReason::Busy, "server stopping");
+        }
         // Served here when the client names us, or when we hold the session
         // live at an epoch the client knows (we resumed it, but the client
         // never saw our Resumed and still names the previous owner).
@@ -747,7 +758,10 @@ impl<S: SessionSlot> Endpoint<S> {
         if !known {
             return self.reject(inc, RejectReason::NotFound, "unknown origin server");
         }
-        if self.drain.is_some() {
+        // A draining server takes no session in, except one it keeps a
+        // replica of: its client may be failing over from a crashed owner
+        // (the session then moves on with the rest of the drain).
+        if self.drain.is_some() && !self.replicas.contains_key(&m.request.session) {
             return self.reject(inc, RejectReason::Busy, "server draining");
         }
         if self.sessions.len() + self.pending.len() >= self.cfg.max_sessions {
@@ -1512,7 +1526,14 @@ impl<S: SessionSlot> Endpoint<S> {
         // Sessions ended at the deadline leave once their Reject is
         // written; one whose client does not read is not waited for long.
         let late = now >= deadline + retrigger;
-        if (owned == 0 && (self.sessions.is_empty() || now >= deadline)) || late {
+        // Over when nothing is left here: no session, not even a frozen
+        // copy on its way out, and no migration in still waiting for its
+        // state (it would be installed here after the drain).
+        // A session that finished lately: its client may still come back
+        // for the last acknowledgement it lost (the tombstone answers it).
+        let lingering = self.last_finish.is_some_and(|t| now < t + retrigger) && now < deadline;
+        let empty = self.sessions.is_empty() && self.pending.is_empty() && !lingering;
+        if (owned == 0 && (empty || now >= deadline)) || late {
             d.done = true;
             let report = DrainReport {
                 moved: d.moved,
@@ -1521,6 +1542,16 @@ impl<S: SessionSlot> Endpoint<S> {
                 duration: now.saturating_duration_since(d.started),
             };
             self.events.push_back(ServerEvent::Drained(report));
+            // Migrations in still waiting for their state will not be
+            // installed here: their clients go elsewhere (the origin keeps
+            // the state, unacknowledged, for them).
+            let waiting: Vec<u64> = self.pending.keys().copied().collect();
+            for req in waiting {
+                let p = self.pending.remove(&req).expect("listed");
+                if let Some(inc) = p.inc {
+                    self.reject(inc, RejectReason::Busy, "server stopping");
+                }
+            }
         } else {
             let next = if deadline > now {
                 (now + cfg.drain_round).min(deadline)

@@ -79,6 +79,9 @@ pub struct Faults {
     pub conn_reset: u32,
     pub replay: u32,
     pub restart: u32,
+    /// A server drains (then exits once its drain is over, as a deploy
+    /// does; the restart fault brings it back).
+    pub drain: u32,
 }
 
 impl WorldConfig {
@@ -188,6 +191,8 @@ pub struct World {
     /// Hold back what this server sends to the client (scenario tests).
     pub hold_from: Option<usize>,
     pub migrations_seen: u32,
+    /// Drains started.
+    pub drains: u32,
 }
 
 pub fn id(i: usize) -> ServerId {
@@ -247,6 +252,7 @@ impl World {
             attacker_rejects: Vec::new(),
             hold_from: None,
             migrations_seen: 0,
+            drains: 0,
         };
         let inc = w.client.start(w.now);
         w.log(format!("client starts on {inc}"));
@@ -278,6 +284,17 @@ impl World {
             sc.balance = Some(migratory_proto::server::BalanceConfig {
                 rebalance: None,
                 ..Default::default()
+            });
+        }
+        if cfg.faults.drain > 0 {
+            // Simulated time moves in milliseconds: quick reports and rounds.
+            sc.balance = Some(migratory_proto::server::BalanceConfig {
+                report_every: Duration::from_millis(100),
+                stale_after: Duration::from_millis(300),
+                rebalance: None,
+                drain_round: Duration::from_millis(20),
+                retrigger: Duration::from_millis(300),
+                drain_parallel: 4,
             });
         }
         sc.limits = cfg.limits.clone();
@@ -647,9 +664,13 @@ impl World {
             }
             ServerEvent::Dropped(h) => {
                 // Dropped after the client left for good: if the client had
-                // finished, this is the session's final server state.
+                // finished, this is the session's final server state. Unless
+                // a drain ended it at its deadline: then, as in a crash, what
+                // the application had not read yet is gone (the server
+                // exits next).
+                let ended_by_drain = node.core.drain_status().is_some_and(|d| d.closed > 0);
                 if let Some(app) = node.apps.remove(h) {
-                    if self.client.is_finished() {
+                    if self.client.is_finished() && !ended_by_drain {
                         self.finished.push(Finished { server: i, app });
                     }
                 }
@@ -1144,11 +1165,100 @@ impl World {
             let k = keys[self.rng.gen_range(0..keys.len())];
             self.reset_conn(k);
         }
+        if roll(&mut self.rng, f.drain) {
+            self.drain_one();
+        }
+        self.exit_drained();
         if roll(&mut self.rng, f.replay) {
             self.random_replay();
         }
         self.flush();
         self.check_one_owner();
+    }
+
+    /// A random live server that is not draining starts a drain with a
+    /// deadline of 0.1 to 2 s (one in five: under 30 ms). A drain may end the session (no peer could
+    /// take it in time), but only with `Reject(Shutdown)` (see `verify`).
+    pub fn drain_one(&mut self) {
+        let live: Vec<usize> = (0..self.servers.len())
+            .filter(|i| {
+                self.servers[*i]
+                    .as_ref()
+                    .is_some_and(|n| n.core.drain_status().is_none())
+            })
+            .collect();
+        if live.len() < 2 {
+            return; // keep one server taking sessions
+        }
+        let i = live[self.rng.gen_range(0..live.len())];
+        // Some too short to move anything: the session is then ended.
+        let deadline = if self.rng.gen_bool(0.2) {
+            Duration::from_millis(self.rng.gen_range(0..30))
+        } else {
+            Duration::from_millis(self.rng.gen_range(100..2_000))
+        };
+        self.log(format!("DRAIN s{} within {deadline:?}", i + 1));
+        self.drains += 1;
+        let now = self.now;
+        if let Some(n) = self.servers[i].as_mut() {
+            n.core.drain(now, now + deadline);
+        }
+    }
+
+    /// A server whose drain is over exits (its process ends, as `serve`
+    /// does after a drain).
+    fn exit_drained(&mut self) {
+        for i in 0..self.servers.len() {
+            // A drain that ended sessions may have ended this one. Its
+            // client learns it from the Reject on its connection, or, if
+            // it had none just then, from no server resuming the session:
+            // a clean failure either way.
+            let closed = self.servers[i]
+                .as_ref()
+                .and_then(|n| n.core.drain_status())
+                .is_some_and(|d| d.closed > 0);
+            if closed {
+                self.loss_allowed = true;
+            }
+            let over = self.servers[i]
+                .as_ref()
+                .and_then(|n| n.core.drain_status())
+                .is_some_and(|d| d.done);
+            // What it wrote goes out before it exits (a runtime flushes
+            // its connections as it closes them): a session that finished
+            // at the end of the drain has its last Ack with the client.
+            let flushing = self
+                .conns
+                .values()
+                .any(|c| c.server == i && (!c.s2c.is_empty() || !c.c2s.is_empty()));
+            if over && !flushing {
+                self.log(format!("DRAINED s{}: exits", i + 1));
+                let node = self.servers[i].as_ref().expect("live");
+                if let Some(sid) = self.client.session() {
+                    assert!(
+                        !node.core.owned_sessions().any(|(s, _)| s == sid),
+                        "a drained server still owns the session"
+                    );
+                }
+                // Nothing left here (not even a frozen copy on its way):
+                // an orderly exit, which loses nothing. A replica it keeps
+                // for the owner goes with it: the owner carries on without
+                // crash tolerance, and its crash now (a second fault) may
+                // lose the session, as the crash of a backup would.
+                let replica = self
+                    .client
+                    .session()
+                    .is_some_and(|sid| node.core.has_replica(sid));
+                let orderly = node.core.session_count() == 0 && !replica;
+                let allowed = self.loss_allowed;
+                self.crash(i);
+                if orderly {
+                    self.loss_allowed = allowed;
+                } else if replica {
+                    self.loss_allowed = true;
+                }
+            }
+        }
     }
 
     /// Server push: the owner's application asks its client to move.
@@ -1298,11 +1408,24 @@ impl World {
     /// Checks the end state (invariants 1 and 2).
     pub fn verify(&mut self) -> Outcome {
         if let Some(e) = self.client.failure() {
+            // A drain that could not move the session in time ends it, and
+            // says so.
+            let shut_down = self.drains > 0
+                && matches!(
+                    e,
+                    migratory_proto::error::SessionError::Rejected {
+                        reason: migratory_proto::frame::RejectReason::Shutdown,
+                        ..
+                    }
+                );
             assert!(
-                self.loss_allowed,
+                self.loss_allowed || shut_down,
                 "invariant 2: session lost without a fault that can lose it: {e}"
             );
-            return Outcome::FailedClosed(e.to_string());
+            return Outcome::FailedClosed {
+                error: e.to_string(),
+                drains: self.drains,
+            };
         }
         if !self.done() {
             let apps: Vec<String> = self
@@ -1355,6 +1478,7 @@ impl World {
         }
         Outcome::Completed {
             migrations: self.migrations_seen,
+            drains: self.drains,
         }
     }
 }
@@ -1363,8 +1487,8 @@ impl World {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Both streams arrived whole and exactly once.
-    Completed { migrations: u32 },
+    Completed { migrations: u32, drains: u32 },
     /// The session was lost cleanly (allowed only after a fault that can
     /// lose it).
-    FailedClosed(String),
+    FailedClosed { error: String, drains: u32 },
 }
