@@ -190,6 +190,9 @@ pub struct Endpoint<S: SessionSlot> {
     peers_down: std::collections::HashSet<ServerId>,
     /// Load reports sent so far (counts the periods).
     reports: u64,
+    /// Peers whose link went down after they said they were draining:
+    /// they left the pool in order (until they report again).
+    peers_left: std::collections::HashSet<ServerId>,
     /// When a session last finished here (a drain lingers after it).
     last_finish: Option<Instant>,
 }
@@ -240,6 +243,7 @@ impl<S: SessionSlot> Endpoint<S> {
             peers_down: std::collections::HashSet::new(),
             reports: 0,
             last_finish: None,
+            peers_left: std::collections::HashSet::new(),
         }
         .with_balance_timers(now)
     }
@@ -974,6 +978,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.loads.insert(from.clone(), (load, now));
                 self.sent_since_report.remove(from);
                 self.peers_down.remove(from);
+                self.peers_left.remove(from);
                 self.events.push_back(ServerEvent::PeerLoad {
                     peer: from.clone(),
                     load,
@@ -1174,7 +1179,9 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn handle_peer_down(&mut self, now: Instant, peer: &ServerId) {
         self.bump(now);
         // No session goes to it until it reports again.
-        self.loads.remove(peer);
+        if self.loads.remove(peer).is_some_and(|(l, _)| l.draining) {
+            self.peers_left.insert(peer.clone());
+        }
         self.peers_down.insert(peer.clone());
         let reqs: Vec<u64> = self
             .pending
@@ -1246,6 +1253,12 @@ impl<S: SessionSlot> Endpoint<S> {
             bytes_per_sec: self.throughput,
             draining: self.drain.is_some(),
         }
+    }
+
+    /// Whether `peer` left the pool in order: it said it was draining,
+    /// then its link went down (and it has not reported since).
+    pub fn peer_left(&self, peer: &ServerId) -> bool {
+        self.peers_left.contains(peer)
     }
 
     /// The peers' last load reports, and when each came.

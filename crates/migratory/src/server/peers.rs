@@ -423,8 +423,12 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
             });
         }
         Err(e) => {
-            warn_throttled!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
             let mut st = shared.lock();
+            if st.core.peer_left(&peer) {
+                debug!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable (it drained and left)");
+            } else {
+                warn_throttled!(server = %shared.me, %peer, %addr, error = %e, "peer unreachable");
+            }
             let dialing = matches!(shared.links().get(&peer), Some(Link::Dialing { .. }));
             if dialing {
                 shared.links().remove(&peer);
