@@ -344,6 +344,64 @@ impl Pool {
     }
 }
 
+/// 8 MiB written to an echo client process (socat or nc), 64 KiB every
+/// 15 ms, and what comes back, read as it comes.
+struct EchoStream {
+    child: Child,
+    writer: std::thread::JoinHandle<()>,
+    reader: std::thread::JoinHandle<Vec<u8>>,
+    sent: Vec<u8>,
+}
+
+impl EchoStream {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the client");
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let sent: Vec<u8> = (0..8u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+            .collect();
+        let to_send = sent.clone();
+        let writer = std::thread::spawn(move || {
+            for chunk in to_send.chunks(64 << 10) {
+                stdin.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_millis(15));
+            }
+            // Dropping stdin half-closes: the echo server ends the session.
+        });
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            stdout.read_to_end(&mut got).unwrap();
+            got
+        });
+        Self {
+            child,
+            writer,
+            reader,
+            sent,
+        }
+    }
+
+    /// Still writing.
+    fn writing(&self) -> bool {
+        !self.writer.is_finished()
+    }
+
+    /// Waits for the end: the client exited 0 and every byte came back,
+    /// once, in order.
+    fn check(mut self) {
+        self.writer.join().unwrap();
+        let got = self.reader.join().unwrap();
+        assert!(self.child.wait().unwrap().success());
+        assert_eq!(got.len(), self.sent.len());
+        assert!(got == self.sent, "echo differs");
+    }
+}
+
 /// A raw TCP client of the echo service through the proxy: writes and
 /// reads back `len` bytes.
 fn echo_round(s: &mut TcpStream, seed: u32, len: usize) {
@@ -457,30 +515,11 @@ fn sigterm_drains_socat_echo_streaming_both_ways() {
         return;
     }
     let (mut pool, _) = Pool::start("drain-echo", "echo", &[]);
-    let mut child = Command::new("socat")
+    let mut socat = Command::new("socat");
+    socat
         .args(["-t", "30", "-"])
-        .arg(format!("TCP:{}", pool.proxy))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start socat");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let sent: Vec<u8> = (0..8u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
-    let to_send = sent.clone();
-    let writer = std::thread::spawn(move || {
-        for chunk in to_send.chunks(64 << 10) {
-            stdin.write_all(chunk).unwrap();
-            std::thread::sleep(Duration::from_millis(15));
-        }
-    });
-    let reader = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        stdout.read_to_end(&mut got).unwrap();
-        got
-    });
+        .arg(format!("TCP:{}", pool.proxy));
+    let stream = EchoStream::start(socat);
     let deadline = Instant::now() + Duration::from_secs(30);
     while pool.session(0).is_none_or(|(up, _)| up < 1 << 20) {
         assert!(Instant::now() < deadline, "the stream did not start on s1");
@@ -489,11 +528,7 @@ fn sigterm_drains_socat_echo_streaming_both_ways() {
     pool.term(0);
     let status = pool.exited(0, Duration::from_secs(25)).expect("s1 exits");
     assert!(status.success(), "s1 exited with {status}");
-    writer.join().unwrap();
-    let got = reader.join().unwrap();
-    assert!(child.wait().unwrap().success());
-    assert_eq!(got.len(), sent.len());
-    assert!(got == sent, "echo differs");
+    stream.check();
 }
 
 #[test]
@@ -764,32 +799,10 @@ fn socat_echo_through_the_proxy_is_exact_across_migrations() {
     } else {
         cmd.args([pool.proxy.ip().to_string(), pool.proxy.port().to_string()]);
     }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the client");
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let sent: Vec<u8> = (0..8u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
-        .collect();
-    let to_send = sent.clone();
-    let writer = std::thread::spawn(move || {
-        for chunk in to_send.chunks(64 << 10) {
-            stdin.write_all(chunk).unwrap();
-            std::thread::sleep(Duration::from_millis(15));
-        }
-        // Dropping stdin half-closes: the echo server ends the session.
-    });
-    let reader = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        stdout.read_to_end(&mut got).unwrap();
-        got
-    });
+    let stream = EchoStream::start(cmd);
     let mut moves = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !writer.is_finished() && Instant::now() < deadline {
+    while stream.writing() && Instant::now() < deadline {
         if pool.session(pool.owner).is_none() {
             std::thread::sleep(Duration::from_millis(20));
             continue;
@@ -799,13 +812,9 @@ fn socat_echo_through_the_proxy_is_exact_across_migrations() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    writer.join().unwrap();
-    let got = reader.join().unwrap();
-    assert!(child.wait().unwrap().success());
+    stream.check();
     eprintln!("{moves} migrations while {} echoed", client[0]);
     assert!(moves >= 3, "only {moves} migrations");
-    assert_eq!(got.len(), sent.len());
-    assert!(got == sent, "echo differs");
 }
 
 #[test]

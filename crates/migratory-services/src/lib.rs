@@ -20,6 +20,7 @@
 mod counter;
 mod echo;
 mod http;
+pub mod stream;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transfer;

@@ -37,6 +37,15 @@ fn fast_balance() -> BalanceConfig {
 
 /// `n` echo servers that know each other.
 async fn pool(n: usize, balance: BalanceConfig) -> (Vec<ServerHandle>, Vec<SocketAddr>) {
+    pool_with(n, balance, |_, _| {}).await
+}
+
+/// [`pool`], each server's builder passed through `tweak` (with its index).
+async fn pool_with(
+    n: usize,
+    balance: BalanceConfig,
+    tweak: impl Fn(usize, &mut ServerBuilder),
+) -> (Vec<ServerHandle>, Vec<SocketAddr>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -58,6 +67,7 @@ async fn pool(n: usize, balance: BalanceConfig) -> (Vec<ServerHandle>, Vec<Socke
                 control: control[j],
             });
         }
+        tweak(i, &mut b);
         let mut server = b.bind().await.expect("bind");
         handles.push(server.handle());
         tokio::spawn(async move {
@@ -211,34 +221,12 @@ async fn a_full_server_sends_new_sessions_to_the_least_loaded_peer() {
         rebalance: None,
         ..fast_balance()
     };
-    let service = common::free_addrs(3);
-    let control = common::free_addrs(3);
-    let mut handles = Vec::new();
-    for i in 0..3 {
-        let mut b = ServerBuilder::new(name(i));
-        b.tls(common::server_tls(&name(i)))
-            .service(service[i])
-            .control(control[i])
-            .cluster_key(KEY)
-            .balance(Some(balance.clone()));
+    let (handles, service) = pool_with(3, balance, |i, b| {
         if i == 0 {
             b.max_sessions(5);
         }
-        for j in (0..3).filter(|j| *j != i) {
-            b.peer(Peer {
-                id: name(j),
-                service: service[j],
-                control: control[j],
-            });
-        }
-        let mut server = b.bind().await.expect("bind");
-        handles.push(server.handle());
-        tokio::spawn(async move {
-            while let Some((s, _)) = server.accept().await {
-                tokio::spawn(common::echo(s));
-            }
-        });
-    }
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let tls = common::client_tls();
     let mut clients = Vec::new();

@@ -11,88 +11,16 @@ use std::time::Duration;
 use migratory::proto::client::ClientConfig;
 use migratory::proto::config::ServerTimeouts;
 use migratory::{
-    Arrival, Liveness, LivenessConfig, MigratoryStream, Peer, Policy, ServerBuilder, Session,
-    Status, Throughput, ThroughputConfig,
+    Liveness, LivenessConfig, MigratoryStream, Peer, Policy, ServerBuilder, Status, Throughput,
+    ThroughputConfig,
 };
+use migratory_services::stream::{self, byte_at, Shape};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &[u8] = b"policy test cluster key 0123456789ab";
 
 /// Bytes per write of the stream service.
 const CHUNK: usize = 1024;
-
-/// How fast the stream service writes on one server: `rate` bytes per
-/// second for the first `threshold` bytes it sends after the session
-/// arrived there, then slower and slower (the rate halves every `ramp`
-/// bytes more: MTCP thesis, section 5.3.2, "delays in the writing of
-/// chunks after a threshold value").
-#[derive(Clone, Copy, Debug)]
-struct Shape {
-    rate: f64,
-    threshold: u64,
-    ramp: u64,
-}
-
-impl Shape {
-    /// Seconds from the arrival to the `x`th byte written.
-    fn time_for(&self, x: u64) -> f64 {
-        let fast = x.min(self.threshold) as f64;
-        let slow = x.saturating_sub(self.threshold) as f64;
-        (fast + slow + slow * slow / (2.0 * self.ramp as f64)) / self.rate
-    }
-}
-
-/// The byte at stream position `p` (any server writes the same).
-fn byte_at(p: u64) -> u8 {
-    (p.wrapping_mul(2654435761) >> 13) as u8 ^ (p >> 20) as u8
-}
-
-/// The stream service: the client sends the stream's length (8 bytes);
-/// the server writes the stream in 1 KiB chunks paced by `shape`, with a
-/// snapshot (length and position) after each, and closes.
-async fn stream_app(mut s: Session, arrival: Arrival, shape: Shape) {
-    let state = match arrival {
-        Arrival::Migrated { state } if state.len() == 16 => Some(state),
-        Arrival::Plain => return,
-        _ => None,
-    };
-    let (len, mut pos) = match state {
-        Some(st) => (
-            u64::from_be_bytes(st[..8].try_into().unwrap()),
-            u64::from_be_bytes(st[8..16].try_into().unwrap()),
-        ),
-        None => {
-            let mut b = [0u8; 8];
-            if s.read_exact(&mut b).await.is_err() {
-                return;
-            }
-            (u64::from_be_bytes(b), 0)
-        }
-    };
-    let start = tokio::time::Instant::now();
-    let mut here = 0u64;
-    let mut chunk = [0u8; CHUNK];
-    while pos < len {
-        let due = start + Duration::from_secs_f64(shape.time_for(here));
-        tokio::time::sleep_until(due).await;
-        let n = (len - pos).min(CHUNK as u64) as usize;
-        for (i, b) in chunk[..n].iter_mut().enumerate() {
-            *b = byte_at(pos + i as u64);
-        }
-        if s.write_all(&chunk[..n]).await.is_err() {
-            return; // migrated away
-        }
-        pos += n as u64;
-        here += n as u64;
-        let mut st = [0u8; 16];
-        st[..8].copy_from_slice(&len.to_be_bytes());
-        st[8..].copy_from_slice(&pos.to_be_bytes());
-        if s.snapshot(&st).is_err() {
-            return;
-        }
-    }
-    let _ = s.shutdown().await;
-}
 
 fn name(i: usize) -> String {
     format!("s{}", i + 1)
@@ -126,7 +54,7 @@ fn builder(
 fn serve(mut server: migratory::Server, shape: Shape) {
     tokio::spawn(async move {
         while let Some((s, arrival)) = server.accept().await {
-            tokio::spawn(stream_app(s, arrival, shape));
+            tokio::spawn(stream::serve(s, arrival, shape, 16));
         }
     });
 }
@@ -225,6 +153,7 @@ async fn the_throughput_policy_leaves_a_degrading_server() {
             rate: 4.0 * 1048576.0,
             threshold: 1 << 20,
             ramp: 256 << 10,
+            chunk: CHUNK,
         };
         let service = pool(2, shape).await;
         let len = 6 << 20;
@@ -257,6 +186,7 @@ async fn the_throughput_policy_stays_on_a_healthy_server() {
             rate: 4.0 * 1048576.0,
             threshold: u64::MAX / 2,
             ramp: 1,
+            chunk: CHUNK,
         };
         let service = pool(2, shape).await;
         let len = 8 << 20;
@@ -330,6 +260,7 @@ async fn the_liveness_policy_leaves_a_server_that_hangs() {
             rate: 2.0 * 1048576.0,
             threshold: u64::MAX / 2,
             ramp: 1,
+            chunk: CHUNK,
         };
         let service = common::free_addrs(2);
         let control = common::free_addrs(2);
