@@ -51,8 +51,17 @@ pub struct ServeArgs {
     /// moves every session to its live peers, waits for them at most this
     /// long (then closes what is left), and exits 0. A second signal
     /// stops it at once.
-    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_deadline)]
     drain_deadline: Duration,
+}
+
+/// A drain deadline: at most 10 minutes (as `migratory drain` takes).
+fn parse_deadline(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(600) {
+        return Err(format!("{s:?}: at most 10m"));
+    }
+    Ok(d)
 }
 
 /// Buckets of the migration duration histogram, in seconds.
