@@ -653,6 +653,18 @@ impl Client {
         }
     }
 
+    /// The server that owns the session ended it (a Reject on an
+    /// established connection).
+    fn ended_by_owner(&mut self, reason: RejectReason, text: String) {
+        if let Some(server) = self.id.as_ref().map(|i| i.owner.clone()) {
+            self.fail(SessionError::Rejected {
+                server,
+                reason,
+                text,
+            });
+        }
+    }
+
     fn fail(&mut self, e: SessionError) {
         if matches!(self.phase, Phase::Failed(_)) {
             return;
@@ -794,14 +806,7 @@ impl Client {
                     reason: RejectReason::Shutdown,
                     text,
                 } => {
-                    let server = self.id.as_ref().map(|i| i.owner.clone());
-                    if let Some(server) = server {
-                        self.fail(SessionError::Rejected {
-                            server,
-                            reason: RejectReason::Shutdown,
-                            text,
-                        });
-                    }
+                    self.ended_by_owner(RejectReason::Shutdown, text);
                     Ok(())
                 }
                 _ => Ok(()),
@@ -1045,22 +1050,7 @@ impl Client {
             // The server ended the session: it shut down and no peer could
             // take it (`Shutdown`). No other server holds it: fail at once
             // rather than try them one by one.
-            Frame::Reject { reason, text } => {
-                let server = match &self.id {
-                    Some(id) => id.owner.clone(),
-                    None => {
-                        return Err(ProtocolError::Unexpected {
-                            frame: "Reject",
-                            why: "before the session is established",
-                        })
-                    }
-                };
-                self.fail(SessionError::Rejected {
-                    server,
-                    reason,
-                    text,
-                });
-            }
+            Frame::Reject { reason, text } => self.ended_by_owner(reason, text),
             f => {
                 return Err(ProtocolError::Unexpected {
                     frame: f.name(),
