@@ -1530,20 +1530,16 @@ impl<S: SessionSlot> Endpoint<S> {
             d.queue = todo.into();
             self.drain_pump(now);
         }
-        // Closing the last sessions may have ended the drain already.
-        if self.drain.as_ref().is_none_or(|d| d.done) {
-            return;
-        }
         let owned = self.load().sessions;
         let d = self.drain.as_mut().expect("checked");
         // Sessions ended at the deadline leave once their Reject is
         // written; one whose client does not read is not waited for long.
         let late = now >= deadline + retrigger;
         // Over when nothing is left here: no session, not even a frozen
-        // copy on its way out, and no migration in still waiting for its
-        // state (it would be installed here after the drain).
-        // A session that finished lately: its client may still come back
-        // for the last acknowledgement it lost (the tombstone answers it).
+        // copy on its way out, no migration in still waiting for its state
+        // (it would be installed here after the drain), and no session
+        // that finished lately (its client may still come back for the
+        // last acknowledgement it lost: the tombstone answers it).
         let lingering = self.last_finish.is_some_and(|t| now < t + retrigger) && now < deadline;
         let empty = self.sessions.is_empty() && self.pending.is_empty() && !lingering;
         if (owned == 0 && (empty || now >= deadline)) || late {
