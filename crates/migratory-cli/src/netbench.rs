@@ -1284,14 +1284,11 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
         }
         let pool = dir.join("pool.toml");
         std::fs::write(&pool, cfg).map_err(|e| e.to_string())?;
-        let certs = std::process::Command::new(&exe)
-            .args(["certs", "--force", "--config"])
-            .arg(&pool)
-            .output()
+        // The pool's CA and certificates (servers and operator), where the
+        // pool file's default `[tls] dir` looks for them.
+        bench_certs()?
+            .write_dir(&dir.join("certs"), &["s1", "s2", "s3"])
             .map_err(|e| e.to_string())?;
-        if !certs.status.success() {
-            return Err(format!("certs: {}", String::from_utf8_lossy(&certs.stderr)));
-        }
         let mut servers = Vec::new();
         for i in 0..3 {
             servers.push(Child(
