@@ -32,7 +32,7 @@ use crate::config::{ClientTimeouts, Limits};
 use crate::error::{AppError, ProtocolError, SessionError};
 use crate::frame::{Frame, MigrateRequest, RejectReason, PREAMBLE};
 use crate::mac::{migrate_mac, next_secret};
-use crate::stream::{take_scratch, ByteQueue};
+use crate::stream::{idle_scratch, take_scratch, ByteQueue};
 use crate::types::{Alternate, Epoch, IncarnationId, Pos, Secret, ServerId, SessionId};
 
 /// Most unanswered pings [`Client::ping`] remembers.
@@ -1306,6 +1306,7 @@ impl Client {
                 return Some(inc);
             }
         }
+        idle_scratch(&mut self.scratch);
         None
     }
 

@@ -9,26 +9,55 @@ use crate::frame::Frame;
 use crate::types::Pos;
 
 /// Bytes `[start, end)` of a stream, kept as shared chunks so slices for
-/// transmission are zero-copy. Appends of borrowed slices go to a growing
-/// tail block (one allocation per block, not per write).
-#[derive(Debug, Default, Clone)]
+/// transmission are zero-copy. Appends of borrowed slices go to a tail
+/// block (one allocation per block, not per write) whose size doubles from
+/// [`MIN_BLOCK`] to [`MAX_BLOCK`] while the queue is in use; once every
+/// byte is dropped the block is given back, so an idle queue holds nothing.
+#[derive(Debug, Clone)]
 pub struct ByteQueue {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
+    /// Size of the next tail block.
+    block: usize,
     start: Pos,
     len: u64,
 }
 
-const TAIL_BLOCK: usize = 64 * 1024;
+/// The first tail block of a queue in use: a small reply fits.
+const MIN_BLOCK: usize = 1024;
+/// The largest tail block: a busy stream appends with few allocations.
+const MAX_BLOCK: usize = 64 * 1024;
 
-/// Takes the scratch buffer that frame headers are encoded into, with room
-/// for a batch: one allocation serves many transmits (the frozen headers
-/// share it until they are written). Small, since every session has one.
+impl Default for ByteQueue {
+    fn default() -> Self {
+        Self {
+            chunks: VecDeque::new(),
+            tail: BytesMut::new(),
+            block: MIN_BLOCK,
+            start: 0,
+            len: 0,
+        }
+    }
+}
+
+/// Takes the scratch buffer that frame headers are encoded into. While a
+/// session sends it has room for a batch: one allocation serves many
+/// transmits (the frozen headers share it until they are written). A
+/// session that has nothing to send gives it back ([`idle_scratch`]), so
+/// the first transmit after a pause allocates only what it encodes.
 pub(crate) fn take_scratch(scratch: &mut BytesMut) -> BytesMut {
-    if scratch.capacity() - scratch.len() < 512 {
+    if scratch.capacity() > 0 && scratch.capacity() - scratch.len() < 512 {
         scratch.reserve(2048);
     }
     std::mem::take(scratch)
+}
+
+/// Gives back the scratch buffer of a session with nothing to send: an idle
+/// session holds no header block.
+pub(crate) fn idle_scratch(scratch: &mut BytesMut) {
+    if scratch.is_empty() {
+        *scratch = BytesMut::new();
+    }
 }
 
 /// Most Data frames one transmit carries, so one busy session does not
@@ -78,7 +107,9 @@ impl ByteQueue {
     pub fn push_slice(&mut self, data: &[u8]) {
         if self.tail.capacity() - self.tail.len() < data.len() {
             self.seal();
-            self.tail.reserve(data.len().max(TAIL_BLOCK));
+            let size = data.len().max(self.block);
+            self.tail = BytesMut::with_capacity(size);
+            self.block = (size * 2).min(MAX_BLOCK);
         }
         self.tail.extend_from_slice(data);
         self.len += data.len() as u64;
@@ -98,7 +129,7 @@ impl ByteQueue {
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 self.tail.advance(n as usize);
-                return;
+                break;
             };
             let k = (front.len() as u64).min(n);
             front.advance(k as usize);
@@ -106,6 +137,11 @@ impl ByteQueue {
             if front.is_empty() {
                 self.chunks.pop_front();
             }
+        }
+        if self.len == 0 && self.tail.capacity() > 0 {
+            // Idle: give the block back and start small again.
+            self.tail = BytesMut::new();
+            self.block = MIN_BLOCK;
         }
     }
 
@@ -225,5 +261,30 @@ mod tests {
         q.drop_to(500);
         assert!(q.is_empty());
         assert_eq!(q.start(), 108);
+    }
+
+    #[test]
+    fn blocks_grow_while_in_use_and_are_given_back_when_idle() {
+        let mut q = ByteQueue::new(0);
+        q.push_slice(b"x");
+        assert_eq!(
+            q.tail.capacity(),
+            MIN_BLOCK,
+            "a small write takes a small block"
+        );
+        let big = vec![7u8; 5000];
+        q.push_slice(&big);
+        assert_eq!(q.tail.capacity(), 5000, "a big write takes what it needs");
+        for _ in 0..100 {
+            q.push_slice(&big);
+        }
+        assert!(q.chunks.iter().all(|c| c.len() <= MAX_BLOCK));
+        assert_eq!(q.len(), 1 + 101 * 5000);
+        assert_eq!(&q.slice(1, 5001)[..], &big[..]);
+        q.drop_to(q.end());
+        assert_eq!(q.tail.capacity(), 0, "an idle queue holds no block");
+        q.push_slice(b"y");
+        assert_eq!(q.tail.capacity(), MIN_BLOCK);
+        assert_eq!(&q.slice(0, u64::MAX)[..], b"y");
     }
 }

@@ -134,10 +134,20 @@ pub async fn serve(
     };
     debug!(service = %kind, session = %label, arrival = %how, "serving a session");
     let drain = Drain::new(&arrival, &opts);
+    // Each service's future is boxed: the session's task then holds the
+    // state of the service it runs, not that of the largest one (HTTP's).
     let result = match kind {
-        Kind::Http => http::serve(&mut session, arrival, &opts, drain).await,
-        Kind::Echo => echo::serve(&mut session, arrival, drain).await,
-        Kind::Counter => counter::serve(&mut session, arrival, opts.counter_interval, drain).await,
+        Kind::Http => Box::pin(http::serve(&mut session, arrival, &opts, drain)).await,
+        Kind::Echo => Box::pin(echo::serve(&mut session, arrival, drain)).await,
+        Kind::Counter => {
+            Box::pin(counter::serve(
+                &mut session,
+                arrival,
+                opts.counter_interval,
+                drain,
+            ))
+            .await
+        }
     };
     match result {
         Err(e) if migratory::is_migrated(&e) => {

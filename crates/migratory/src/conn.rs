@@ -15,8 +15,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-/// Size of one socket read.
+/// Size of one socket read while bytes flow.
 const READ_CHUNK: usize = 64 * 1024;
+/// Size of a read when no partial frame is pending: a request or a ping
+/// fits, and only input that leaves a frame unfinished earns
+/// [`READ_CHUNK`], so a connection with little traffic does not churn (and
+/// pin, through the payload slices it hands on) 64 KiB blocks.
+const FIRST_READ: usize = 4 * 1024;
 
 /// Most bytes one read of a connection being admitted takes.
 pub(crate) const ADMISSION_READ: usize = migratory_proto::frame::MAX_ADMISSION_FRAME;
@@ -191,7 +196,14 @@ const KEEPALIVE_PROBES: u32 = 5;
 /// when nothing is there (an empty buffer is then given back, so an idle
 /// connection holds none).
 pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+    let room = buf.capacity() - buf.len();
+    if buf.is_empty() {
+        // Nothing pending: a small read first (a frame that does not fit
+        // leaves a part pending, and the next read is a full one).
+        if room < FIRST_READ {
+            buf.reserve(FIRST_READ);
+        }
+    } else if room < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }
     match stream.try_read_buf(buf) {

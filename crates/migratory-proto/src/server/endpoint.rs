@@ -53,8 +53,13 @@ use super::{ServerConfig, SessionHandle, ABORT_TEXT, FINISHED_TEXT};
 pub trait SessionSlot: Clone {
     /// A slot holding `session`.
     fn new(session: Session) -> Self;
-    /// Runs `f` on the session (under the slot's lock, if it has one).
+    /// Runs `f` on the session (under the slot's lock, if it has one); the
+    /// session may change, so whoever waits on it is to be woken.
     fn with<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R;
+    /// Reads the session without changing it: nobody is woken. The
+    /// endpoint's periodic visits of every session (load reports, rebalance
+    /// candidates) use this, so idle sessions stay asleep.
+    fn peek<R>(&self, f: impl FnOnce(&Session) -> R) -> R;
 }
 
 impl SessionSlot for Arc<std::sync::Mutex<Session>> {
@@ -64,6 +69,10 @@ impl SessionSlot for Arc<std::sync::Mutex<Session>> {
 
     fn with<R>(&self, f: impl FnOnce(&mut Session) -> R) -> R {
         f(&mut self.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn peek<R>(&self, f: impl FnOnce(&Session) -> R) -> R {
+        f(&self.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -288,7 +297,7 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn holds(&self, session: SessionId) -> bool {
         self.sessions
             .get(&session)
-            .is_some_and(|(_, s)| s.with(|s| !s.is_ended()))
+            .is_some_and(|(_, s)| s.peek(|s| !s.is_ended()))
     }
 
     /// Sessions this server owns (not frozen), with their epochs. Visits
@@ -296,7 +305,7 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn owned_sessions(&self) -> Vec<(SessionId, Epoch)> {
         self.sessions
             .iter()
-            .filter_map(|(id, (_, s))| s.with(|s| s.is_owned().then(|| (*id, s.epoch()))))
+            .filter_map(|(id, (_, s))| s.peek(|s| s.is_owned().then(|| (*id, s.epoch()))))
             .collect()
     }
 
@@ -305,7 +314,7 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn session_infos(&self) -> Vec<SessionInfo> {
         self.sessions
             .values()
-            .filter_map(|(_, s)| s.with(|s| s.is_owned().then(|| s.info())))
+            .filter_map(|(_, s)| s.peek(|s| s.is_owned().then(|| s.info())))
             .collect()
     }
 
@@ -314,7 +323,7 @@ impl<S: SessionSlot> Endpoint<S> {
     pub fn crash_tolerant(&self, session: SessionId) -> bool {
         self.sessions
             .get(&session)
-            .is_some_and(|(_, s)| s.with(|s| s.crash_tolerant()))
+            .is_some_and(|(_, s)| s.peek(|s| s.crash_tolerant()))
     }
 
     /// The epochs at which this server would still take a Migrate of
@@ -325,7 +334,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let mut out = self
             .sessions
             .get(&session)
-            .map(|(_, s)| s.with(|s| s.accepted_epochs()))
+            .map(|(_, s)| s.peek(|s| s.accepted_epochs()))
             .unwrap_or_default();
         out.extend(self.replicas.get(&session).map(|r| r.epoch));
         out
@@ -750,7 +759,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let held = self
             .sessions
             .get(&m.request.session)
-            .is_some_and(|(_, s)| s.with(|s| s.serves_epoch(m.request.epoch)));
+            .is_some_and(|(_, s)| s.peek(|s| s.serves_epoch(m.request.epoch)));
         if m.request.origin == self.cfg.id || held {
             return self.resume_local(now, inc, m);
         }
@@ -806,7 +815,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let live = self
             .sessions
             .get(&sid)
-            .is_some_and(|(_, s)| s.with(|s| !s.is_ended()));
+            .is_some_and(|(_, s)| s.peek(|s| !s.is_ended()));
         if !live {
             if self.is_tombstone(sid) {
                 return self.reject(inc, RejectReason::InvalidState, FINISHED_TEXT);
@@ -1008,7 +1017,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let held = self
             .sessions
             .get(&sid)
-            .is_some_and(|(_, s)| s.with(|s| !s.is_ended()));
+            .is_some_and(|(_, s)| s.peek(|s| !s.is_ended()));
         if !held {
             let (reason, text) = if self.is_tombstone(sid) {
                 (RejectReason::InvalidState, FINISHED_TEXT)
@@ -1129,7 +1138,7 @@ impl<S: SessionSlot> Endpoint<S> {
                 let local = self
                     .sessions
                     .get(&session)
-                    .and_then(|(_, s)| s.with(|s| s.is_owned().then(|| s.epoch())));
+                    .and_then(|(_, s)| s.peek(|s| s.is_owned().then(|| s.epoch())));
                 if let Some(epoch) = local {
                     // Epochs order live copies: ours, if not older, is the
                     // one clients use: refuse to back up the other, so its
@@ -1208,7 +1217,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let backed: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, (_, s))| s.with(|s| s.backed_up_by(peer)))
+            .filter(|(_, (_, s))| s.peek(|s| s.backed_up_by(peer)))
             .map(|(sid, _)| *sid)
             .collect();
         for sid in backed {
@@ -1224,7 +1233,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let sids: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, (_, s))| s.with(|s| s.backup_down_on(peer)))
+            .filter(|(_, (_, s))| s.peek(|s| s.backup_down_on(peer)))
             .map(|(sid, _)| *sid)
             .collect();
         for sid in sids {
@@ -1245,7 +1254,7 @@ impl<S: SessionSlot> Endpoint<S> {
         let owned = self
             .sessions
             .values()
-            .filter(|(_, s)| s.with(|s| s.is_owned()))
+            .filter(|(_, s)| s.peek(|s| s.is_owned()))
             .count();
         LoadReport {
             sessions: u32::try_from(owned).unwrap_or(u32::MAX),
@@ -1345,7 +1354,7 @@ impl<S: SessionSlot> Endpoint<S> {
             .iter()
             .filter(|(sid, _)| !skip(sid))
             .filter_map(|(_, (_, s))| {
-                s.with(|s| (s.is_live() && s.incarnation().is_some()).then(|| s.info()))
+                s.peek(|s| (s.is_live() && s.incarnation().is_some()).then(|| s.info()))
             })
             .filter(|i| now.saturating_duration_since(i.since) >= residence)
             .collect();
@@ -1382,7 +1391,7 @@ impl<S: SessionSlot> Endpoint<S> {
             self.rebalance_sent.retain(|sid| {
                 sessions
                     .get(sid)
-                    .is_some_and(|(_, s)| s.with(|s| s.is_owned()))
+                    .is_some_and(|(_, s)| s.peek(|s| s.is_owned()))
             });
             if !self.rebalance_sent.is_empty() && now < self.rebalance_at + 5 * r.settle {
                 return now + b.report_every;
@@ -1616,7 +1625,7 @@ impl<S: SessionSlot> Endpoint<S> {
             .sessions
             .iter()
             .filter(|(_, (_, s))| {
-                s.with(|s| {
+                s.peek(|s| {
                     if released_too {
                         s.is_owned()
                     } else {

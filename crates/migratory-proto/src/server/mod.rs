@@ -198,7 +198,7 @@ impl Server {
     pub fn incarnation_session(&self, inc: IncarnationId) -> Option<SessionId> {
         self.attached
             .get(&inc)
-            .and_then(|s| s.with(|s| (s.incarnation() == Some(inc)).then(|| s.id())))
+            .and_then(|s| s.peek(|s| (s.incarnation() == Some(inc)).then(|| s.id())))
     }
 
     /// Whether this server holds a replica of `session`.
@@ -210,7 +210,7 @@ impl Server {
     pub fn session_of(&self, handle: SessionHandle) -> Option<SessionId> {
         self.by_handle
             .get(&handle)
-            .and_then(|s| s.with(|s| s.is_live().then(|| s.id())))
+            .and_then(|s| s.peek(|s| s.is_live().then(|| s.id())))
     }
 
     /// Moves what the endpoint reported to this server's queue, keeping
@@ -290,7 +290,7 @@ impl Server {
     /// The application is done with `handle` (see [`Session::release`]).
     pub fn release(&mut self, handle: SessionHandle) {
         if let Some(slot) = self.by_handle.remove(&handle) {
-            let now = slot.with(|s| s.last_now());
+            let now = slot.peek(|s| s.last_now());
             self.on_session(now, &slot, Session::release);
         }
     }
@@ -302,28 +302,28 @@ impl Server {
         buf: &mut [u8],
     ) -> Result<Option<usize>, AppError> {
         let slot = self.handle_slot(handle)?;
-        let now = slot.with(|s| s.last_now());
+        let now = slot.peek(|s| s.last_now());
         self.on_session(now, &slot, |s| s.read(buf))
     }
 
     /// See [`Session::write`].
     pub fn write(&mut self, handle: SessionHandle, data: &[u8]) -> Result<usize, AppError> {
         let slot = self.handle_slot(handle)?;
-        let now = slot.with(|s| s.last_now());
+        let now = slot.peek(|s| s.last_now());
         self.on_session(now, &slot, |s| s.write(data))
     }
 
     /// See [`Session::close_write`].
     pub fn close_write(&mut self, handle: SessionHandle) -> Result<(), AppError> {
         let slot = self.handle_slot(handle)?;
-        let now = slot.with(|s| s.last_now());
+        let now = slot.peek(|s| s.last_now());
         self.on_session(now, &slot, Session::close_write)
     }
 
     /// See [`Session::snapshot`].
     pub fn snapshot(&mut self, handle: SessionHandle, state: &[u8]) -> Result<(), AppError> {
         let slot = self.handle_slot(handle)?;
-        let now = slot.with(|s| s.last_now());
+        let now = slot.peek(|s| s.last_now());
         self.on_session(now, &slot, |s| s.snapshot(state))
     }
 
@@ -334,7 +334,7 @@ impl Server {
         dest: Option<ServerId>,
     ) -> Result<(), AppError> {
         let slot = self.handle_slot(handle)?;
-        let now = slot.with(|s| s.last_now());
+        let now = slot.peek(|s| s.last_now());
         self.on_session(now, &slot, |s| s.migrate_to(dest))
     }
 
@@ -359,7 +359,7 @@ impl Server {
     pub fn readable_bytes(&self, handle: SessionHandle) -> u64 {
         self.by_handle
             .get(&handle)
-            .map_or(0, |s| s.with(|s| s.readable_bytes()))
+            .map_or(0, |s| s.peek(|s| s.readable_bytes()))
     }
 
     // ----- the control plane and time ----------------------------------------
@@ -399,7 +399,7 @@ impl Server {
         let acks = self
             .attached
             .values()
-            .filter_map(|s| s.with(|s| s.ack_deadline()));
+            .filter_map(|s| s.peek(|s| s.ack_deadline()));
         self.endpoint.poll_timeout().into_iter().chain(acks).min()
     }
 

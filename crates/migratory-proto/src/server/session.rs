@@ -36,7 +36,7 @@ use crate::control::{ControlMessage, ReplicaUpdate, SessionImage};
 use crate::error::{AppError, ProtocolError, SessionError};
 use crate::frame::{Frame, Migrate, MigrateRequest, RejectReason};
 use crate::mac::{next_secret, verify_migrate};
-use crate::stream::{take_scratch, ByteQueue};
+use crate::stream::{idle_scratch, take_scratch, ByteQueue};
 use crate::sync::resume_point;
 use crate::types::{Epoch, IncarnationId, MigrationCause, Pos, Secret, ServerId, SessionId};
 
@@ -1087,6 +1087,9 @@ impl Session {
             out.push(b);
         }
         self.scratch = hdr;
+        if out.len() == start {
+            idle_scratch(&mut self.scratch);
+        }
         if self.finished() {
             self.finish();
         }

@@ -150,6 +150,10 @@ impl SessionSlot for Slot {
         }
         r
     }
+
+    fn peek<R>(&self, f: impl FnOnce(&CoreSession) -> R) -> R {
+        f(&self.lock().core)
+    }
 }
 
 impl Slot {
@@ -328,69 +332,21 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Tells a migratory client (TLS, or plaintext if the pool runs so) from a
 /// plain one by the connection's first bytes, within the preamble wait;
 /// serves a migratory one.
+///
+/// The task lives as long as the connection, so its future is kept small:
+/// the TLS handshake and the preamble (a rustls connection being set up,
+/// about 3 KB) and the final flush run as futures of their own, boxed for
+/// the time they run, and an idle session's task holds little more than
+/// [`drive`]'s state.
 async fn serve_client(
     shared: Arc<Shared>,
     stream: TcpStream,
     addr: SocketAddr,
     permit: ConnPermit,
 ) {
-    let mut peek = [0u8; 1];
-    let first_byte = match tokio::time::timeout(shared.preamble_wait, stream.peek(&mut peek)).await
-    {
-        Ok(Ok(0)) | Ok(Err(_)) => return,
-        Ok(Ok(_)) => Some(peek[0]),
-        // Silent client: a plain protocol where the server speaks first.
-        Err(_) => None,
-    };
-    let _ = stream.set_nodelay(true);
-    let Some(first_byte) = first_byte else {
-        // Silent: a protocol where the server speaks first.
-        debug!(%addr, "plain TCP client");
-        let s = Session::plain(Bytes::new(), stream, permit);
-        let _ = shared.lock().accept_tx.send((s, Arrival::Plain));
+    let Some((wire, first, _permit)) = Box::pin(open_client(&shared, stream, addr, permit)).await
+    else {
         return;
-    };
-    // One bound on the TLS handshake and the preamble together.
-    let handshake_end = tokio::time::Instant::now() + shared.handshake;
-    let (wire, first) = match (&shared.tls, first_byte) {
-        (Some(tls), TLS_HANDSHAKE_RECORD) => {
-            let accept = tokio_rustls::TlsAcceptor::from(tls.service.clone()).accept(stream);
-            let tls_stream = match tokio::time::timeout_at(handshake_end, accept).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(server = %shared.me, %addr, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(server = %shared.me, %addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let (tcp, conn) = tls_stream.into_inner();
-            let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
-            // Inside TLS only a migratory client is served. (A migratory
-            // client without TLS is refused by the endpoint when the pool
-            // requires TLS.)
-            let left = handshake_end.saturating_duration_since(tokio::time::Instant::now());
-            match read_preamble(&shared, &wire, addr, left).await {
-                Some((true, first)) => (wire, first),
-                _ => return,
-            }
-        }
-        _ => {
-            let wire = Wire::plain(stream);
-            match read_preamble(&shared, &wire, addr, shared.preamble_wait).await {
-                Some((true, first)) => (wire, first),
-                Some((false, first)) => {
-                    debug!(%addr, "plain TCP client");
-                    let s = Session::plain(first.freeze(), wire.into_stream(), permit);
-                    let st = shared.lock();
-                    let _ = st.accept_tx.send((s, Arrival::Plain));
-                    return;
-                }
-                None => return,
-            }
-        }
     };
     crate::conn::keepalive(wire.stream());
     let wake = Arc::new(Notify::new());
@@ -410,6 +366,9 @@ async fn serve_client(
         admission_input(&shared, &mut st, inc, &first);
         inc
     };
+    // The preamble's buffer is not needed again: not kept for the life of
+    // the connection.
+    drop(first);
     let wire = Arc::new(wire);
     let (reason, mut pending) = match admit(&shared, &wire, inc, &wake).await {
         Ok(Some(slot)) => drive(&shared, &wire, inc, &slot, &wake).await,
@@ -417,11 +376,81 @@ async fn serve_client(
         Err(e) => (e, VecDeque::new()),
     };
     debug!(server = %shared.me, %inc, %reason, "client connection closed");
-    wire.close(&mut pending, FLUSH_TIMEOUT).await;
+    Box::pin(wire.close(&mut pending, FLUSH_TIMEOUT)).await;
     let mut st = shared.lock();
     st.conns.remove(&inc);
     st.core.handle_incarnation_closed(Instant::now(), inc);
     shared.pump(&mut st);
+}
+
+/// The start of a client connection: a plain client is handed to the
+/// application (`None`); a migratory one comes back with its wire (TLS
+/// set up), the bytes read so far, and its permit.
+async fn open_client(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    permit: ConnPermit,
+) -> Option<(Wire, BytesMut, ConnPermit)> {
+    let mut peek = [0u8; 1];
+    let first_byte = match tokio::time::timeout(shared.preamble_wait, stream.peek(&mut peek)).await
+    {
+        Ok(Ok(0)) | Ok(Err(_)) => return None,
+        Ok(Ok(_)) => Some(peek[0]),
+        // Silent client: a plain protocol where the server speaks first.
+        Err(_) => None,
+    };
+    let _ = stream.set_nodelay(true);
+    let Some(first_byte) = first_byte else {
+        // Silent: a protocol where the server speaks first.
+        debug!(%addr, "plain TCP client");
+        let s = Session::plain(Bytes::new(), stream, permit);
+        let _ = shared.lock().accept_tx.send((s, Arrival::Plain));
+        return None;
+    };
+    // One bound on the TLS handshake and the preamble together.
+    let handshake_end = tokio::time::Instant::now() + shared.handshake;
+    let (wire, first) = match (&shared.tls, first_byte) {
+        (Some(tls), TLS_HANDSHAKE_RECORD) => {
+            let accept = tokio_rustls::TlsAcceptor::from(tls.service.clone()).accept(stream);
+            let tls_stream = match tokio::time::timeout_at(handshake_end, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(server = %shared.me, %addr, error = %e, "TLS handshake failed");
+                    return None;
+                }
+                Err(_) => {
+                    debug!(server = %shared.me, %addr, "TLS handshake timed out");
+                    return None;
+                }
+            };
+            let (tcp, conn) = tls_stream.into_inner();
+            let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
+            // Inside TLS only a migratory client is served. (A migratory
+            // client without TLS is refused by the endpoint when the pool
+            // requires TLS.)
+            let left = handshake_end.saturating_duration_since(tokio::time::Instant::now());
+            match read_preamble(shared, &wire, addr, left).await {
+                Some((true, first)) => (wire, first),
+                _ => return None,
+            }
+        }
+        _ => {
+            let wire = Wire::plain(stream);
+            match read_preamble(shared, &wire, addr, shared.preamble_wait).await {
+                Some((true, first)) => (wire, first),
+                Some((false, first)) => {
+                    debug!(%addr, "plain TCP client");
+                    let s = Session::plain(first.freeze(), wire.into_stream(), permit);
+                    let st = shared.lock();
+                    let _ = st.accept_tx.send((s, Arrival::Plain));
+                    return None;
+                }
+                None => return None,
+            }
+        }
+    };
+    Some((wire, first, permit))
 }
 
 /// Reads the start of a connection until it shows whether it is a
