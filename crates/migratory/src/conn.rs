@@ -290,7 +290,9 @@ pub(crate) async fn run_timer(
 #[derive(Debug)]
 pub(crate) struct Wire {
     stream: TcpStream,
-    tls: Option<std::sync::Mutex<rustls::Connection>>,
+    /// Boxed: a rustls connection is over a kilobyte, which a plaintext
+    /// connection should not carry.
+    tls: Option<Box<std::sync::Mutex<rustls::Connection>>>,
 }
 
 /// `io::Read`/`io::Write` over a tokio socket's non-blocking calls, for
@@ -330,7 +332,7 @@ impl Wire {
     pub(crate) fn tls(stream: TcpStream, tls: rustls::Connection) -> Self {
         Self {
             stream,
-            tls: Some(std::sync::Mutex::new(tls)),
+            tls: Some(Box::new(std::sync::Mutex::new(tls))),
         }
     }
 

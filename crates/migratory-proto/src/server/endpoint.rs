@@ -1330,6 +1330,10 @@ impl<S: SessionSlot> Endpoint<S> {
     /// peer that is not connected, and a peer that is gone for good must
     /// not be dialled every second.
     fn send_load(&mut self) {
+        if self.cfg.alternates.is_empty() {
+            // Nobody to tell: the visit of every session is not made.
+            return;
+        }
         let load = self.load();
         let retry = self.reports % 10 == 0;
         self.reports += 1;

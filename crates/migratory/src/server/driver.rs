@@ -334,18 +334,20 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// serves a migratory one.
 ///
 /// The task lives as long as the connection, so its future is kept small:
-/// the TLS handshake and the preamble (a rustls connection being set up,
-/// about 3 KB) and the final flush run as futures of their own, boxed for
-/// the time they run, and an idle session's task holds little more than
-/// [`drive`]'s state.
+/// the TLS handshake and the preamble (about 2 KB of state), admission and
+/// the final flush run as futures of their own, boxed for the time they
+/// run, and an idle session's task holds little more than [`drive`]'s
+/// state.
 async fn serve_client(
     shared: Arc<Shared>,
     stream: TcpStream,
     addr: SocketAddr,
     permit: ConnPermit,
 ) {
-    let Some((wire, first, _permit)) = Box::pin(open_client(&shared, stream, addr, permit)).await
-    else {
+    // Each boxed future is made in a statement of its own: a temporary of
+    // the awaiting statement would keep its space in this future.
+    let open = Box::pin(open_client(&shared, stream, addr, permit));
+    let Some((wire, first, _permit)) = open.await else {
         return;
     };
     crate::conn::keepalive(wire.stream());
@@ -370,13 +372,16 @@ async fn serve_client(
     // the connection.
     drop(first);
     let wire = Arc::new(wire);
-    let (reason, mut pending) = match admit(&shared, &wire, inc, &wake).await {
+    let admission = Box::pin(admit(&shared, &wire, inc, &wake));
+    let admitted = admission.await;
+    let (reason, mut pending) = match admitted {
         Ok(Some(slot)) => drive(&shared, &wire, inc, &slot, &wake).await,
         Ok(None) => ("refused".to_string(), VecDeque::new()),
         Err(e) => (e, VecDeque::new()),
     };
     debug!(server = %shared.me, %inc, %reason, "client connection closed");
-    Box::pin(wire.close(&mut pending, FLUSH_TIMEOUT)).await;
+    let close = Box::pin(wire.close(&mut pending, FLUSH_TIMEOUT));
+    close.await;
     let mut st = shared.lock();
     st.conns.remove(&inc);
     st.core.handle_incarnation_closed(Instant::now(), inc);
