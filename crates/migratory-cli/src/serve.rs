@@ -125,18 +125,13 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         draining: server.handle().draining(),
     });
     let kind = args.service;
-    // One clone per plain client being served: a drain waits for them to
-    // finish their request (the services let them go once draining).
-    let plain = Arc::new(());
     let spawn = |session: migratory::Session, arrival: migratory::Arrival| {
         let opts = opts.clone();
-        let held = (arrival == migratory::Arrival::Plain).then(|| plain.clone());
         tokio::spawn(async move {
             let id = service::SessionLabel(session.id());
             if let Err(e) = service::serve(kind, session, arrival, opts).await {
                 debug!(session = %id, error = %e, "session ended with an error");
             }
-            drop(held);
         });
     };
     let stop = shutdown_signal();
@@ -160,24 +155,18 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
         }
     }
     // Drain: the accept loop keeps running (a session arriving now is sent
-    // on at once, and clients that migrate are served until they leave),
-    // then plain clients finish their request, all within the deadline; a
-    // second signal stops at once.
-    let deadline = tokio::time::Instant::now() + args.drain_deadline;
+    // on at once, and clients that migrate are served until they leave)
+    // until the sessions are gone and the plain clients have finished their
+    // request (the services let them go once draining), all within the
+    // deadline; a second signal stops at once.
     let handle = server.handle();
     let drain = handle.drain(args.drain_deadline);
     tokio::pin!(drain);
     let again = shutdown_signal();
     tokio::pin!(again);
-    let mut drained = false;
     loop {
-        let plain_left = Arc::strong_count(&plain) - 1;
-        if drained && plain_left == 0 {
-            break;
-        }
         tokio::select! {
-            report = &mut drain, if !drained => {
-                drained = true;
+            report = &mut drain => {
                 if report.closed > 0 {
                     warn!(
                         server = %args.id,
@@ -185,16 +174,11 @@ pub async fn run(args: ServeArgs) -> Result<bool, String> {
                         "sessions that could not move were closed"
                     );
                 }
+                break;
             }
             next = server.accept() => {
                 let Some((session, arrival)) = next else { break };
                 spawn(session, arrival);
-            }
-            _ = tokio::time::sleep(Duration::from_millis(50)), if drained => {
-                if tokio::time::Instant::now() >= deadline {
-                    warn!(server = %args.id, plain_left, "plain clients still served at the deadline: closing them");
-                    break;
-                }
             }
             _ = &mut again => {
                 warn!(server = %args.id, "second signal: stopping without finishing the drain");

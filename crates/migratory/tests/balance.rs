@@ -7,7 +7,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -353,4 +353,74 @@ async fn counting_echo(mut s: migratory::Session, polls: Arc<AtomicU64>) {
         }
         let _ = s.snapshot(b"");
     }
+}
+
+/// A one-server pool whose application, for a plain TCP client, reads a
+/// 4-byte request, says so on the returned channel, then answers `done`
+/// and lets the client go once `hold` turns true, setting `released`.
+async fn plain_holding_server() -> (
+    ServerHandle,
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::watch::Sender<bool>,
+    Arc<AtomicBool>,
+) {
+    let released = Arc::new(AtomicBool::new(false));
+    let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
+    let (got_tx, got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let flag = released.clone();
+    let (handles, service) = pool_with(
+        1,
+        fast_balance(),
+        |_, _| {},
+        move |mut s| {
+            let (flag, mut hold, got) = (flag.clone(), hold_rx.clone(), got_tx.clone());
+            tokio::spawn(async move {
+                assert!(s.id().is_none(), "only plain clients here");
+                let mut req = [0u8; 4];
+                if s.read_exact(&mut req).await.is_err() {
+                    return;
+                }
+                let _ = got.send(());
+                let _ = hold.wait_for(|go| *go).await;
+                let _ = s.write_all(b"done").await;
+                flag.store(true, Ordering::SeqCst);
+            });
+        },
+    )
+    .await;
+    (handles[0].clone(), service[0], got_rx, hold_tx, released)
+}
+
+/// A drain waits, within its deadline, for the plain (non-migratory)
+/// clients the application still holds to finish their request; at the
+/// deadline it returns without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_the_plain_clients_the_application_holds() {
+    // The application lets its client go while the drain runs.
+    let (handle, addr, mut got, hold, released) = plain_holding_server().await;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"req!").await.unwrap();
+    got.recv().await.unwrap();
+    let h = handle.clone();
+    let drain = tokio::spawn(async move { h.drain(Duration::from_secs(20)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !drain.is_finished(),
+        "the drain ended while the application still held a plain client"
+    );
+    hold.send_replace(true);
+    let report = drain.await.unwrap();
+    assert!(released.load(Ordering::SeqCst), "{report:?}");
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"done");
+
+    // The application never lets go: the drain returns at its deadline.
+    let (handle, addr, mut got, _hold, released) = plain_holding_server().await;
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"req!").await.unwrap();
+    got.recv().await.unwrap();
+    handle.drain(Duration::from_millis(300)).await;
+    assert!(!released.load(Ordering::SeqCst));
 }

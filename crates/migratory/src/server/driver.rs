@@ -409,7 +409,7 @@ async fn open_client(
     let Some(first_byte) = first_byte else {
         // Silent: a protocol where the server speaks first.
         debug!(%addr, "plain TCP client");
-        let s = Session::plain(Bytes::new(), stream, permit);
+        let s = Session::plain(shared.clone(), Bytes::new(), stream, permit);
         let _ = shared.lock().accept_tx.send((s, Arrival::Plain));
         return None;
     };
@@ -446,7 +446,8 @@ async fn open_client(
                 Some((true, first)) => (wire, first),
                 Some((false, first)) => {
                     debug!(%addr, "plain TCP client");
-                    let s = Session::plain(first.freeze(), wire.into_stream(), permit);
+                    let s =
+                        Session::plain(shared.clone(), first.freeze(), wire.into_stream(), permit);
                     let st = shared.lock();
                     let _ = st.accept_tx.send((s, Arrival::Plain));
                     return None;

@@ -422,6 +422,7 @@ impl ServerBuilder {
             changed: Notify::new(),
             stop: watch::channel(false).0,
             draining: watch::channel(false).0,
+            plain: std::sync::atomic::AtomicUsize::new(0),
             bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             rate: Mutex::new((Instant::now(), 0)),
             state: Mutex::new(State {
@@ -538,9 +539,13 @@ impl ServerHandle {
     /// have moved or finished. Sessions still here at `deadline` (or at
     /// once when no peer is live) are ended with `Reject(Shutdown)`: their
     /// clients fail at once. Progress is logged every second and exported
-    /// ([`DRAINING`], [`DRAIN_REMAINING`], [`DRAIN_SESSIONS`]); plain
-    /// clients learn it from [`ServerHandle::draining`]. Calling it again
-    /// while a drain runs moves the deadline and waits for the same drain.
+    /// ([`DRAINING`], [`DRAIN_REMAINING`], [`DRAIN_SESSIONS`]). Plain
+    /// (non-migratory) clients learn it from [`ServerHandle::draining`]:
+    /// once the sessions are gone the drain also waits, within the same
+    /// deadline, until the application has dropped every plain client's
+    /// [`Session`] (finished its request), and logs a warning naming how
+    /// many it still held at the deadline. Calling it again while a drain
+    /// runs moves the deadline and waits for the same drain.
     pub async fn drain(&self, deadline: Duration) -> DrainReport {
         let deadline = deadline.min(MAX_PUSH_WAIT);
         let server = self.shared.me.to_string();
@@ -556,6 +561,7 @@ impl ServerHandle {
         // The core ends the drain by the deadline; this bound only guards
         // against a runtime that stopped.
         let give_up = tokio::time::Instant::now() + deadline + Duration::from_secs(10);
+        let plain_deadline = tokio::time::Instant::now() + deadline;
         let mut next_log = tokio::time::Instant::now() + Duration::from_secs(1);
         let mut last = DrainStatus {
             remaining: 0,
@@ -572,10 +578,15 @@ impl ServerHandle {
                 last = s;
             }
             metrics::gauge!(DRAIN_REMAINING, "server" => server.clone()).set(last.remaining as f64);
-            if last.done {
+            let plain = self.shared.plain.load(std::sync::atomic::Ordering::SeqCst);
+            if last.done && plain == 0 {
                 break;
             }
             let now = tokio::time::Instant::now();
+            if last.done && now >= plain_deadline {
+                warn!(server = %self.shared.me, plain, "plain clients still served at the drain's deadline");
+                break;
+            }
             if now >= next_log {
                 info!(
                     server = %self.shared.me,
@@ -583,6 +594,7 @@ impl ServerHandle {
                     moved = last.moved,
                     finished = last.finished,
                     closed = last.closed,
+                    plain,
                     "draining"
                 );
                 next_log = now + Duration::from_secs(1);
@@ -591,9 +603,14 @@ impl ServerHandle {
                 warn!(server = %self.shared.me, remaining = last.remaining, "drain did not finish in time");
                 break;
             }
+            let wake = if last.done {
+                next_log.min(plain_deadline)
+            } else {
+                next_log.min(give_up)
+            };
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep_until(next_log.min(give_up)) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
         DrainReport {
@@ -893,6 +910,9 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Set when the server starts draining.
     draining: watch::Sender<bool>,
+    /// Plain (non-migratory) clients the application still holds: a drain
+    /// waits for them to finish their request.
+    plain: std::sync::atomic::AtomicUsize,
     /// Bytes the sessions moved (both directions), for load reports.
     bytes: Arc<std::sync::atomic::AtomicU64>,
     /// When the rate was last measured, and the count then.

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -27,7 +28,27 @@ enum Inner {
         /// Counts the connection against the server's limits until the
         /// application drops it.
         _permit: ConnPermit,
+        /// Counts it among the plain clients a drain waits for.
+        _held: PlainHeld,
     },
+}
+
+/// One plain client the application holds; a drain waits until none is
+/// left.
+struct PlainHeld(Arc<Shared>);
+
+impl PlainHeld {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.plain.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for PlainHeld {
+    fn drop(&mut self) {
+        self.0.plain.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// One client's session at this server: `AsyncRead + AsyncWrite`, plus the
@@ -58,12 +79,18 @@ impl Session {
         }
     }
 
-    pub(super) fn plain(initial: Bytes, stream: TcpStream, permit: ConnPermit) -> Self {
+    pub(super) fn plain(
+        shared: Arc<Shared>,
+        initial: Bytes,
+        stream: TcpStream,
+        permit: ConnPermit,
+    ) -> Self {
         Self {
             inner: Inner::Plain {
                 initial,
                 stream,
                 _permit: permit,
+                _held: PlainHeld::new(shared),
             },
         }
     }
