@@ -11,8 +11,8 @@ use crate::types::Pos;
 /// Bytes `[start, end)` of a stream, kept as shared chunks so slices for
 /// transmission are zero-copy. Appends of borrowed slices go to a tail
 /// block (one allocation per block, not per write) whose size doubles from
-/// [`MIN_BLOCK`] to [`MAX_BLOCK`] while the queue is in use; once every
-/// byte is dropped the block is given back, so an idle queue holds nothing.
+/// 1 KiB to 64 KiB while the queue is in use; once every byte is dropped
+/// the block is given back, so an idle queue holds nothing.
 #[derive(Debug, Clone)]
 pub struct ByteQueue {
     chunks: VecDeque<Bytes>,
