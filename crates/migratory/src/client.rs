@@ -358,9 +358,7 @@ impl Shared {
         let Some(ConnSlot::Open(c)) = st.conns.get(&inc) else {
             return None;
         };
-        let certs = c.stream.peer_certificates();
-        (!tls::names(certs.as_deref(), server.as_str()))
-            .then(|| format!("the server's certificate does not name server id {server:?}"))
+        tls::check_server(&c.stream, server.as_str()).err()
     }
 
     fn learn_alternates(&self, st: &mut State) {
@@ -540,9 +538,12 @@ async fn connect_one(
     let Some(config) = tls.config() else {
         return Ok(Wire::plain(tcp));
     };
-    let name = tls.name_for(server.map(ServerId::as_str))?;
-    let (tcp, conn) = tls::dial(config, name, tcp).await?.into_inner();
-    Ok(Wire::tls(tcp, rustls::Connection::Client(conn)))
+    let (tcp, conn) = tls::dial(config, tls.name(), tcp).await?.into_inner();
+    let wire = Wire::tls(tcp, rustls::Connection::Client(conn));
+    if let Some(id) = server {
+        tls::check_server(&wire, id.as_str())?;
+    }
+    Ok(wire)
 }
 
 /// Bound on writing out a closing connection's last bytes.

@@ -360,6 +360,13 @@ impl Wire {
         tls.peer_certificates().map(<[_]>::to_vec)
     }
 
+    /// Whether the TLS handshake resumed an earlier session (no
+    /// certificate was exchanged).
+    pub(crate) fn resumed(&self) -> bool {
+        self.lock_tls()
+            .is_some_and(|t| t.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+    }
+
     /// The connection's channel binding: 32 bytes both ends export from
     /// its TLS session (RFC 8446 section 7.5) and nobody else can; `None`
     /// without TLS.

@@ -10,10 +10,16 @@
 //!
 //! Who checks what:
 //!
-//! * A client's first connection verifies the pool name: any server of the
-//!   pool may answer. When the server then says who it is (its Welcome),
-//!   the client checks that the certificate also names that server id. A
-//!   migration to server `b` verifies the name `b` in the handshake.
+//! * Every client handshake sends and verifies the pool name: any server of
+//!   the pool may answer the first connection, and TLS 1.3 resumes a
+//!   session only under the name it was made with. When the server then
+//!   says who it is (its Welcome), and on every migration to server `b`,
+//!   the client checks that the certificate also names that server id.
+//!   A resumed handshake shows no certificate: it proves instead that the
+//!   server opened a ticket sealed with the pool's ticket key, which is
+//!   derived from the cluster key, so any server of the pool is taken
+//!   (tickets are pool-wide: a migration to a
+//!   server the client never met still resumes).
 //! * Control links are mutual TLS: the dialler verifies the name of the
 //!   peer it dials; the acceptor requires a certificate from the pool CA
 //!   and checks that it names the server id the peer then authenticates
@@ -263,8 +269,14 @@ impl ServerTls {
     }
 
     /// The rustls configurations of server `id`: checks that the
-    /// certificate is valid now and names `id` and the pool name.
-    pub(crate) fn configs(&self, id: &str) -> Result<Option<ServerConfigs>, Error> {
+    /// certificate is valid now and names `id` and the pool name. Session
+    /// tickets are sealed with keys derived from `cluster_key`, so any
+    /// server of the pool resumes them ([`PoolTicketer`]).
+    pub(crate) fn configs(
+        &self,
+        id: &str,
+        cluster_key: &[u8],
+    ) -> Result<Option<ServerConfigs>, Error> {
         let Some(ident) = &self.identity else {
             return Ok(None);
         };
@@ -278,9 +290,10 @@ impl ServerTls {
             .with_single_cert(ident.chain.clone(), ident.key.clone_key())
             .map_err(tls_err)?;
         service.alpn_protocols = vec![ALPN.to_vec()];
-        // TLS 1.3 resumption: a client coming back to this server skips
-        // the certificate exchange.
-        service.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls_err)?;
+        // TLS 1.3 resumption: a client that met any server of the pool
+        // skips the certificate exchange here (clients name the pool in
+        // their handshakes, which resumption requires to match).
+        service.ticketer = Arc::new(PoolTicketer::new(cluster_key, &self.pool_name));
         // One ticket per handshake: a client spends one to come back, and
         // that handshake gives it the next (two would only cost more
         // crypto and bytes on every migration).
@@ -378,6 +391,7 @@ impl ClientTls {
             .with_root_certificates(roots)
             .with_no_client_auth();
         c.alpn_protocols = vec![ALPN.to_vec()];
+        c.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::default()));
         Ok(Self {
             config: Some(Arc::new(c)),
             pool_name: dns_name(DEFAULT_POOL_NAME, "pool name")?,
@@ -409,13 +423,106 @@ impl ClientTls {
         self.config.as_ref()
     }
 
-    /// The name to verify when connecting to `server` (`None`: any server
-    /// of the pool).
-    pub(crate) fn name_for(&self, server: Option<&str>) -> Result<ServerName<'static>, String> {
-        match server {
-            None => Ok(self.pool_name.clone()),
-            Some(s) => server_name(s),
+    /// The name every incarnation's handshake sends and verifies: the
+    /// pool's. TLS 1.3 resumes a session only under the name it was made
+    /// with, and any server of the pool opens the pool's tickets
+    /// ([`PoolTicketer`]); which server answered is checked after the
+    /// handshake ([`check_server`]).
+    pub(crate) fn name(&self) -> ServerName<'static> {
+        self.pool_name.clone()
+    }
+}
+
+/// Whether `wire`, just connected, may speak for server `id`: after a full
+/// handshake its certificate must name `id`; a resumed one proved that the
+/// server holds the pool's ticket key (derived from the cluster key), which
+/// only the pool's servers do, and carries the certificate of the server
+/// that issued the ticket, so it is taken for any server of the pool.
+pub(crate) fn check_server(wire: &crate::conn::Wire, id: &str) -> Result<(), String> {
+    if wire.resumed() || names(wire.peer_certificates().as_deref(), id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the server's certificate does not name server id {id:?}"
+        ))
+    }
+}
+
+/// Up to [`TICKETS_KEPT`] TLS 1.3 tickets per server name (a client names
+/// the pool, so these are the pool's), each handed out once. rustls' own
+/// cache keeps 8, which a proxy or a drain moving hundreds of sessions at
+/// once uses up at the first burst.
+#[derive(Debug, Default)]
+struct TicketStore {
+    inner: std::sync::Mutex<TicketStoreInner>,
+}
+
+#[derive(Debug, Default)]
+struct TicketStoreInner {
+    kx: std::collections::HashMap<ServerName<'static>, rustls::NamedGroup>,
+    tickets: std::collections::HashMap<
+        ServerName<'static>,
+        std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>,
+    >,
+}
+
+/// Most TLS 1.3 tickets a client keeps per server name.
+const TICKETS_KEPT: usize = 256;
+
+impl TicketStore {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TicketStoreInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        let mut st = self.lock();
+        if st.kx.len() < TICKETS_KEPT || st.kx.contains_key(&name) {
+            st.kx.insert(name, group);
         }
+    }
+
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.lock().kx.get(name).copied()
+    }
+
+    // TLS 1.2 is never negotiated (the configurations are TLS 1.3 only).
+    fn set_tls12_session(
+        &self,
+        _: ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(&self, _: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        let mut st = self.lock();
+        if st.tickets.len() >= TICKETS_KEPT && !st.tickets.contains_key(&name) {
+            return;
+        }
+        let q = st.tickets.entry(name).or_default();
+        if q.len() == TICKETS_KEPT {
+            q.pop_front();
+        }
+        q.push_back(value);
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        // The newest first: it is the furthest from expiring.
+        self.lock().tickets.get_mut(name)?.pop_back()
     }
 }
 
@@ -682,4 +789,171 @@ impl PoolCerts {
 
 fn time_days(days: i64) -> std::time::Duration {
     std::time::Duration::from_secs(days.unsigned_abs() * 86_400)
+}
+
+/// How long one ticket key of a pool is current; a ticket opens during its
+/// key's period and the next.
+const TICKET_PERIOD_SECS: u64 = 6 * 3600;
+
+/// TLS 1.3 session tickets that every server of a pool can open: a client
+/// that met any server resumes its TLS session at any other (a migration
+/// to a server it never visited, a drain, a rebalance), skipping the
+/// certificate exchange and its signatures.
+///
+/// The key of each six-hour period is derived (HKDF-SHA256) from the
+/// cluster key, salted with the pool name; a ticket is that period's
+/// number, a random nonce and the session's resumption state sealed with
+/// AES-256-GCM. Resumption in TLS 1.3 here always runs a fresh ECDHE
+/// exchange (rustls offers only `psk_dhe_ke`), so whoever learns a ticket
+/// key cannot read traffic; what a ticket proves is that the server holds
+/// the cluster key, i.e. is a member of the pool.
+pub(crate) struct PoolTicketer {
+    prk: ring::hkdf::Prk,
+    rng: ring::rand::SystemRandom,
+    /// The current period's key and its number.
+    current: std::sync::Mutex<Option<(u64, Arc<ring::aead::LessSafeKey>)>>,
+}
+
+impl fmt::Debug for PoolTicketer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PoolTicketer(..)")
+    }
+}
+
+const TICKET_HEADER: usize = 8 + ring::aead::NONCE_LEN;
+
+impl PoolTicketer {
+    pub(crate) fn new(cluster_key: &[u8], pool_name: &str) -> Self {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, pool_name.as_bytes());
+        Self {
+            prk: salt.extract(cluster_key),
+            rng: ring::rand::SystemRandom::new(),
+            current: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn period_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() / TICKET_PERIOD_SECS)
+    }
+
+    fn derive(&self, period: u64) -> Option<ring::aead::LessSafeKey> {
+        let info = [
+            b"migratory tls ticket key".as_slice(),
+            &period.to_be_bytes(),
+        ];
+        let okm = self.prk.expand(&info, &ring::aead::AES_256_GCM).ok()?;
+        Some(ring::aead::LessSafeKey::new(okm.into()))
+    }
+
+    /// The key of `period`: the current one is kept, another is derived.
+    fn key(&self, period: u64) -> Option<Arc<ring::aead::LessSafeKey>> {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cur {
+            Some((p, k)) if *p == period => Some(k.clone()),
+            _ if period == Self::period_now() => {
+                let k = Arc::new(self.derive(period)?);
+                *cur = Some((period, k.clone()));
+                Some(k)
+            }
+            _ => self.derive(period).map(Arc::new),
+        }
+    }
+
+    fn seal(&self, period: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        use ring::rand::SecureRandom;
+        let key = self.key(period)?;
+        let mut nonce = [0u8; ring::aead::NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(TICKET_HEADER + plain.len() + 16);
+        out.extend_from_slice(&period.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        key.seal_in_place_append_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(period.to_be_bytes()),
+            &mut body,
+        )
+        .ok()?;
+        out.extend_from_slice(&body);
+        Some(out)
+    }
+
+    fn open(&self, now: u64, cipher: &[u8]) -> Option<Vec<u8>> {
+        if cipher.len() < TICKET_HEADER {
+            return None;
+        }
+        let (head, body) = cipher.split_at(TICKET_HEADER);
+        let period = u64::from_be_bytes(head[..8].try_into().ok()?);
+        if period != now && period.checked_add(1) != Some(now) {
+            return None;
+        }
+        let nonce = ring::aead::Nonce::try_assume_unique_for_key(&head[8..]).ok()?;
+        let mut body = body.to_vec();
+        let n = self
+            .key(period)?
+            .open_in_place(
+                nonce,
+                ring::aead::Aad::from(period.to_be_bytes()),
+                &mut body,
+            )
+            .ok()?
+            .len();
+        body.truncate(n);
+        Some(body)
+    }
+}
+
+impl rustls::server::ProducesTickets for PoolTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        TICKET_PERIOD_SECS as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.seal(Self::period_now(), plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.open(Self::period_now(), cipher)
+    }
+}
+
+#[cfg(test)]
+mod ticket_tests {
+    use super::*;
+
+    #[test]
+    fn pool_tickets_open_anywhere_in_the_pool_and_nowhere_else() {
+        let a = PoolTicketer::new(b"cluster key of the pool, 32 bytes", "pool.migratory");
+        let b = PoolTicketer::new(b"cluster key of the pool, 32 bytes", "pool.migratory");
+        let p = PoolTicketer::period_now();
+        let t = a.seal(p, b"resumption state").unwrap();
+        // Another server of the pool opens it, now and in the next period.
+        assert_eq!(b.open(p, &t).unwrap(), b"resumption state");
+        assert_eq!(b.open(p + 1, &t).unwrap(), b"resumption state");
+        // Not two periods later, nor before it was made.
+        assert!(b.open(p + 2, &t).is_none());
+        assert!(b.open(p - 1, &t).is_none());
+        // Not with another cluster key or another pool name.
+        let other_key = PoolTicketer::new(b"another cluster key, 32 bytes...", "pool.migratory");
+        assert!(other_key.open(p, &t).is_none());
+        let other_pool = PoolTicketer::new(b"cluster key of the pool, 32 bytes", "other.pool");
+        assert!(other_pool.open(p, &t).is_none());
+        // Any changed byte (period, nonce, body, tag) or a cut is refused.
+        for i in 0..t.len() {
+            let mut bad = t.clone();
+            bad[i] ^= 1;
+            assert!(b.open(p, &bad).is_none(), "byte {i}");
+        }
+        for n in 0..t.len() {
+            assert!(b.open(p, &t[..n]).is_none(), "cut at {n}");
+        }
+        // Two tickets of the same state differ (fresh nonces).
+        assert_ne!(a.seal(p, b"resumption state").unwrap(), t);
+    }
 }

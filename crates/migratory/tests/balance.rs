@@ -424,3 +424,45 @@ async fn a_drain_waits_for_the_plain_clients_the_application_holds() {
     handle.drain(Duration::from_millis(300)).await;
     assert!(!released.load(Ordering::SeqCst));
 }
+
+/// Session tickets are pool-wide: a client that a drain moves to a server
+/// it never met resumes its TLS session there (no certificate exchange),
+/// and the servers of another pool (another cluster key) cannot open that
+/// ticket: they do a full handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_resumes_tls_at_a_server_the_client_never_met() {
+    let (handles, service) = pool(2, fast_balance()).await;
+    // Let the servers hear each other's load first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tls = common::client_tls();
+    let mut c = MigratoryStream::connect(&service[..1], &tls).await.unwrap();
+    round(&mut c, &pattern(5000, 1)).await;
+    assert_eq!(handles[0].tls_handshakes(), (1, 0), "a first connection");
+    let report = handles[0].drain(Duration::from_secs(20)).await;
+    assert_eq!(report.moved, 1, "{report:?}");
+    round(&mut c, &pattern(5000, 2)).await;
+    assert_eq!(
+        handles[1].tls_handshakes(),
+        (0, 1),
+        "s2 resumed the session with the ticket s1 gave"
+    );
+
+    // The same client settings (holding s2's ticket) with another pool.
+    let (other, other_service) = pool_with(
+        1,
+        fast_balance(),
+        |_, b| {
+            b.cluster_key(b"another pool's cluster key 0123456789".as_slice());
+        },
+        |s| {
+            tokio::spawn(common::echo(s));
+        },
+    )
+    .await;
+    let mut d = MigratoryStream::connect(&other_service, &tls)
+        .await
+        .unwrap();
+    round(&mut d, &pattern(5000, 3)).await;
+    assert_eq!(other[0].tls_handshakes(), (1, 0), "another pool's ticket");
+    round(&mut c, &pattern(5000, 4)).await;
+}

@@ -89,6 +89,10 @@ pub const REBALANCED: &str = "migratory_rebalanced_sessions_total";
 /// Counter: new sessions sent on to a peer at once because this server
 /// was full or draining (`server`).
 pub const REDIRECTED: &str = "migratory_redirected_sessions_total";
+/// Counter: TLS handshakes of client connections on the service address
+/// (`server`, `kind`: `full` or `resumed`; a resumed one skips the
+/// certificate exchange, see [`ServerHandle::tls_handshakes`]).
+pub const TLS_HANDSHAKES: &str = "migratory_tls_handshakes_total";
 /// Gauge: bytes per second this server's sessions moved lately
 /// (`server`).
 pub const THROUGHPUT: &str = "migratory_bytes_per_second";
@@ -271,6 +275,13 @@ impl ServerBuilder {
                     self.id
                 ))
             })?;
+        let key = self
+            .cluster_key
+            .clone()
+            .ok_or_else(|| cfg_err("cluster_key: missing".into()))?;
+        if key.len() < 16 {
+            return Err(cfg_err("cluster_key: must be at least 16 bytes".into()));
+        }
         let tls = self
             .tls
             .as_ref()
@@ -281,14 +292,7 @@ impl ServerBuilder {
                         .into(),
                 )
             })?
-            .configs(id.as_str())?;
-        let key = self
-            .cluster_key
-            .clone()
-            .ok_or_else(|| cfg_err("cluster_key: missing".into()))?;
-        if key.len() < 16 {
-            return Err(cfg_err("cluster_key: must be at least 16 bytes".into()));
-        }
+            .configs(id.as_str(), &key)?;
         if self.service.is_none() {
             return Err(cfg_err("service: missing address".into()));
         }
@@ -423,6 +427,7 @@ impl ServerBuilder {
             stop: watch::channel(false).0,
             draining: watch::channel(false).0,
             plain: std::sync::atomic::AtomicUsize::new(0),
+            handshakes: Default::default(),
             bytes: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             rate: Mutex::new((Instant::now(), 0)),
             state: Mutex::new(State {
@@ -619,6 +624,17 @@ impl ServerHandle {
             closed: last.closed,
             duration: start.elapsed(),
         }
+    }
+
+    /// Client TLS handshakes this server completed so far: `(full,
+    /// resumed)`. Session tickets are pool-wide, so a client that met any
+    /// server of the pool resumes here too.
+    pub fn tls_handshakes(&self) -> (u64, u64) {
+        let [full, resumed] = &self.shared.handshakes;
+        (
+            full.load(std::sync::atomic::Ordering::Relaxed),
+            resumed.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// `true` from the moment the server starts draining: plain
@@ -913,6 +929,8 @@ struct Shared {
     /// Plain (non-migratory) clients the application still holds: a drain
     /// waits for them to finish their request.
     plain: std::sync::atomic::AtomicUsize,
+    /// Client TLS handshakes completed here: full, resumed.
+    handshakes: [std::sync::atomic::AtomicU64; 2],
     /// Bytes the sessions moved (both directions), for load reports.
     bytes: Arc<std::sync::atomic::AtomicU64>,
     /// When the rate was last measured, and the count then.
@@ -1001,6 +1019,10 @@ impl Shared {
         }
         for outcome in ["moved", "finished", "closed"] {
             metrics::counter!(DRAIN_SESSIONS, "server" => server.clone(), "outcome" => outcome)
+                .absolute(0);
+        }
+        for kind in ["full", "resumed"] {
+            metrics::counter!(TLS_HANDSHAKES, "server" => server.clone(), "kind" => kind)
                 .absolute(0);
         }
         for direction in [Direction::In, Direction::Out] {
