@@ -999,6 +999,31 @@ async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
     Ok((median(times), median(pauses)))
 }
 
+/// A server's client TLS handshakes so far, `(full, resumed)`, read from
+/// its Prometheus metrics at `addr`.
+async fn served_handshakes(addr: SocketAddr) -> Result<(u64, u64), String> {
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("metrics {addr}: {e}"))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = |kind: &str| {
+        body.lines()
+            .filter(|l| {
+                l.starts_with(migratory::server::TLS_HANDSHAKES)
+                    && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Ok((count("full"), count("resumed")))
+}
+
 /// Options of `migratory bench idle`.
 #[derive(Args, Debug)]
 pub struct IdleArgs {
@@ -1289,6 +1314,7 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
         bench_certs()?
             .write_dir(&dir.join("certs"), &["s1", "s2", "s3"])
             .map_err(|e| e.to_string())?;
+        let metrics: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
         let mut servers = Vec::new();
         for i in 0..3 {
             servers.push(Child(
@@ -1296,6 +1322,8 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
                     .args(["serve", "--config"])
                     .arg(&pool)
                     .args(["--id", &format!("s{}", i + 1), "--service", "echo"])
+                    .arg("--metrics")
+                    .arg(metrics[i].to_string())
                     .env("RUST_LOG", "warn")
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
@@ -1417,6 +1445,14 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             }
         }
         let after = vec![listed(1).await?, listed(2).await?];
+        // How the migrations' TLS handshakes went at the peers (tickets are
+        // pool-wide: a client resumes at a server it never met).
+        let mut handshakes = [0u64; 2];
+        for m in &metrics[1..] {
+            let (full, resumed) = served_handshakes(*m).await?;
+            handshakes[0] += full;
+            handshakes[1] += resumed;
+        }
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         Ok::<_, String>(json!({
@@ -1434,18 +1470,23 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             "after_s2_s3": after,
             "client_prepare_p50_ms": c_prepare,
             "client_wait_p50_ms": c_wait,
+            "peer_tls_handshakes_full": handshakes[0],
+            "peer_tls_handshakes_resumed": handshakes[1],
         }))
     })?;
     let text = format!(
         "drain of {} sessions ({} streaming) on s1: {:.0} ms; moved {}, closed {}; \
-         client-visible errors {}; sessions on s2, s3 after: {}\n",
+         client-visible errors {}; sessions on s2, s3 after: {}; \
+         TLS handshakes at s2 and s3: {} full, {} resumed\n",
         v["sessions"],
         v["streaming"],
         v["drain_ms"].as_f64().unwrap_or(0.0),
         v["moved"],
         v["closed"],
         v["errors"],
-        v["after_s2_s3"]
+        v["after_s2_s3"],
+        v["peer_tls_handshakes_full"],
+        v["peer_tls_handshakes_resumed"]
     );
     emit(a.json, v, text)
 }
