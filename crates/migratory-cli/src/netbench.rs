@@ -1316,14 +1316,14 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             .map_err(|e| e.to_string())?;
         let metrics: Vec<SocketAddr> = (0..3).map(|_| free_port()).collect::<Result<_, _>>()?;
         let mut servers = Vec::new();
-        for i in 0..3 {
+        for (i, m) in metrics.iter().enumerate() {
             servers.push(Child(
                 std::process::Command::new(&exe)
                     .args(["serve", "--config"])
                     .arg(&pool)
                     .args(["--id", &format!("s{}", i + 1), "--service", "echo"])
                     .arg("--metrics")
-                    .arg(metrics[i].to_string())
+                    .arg(m.to_string())
                     .env("RUST_LOG", "warn")
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
