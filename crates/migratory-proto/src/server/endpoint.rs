@@ -199,6 +199,10 @@ pub struct Endpoint<S: SessionSlot> {
     peers_down: std::collections::HashSet<ServerId>,
     /// Load reports sent so far (counts the periods).
     reports: u64,
+    /// The sessions owned here at the last load report, and when: the
+    /// rebalancer uses it within a period instead of visiting every
+    /// session again.
+    owned_at_report: Option<(Instant, u32)>,
     /// Peers whose link went down after they said they were draining:
     /// they left the pool in order (until they report again).
     peers_left: std::collections::HashSet<ServerId>,
@@ -251,6 +255,7 @@ impl<S: SessionSlot> Endpoint<S> {
             rebalance_tried: HashMap::new(),
             peers_down: std::collections::HashSet::new(),
             reports: 0,
+            owned_at_report: None,
             last_finish: None,
             peers_left: std::collections::HashSet::new(),
         }
@@ -1322,19 +1327,20 @@ impl<S: SessionSlot> Endpoint<S> {
         };
         let next = now + b.report_every;
         self.timers.insert((next, Timer::Load));
-        self.send_load();
+        self.send_load(now);
     }
 
     /// A report to every peer; one whose link failed (and that has not
     /// been heard from since) only every tenth period: a report dials a
     /// peer that is not connected, and a peer that is gone for good must
     /// not be dialled every second.
-    fn send_load(&mut self) {
+    fn send_load(&mut self, now: Instant) {
         if self.cfg.alternates.is_empty() {
             // Nobody to tell: the visit of every session is not made.
             return;
         }
         let load = self.load();
+        self.owned_at_report = Some((now, load.sessions));
         let retry = self.reports % 10 == 0;
         self.reports += 1;
         for a in &self.cfg.alternates {
@@ -1411,7 +1417,19 @@ impl<S: SessionSlot> Endpoint<S> {
             return now + r.settle;
         }
         let candidates = self.candidates(now);
-        let own = self.load().sessions as usize;
+        if candidates.is_empty() {
+            // No live peer to move sessions to (the rebalancer stands
+            // down, as `balance::rebalance` would say): the visit of every
+            // session that counts this server's own is not made.
+            self.rebalancing = false;
+            return now + b.report_every;
+        }
+        // Counted at the last report if it is less than a period old (the
+        // count is a visit of every session).
+        let own = match self.owned_at_report {
+            Some((at, n)) if now < at + b.report_every => n,
+            _ => self.load().sessions,
+        } as usize;
         // How many may move is known only from the session list: decide
         // with `own` as its bound, and list the sessions only to move some.
         let dests = balance::rebalance(own, own, &candidates, r, &mut self.rebalancing);
@@ -1477,7 +1495,7 @@ impl<S: SessionSlot> Endpoint<S> {
                     closed: 0,
                     done: false,
                 });
-                self.send_load();
+                self.send_load(now);
             }
         }
         self.drain_round(now);
