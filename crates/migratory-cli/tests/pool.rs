@@ -342,6 +342,15 @@ impl Pool {
         );
         String::from_utf8_lossy(&out.stdout).lines().count() - 1
     }
+
+    /// A new raw TCP client of the echo service through the proxy, after
+    /// one checked round of `len` bytes.
+    fn echo_client(&self, seed: u32, len: usize) -> TcpStream {
+        let mut c = TcpStream::connect(self.proxy).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        echo_round(&mut c, seed, len);
+        c
+    }
 }
 
 /// 8 MiB written to an echo client process (socat or nc), 64 KiB every
@@ -534,9 +543,7 @@ fn sigterm_drains_socat_echo_streaming_both_ways() {
 #[test]
 fn sigterm_to_the_last_server_standing_resets_its_clients() {
     let (mut pool, _) = Pool::start("last", "echo", &[]);
-    let mut c = TcpStream::connect(pool.proxy).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    echo_round(&mut c, 1, 100_000);
+    let mut c = pool.echo_client(1, 100_000);
     // The two peers leave first (they hold nothing: they exit at once).
     for i in [1, 2] {
         pool.term(i);
@@ -564,14 +571,7 @@ fn sigterm_to_the_last_server_standing_resets_its_clients() {
 #[test]
 fn migratory_drain_moves_the_sessions_and_the_server_stays_up_not_ready() {
     let (mut pool, _) = Pool::start("drain-cmd", "echo", &[]);
-    let mut clients: Vec<TcpStream> = (0..3)
-        .map(|k| {
-            let mut c = TcpStream::connect(pool.proxy).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            echo_round(&mut c, k, 10_000);
-            c
-        })
-        .collect();
+    let mut clients: Vec<TcpStream> = (0..3).map(|k| pool.echo_client(k, 10_000)).collect();
     assert_eq!(pool.listed(0), 3);
     let out = pool.run(&["drain", "--id", "s1", "--deadline", "10s"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -591,10 +591,7 @@ fn migratory_drain_moves_the_sessions_and_the_server_stays_up_not_ready() {
         echo_round(c, 100 + k as u32, 10_000);
     }
     // A new session through the proxy does not stay on s1.
-    let mut c = TcpStream::connect(pool.proxy).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    echo_round(&mut c, 7, 10_000);
-    clients.push(c);
+    clients.push(pool.echo_client(7, 10_000));
     assert_eq!(pool.listed(0), 0);
 }
 
@@ -625,14 +622,7 @@ fn metrics_match_the_session_listing_after_opens_moves_and_closes() {
     };
     // The harness's readiness probe of the proxy was a session too: gone.
     check([0, 0, 0]);
-    let mut clients: Vec<TcpStream> = (0..5)
-        .map(|k| {
-            let mut c = TcpStream::connect(pool.proxy).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            echo_round(&mut c, k, 1000);
-            c
-        })
-        .collect();
+    let mut clients: Vec<TcpStream> = (0..5).map(|k| pool.echo_client(k, 1000)).collect();
     check([5, 0, 0]);
     let out = pool.run(&["migrate", "--from", "s1", "--to", "s2", "--count", "2"]);
     assert!(
