@@ -430,7 +430,8 @@ async fn open_client(
                 }
             };
             let (tcp, conn) = tls_stream.into_inner();
-            let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
+            let resumed = wire.resumed();
             shared.handshakes[usize::from(resumed)]
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!(
@@ -439,7 +440,6 @@ async fn open_client(
                 "kind" => if resumed { "resumed" } else { "full" }
             )
             .increment(1);
-            let wire = Wire::tls(tcp, rustls::Connection::Server(conn));
             // Inside TLS only a migratory client is served. (A migratory
             // client without TLS is refused by the endpoint when the pool
             // requires TLS.)
