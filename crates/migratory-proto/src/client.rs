@@ -739,6 +739,13 @@ impl Client {
         }
     }
 
+    /// Keeps a block of a connection's read buffer that frames handed to
+    /// [`Client::handle_input_buf`] were carved from, until the bytes
+    /// received in it are read (see [`ByteQueue::adopt`]).
+    pub fn adopt_read_block(&mut self, block: crate::stream::Block) {
+        self.down.adopt(block);
+    }
+
     fn process_input(&mut self, now: Instant, inc: IncarnationId) {
         let expected = match self.phase {
             Phase::Connecting { inc: i, .. } | Phase::Migrating { inc: i, .. } => Some(i),

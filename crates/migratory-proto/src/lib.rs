@@ -35,4 +35,4 @@ pub mod sync;
 pub mod types;
 mod wire;
 
-pub use wire::{HEADER_LEN, MAX_ADDRS, MAX_ALTERNATES, MAX_TEXT_LEN};
+pub use wire::{bytes_missing, HEADER_LEN, MAX_ADDRS, MAX_ALTERNATES, MAX_TEXT_LEN};

@@ -11,12 +11,14 @@ use crate::types::Pos;
 /// Bytes `[start, end)` of a stream, kept as shared chunks so slices for
 /// transmission are zero-copy. Appends of borrowed slices go to a tail
 /// block (one allocation per block, not per write) whose size doubles from
-/// 1 KiB to 64 KiB while the queue is in use; once every byte is dropped
-/// the block is given back, so an idle queue holds nothing.
+/// 1 KiB to 64 KiB ([`BLOCK`]) while the queue is in use; a full-size
+/// block goes back to the process's pool once its bytes are dropped (see
+/// [`Block`]), and an idle queue holds nothing.
 #[derive(Debug, Clone)]
 pub struct ByteQueue {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
+    blocks: Blocks,
     /// Size of the next tail block.
     block: usize,
     start: Pos,
@@ -25,17 +27,150 @@ pub struct ByteQueue {
 
 /// The first tail block of a queue in use: a small reply fits.
 const MIN_BLOCK: usize = 1024;
-/// The largest tail block: a busy stream appends with few allocations.
-const MAX_BLOCK: usize = 64 * 1024;
 
 impl Default for ByteQueue {
     fn default() -> Self {
         Self {
             chunks: VecDeque::new(),
             tail: BytesMut::new(),
+            blocks: Blocks::default(),
             block: MIN_BLOCK,
             start: 0,
             len: 0,
+        }
+    }
+}
+
+/// Size of the blocks that busy queues and connections' read buffers are
+/// carved from, and that the process's pool keeps.
+pub const BLOCK: usize = 64 * 1024;
+
+/// Most free blocks the process's pool keeps (8 MiB).
+pub const POOL_BLOCKS: usize = 128;
+
+/// Most blocks one queue tracks: 8 MiB, more than a session's default
+/// window.
+const MAX_HELD: usize = 128;
+
+/// The process's free blocks. One pool for all threads: a block is often
+/// freed on one thread (where the application read its bytes) and needed
+/// on another (where its connection reads).
+static POOL: std::sync::Mutex<Vec<BytesMut>> = std::sync::Mutex::new(Vec::new());
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<BytesMut>> {
+    // The pool holds plain buffers: a panic elsewhere cannot leave it
+    // inconsistent.
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Blocks allocated so far because the pool had none.
+static ALLOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many free blocks the process's pool holds now.
+pub fn pooled_blocks() -> usize {
+    pool().len()
+}
+
+/// How many blocks the process has allocated so far (the others were
+/// reused).
+pub fn blocks_allocated() -> u64 {
+    ALLOCATED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A [`BLOCK`] of storage that queue chunks or frames are carved from, as
+/// shared [`Bytes`] slices: the block can be written again only once every
+/// slice is dropped.
+///
+/// Freeing each block and allocating the next, as a busy stream does
+/// hundreds of times a second, lets the C allocator give the memory back to
+/// the system and fault it in again page by page (or huge page by huge
+/// page): that cost a session a third of its CPU time. So a block whose
+/// bytes are all acknowledged or read goes to the process's pool
+/// ([`Block::give_back`], at most [`POOL_BLOCKS`] blocks), where the next
+/// busy queue or connection finds it ([`Block::take`]).
+///
+/// A `Block` is a token for the storage: an empty handle at its start,
+/// through which it learns when nothing else refers to it.
+#[derive(Debug)]
+pub struct Block {
+    owner: BytesMut,
+}
+
+impl Block {
+    /// A block from the process's pool, or a new one; returns its token and
+    /// the handle to write into (empty, room for [`BLOCK`] bytes).
+    pub fn take() -> (Block, BytesMut) {
+        let mut work = pool().pop().unwrap_or_else(|| {
+            ALLOCATED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            BytesMut::with_capacity(BLOCK)
+        });
+        let owner = work.split_to(0);
+        (Block { owner }, work)
+    }
+
+    /// Whether nothing but this token refers to the storage any more.
+    fn is_free(&mut self) -> bool {
+        // The token has no room of its own, so this asks whether the
+        // storage is shared (and reclaims it whole when it is not).
+        self.owner.try_reclaim(BLOCK)
+    }
+
+    /// Gives the block back: to the process's pool when nothing else refers
+    /// to it (and the pool has room), else to the allocator, once its last
+    /// slice is dropped.
+    pub fn give_back(mut self) {
+        if self.is_free() {
+            let mut p = pool();
+            if p.len() < POOL_BLOCKS {
+                p.push(self.owner);
+            }
+        }
+    }
+}
+
+/// The blocks a queue's chunks point into, in the order they were filled,
+/// which is the order their bytes are dropped (acknowledged or read); the
+/// last one may be the block being written.
+#[derive(Debug, Default)]
+struct Blocks {
+    held: VecDeque<Block>,
+}
+
+impl Clone for Blocks {
+    /// A clone shares no block: it starts empty.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl Blocks {
+    /// A block to write into next.
+    fn next(&mut self) -> BytesMut {
+        let (block, work) = Block::take();
+        self.hold(block);
+        work
+    }
+
+    /// Keeps `block` until the slices of it are dropped.
+    fn hold(&mut self, block: Block) {
+        if self.held.len() == MAX_HELD {
+            // Let the allocator have it, when its bytes go.
+            self.held.pop_front();
+        }
+        self.held.push_back(block);
+    }
+
+    /// Gives back the oldest blocks that nothing refers to any more.
+    fn release_free(&mut self) {
+        while self.held.front_mut().is_some_and(Block::is_free) {
+            self.held.pop_front().expect("front exists").give_back();
+        }
+    }
+
+    /// Gives every block back (see [`Block::give_back`]).
+    fn release(&mut self) {
+        for b in std::mem::take(&mut self.held) {
+            b.give_back();
         }
     }
 }
@@ -103,13 +238,33 @@ impl ByteQueue {
         self.chunks.push_back(data);
     }
 
+    /// Keeps `block`, a read buffer's block that chunks pushed here point
+    /// into, until the bytes in it are dropped: it then goes to the
+    /// process's pool for the next read.
+    pub fn adopt(&mut self, block: Block) {
+        self.blocks.hold(block);
+        self.blocks.release_free();
+    }
+
     /// Appends a copy of `data`.
     pub fn push_slice(&mut self, data: &[u8]) {
+        // No block is larger than a pool's: large writes fill several.
+        for piece in data.chunks(BLOCK) {
+            self.push_piece(piece);
+        }
+    }
+
+    fn push_piece(&mut self, data: &[u8]) {
         if self.tail.capacity() - self.tail.len() < data.len() {
             self.seal();
             let size = data.len().max(self.block);
-            self.tail = BytesMut::with_capacity(size);
-            self.block = (size * 2).min(MAX_BLOCK);
+            self.tail = if size == BLOCK {
+                self.blocks.next()
+            } else {
+                // Small blocks (a queue starting up) go to the allocator.
+                BytesMut::with_capacity(size)
+            };
+            self.block = (size * 2).min(BLOCK);
         }
         self.tail.extend_from_slice(data);
         self.len += data.len() as u64;
@@ -138,10 +293,13 @@ impl ByteQueue {
                 self.chunks.pop_front();
             }
         }
-        if self.len == 0 && self.tail.capacity() > 0 {
-            // Idle: give the block back and start small again.
+        if self.len == 0 {
+            // Idle: give the blocks back and start small again.
             self.tail = BytesMut::new();
+            self.blocks.release();
             self.block = MIN_BLOCK;
+        } else {
+            self.blocks.release_free();
         }
     }
 
@@ -278,7 +436,7 @@ mod tests {
         for _ in 0..100 {
             q.push_slice(&big);
         }
-        assert!(q.chunks.iter().all(|c| c.len() <= MAX_BLOCK));
+        assert!(q.chunks.iter().all(|c| c.len() <= BLOCK));
         assert_eq!(q.len(), 1 + 101 * 5000);
         assert_eq!(&q.slice(1, 5001)[..], &big[..]);
         q.drop_to(q.end());
@@ -286,5 +444,33 @@ mod tests {
         q.push_slice(b"y");
         assert_eq!(q.tail.capacity(), MIN_BLOCK);
         assert_eq!(&q.slice(0, u64::MAX)[..], b"y");
+    }
+
+    #[test]
+    fn a_busy_queue_reuses_its_blocks() {
+        let mut q = ByteQueue::new(0);
+        let piece = vec![1u8; BLOCK];
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000u64 {
+            q.push_slice(&piece);
+            seen.insert(q.tail.as_ptr() as usize);
+            // Acknowledged in order, a few blocks behind the writes; the
+            // slices handed out for transmission are dropped by then.
+            let out = q.chunk_at(q.start(), BLOCK);
+            drop(out);
+            if i >= 3 {
+                q.drop_to((i - 3) * BLOCK as u64);
+            }
+        }
+        assert!(seen.len() <= 8, "{} blocks for 1000 writes", seen.len());
+        // Large writes are cut to blocks.
+        q.push_slice(&vec![2u8; 3 * BLOCK + 10]);
+        assert!(q.chunks.iter().all(|c| c.len() <= BLOCK));
+        assert_eq!(&q.slice(q.end() - 10, q.end())[..], &[2u8; 10]);
+        // Idle: every block goes back (to the process's pool: see
+        // tests/blocks.rs).
+        q.drop_to(q.end());
+        assert_eq!(q.tail.capacity(), 0);
+        assert!(q.blocks.held.is_empty());
     }
 }

@@ -15,9 +15,6 @@ use crate::types::{Alternate, Secret, ServerId, SessionId, MAX_SERVER_ID_LEN, SE
 /// Bytes of the frame header: type (1) and body length (4).
 pub const HEADER_LEN: usize = 5;
 
-/// Most bytes reserved ahead of input that has not arrived yet.
-const READ_AHEAD: usize = 64 * 1024;
-
 /// Most alternates one frame may list.
 pub const MAX_ALTERNATES: usize = 64;
 
@@ -49,14 +46,27 @@ pub(crate) fn split_frame(
         return Err(DecodeError::TooLarge { len, max: max_body });
     }
     if src.len() < HEADER_LEN + len {
-        // Make room for the next read, but never trust an announced length
-        // for more than a bounded read-ahead: memory grows with bytes that
-        // actually arrive, not with what a header claims.
-        src.reserve((HEADER_LEN + len - src.len()).min(READ_AHEAD));
+        // The reader makes room as bytes arrive ([`bytes_missing`] says how
+        // much the frame lacks): memory grows with bytes that actually
+        // arrive, not with what a header claims.
         return Ok(None);
     }
     src.advance(HEADER_LEN);
     Ok(Some((ty, src.split_to(len).freeze())))
+}
+
+/// How many bytes the first frame in `src` lacks to be whole: 0 when it
+/// is whole or `src` is empty, the rest of the header when only part of
+/// one is there. Readers size their next read with it.
+pub fn bytes_missing(src: &[u8]) -> usize {
+    if src.is_empty() {
+        return 0;
+    }
+    if src.len() < HEADER_LEN {
+        return HEADER_LEN - src.len();
+    }
+    let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize;
+    (HEADER_LEN + len).saturating_sub(src.len())
 }
 
 /// Writes a header for a body of `len` bytes.
@@ -322,4 +332,26 @@ pub(crate) fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_missing_counts_what_the_first_frame_lacks() {
+        let mut frame = BytesMut::new();
+        put_header(&mut frame, 7, 10);
+        frame.put_slice(&[1; 10]);
+        assert_eq!(bytes_missing(&[]), 0);
+        assert_eq!(bytes_missing(&frame[..2]), HEADER_LEN - 2);
+        assert_eq!(bytes_missing(&frame[..HEADER_LEN]), 10);
+        assert_eq!(bytes_missing(&frame[..HEADER_LEN + 4]), 6);
+        assert_eq!(bytes_missing(&frame), 0);
+        frame.put_u8(7);
+        assert_eq!(bytes_missing(&frame), 0, "only the first frame counts");
+        // A header that announces 4 GiB asks for it; readers bound their
+        // reads, so memory follows what arrives.
+        assert_eq!(bytes_missing(&[7, 255, 255, 255, 255]), u32::MAX as usize);
+    }
 }

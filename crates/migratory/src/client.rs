@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use migratory_proto::client::{Client, ClientConfig, ClientEvent, ClientStats};
 use migratory_proto::types::{Epoch, IncarnationId, ServerId, SessionId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::conn::{self, Wire};
+use crate::conn::{self, Input, Wire};
 use crate::error::Error;
 use crate::policy::{Action, ClientView, Manual, Policy, PolicyEvent};
 use crate::tls::{self, ClientTls};
@@ -65,7 +65,7 @@ struct Conn {
     /// Read from the socket and not yet taken by the session (a partial
     /// frame): the connection's task and the application's reads both read
     /// into it, under the lock.
-    rx: BytesMut,
+    rx: Input,
     /// Framed for the connection, not yet taken by the socket.
     pending: VecDeque<Bytes>,
     /// Wakes the connection's task (no room, or closing).
@@ -170,6 +170,9 @@ impl Shared {
                 return false;
             }
             let r = c.stream.try_read(&mut c.rx);
+            if let Some(b) = c.rx.retired() {
+                core.adopt_read_block(b);
+            }
             if c.stream.wants_write() {
                 // TLS records the read produced (a key update's answer):
                 // the connection's task writes them.
@@ -177,7 +180,7 @@ impl Shared {
             }
             match r {
                 Ok(Some(n)) if n > 0 => {
-                    core.handle_input_buf(Instant::now(), inc, &mut c.rx);
+                    core.handle_input_buf(Instant::now(), inc, &mut c.rx.buf);
                     self.pump(st);
                     return true;
                 }
@@ -494,7 +497,7 @@ async fn open(
         let wake = Arc::new(Notify::new());
         let mut c = Conn {
             stream: stream.clone(),
-            rx: BytesMut::new(),
+            rx: Input::default(),
             pending: queue.into_iter().flatten().collect(),
             wake: wake.clone(),
         };
@@ -599,11 +602,15 @@ async fn run_conn(shared: &Arc<Shared>, inc: IncarnationId, wire: &Wire, wake: &
                     let Some(ConnSlot::Open(c)) = conns.get_mut(&inc) else {
                         break;
                     };
-                    match wire.try_read(&mut c.rx) {
+                    let r = wire.try_read(&mut c.rx);
+                    if let Some(b) = c.rx.retired() {
+                        core.adopt_read_block(b);
+                    }
+                    match r {
                         Ok(Some(0)) => return "EOF".into(),
                         Ok(Some(n)) => {
                             total += n;
-                            core.handle_input_buf(Instant::now(), inc, &mut c.rx);
+                            core.handle_input_buf(Instant::now(), inc, &mut c.rx.buf);
                             shared.pump(&mut st);
                         }
                         Ok(None) => break,

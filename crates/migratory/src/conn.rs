@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use migratory_proto::stream::{Block, BLOCK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 /// Size of one socket read while bytes flow.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = BLOCK;
 /// Size of a read when no partial frame is pending: a request or a ping
 /// fits, and only input that leaves a frame unfinished earns
 /// [`READ_CHUNK`], so a connection with little traffic does not churn (and
@@ -191,27 +192,94 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 const KEEPALIVE_PROBES: u32 = 5;
 
-/// Reads what the socket has now into `buf` (after what it already
+/// A connection's input: bytes read and not yet framed. Frames are carved
+/// out of its block as shared slices, which the session's receive queue
+/// keeps until the application reads them; so a block the reads have moved
+/// on from is handed to that queue ([`Input::retired`], then the core's
+/// `adopt_read_block`), which gives it to the process's pool once the bytes
+/// in it are read ([`Block`]). The next busy connection takes it from there
+/// instead of from the allocator, and an idle connection holds no block.
+#[derive(Debug, Default)]
+pub(crate) struct Input {
+    /// Read and not yet framed.
+    pub(crate) buf: BytesMut,
+    /// The pooled block `buf` is in, if it is one.
+    block: Option<Block>,
+    /// A block the reads moved on from.
+    retired: Option<Block>,
+}
+
+impl Input {
+    /// Room for `want` more bytes after those pending: in place if there
+    /// is room (or, for a buffer that is not a pooled block, if nothing
+    /// else refers to it any more), else in a new buffer (at least `block`
+    /// bytes, and twice what is pending, so a large frame arriving piece by
+    /// piece is copied a bounded number of times), to which the pending
+    /// bytes move. A new buffer of exactly [`BLOCK`] bytes is a pooled
+    /// block.
+    fn room(&mut self, want: usize, block: usize) {
+        let pending = self.buf.len();
+        if self.buf.capacity() - pending >= want || self.buf.try_reclaim(want) {
+            return;
+        }
+        let size = block.max(pending + want).max(2 * pending);
+        // A full block (a frame in progress) comes from the pool; small
+        // first reads, and connections not admitted yet, do not earn one.
+        let (next_block, mut next) = if size == BLOCK {
+            let (b, work) = Block::take();
+            (Some(b), work)
+        } else {
+            (None, BytesMut::with_capacity(size))
+        };
+        next.extend_from_slice(&self.buf);
+        self.buf = next;
+        if let Some(used) = std::mem::replace(&mut self.block, next_block) {
+            self.retire(used);
+        }
+    }
+
+    fn retire(&mut self, block: Block) {
+        if let Some(older) = self.retired.replace(block) {
+            older.give_back();
+        }
+    }
+
+    /// Nothing more to read now: with nothing pending either, the
+    /// connection is idle and retires its block.
+    fn idle(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+            if let Some(b) = self.block.take() {
+                self.retire(b);
+            }
+        }
+    }
+
+    /// The block the reads last moved on from, for the session's receive
+    /// queue to keep until the bytes carved from it are read.
+    pub(crate) fn retired(&mut self) -> Option<Block> {
+        self.retired.take()
+    }
+}
+
+/// Reads what the socket has now into `input` (after what it already
 /// holds): `Ok(Some(n))` for `n` bytes, `Ok(Some(0))` at EOF, `Ok(None)`
-/// when nothing is there (an empty buffer is then given back, so an idle
-/// connection holds none).
-pub(crate) fn try_read_some(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
-    let room = buf.capacity() - buf.len();
-    if buf.is_empty() {
+/// when nothing is there (an idle connection then holds no buffer).
+pub(crate) fn try_read_some(stream: &TcpStream, input: &mut Input) -> io::Result<Option<usize>> {
+    if input.buf.is_empty() {
         // Nothing pending: a small read first (a frame that does not fit
         // leaves a part pending, and the next read is a full one).
-        if room < FIRST_READ {
-            buf.reserve(FIRST_READ);
-        }
-    } else if room < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
+        input.room(FIRST_READ, FIRST_READ);
+    } else {
+        // Room for the rest of the pending frame (as far as one read
+        // goes), so it is not moved again.
+        let rest = migratory_proto::bytes_missing(&input.buf);
+        input.room(rest.clamp(READ_CHUNK / 4, READ_CHUNK), READ_CHUNK);
     }
-    match stream.try_read_buf(buf) {
+    match stream.try_read_buf(&mut input.buf) {
         Ok(n) => Ok(Some(n)),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            if buf.is_empty() {
-                *buf = BytesMut::new();
-            }
+            input.idle();
             Ok(None)
         }
         Err(e) => Err(e),
@@ -382,19 +450,19 @@ impl Wire {
     }
 
     /// As [`try_read_some`]: what the peer sent, decrypted, appended to
-    /// `buf` (all of it: no decrypted byte waits behind the socket's
+    /// `input` (all of it: no decrypted byte waits behind the socket's
     /// readiness).
-    pub(crate) fn try_read(&self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
-        self.try_read_max(buf, usize::MAX)
+    pub(crate) fn try_read(&self, input: &mut Input) -> io::Result<Option<usize>> {
+        self.try_read_max(input, usize::MAX)
     }
 
-    fn try_read_max(&self, buf: &mut BytesMut, max: usize) -> io::Result<Option<usize>> {
+    fn try_read_max(&self, input: &mut Input, max: usize) -> io::Result<Option<usize>> {
         let Some(mut tls) = self.lock_tls() else {
             if max == usize::MAX {
-                return try_read_some(&self.stream, buf);
+                return try_read_some(&self.stream, input);
             }
-            buf.reserve(max);
-            let mut limited = bytes::BufMut::limit(&mut *buf, max);
+            input.room(max, max);
+            let mut limited = bytes::BufMut::limit(&mut input.buf, max);
             return match self.stream.try_read_buf(&mut limited) {
                 Ok(n) => Ok(Some(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
@@ -406,7 +474,8 @@ impl Wire {
             let n = state.plaintext_bytes_to_read().min(max);
             if n > 0 {
                 // Straight from rustls's buffers: one copy, nothing zeroed.
-                buf.reserve(n);
+                input.room(n, READ_CHUNK);
+                let buf = &mut input.buf;
                 let mut reader = tls.reader();
                 let mut left = n;
                 while left > 0 {
@@ -433,9 +502,7 @@ impl Wire {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if buf.is_empty() {
-                        *buf = BytesMut::new();
-                    }
+                    input.idle();
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
@@ -473,11 +540,11 @@ impl Wire {
     }
 
     /// Reads at least one byte and at most [`ADMISSION_READ`] (waiting for
-    /// the socket), appended to `buf`; 0 at the end. For a connection not
+    /// the socket), appended to `input`; 0 at the end. For a connection not
     /// admitted yet: what it has proved does not earn it large buffers.
-    pub(crate) async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub(crate) async fn read(&self, input: &mut Input) -> io::Result<usize> {
         loop {
-            if let Some(n) = self.try_read_max(buf, ADMISSION_READ)? {
+            if let Some(n) = self.try_read_max(input, ADMISSION_READ)? {
                 return Ok(n);
             }
             self.stream.readable().await?;

@@ -779,11 +779,14 @@ impl Session {
             // Everything sent on the old incarnation reached the client.
             self.settle(self.last_now, "session migrated away");
         }
-        if self.rx.is_empty() && self.rx.capacity() > 0 {
-            // An idle session holds no input buffer.
-            self.rx = BytesMut::new();
-        }
         Ok(())
+    }
+
+    /// Keeps a block of the connection's read buffer that frames handed to
+    /// [`Session::handle_input_buf`] were carved from, until the bytes
+    /// received in it are read (see [`ByteQueue::adopt`]).
+    pub fn adopt_read_block(&mut self, block: crate::stream::Block) {
+        self.up.adopt(block);
     }
 
     /// The client connection ended (EOF, reset or error).

@@ -31,7 +31,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use super::{Arrival, Session, Shared};
-use crate::conn::Wire;
+use crate::conn::{Input, Wire};
 use crate::throttle::warn_throttled;
 
 /// Bytes of output one driver frames at a time, beyond what the socket
@@ -478,13 +478,13 @@ async fn read_preamble(
     addr: SocketAddr,
     wait: Duration,
 ) -> Option<(bool, BytesMut)> {
-    let mut first = BytesMut::with_capacity(64);
+    let mut first = Input::default();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match check_preamble(&first) {
-            Ok(PreambleCheck::Migratory) => return Some((true, first)),
+        match check_preamble(&first.buf) {
+            Ok(PreambleCheck::Migratory) => return Some((true, first.buf)),
             Ok(PreambleCheck::NeedMore) => {}
-            Err(DecodeError::NotMigratory) => return Some((false, first)),
+            Err(DecodeError::NotMigratory) => return Some((false, first.buf)),
             Err(e) => {
                 debug!(server = %shared.me, %addr, error = %e, "refusing connection");
                 return None;
@@ -493,7 +493,7 @@ async fn read_preamble(
         match tokio::time::timeout_at(deadline, wire.read(&mut first)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(_)) => {}
-            Err(_) => return Some((false, first)),
+            Err(_) => return Some((false, first.buf)),
         }
     }
 }
@@ -507,7 +507,7 @@ async fn admit(
     inc: IncarnationId,
     wake: &Notify,
 ) -> Result<Option<Slot>, String> {
-    let mut buf = BytesMut::new();
+    let mut input = Input::default();
     loop {
         let (out, close, attached) = {
             let mut st = shared.lock();
@@ -530,12 +530,12 @@ async fn admit(
             return Ok(None);
         }
         tokio::select! {
-            r = wire.read(&mut buf) => match r {
+            r = wire.read(&mut input) => match r {
                 Ok(0) => return Err("EOF".into()),
                 Ok(_) => {
                     let mut st = shared.lock();
-                    admission_input(shared, &mut st, inc, &buf);
-                    buf.clear();
+                    admission_input(shared, &mut st, inc, &input.buf);
+                    input.buf.clear();
                 }
                 Err(e) => return Err(e.to_string()),
             },
@@ -579,7 +579,7 @@ async fn drive(
             counted: shared.bytes.clone(),
         });
     }
-    let mut input = BytesMut::new();
+    let mut input = Input::default();
     let mut stop = shared.stop.subscribe();
     // What admission read but did not need (decrypted, or still staged in
     // TLS) is the session's now: take it before waiting for the socket.
@@ -679,11 +679,11 @@ fn read_some(
     wire: &Wire,
     inc: IncarnationId,
     slot: &Slot,
-    buf: &mut BytesMut,
+    input: &mut Input,
 ) -> Result<bool, String> {
     let mut total = 0;
     while total < READ_BUDGET {
-        match wire.try_read(buf) {
+        match wire.try_read(input) {
             Ok(Some(0)) => return Err("EOF".to_string()),
             Ok(Some(n)) => {
                 total += n;
@@ -691,10 +691,19 @@ fn read_some(
                     .bytes
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut st = slot.lock();
-                st.core.handle_input_buf(Instant::now(), inc, buf);
+                st.core
+                    .handle_input_buf(Instant::now(), inc, &mut input.buf);
+                if let Some(b) = input.retired() {
+                    st.core.adopt_read_block(b);
+                }
                 settle(shared, st);
             }
-            Ok(None) => return Ok(false),
+            Ok(None) => {
+                if let Some(b) = input.retired() {
+                    slot.lock().core.adopt_read_block(b);
+                }
+                return Ok(false);
+            }
             Err(e) => return Err(e.to_string()),
         }
     }

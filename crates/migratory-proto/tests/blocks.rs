@@ -1,0 +1,61 @@
+//! The process's pool of free blocks, which busy queues and connections'
+//! read buffers share (one test: nothing else in this process touches the
+//! pool).
+
+use migratory_proto::stream::{pooled_blocks, Block, ByteQueue, BLOCK, POOL_BLOCKS};
+
+/// Where a block's storage starts (a fresh handle of it is empty there).
+fn addr(work: &bytes::BytesMut) -> usize {
+    work.as_ptr() as usize
+}
+
+#[test]
+fn free_blocks_go_to_the_pool_and_busy_queues_take_them_from_there() {
+    // A queue that streamed and went idle gives its blocks to the pool.
+    let mut q = ByteQueue::new(0);
+    let piece = vec![1u8; BLOCK];
+    for _ in 0..4 {
+        q.push_slice(&piece);
+    }
+    let held: Vec<usize> = (0..4)
+        .map(|i| q.chunk_at(i * BLOCK as u64, BLOCK).as_ptr() as usize)
+        .collect();
+    q.drop_to(q.end());
+    let (token, work) = Block::take();
+    assert!(held.contains(&addr(&work)), "a pooled block, not a new one");
+    assert_eq!((work.len(), work.capacity()), (0, BLOCK));
+    drop(work);
+    token.give_back();
+
+    // The next busy queue takes them instead of allocating.
+    let mut other = ByteQueue::new(7);
+    other.push_slice(&vec![2u8; BLOCK]);
+    assert!(held.contains(&(other.chunk_at(7, 1).as_ptr() as usize)));
+    assert!(other.slice(7, 7 + BLOCK as u64).iter().all(|&b| b == 2));
+
+    // A block something still refers to is not pooled (it would be
+    // overwritten under the reader).
+    let (token, mut work) = Block::take();
+    work.extend_from_slice(&[3; 10]);
+    let slice = work.split().freeze();
+    let busy = addr(&work) - 10;
+    token.give_back();
+    drop(work);
+    let mut taken = Vec::new();
+    for _ in 0..POOL_BLOCKS {
+        let (t, w) = Block::take();
+        assert_ne!(addr(&w), busy);
+        taken.push((t, w));
+    }
+    assert_eq!(&slice[..], &[3; 10]);
+
+    // The pool is bounded: of more blocks than it keeps, the rest go to
+    // the allocator.
+    assert_eq!(pooled_blocks(), 0);
+    taken.extend((0..10).map(|_| Block::take()));
+    for (t, w) in taken {
+        drop(w);
+        t.give_back();
+    }
+    assert_eq!(pooled_blocks(), POOL_BLOCKS);
+}
