@@ -48,9 +48,13 @@ pub const BLOCK: usize = 64 * 1024;
 /// Most free blocks the process's pool keeps (8 MiB).
 pub const POOL_BLOCKS: usize = 128;
 
-/// Most blocks one queue tracks: 8 MiB, more than a session's default
-/// window.
-const MAX_HELD: usize = 128;
+/// Most blocks one queue tracks: 5 MiB, a little more than a session's
+/// default window (4 MiB, which may start and end inside a block). A queue
+/// holding more (a larger window) lets the oldest go to the allocator
+/// instead; and a block that is free but queued behind one still referred
+/// to (a slice a backup's link has not sent yet) is kept no longer than
+/// that.
+const MAX_HELD: usize = 80;
 
 /// The process's free blocks. One pool for all threads: a block is often
 /// freed on one thread (where the application read its bytes) and needed
