@@ -14,7 +14,7 @@ use crate::types::Pos;
 /// 1 KiB to 64 KiB ([`BLOCK`]) while the queue is in use; a full-size
 /// block goes back to the process's pool once its bytes are dropped (see
 /// [`Block`]), and an idle queue holds nothing.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ByteQueue {
     chunks: VecDeque<Bytes>,
     tail: BytesMut,
@@ -138,13 +138,6 @@ impl Block {
 #[derive(Debug, Default)]
 struct Blocks {
     held: VecDeque<Block>,
-}
-
-impl Clone for Blocks {
-    /// A clone shares no block: it starts empty.
-    fn clone(&self) -> Self {
-        Self::default()
-    }
 }
 
 impl Blocks {

@@ -73,6 +73,16 @@ struct Conn {
 }
 
 impl Conn {
+    /// Reads what the socket has into `rx` (see [`Wire::try_read`]); a read
+    /// block the reads moved on from goes to `core`'s receive queue.
+    fn read(&mut self, core: &mut Client) -> io::Result<Option<usize>> {
+        let r = self.stream.try_read(&mut self.rx);
+        if let Some(b) = self.rx.retired() {
+            core.adopt_read_block(b);
+        }
+        r
+    }
+
     /// Writes `pending` while the socket takes it: `Ok(true)` when bytes
     /// remain (the connection's task waits for room).
     fn write(&mut self) -> io::Result<bool> {
@@ -169,10 +179,7 @@ impl Shared {
             if c.stream.stream().poll_read_ready(cx).is_pending() {
                 return false;
             }
-            let r = c.stream.try_read(&mut c.rx);
-            if let Some(b) = c.rx.retired() {
-                core.adopt_read_block(b);
-            }
+            let r = c.read(core);
             if c.stream.wants_write() {
                 // TLS records the read produced (a key update's answer):
                 // the connection's task writes them.
@@ -602,11 +609,7 @@ async fn run_conn(shared: &Arc<Shared>, inc: IncarnationId, wire: &Wire, wake: &
                     let Some(ConnSlot::Open(c)) = conns.get_mut(&inc) else {
                         break;
                     };
-                    let r = wire.try_read(&mut c.rx);
-                    if let Some(b) = c.rx.retired() {
-                        core.adopt_read_block(b);
-                    }
-                    match r {
+                    match c.read(core) {
                         Ok(Some(0)) => return "EOF".into(),
                         Ok(Some(n)) => {
                             total += n;

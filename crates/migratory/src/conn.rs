@@ -219,7 +219,9 @@ impl Input {
     /// block.
     fn room(&mut self, want: usize, block: usize) {
         let pending = self.buf.len();
-        if self.buf.capacity() - pending >= want || self.buf.try_reclaim(want) {
+        // A pooled block is never free in place (its token refers to it).
+        let reclaimable = self.block.is_none();
+        if self.buf.capacity() - pending >= want || (reclaimable && self.buf.try_reclaim(want)) {
             return;
         }
         let size = block.max(pending + want).max(2 * pending);
