@@ -1184,6 +1184,33 @@ impl Client {
             return Ok(None);
         }
         let n = self.down.copy_to(self.down.start(), buf);
+        self.consumed(n);
+        Ok(Some(n))
+    }
+
+    /// Reads the next piece of the down stream without copying it:
+    /// `Ok(Some(bytes))` with what is held contiguously (at most one Data
+    /// frame's payload), `Ok(Some(empty))` at the end of the stream,
+    /// `Ok(None)` when nothing is there yet (wait for
+    /// [`ClientEvent::Readable`]). The piece shares the buffer it was
+    /// received into, which is not reused while the piece is held.
+    pub fn read_chunk(&mut self) -> Result<Option<Bytes>, AppError> {
+        if self.down.is_empty() {
+            if self.down_fin == Some(self.down.end()) {
+                return Ok(Some(Bytes::new()));
+            }
+            self.usable()?;
+            return Ok(None);
+        }
+        let chunk = self.down.chunk_at(self.down.start(), usize::MAX);
+        self.consumed(chunk.len());
+        Ok(Some(chunk))
+    }
+
+    /// The application took `n` bytes from the front of the down stream:
+    /// they are dropped, and the window moves (acknowledged once it moved
+    /// by a step).
+    fn consumed(&mut self, n: usize) {
         self.down.drop_to(self.down.start() + n as u64);
         self.check_finished();
         let limit = self.down.start() + self.cfg.limits.recv_window;
@@ -1191,7 +1218,6 @@ impl Client {
             self.ack_due = true;
             self.mark_ready();
         }
-        Ok(Some(n))
     }
 
     /// Writes up-stream bytes; returns how many were taken (0 when the
@@ -1481,6 +1507,38 @@ mod tests {
         assert!(pong(&mut c, t0, nonces[0]).is_empty(), "forgotten");
         let last = *nonces.last().unwrap();
         assert_eq!(pong(&mut c, t0, last).len(), 1);
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn read_chunk_hands_out_the_received_payloads_without_copying() {
+        let t0 = Instant::now();
+        let mut c = established(t0);
+        let inc = c.current_incarnation().unwrap();
+        assert_eq!(c.read_chunk(), Ok(None));
+        let payloads: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
+        let mut wire = BytesMut::new();
+        for p in &payloads {
+            Frame::Data(p.clone().into()).encode(&mut wire);
+        }
+        let total: usize = payloads.iter().map(Vec::len).sum();
+        Frame::Close { pos: total as u64 }.encode(&mut wire);
+        let start = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.len();
+        c.handle_input_buf(t0, inc, &mut wire);
+        let mut got = Vec::new();
+        loop {
+            let chunk = c.read_chunk().unwrap().expect("all of it arrived");
+            if chunk.is_empty() {
+                break;
+            }
+            // A slice of the input buffer, not a copy of it.
+            assert!(start.contains(&(chunk.as_ptr() as usize)));
+            got.push(chunk.to_vec());
+        }
+        assert_eq!(got, payloads);
+        // The end stays the end, and the plain read agrees.
+        assert_eq!(c.read_chunk().unwrap(), Some(bytes::Bytes::new()));
+        assert_eq!(c.read(&mut [0u8; 8]), Ok(Some(0)));
     }
 
     #[test]

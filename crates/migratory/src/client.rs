@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use migratory_proto::client::{Client, ClientConfig, ClientEvent, ClientStats};
+use migratory_proto::error::AppError;
 use migratory_proto::types::{Epoch, IncarnationId, ServerId, SessionId};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -928,20 +929,69 @@ impl MigratoryStream {
         .await
     }
 
+    /// Reads the next pieces of the down stream without copying them, as
+    /// far as they are there: fills `bufs` from the front with up to
+    /// `bufs.len()` chunks (each at most one Data frame's payload, as it
+    /// arrived) and returns how many, waiting until there is at least one;
+    /// `None` at the end of the stream. A relay can hand the chunks to a
+    /// vectored write; while one is held, the block it was received into is
+    /// not reused, so drop them once written.
+    pub async fn read_chunks(&self, bufs: &mut [Bytes]) -> io::Result<Option<usize>> {
+        if bufs.is_empty() {
+            return Ok(Some(0));
+        }
+        std::future::poll_fn(|cx| {
+            self.poll_read_with(cx, |core| {
+                let mut k = 0;
+                while k < bufs.len() {
+                    match core.read_chunk() {
+                        Ok(Some(c)) if c.is_empty() => {
+                            // The end (after the chunks this call took).
+                            return Ok(Some(if k == 0 { None } else { Some(k) }));
+                        }
+                        Ok(Some(c)) => {
+                            bufs[k] = c;
+                            k += 1;
+                        }
+                        Ok(None) => break,
+                        // The error again on the next call, once these are read.
+                        Err(_) if k > 0 => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(if k == 0 { None } else { Some(Some(k)) })
+            })
+        })
+        .await
+    }
+
     fn read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let mut st = self.shared.lock();
-        loop {
+        self.poll_read_with(cx, |core| {
             // Initialise only what the read fills (a large buffer is not
             // zeroed for a small message).
-            let n = st.core.read_available().clamp(1, buf.remaining().max(1));
-            match st
-                .core
-                .read(buf.initialize_unfilled_to(n.min(buf.remaining())))
-            {
-                Ok(Some(n)) => {
-                    buf.advance(n);
+            let n = core.read_available().clamp(1, buf.remaining().max(1));
+            let r = core.read(buf.initialize_unfilled_to(n.min(buf.remaining())));
+            if let Ok(Some(n)) = r {
+                buf.advance(n);
+            }
+            r.map(|n| n.map(|_| ()))
+        })
+    }
+
+    /// Runs `read` on the session until it yields a value (`Ok(Some)`):
+    /// while it finds nothing (`Ok(None)`), reads the socket from this task
+    /// when it has input, and otherwise waits for input.
+    fn poll_read_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut read: impl FnMut(&mut Client) -> Result<Option<T>, AppError>,
+    ) -> Poll<io::Result<T>> {
+        let mut st = self.shared.lock();
+        loop {
+            match read(&mut st.core) {
+                Ok(Some(v)) => {
                     self.shared.pump(&mut st);
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(Ok(v));
                 }
                 Ok(None) => {
                     st.read_waker = Some(cx.waker().clone());

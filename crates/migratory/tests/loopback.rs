@@ -233,6 +233,64 @@ async fn client_initiated_migrations_keep_the_stream_exact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_chunks_gives_the_stream_exactly_across_migrations() {
+    const LEN: usize = 8 << 20;
+    let pool = pool(2, App::Echo).await;
+    let stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
+        .await
+        .expect("connect");
+    let mut control = stream.control();
+    let data = pattern(LEN, 5);
+    let write = async {
+        let mut w = &stream;
+        for piece in data.chunks(100_000) {
+            w.write_all(piece).await.expect("write");
+        }
+        w.shutdown().await.expect("shutdown");
+    };
+    let read = async {
+        let mut got = Vec::with_capacity(LEN);
+        // A plain read first: the two kinds of read share one stream.
+        let mut first = [0u8; 1000];
+        (&stream).read_exact(&mut first).await.expect("read");
+        got.extend_from_slice(&first);
+        let mut chunks: [bytes::Bytes; 4] = Default::default();
+        let mut calls = 0u32;
+        while let Some(k) = stream.read_chunks(&mut chunks).await.expect("read_chunks") {
+            assert!((1..=4).contains(&k), "{k} chunks");
+            for c in &mut chunks[..k] {
+                assert!(!c.is_empty());
+                got.extend_from_slice(c);
+                *c = bytes::Bytes::new();
+            }
+            calls += 1;
+            if calls % 64 == 0 {
+                let dest = name((calls / 64) as usize % 2);
+                control.migrate(Some(&dest)).await.expect("migrate");
+            }
+        }
+        // The end stays the end.
+        assert_eq!(
+            stream.read_chunks(&mut chunks).await.expect("at the end"),
+            None
+        );
+        (got, calls)
+    };
+    let ((), (got, calls)) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(write, read)
+    })
+    .await
+    .expect("the echo completes");
+    assert_eq!(got.len(), LEN);
+    assert!(got == data, "every byte echoed once, in order");
+    assert!(
+        stream.stats().migrations >= 2,
+        "{} migrations in {calls} reads",
+        stream.stats().migrations
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_steps_of_a_migration_are_timed_at_client_destination_and_origin() {
     let pool = pool(2, App::Echo).await;
     let mut stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
