@@ -56,12 +56,45 @@ pub const POOL_BLOCKS: usize = 128;
 /// that.
 const MAX_HELD: usize = 80;
 
-/// The process's free blocks. One pool for all threads: a block is often
-/// freed on one thread (where the application read its bytes) and needed
-/// on another (where its connection reads).
-static POOL: std::sync::Mutex<Vec<BytesMut>> = std::sync::Mutex::new(Vec::new());
+/// The process's blocks. One pool for all threads: a block is often freed
+/// on one thread (where the application read its bytes) and needed on
+/// another (where its connection reads).
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    free: Vec::new(),
+    returning: VecDeque::new(),
+});
 
-fn pool() -> std::sync::MutexGuard<'static, Vec<BytesMut>> {
+#[derive(Debug)]
+struct Pool {
+    /// Free blocks, at most [`POOL_BLOCKS`].
+    free: Vec<BytesMut>,
+    /// Blocks given back while a slice of them was still held elsewhere
+    /// (say, a payload an application took with `read_chunk` and has not
+    /// written out yet), oldest first, at most [`POOL_BLOCKS`]: they join
+    /// the free ones when the pool runs dry and nothing refers to them any
+    /// more, instead of going back to the allocator.
+    returning: VecDeque<BytesMut>,
+}
+
+impl Pool {
+    /// A free block: a pooled one, or one given back in use and free since.
+    fn pop(&mut self) -> Option<BytesMut> {
+        if self.free.is_empty() {
+            let Self { free, returning } = self;
+            returning.retain_mut(|b| {
+                if b.try_reclaim(BLOCK) {
+                    free.push(std::mem::take(b));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.free.pop()
+    }
+}
+
+fn pool() -> std::sync::MutexGuard<'static, Pool> {
     // The pool holds plain buffers: a panic elsewhere cannot leave it
     // inconsistent.
     POOL.lock().unwrap_or_else(|e| e.into_inner())
@@ -72,7 +105,7 @@ static ALLOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// How many free blocks the process's pool holds now.
 pub fn pooled_blocks() -> usize {
-    pool().len()
+    pool().free.len()
 }
 
 /// How many blocks the process has allocated so far (the others were
@@ -119,15 +152,22 @@ impl Block {
         self.owner.try_reclaim(BLOCK)
     }
 
-    /// Gives the block back: to the process's pool when nothing else refers
-    /// to it (and the pool has room), else to the allocator, once its last
-    /// slice is dropped.
+    /// Gives the block back to the process's pool: at once when nothing
+    /// else refers to it, else once its last slice is dropped (when the
+    /// pool needs it). Beyond the pool's bounds it goes to the allocator
+    /// instead.
     pub fn give_back(mut self) {
-        if self.is_free() {
-            let mut p = pool();
-            if p.len() < POOL_BLOCKS {
-                p.push(self.owner);
+        let free = self.is_free();
+        let mut p = pool();
+        if free {
+            if p.free.len() < POOL_BLOCKS {
+                p.free.push(self.owner);
             }
+        } else {
+            if p.returning.len() == POOL_BLOCKS {
+                p.returning.pop_front();
+            }
+            p.returning.push_back(self.owner);
         }
     }
 }

@@ -2,7 +2,9 @@
 //! read buffers share (one test: nothing else in this process touches the
 //! pool).
 
-use migratory_proto::stream::{pooled_blocks, Block, ByteQueue, BLOCK, POOL_BLOCKS};
+use migratory_proto::stream::{
+    blocks_allocated, pooled_blocks, Block, ByteQueue, BLOCK, POOL_BLOCKS,
+};
 
 /// Where a block's storage starts (a fresh handle of it is empty there).
 fn addr(work: &bytes::BytesMut) -> usize {
@@ -48,6 +50,15 @@ fn free_blocks_go_to_the_pool_and_busy_queues_take_them_from_there() {
         taken.push((t, w));
     }
     assert_eq!(&slice[..], &[3; 10]);
+
+    // Once its last slice is dropped it is reused after all: a pool that
+    // ran dry takes the blocks given back in use that are free since.
+    drop(slice);
+    let before = blocks_allocated();
+    let (t, w) = Block::take();
+    assert_eq!(addr(&w), busy, "the block given back in use");
+    assert_eq!(blocks_allocated(), before, "nothing allocated");
+    taken.push((t, w));
 
     // The pool is bounded: of more blocks than it keeps, the rest go to
     // the allocator.
