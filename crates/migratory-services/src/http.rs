@@ -34,8 +34,11 @@ use super::{invalid, snapshot, Drain, Options};
 const MAX_HEAD: usize = 16 * 1024;
 /// Most header fields in a request (more gets 431).
 const MAX_HEADERS: usize = 64;
-/// Body chunk: read from the file, written, then snapshotted.
-const CHUNK: usize = 64 * 1024;
+/// Body chunk: read from the file, written, then snapshotted. Each file
+/// read is a hand-off to tokio's blocking threads and back (two context
+/// switches): 64 KiB chunks made a plain download cost `serve` a third
+/// more CPU than these (BENCHMARKS.md).
+const CHUNK: usize = 256 * 1024;
 /// How long a closing connection waits for the client's end.
 const LINGER: Duration = Duration::from_secs(30);
 
@@ -311,6 +314,9 @@ pub(super) async fn serve(
                     snapshot(s, &st.encode())?;
                 }
                 file = None;
+                // A kept-alive connection waits for its next request
+                // without the chunk.
+                chunk = Vec::new();
                 finish(s, &mut st, &drain)?;
             }
             Phase::Closing => {
