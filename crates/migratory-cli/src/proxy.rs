@@ -240,9 +240,10 @@ pub async fn run(args: ProxyArgs) -> Result<bool, String> {
 }
 
 /// Carries one local connection over one migratory session, both ways,
-/// half-closes included. The up direction holds a copy buffer only while
-/// bytes flow (an idle relay holds none) and copies up to `RELAY_BUF` at a
-/// time; the down direction writes the session's payloads as received.
+/// half-closes included, without copies of its own: the up direction reads
+/// the local socket into the session's send buffer, the down direction
+/// writes the session's payloads as they were received. An idle relay
+/// holds no buffer.
 pub(crate) async fn relay(
     conn: TcpStream,
     peer: SocketAddr,
@@ -312,26 +313,20 @@ pub(crate) async fn any_answers(service: &[SocketAddr]) -> bool {
     false
 }
 
-/// Most bytes a relay copies at a time in each direction.
-const RELAY_BUF: usize = 64 * 1024;
-
 /// Local connection to session, until the local side closes its writing.
+/// The socket reads straight into the session's send buffer: no buffer of
+/// our own, no copy.
 async fn up(from: &OwnedReadHalf, mut to: &MigratoryStream) -> io::Result<u64> {
     let mut total = 0;
     loop {
         from.readable().await?;
-        let mut buf = Vec::with_capacity(RELAY_BUF);
         loop {
-            match from.try_read_buf(&mut buf) {
+            match to.write_with(|buf| from.try_read_buf(buf)).await {
                 Ok(0) => {
                     to.shutdown().await?;
                     return Ok(total);
                 }
-                Ok(n) => {
-                    to.write_all(&buf).await?;
-                    buf.clear();
-                    total += n as u64;
-                }
+                Ok(n) => total += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }

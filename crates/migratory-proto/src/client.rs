@@ -1237,6 +1237,33 @@ impl Client {
         Ok(n)
     }
 
+    /// Writes up-stream bytes in place: `fill` appends them straight into
+    /// the send buffer (say, a socket read), with room for at least one
+    /// byte and at most `max` (and what the buffer and its current block
+    /// have left). Returns what `fill` returned, or `Ok(None)` without
+    /// calling it when the buffer is full (wait for
+    /// [`ClientEvent::Writable`]).
+    pub fn write_in_place<R>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut bytes::buf::Limit<&mut BytesMut>) -> R,
+    ) -> Result<Option<R>, AppError> {
+        self.usable()?;
+        if self.up_fin.is_some() {
+            return Err(AppError::WriteAfterClose);
+        }
+        let room = self.cfg.limits.send_buffer.saturating_sub(self.up.len()) as usize;
+        if room == 0 {
+            return Ok(None);
+        }
+        let before = self.up.len();
+        let r = self.up.fill(room.min(max), fill);
+        if self.up.len() > before {
+            self.mark_ready();
+        }
+        Ok(Some(r))
+    }
+
     /// Closes the up direction after the bytes written so far.
     pub fn close_write(&mut self) -> Result<(), AppError> {
         self.usable()?;
@@ -1539,6 +1566,44 @@ mod tests {
         // The end stays the end, and the plain read agrees.
         assert_eq!(c.read_chunk().unwrap(), Some(bytes::Bytes::new()));
         assert_eq!(c.read(&mut [0u8; 8]), Ok(Some(0)));
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)]
+    fn write_in_place_queues_what_it_appends_up_to_the_send_buffer() {
+        let t0 = Instant::now();
+        let mut c = established(t0);
+        let r = c.write_in_place(usize::MAX, |buf| {
+            bytes::BufMut::put_slice(buf, b"in place");
+            "what fill returns"
+        });
+        assert_eq!(r, Ok(Some("what fill returns")));
+        assert_eq!(
+            drain(&mut c, t0),
+            vec![Frame::Data(bytes::Bytes::from_static(b"in place"))]
+        );
+        // Nothing appended: nothing sent.
+        assert_eq!(c.write_in_place(10, |_| ()), Ok(Some(())));
+        assert_eq!(drain(&mut c, t0), vec![]);
+        // Never beyond the send buffer: a full one does not call `fill`.
+        let limit = c.cfg.limits.send_buffer as usize;
+        let mut queued = 8;
+        while queued < limit {
+            c.write_in_place(usize::MAX, |buf| {
+                let n = bytes::BufMut::remaining_mut(buf);
+                bytes::BufMut::put_bytes(buf, 1, n);
+                queued += n;
+            })
+            .unwrap()
+            .expect("room left");
+        }
+        assert_eq!(queued, limit);
+        assert_eq!(c.write_in_place(usize::MAX, |_| unreachable!()), Ok(None));
+        c.close_write().unwrap();
+        assert_eq!(
+            c.write_in_place(1, |_| ()),
+            Err(crate::error::AppError::WriteAfterClose)
+        );
     }
 
     #[test]

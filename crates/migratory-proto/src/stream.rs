@@ -292,9 +292,17 @@ impl ByteQueue {
     }
 
     fn push_piece(&mut self, data: &[u8]) {
-        if self.tail.capacity() - self.tail.len() < data.len() {
+        self.tail_room(data.len());
+        self.tail.extend_from_slice(data);
+        self.len += data.len() as u64;
+    }
+
+    /// Makes room for `want` more bytes (at most [`BLOCK`]) in the tail
+    /// block, starting a new one if needed.
+    fn tail_room(&mut self, want: usize) {
+        if self.tail.capacity() - self.tail.len() < want {
             self.seal();
-            let size = data.len().max(self.block);
+            let size = want.max(self.block);
             self.tail = if size == BLOCK {
                 self.blocks.next()
             } else {
@@ -303,8 +311,23 @@ impl ByteQueue {
             };
             self.block = (size * 2).min(BLOCK);
         }
-        self.tail.extend_from_slice(data);
-        self.len += data.len() as u64;
+    }
+
+    /// Appends bytes that `fill` writes in place, into the tail block,
+    /// without a copy of them: `fill` gets room for at least one byte and
+    /// at most `max` (and at most what the tail block has left, 1 KiB to
+    /// [`BLOCK`]); what it appends is queued. Returns what `fill` returns.
+    pub fn fill<R>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut bytes::buf::Limit<&mut BytesMut>) -> R,
+    ) -> R {
+        self.tail_room(1);
+        let before = self.tail.len();
+        let room = (self.tail.capacity() - before).min(max.max(1));
+        let r = fill(&mut bytes::BufMut::limit(&mut self.tail, room));
+        self.len += (self.tail.len() - before) as u64;
+        r
     }
 
     fn seal(&mut self) {
@@ -481,6 +504,33 @@ mod tests {
         q.push_slice(b"y");
         assert_eq!(q.tail.capacity(), MIN_BLOCK);
         assert_eq!(&q.slice(0, u64::MAX)[..], b"y");
+    }
+
+    #[test]
+    fn fill_appends_in_place_within_its_bounds() {
+        let mut q = ByteQueue::new(5);
+        q.push_slice(b"abc");
+        let n = q.fill(1 << 20, |buf| {
+            let room = bytes::BufMut::remaining_mut(buf);
+            assert!((1..=MIN_BLOCK).contains(&room), "{room}");
+            bytes::BufMut::put_slice(buf, b"defg");
+            4
+        });
+        assert_eq!(n, 4);
+        assert_eq!((q.start(), q.end()), (5, 12));
+        assert_eq!(&q.slice(5, 12)[..], b"abcdefg");
+        // Bounded by `max`; nothing appended is nothing queued.
+        q.fill(2, |buf| assert_eq!(bytes::BufMut::remaining_mut(buf), 2));
+        assert_eq!(q.end(), 12);
+        // A full tail block: the next fill gets a new one (twice as large).
+        let left = q.tail.capacity() - q.tail.len();
+        q.push_slice(&vec![b'x'; left]);
+        q.fill(usize::MAX, |buf| {
+            assert_eq!(bytes::BufMut::remaining_mut(buf), 2 * MIN_BLOCK);
+            bytes::BufMut::put_slice(buf, b"yz");
+        });
+        assert_eq!(q.len(), (7 + left + 2) as u64);
+        assert_eq!(&q.slice(q.end() - 3, q.end())[..], b"xyz");
     }
 
     #[test]

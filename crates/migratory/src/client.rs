@@ -1004,6 +1004,35 @@ impl MigratoryStream {
         }
     }
 
+    /// Writes up-stream bytes that `fill` produces in place, straight into
+    /// the session's send buffer (no copy of them by the session): once the
+    /// buffer has room, `fill` is called once with room for at least one
+    /// byte and at most 64 KiB, appends what it has (a relay: a
+    /// non-blocking socket read, `try_read_buf`) and returns a count or an
+    /// error, which this returns. What it appended is sent whatever it
+    /// returns. Waits while the buffer is full. `fill` runs under the
+    /// session's lock: it must not block.
+    pub async fn write_with(
+        &self,
+        mut fill: impl FnMut(&mut bytes::buf::Limit<&mut bytes::BytesMut>) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.shared.lock();
+            match st.core.write_in_place(64 * 1024, &mut fill) {
+                Ok(None) => {
+                    st.write_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                Ok(Some(r)) => {
+                    self.shared.pump(&mut st);
+                    Poll::Ready(r)
+                }
+                Err(e) => Poll::Ready(Err(Error::from(e).into())),
+            }
+        })
+        .await
+    }
+
     fn write_from(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let mut st = self.shared.lock();
         match st.core.write(data) {

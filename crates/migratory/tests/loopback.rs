@@ -241,10 +241,17 @@ async fn read_chunks_gives_the_stream_exactly_across_migrations() {
         .expect("connect");
     let mut control = stream.control();
     let data = pattern(LEN, 5);
+    // The writer migrates the session as it goes (a session whose writing
+    // is closed does not migrate any more), while the reader takes chunks.
     let write = async {
         let mut w = &stream;
-        for piece in data.chunks(100_000) {
+        for (i, piece) in data.chunks(100_000).enumerate() {
             w.write_all(piece).await.expect("write");
+            if i % 16 == 15 {
+                let dest = if i / 16 % 2 == 0 { "s2" } else { "s1" };
+                let at = control.migrate(Some(dest)).await.expect("migrate");
+                assert_eq!(at.as_str(), dest);
+            }
         }
         w.shutdown().await.expect("shutdown");
     };
@@ -264,10 +271,6 @@ async fn read_chunks_gives_the_stream_exactly_across_migrations() {
                 *c = bytes::Bytes::new();
             }
             calls += 1;
-            if calls % 64 == 0 {
-                let dest = name((calls / 64) as usize % 2);
-                control.migrate(Some(&dest)).await.expect("migrate");
-            }
         }
         // The end stays the end.
         assert_eq!(
@@ -288,6 +291,64 @@ async fn read_chunks_gives_the_stream_exactly_across_migrations() {
         "{} migrations in {calls} reads",
         stream.stats().migrations
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_with_sends_what_it_appends_in_place() {
+    const LEN: usize = 6 << 20;
+    let pool = pool(2, App::Echo).await;
+    let stream = MigratoryStream::connect(&pool.service[..1], &common::client_tls())
+        .await
+        .expect("connect");
+    let mut control = stream.control();
+    let data = pattern(LEN, 9);
+    let write = async {
+        // An error from `fill` comes back, and what it appended first is
+        // sent all the same.
+        let e = stream
+            .write_with(|buf| {
+                bytes::BufMut::put_slice(buf, &data[..3]);
+                Err(std::io::Error::other("fill failed"))
+            })
+            .await
+            .expect_err("the error of fill");
+        assert_eq!(e.to_string(), "fill failed");
+        let mut rest = &data[3..];
+        let mut calls = 0u32;
+        while !rest.is_empty() {
+            let n = stream
+                .write_with(|buf| {
+                    let room = bytes::BufMut::remaining_mut(buf);
+                    assert!((1..=64 * 1024).contains(&room), "{room}");
+                    let n = room.min(rest.len());
+                    bytes::BufMut::put_slice(buf, &rest[..n]);
+                    Ok(n)
+                })
+                .await
+                .expect("write_with");
+            rest = &rest[n..];
+            calls += 1;
+            if calls % 40 == 0 {
+                let dest = name((calls / 40) as usize % 2);
+                let at = control.migrate(Some(&dest)).await.expect("migrate");
+                assert_eq!(at.as_str(), dest);
+            }
+        }
+        (&stream).shutdown().await.expect("shutdown");
+    };
+    let read = async {
+        let mut got = Vec::with_capacity(LEN);
+        (&stream).read_to_end(&mut got).await.expect("read");
+        got
+    };
+    let ((), got) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(write, read)
+    })
+    .await
+    .expect("the echo completes");
+    assert_eq!(got.len(), LEN);
+    assert!(got == data, "every byte echoed once, in order");
+    assert!(stream.stats().migrations >= 2, "{:?}", stream.stats());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
