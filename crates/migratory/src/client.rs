@@ -856,7 +856,10 @@ impl ClientControl {
     }
 
     /// Migrates now, to `dest` or to the next alternate, and waits until the
-    /// session is attached again (or fails).
+    /// session is attached again (or fails). `dest` must be a server the
+    /// session knows an address of (its pool's, as the servers announced
+    /// them); the session may still end up on another one when `dest`
+    /// cannot take it: the result says where.
     pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
         let dest = match dest {
             Some(d) => Some(
@@ -867,6 +870,18 @@ impl ClientControl {
         self.status.borrow_and_update();
         {
             let mut st = self.shared.lock();
+            if let Some(d) = dest.as_ref().filter(|d| !st.addrs.contains_key(*d)) {
+                let mut known: Vec<String> = st.addrs.keys().map(ToString::to_string).collect();
+                known.sort();
+                return Err(Error::Config(format!(
+                    "unknown server {d}: this session knows {}",
+                    if known.is_empty() {
+                        "none yet".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                )));
+            }
             st.core.migrate(Instant::now(), dest)?;
             self.shared.pump(&mut st);
         }

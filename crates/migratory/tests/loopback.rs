@@ -230,6 +230,23 @@ async fn client_initiated_migrations_keep_the_stream_exact() {
     }
     assert_eq!(got, sent);
     assert_eq!(stream.stats().migrations, 20);
+    // A server the pool never announced: a clear error, and the session
+    // stays where it is.
+    let before = stream.server();
+    let e = stream
+        .migrate(Some("s9"))
+        .await
+        .expect_err("unknown server");
+    assert_eq!(
+        e.to_string(),
+        "invalid configuration: unknown server s9: this session knows s1, s2, s3"
+    );
+    assert_eq!(stream.server(), before);
+    assert_eq!(stream.stats().migrations, 20);
+    stream.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    stream.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
