@@ -323,10 +323,15 @@ impl ByteQueue {
         fill: impl FnOnce(&mut bytes::buf::Limit<&mut BytesMut>) -> R,
     ) -> R {
         self.tail_room(1);
-        let before = self.tail.len();
-        let room = (self.tail.capacity() - before).min(max.max(1));
-        let r = fill(&mut bytes::BufMut::limit(&mut self.tail, room));
-        self.len += (self.tail.len() - before) as u64;
+        let room = (self.tail.capacity() - self.tail.len()).min(max.max(1));
+        // `fill` writes into the tail's spare room, split off: should it
+        // panic, the queue is as it was before the call.
+        let mut spare = self.tail.split_off(self.tail.len());
+        let r = fill(&mut bytes::BufMut::limit(&mut spare, room));
+        self.len += spare.len() as u64;
+        // Contiguous with the tail, and never grown past its capacity (the
+        // limit): joined again without a copy.
+        self.tail.unsplit(spare);
         r
     }
 
@@ -531,6 +536,18 @@ mod tests {
         });
         assert_eq!(q.len(), (7 + left + 2) as u64);
         assert_eq!(&q.slice(q.end() - 3, q.end())[..], b"xyz");
+        // A `fill` that panics after writing leaves the queue as it was.
+        let end = q.end();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            q.fill(usize::MAX, |buf| {
+                bytes::BufMut::put_slice(buf, b"lost");
+                panic!("fill fails");
+            })
+        }));
+        assert!(r.is_err());
+        assert_eq!(q.end(), end);
+        q.push_slice(b"!");
+        assert_eq!(&q.slice(end - 3, end + 1)[..], b"xyz!");
     }
 
     #[test]
