@@ -45,7 +45,9 @@ impl Default for ByteQueue {
 /// carved from, and that the process's pool keeps.
 pub const BLOCK: usize = 64 * 1024;
 
-/// Most free blocks the process's pool keeps (8 MiB).
+/// Most free blocks the process's pool keeps (8 MiB); it also keeps at
+/// most as many blocks given back while still in use, until they are free
+/// and needed (see [`Block::give_back`]).
 pub const POOL_BLOCKS: usize = 128;
 
 /// Most blocks one queue tracks: 5 MiB, a little more than a session's
@@ -103,7 +105,8 @@ fn pool() -> std::sync::MutexGuard<'static, Pool> {
 /// Blocks allocated so far because the pool had none.
 static ALLOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// How many free blocks the process's pool holds now.
+/// How many free blocks the process's pool holds now (not counting those
+/// given back in use and free since, which it finds when it runs dry).
 pub fn pooled_blocks() -> usize {
     pool().free.len()
 }
@@ -154,8 +157,8 @@ impl Block {
 
     /// Gives the block back to the process's pool: at once when nothing
     /// else refers to it, else once its last slice is dropped (when the
-    /// pool needs it). Beyond the pool's bounds it goes to the allocator
-    /// instead.
+    /// pool needs it). Beyond the pool's bounds ([`POOL_BLOCKS`] of each
+    /// kind) it goes to the allocator instead.
     pub fn give_back(mut self) {
         let free = self.is_free();
         let mut p = pool();
@@ -163,12 +166,27 @@ impl Block {
             if p.free.len() < POOL_BLOCKS {
                 p.free.push(self.owner);
             }
-        } else {
-            if p.returning.len() == POOL_BLOCKS {
-                p.returning.pop_front();
-            }
-            p.returning.push_back(self.owner);
+            return;
         }
+        if p.returning.len() == POOL_BLOCKS {
+            // Make room: those free since go to the free ones (or, beyond
+            // their bound, to the allocator), and if none is, the oldest
+            // goes to the allocator once its slices are dropped.
+            let Pool { free, returning } = &mut *p;
+            returning.retain_mut(|b| {
+                if !b.try_reclaim(BLOCK) {
+                    return true;
+                }
+                if free.len() < POOL_BLOCKS {
+                    free.push(std::mem::take(b));
+                }
+                false
+            });
+            if returning.len() == POOL_BLOCKS {
+                returning.pop_front();
+            }
+        }
+        p.returning.push_back(self.owner);
     }
 }
 
@@ -315,8 +333,10 @@ impl ByteQueue {
 
     /// Appends bytes that `fill` writes in place, into the tail block,
     /// without a copy of them: `fill` gets room for at least one byte and
-    /// at most `max` (and at most what the tail block has left, 1 KiB to
-    /// [`BLOCK`]); what it appends is queued. Returns what `fill` returns.
+    /// at most `max` (1 if `max` is 0), and at most what the tail block has
+    /// left (1 KiB to [`BLOCK`]); what it appends is queued. Returns what
+    /// `fill` returns. A `fill` that goes around the limit (`set_limit`,
+    /// `get_mut`) has its bytes queued all the same, copied.
     pub fn fill<R>(
         &mut self,
         max: usize,
@@ -325,13 +345,18 @@ impl ByteQueue {
         self.tail_room(1);
         let room = (self.tail.capacity() - self.tail.len()).min(max.max(1));
         // `fill` writes into the tail's spare room, split off: should it
-        // panic, the queue is as it was before the call.
+        // panic, the queue keeps its bytes (the next append starts a new
+        // block).
         let mut spare = self.tail.split_off(self.tail.len());
         let r = fill(&mut bytes::BufMut::limit(&mut spare, room));
         self.len += spare.len() as u64;
-        // Contiguous with the tail, and never grown past its capacity (the
-        // limit): joined again without a copy.
+        // Contiguous with the tail and within its capacity: joined again
+        // without a copy.
         self.tail.unsplit(spare);
+        if self.len == 0 {
+            // Nothing was appended to an idle queue: it stays empty-handed.
+            self.idle();
+        }
         r
     }
 
@@ -359,13 +384,17 @@ impl ByteQueue {
             }
         }
         if self.len == 0 {
-            // Idle: give the blocks back and start small again.
-            self.tail = BytesMut::new();
-            self.blocks.release();
-            self.block = MIN_BLOCK;
+            self.idle();
         } else {
             self.blocks.release_free();
         }
+    }
+
+    /// Empty: gives the blocks back and starts small again.
+    fn idle(&mut self) {
+        self.tail = BytesMut::new();
+        self.blocks.release();
+        self.block = MIN_BLOCK;
     }
 
     /// Drops every byte at or after `pos`.
@@ -523,7 +552,8 @@ mod tests {
         });
         assert_eq!(n, 4);
         assert_eq!((q.start(), q.end()), (5, 12));
-        assert_eq!(&q.slice(5, 12)[..], b"abcdefg");
+        // In the block the earlier bytes are in, right after them.
+        assert_eq!(&q.chunk_at(5, 100)[..], b"abcdefg");
         // Bounded by `max`; nothing appended is nothing queued.
         q.fill(2, |buf| assert_eq!(bytes::BufMut::remaining_mut(buf), 2));
         assert_eq!(q.end(), 12);
@@ -548,6 +578,13 @@ mod tests {
         assert_eq!(q.end(), end);
         q.push_slice(b"!");
         assert_eq!(&q.slice(end - 3, end + 1)[..], b"xyz!");
+        // An empty queue that a fill appends nothing to holds no block.
+        let mut idle = ByteQueue::new(0);
+        idle.fill(usize::MAX, |_| ());
+        assert_eq!(
+            (idle.len(), idle.tail.capacity(), idle.block),
+            (0, 0, MIN_BLOCK)
+        );
     }
 
     #[test]

@@ -69,4 +69,27 @@ fn free_blocks_go_to_the_pool_and_busy_queues_take_them_from_there() {
         t.give_back();
     }
     assert_eq!(pooled_blocks(), POOL_BLOCKS);
+
+    // Blocks given back in use are kept within a bound too: of one more
+    // than it keeps, the oldest goes to the allocator.
+    let hold: Vec<_> = (0..POOL_BLOCKS).map(|_| Block::take()).collect();
+    assert_eq!(pooled_blocks(), 0);
+    let mut slices = Vec::new();
+    for _ in 0..=POOL_BLOCKS {
+        let (t, mut w) = Block::take();
+        w.extend_from_slice(&[4; 8]);
+        slices.push(w.split().freeze());
+        t.give_back();
+    }
+    drop(slices);
+    let before = blocks_allocated();
+    let again: Vec<_> = (0..POOL_BLOCKS).map(|_| Block::take()).collect();
+    assert_eq!(blocks_allocated(), before, "every block kept is reused");
+    let extra = Block::take();
+    assert_eq!(
+        blocks_allocated(),
+        before + 1,
+        "the one beyond the bound was not kept"
+    );
+    drop((hold, again, extra));
 }

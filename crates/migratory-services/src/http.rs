@@ -291,7 +291,9 @@ pub(super) async fn serve(
                     Some(f) => f,
                     None => file.insert(reopen(&opts.root, &body).await?),
                 };
-                chunk.resize(CHUNK, 0);
+                // No larger than the body (a small file costs little).
+                let left = body.end.saturating_sub(body.offset);
+                chunk.resize(usize::try_from(left).map_or(CHUNK, |n| n.min(CHUNK)), 0);
                 let mut offset = body.offset;
                 while offset < body.end {
                     let want = usize::try_from(body.end - offset).map_or(CHUNK, |n| n.min(CHUNK));

@@ -858,8 +858,8 @@ impl ClientControl {
     /// Migrates now, to `dest` or to the next alternate, and waits until the
     /// session is attached again (or fails). `dest` must be a server the
     /// session knows an address of (its pool's, as the servers announced
-    /// them); the session may still end up on another one when `dest`
-    /// cannot take it: the result says where.
+    /// them), else [`Error::UnknownServer`]; the session may still end up
+    /// on another one when `dest` cannot take it: the result says where.
     pub async fn migrate(&mut self, dest: Option<&str>) -> Result<ServerId, Error> {
         let dest = match dest {
             Some(d) => Some(
@@ -873,14 +873,10 @@ impl ClientControl {
             if let Some(d) = dest.as_ref().filter(|d| !st.addrs.contains_key(*d)) {
                 let mut known: Vec<String> = st.addrs.keys().map(ToString::to_string).collect();
                 known.sort();
-                return Err(Error::Config(format!(
-                    "unknown server {d}: this session knows {}",
-                    if known.is_empty() {
-                        "none yet".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                )));
+                return Err(Error::UnknownServer {
+                    server: d.to_string(),
+                    known,
+                });
             }
             st.core.migrate(Instant::now(), dest)?;
             self.shared.pump(&mut st);
@@ -948,9 +944,10 @@ impl MigratoryStream {
     /// far as they are there: fills `bufs` from the front with up to
     /// `bufs.len()` chunks (each at most one Data frame's payload, as it
     /// arrived) and returns how many, waiting until there is at least one;
-    /// `None` at the end of the stream. A relay can hand the chunks to a
-    /// vectored write; while one is held, the block it was received into is
-    /// not reused, so drop them once written.
+    /// `None` at the end of the stream (`Some(0)` at once for an empty
+    /// `bufs`). A relay can hand the chunks to a vectored write; while one
+    /// is held, the block it was received into is not reused, so drop them
+    /// once written.
     pub async fn read_chunks(&self, bufs: &mut [Bytes]) -> io::Result<Option<usize>> {
         if bufs.is_empty() {
             return Ok(Some(0));
@@ -1021,19 +1018,26 @@ impl MigratoryStream {
 
     /// Writes up-stream bytes that `fill` produces in place, straight into
     /// the session's send buffer (no copy of them by the session): once the
-    /// buffer has room, `fill` is called once with room for at least one
-    /// byte and at most 64 KiB, appends what it has (a relay: a
-    /// non-blocking socket read, `try_read_buf`) and returns a count or an
-    /// error, which this returns. What it appended is sent whatever it
-    /// returns. Waits while the buffer is full. `fill` runs under the
-    /// session's lock: it must not block.
+    /// buffer has room, `fill` is called with room for at least one byte
+    /// and at most 64 KiB, appends what it has (a relay: a non-blocking
+    /// socket read, `try_read_buf`) and returns a count or an error, which
+    /// this returns. What it appended is sent whatever it returns. Waits
+    /// while the buffer is full. `fill` runs under the session's lock: it
+    /// must not block, and must not go around the limit (`set_limit`,
+    /// `get_mut`): the bytes would still be sent, but beyond the send
+    /// buffer's bound.
     pub async fn write_with(
         &self,
-        mut fill: impl FnMut(&mut bytes::buf::Limit<&mut bytes::BytesMut>) -> io::Result<usize>,
+        fill: impl FnOnce(&mut bytes::buf::Limit<&mut bytes::BytesMut>) -> io::Result<usize>,
     ) -> io::Result<usize> {
+        let mut fill = Some(fill);
         std::future::poll_fn(|cx| {
             let mut st = self.shared.lock();
-            match st.core.write_in_place(64 * 1024, &mut fill) {
+            let write = st.core.write_in_place(64 * 1024, |buf| {
+                let fill = fill.take().expect("called once: the call ends with it");
+                fill(buf)
+            });
+            match write {
                 Ok(None) => {
                     st.write_waker = Some(cx.waker().clone());
                     Poll::Pending

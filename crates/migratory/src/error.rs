@@ -43,6 +43,15 @@ pub enum Error {
     /// The runtime that owned the session is gone.
     #[error("the runtime stopped")]
     Stopped,
+    /// A migration was asked for to a server the session knows no address
+    /// of (servers announce their pool's addresses to their clients).
+    #[error("unknown server {server}: this session knows {}", if known.is_empty() { "none yet".to_string() } else { known.join(", ") })]
+    UnknownServer {
+        /// The server asked for.
+        server: String,
+        /// The servers the session knows, sorted.
+        known: Vec<String>,
+    },
 }
 
 impl Error {
