@@ -82,17 +82,24 @@ impl Pool {
     /// A free block: a pooled one, or one given back in use and free since.
     fn pop(&mut self) -> Option<BytesMut> {
         if self.free.is_empty() {
-            let Self { free, returning } = self;
-            returning.retain_mut(|b| {
-                if b.try_reclaim(BLOCK) {
-                    free.push(std::mem::take(b));
-                    false
-                } else {
-                    true
-                }
-            });
+            self.reclaim();
         }
         self.free.pop()
+    }
+
+    /// Moves the blocks given back in use that are free since to the free
+    /// ones (beyond their bound, to the allocator).
+    fn reclaim(&mut self) {
+        let Self { free, returning } = self;
+        returning.retain_mut(|b| {
+            if !b.try_reclaim(BLOCK) {
+                return true;
+            }
+            if free.len() < POOL_BLOCKS {
+                free.push(std::mem::take(b));
+            }
+            false
+        });
     }
 }
 
@@ -169,21 +176,11 @@ impl Block {
             return;
         }
         if p.returning.len() == POOL_BLOCKS {
-            // Make room: those free since go to the free ones (or, beyond
-            // their bound, to the allocator), and if none is, the oldest
-            // goes to the allocator once its slices are dropped.
-            let Pool { free, returning } = &mut *p;
-            returning.retain_mut(|b| {
-                if !b.try_reclaim(BLOCK) {
-                    return true;
-                }
-                if free.len() < POOL_BLOCKS {
-                    free.push(std::mem::take(b));
-                }
-                false
-            });
-            if returning.len() == POOL_BLOCKS {
-                returning.pop_front();
+            // Make room: first from those free since; if none is, the
+            // oldest goes to the allocator once its slices are dropped.
+            p.reclaim();
+            if p.returning.len() == POOL_BLOCKS {
+                p.returning.pop_front();
             }
         }
         p.returning.push_back(self.owner);
@@ -566,7 +563,8 @@ mod tests {
         });
         assert_eq!(q.len(), (7 + left + 2) as u64);
         assert_eq!(&q.slice(q.end() - 3, q.end())[..], b"xyz");
-        // A `fill` that panics after writing leaves the queue as it was.
+        // A `fill` that panics after writing leaves the queue's bytes as
+        // they were.
         let end = q.end();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             q.fill(usize::MAX, |buf| {
