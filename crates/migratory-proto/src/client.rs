@@ -1177,11 +1177,7 @@ impl Client {
     /// there yet (wait for [`ClientEvent::Readable`]).
     pub fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, AppError> {
         if self.down.is_empty() {
-            if self.down_fin == Some(self.down.end()) {
-                return Ok(Some(0));
-            }
-            self.usable()?;
-            return Ok(None);
+            return Ok(self.down_ended()?.then_some(0));
         }
         let n = self.down.copy_to(self.down.start(), buf);
         self.consumed(n);
@@ -1196,15 +1192,21 @@ impl Client {
     /// received into, which is not reused while the piece is held.
     pub fn read_chunk(&mut self) -> Result<Option<Bytes>, AppError> {
         if self.down.is_empty() {
-            if self.down_fin == Some(self.down.end()) {
-                return Ok(Some(Bytes::new()));
-            }
-            self.usable()?;
-            return Ok(None);
+            return Ok(self.down_ended()?.then(Bytes::new));
         }
         let chunk = self.down.chunk_at(self.down.start(), usize::MAX);
         self.consumed(chunk.len());
         Ok(Some(chunk))
+    }
+
+    /// For a read that finds nothing buffered: whether the down stream has
+    /// ended (else bytes may still come), or the session's failure.
+    fn down_ended(&self) -> Result<bool, AppError> {
+        if self.down_fin == Some(self.down.end()) {
+            return Ok(true);
+        }
+        self.usable()?;
+        Ok(false)
     }
 
     /// The application took `n` bytes from the front of the down stream:
@@ -1224,12 +1226,7 @@ impl Client {
     /// buffer is full: wait for [`ClientEvent::Writable`]). They are kept
     /// until the server holds them, across migrations.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, AppError> {
-        self.usable()?;
-        if self.up_fin.is_some() {
-            return Err(AppError::WriteAfterClose);
-        }
-        let room = self.cfg.limits.send_buffer.saturating_sub(self.up.len()) as usize;
-        let n = room.min(data.len());
+        let n = self.up_room()?.min(data.len());
         self.up.push_slice(&data[..n]);
         if n > 0 {
             self.mark_ready();
@@ -1248,11 +1245,7 @@ impl Client {
         max: usize,
         fill: impl FnOnce(&mut bytes::buf::Limit<&mut BytesMut>) -> R,
     ) -> Result<Option<R>, AppError> {
-        self.usable()?;
-        if self.up_fin.is_some() {
-            return Err(AppError::WriteAfterClose);
-        }
-        let room = self.cfg.limits.send_buffer.saturating_sub(self.up.len()) as usize;
+        let room = self.up_room()?;
         if room == 0 {
             return Ok(None);
         }
@@ -1262,6 +1255,16 @@ impl Client {
             self.mark_ready();
         }
         Ok(Some(r))
+    }
+
+    /// Room the send buffer has for the application's next bytes, or why
+    /// it may not write.
+    fn up_room(&self) -> Result<usize, AppError> {
+        self.usable()?;
+        if self.up_fin.is_some() {
+            return Err(AppError::WriteAfterClose);
+        }
+        Ok(self.cfg.limits.send_buffer.saturating_sub(self.up.len()) as usize)
     }
 
     /// Closes the up direction after the bytes written so far.
