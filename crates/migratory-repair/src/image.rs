@@ -209,7 +209,8 @@ pub struct SocketOptions {
     pub nodelay: bool,
     /// `SO_KEEPALIVE`.
     pub keepalive: bool,
-    /// `TCP_KEEPIDLE`, seconds.
+    /// `TCP_KEEPIDLE`, seconds (this and the next two: read and restored
+    /// only with `keepalive` on; 0 otherwise, and 0 restores the default).
     pub keepidle: u32,
     /// `TCP_KEEPINTVL`, seconds.
     pub keepintvl: u32,

@@ -470,7 +470,9 @@ fn wait_settled(pid: i32, taken: &Taken) {
         } else {
             0
         };
-        std::thread::sleep(Duration::from_micros(200));
+        if settled < 2 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 }
 

@@ -294,18 +294,55 @@ fn tcp_info(fd: BorrowedFd<'_>) -> Result<libc::tcp_info, RepairError> {
 
 /// The socket options of `sock`; `reuseaddr` as read before repair mode
 /// (which reports it set).
+///
+/// The keepalive timings are read only when keepalive is on: the restore
+/// sets them only then (0 in the image: not read).
 fn options_of(sock: &SockRef<'_>, reuseaddr: bool) -> Result<SocketOptions, RepairError> {
     let secs = |d: io::Result<Duration>, op| d.map(|d| d.as_secs() as u32).map_err(sys(op));
+    let keepalive = sock.keepalive().map_err(sys("SO_KEEPALIVE"))?;
+    let (keepidle, keepintvl, keepcnt) = if keepalive {
+        (
+            secs(sock.tcp_keepalive_time(), "TCP_KEEPIDLE")?,
+            secs(sock.tcp_keepalive_interval(), "TCP_KEEPINTVL")?,
+            sock.tcp_keepalive_retries().map_err(sys("TCP_KEEPCNT"))?,
+        )
+    } else {
+        (0, 0, 0)
+    };
+    let (sndbuf, rcvbuf) = buffer_sizes(sock)?;
     Ok(SocketOptions {
         nodelay: sock.tcp_nodelay().map_err(sys("TCP_NODELAY"))?,
-        keepalive: sock.keepalive().map_err(sys("SO_KEEPALIVE"))?,
-        keepidle: secs(sock.tcp_keepalive_time(), "TCP_KEEPIDLE")?,
-        keepintvl: secs(sock.tcp_keepalive_interval(), "TCP_KEEPINTVL")?,
-        keepcnt: sock.tcp_keepalive_retries().map_err(sys("TCP_KEEPCNT"))?,
+        keepalive,
+        keepidle,
+        keepintvl,
+        keepcnt,
         reuseaddr,
-        sndbuf: sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? as u32,
-        rcvbuf: sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))? as u32,
+        sndbuf: sndbuf as u32,
+        rcvbuf: rcvbuf as u32,
     })
+}
+
+/// `SO_MEMINFO` (include/uapi/asm-generic/socket.h; libc lacks it). Its
+/// number differs on a few architectures, where [`buffer_sizes`] does
+/// without it.
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SO_MEMINFO: libc::c_int = 55;
+
+/// A socket's `SO_SNDBUF` and `SO_RCVBUF`, in one call: `SO_MEMINFO`
+/// reports both (`SK_MEMINFO_SNDBUF`, `SK_MEMINFO_RCVBUF`: the same fields
+/// the two options read), else one call each.
+fn buffer_sizes(sock: &SockRef<'_>) -> Result<(usize, usize), RepairError> {
+    #[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+    if let Ok((m, len)) = getsockopt::<[u32; 4]>(sock.as_fd(), libc::SOL_SOCKET, SO_MEMINFO) {
+        if len == 16 {
+            let at = |i: libc::c_int| m[i as usize] as usize;
+            return Ok((at(libc::SK_MEMINFO_SNDBUF), at(libc::SK_MEMINFO_RCVBUF)));
+        }
+    }
+    Ok((
+        sock.send_buffer_size().map_err(sys("SO_SNDBUF"))?,
+        sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))?,
+    ))
 }
 
 /// Freezes a connected TCP socket and reads everything needed to rebuild
@@ -323,10 +360,11 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
     let info = tcp_info(fd)?;
     let state = TcpState::from_linux(info.tcpi_state)
         .ok_or(RepairError::UnsupportedState(state_name(info.tcpi_state)))?;
-    let reuseaddr = SockRef::from(&fd)
-        .reuse_address()
-        .map_err(sys("SO_REUSEADDR"))?;
-    let was_repairing = get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
+    // Repair mode makes SO_REUSEADDR read as set (the kernel forces it):
+    // a socket that reads it clear is not in repair mode, without asking.
+    let reuseaddr = get_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")? != 0;
+    let was_repairing =
+        reuseaddr && get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
     set_repair(fd, TCP_REPAIR_ON)?;
     let image = read_image(fd, state, &info, reuseaddr);
     if image.is_err() && !was_repairing {
@@ -377,13 +415,18 @@ fn queue_marks(fd: BorrowedFd<'_>) -> Result<[u64; 6], RepairError> {
 fn movement(fd: BorrowedFd<'_>) -> Result<[u64; 5], RepairError> {
     let (info, _) = getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
         .map_err(sys("TCP_INFO"))?;
-    Ok([
+    Ok(movement_of(&info))
+}
+
+/// [`movement`] from a `TCP_INFO` already read.
+fn movement_of(info: &libc::tcp_info) -> [u64; 5] {
+    [
         u64::from(info.tcpi_state),
         info.tcpi_bytes_received,
         info.tcpi_bytes_acked,
         u64::from(info.tcpi_notsent_bytes),
         u64::from(info.tcpi_snd_wnd),
-    ])
+    ]
 }
 
 fn read_image(
@@ -399,14 +442,17 @@ fn read_image(
     let peer = addr(sock.peer_addr(), "getpeername")?;
     // A set SO_PEEK_OFF would move our peeks off the queue heads.
     let _ = setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
-    let marks = movement(fd)?;
-    if marks[0] != u64::from(info.tcpi_state) {
-        return Err(RepairError::QueueChanged("state"));
-    }
+    // The marks everything read is compared with: the `TCP_INFO` read
+    // before repair mode (a longer span to watch than from here on, so
+    // nothing that moves while the queues are read goes unseen).
+    let marks = movement_of(info);
     let fin_states = fin_out(state);
     let outq_marked = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
     let mut outq = outq_marked;
-    let mut unsent = queue_len(fd, SIOCOUTQNSD, "SIOCOUTQNSD")?;
+    // Not yet sent (`write_seq - snd_nxt`, what SIOCOUTQNSD reads), as
+    // the marks say: if some of it counts as sent by now without having
+    // been sent (see below), the image keeps it unsent.
+    let mut unsent = usize::try_from(marks[3]).unwrap_or(usize::MAX);
     let inq = queue_len(fd, SIOCINQ, "SIOCINQ")?;
     if fin_states {
         // Our FIN takes a sequence number but no byte of the queue; when
@@ -634,7 +680,8 @@ pub fn prepare(image: &SocketImage) -> Result<Prepared<'_>, RepairError> {
     let domain = Domain::for_address(image.local);
     let sock =
         Socket::new(domain, Type::STREAM, Some(socket2::Protocol::TCP)).map_err(sys("socket"))?;
-    sock.set_reuse_address(true).map_err(sys("SO_REUSEADDR"))?;
+    // (Repair mode lets the bind below reuse the address: the kernel
+    // forces SO_REUSEADDR on with it.)
     set_repair(sock.as_fd(), TCP_REPAIR_ON)?;
     // From here on, dropping `sock` closes it silently (repair mode).
     rebuild(&sock, image)?;
@@ -666,9 +713,12 @@ impl Prepared<'_> {
 /// After repair mode: the options it clears, the peer's FIN, the queued
 /// data as ordinary writes, then our FIN.
 fn finish(stream: &mut TcpStream, image: &SocketImage) -> Result<(), RepairError> {
-    SockRef::from(&*stream)
-        .set_reuse_address(image.options.reuseaddr)
-        .map_err(sys("SO_REUSEADDR"))?;
+    // Leaving repair mode cleared SO_REUSEADDR.
+    if image.options.reuseaddr {
+        SockRef::from(&*stream)
+            .set_reuse_address(true)
+            .map_err(sys("SO_REUSEADDR"))?;
+    }
     let fin = u32::from(fin_out(image.state));
     let queued = image.sent.len() + image.unsent.len();
     let snd_una = image.snd_seq.wrapping_sub(fin).wrapping_sub(queued as u32);
@@ -764,10 +814,10 @@ fn inject_fin(via: BorrowedFd<'_>, image: &SocketImage, ack: u32) -> Result<(), 
 /// Sends the peer, from the restored (live) socket's address, the
 /// acknowledgement that socket would send: sequence number `snd_nxt`,
 /// acknowledging the image's `rcv_seq`, the window the old socket last
-/// advertised (same right edge), and a timestamp from the socket's clock
-/// when timestamps are on (echoing 0, as the restored socket itself does
-/// until it hears from the peer: repair mode does not restore the peer's
-/// last timestamp).
+/// advertised (same right edge), and the timestamp the socket's clock was
+/// set to when timestamps are on (echoing 0, as the restored socket itself
+/// does until it hears from the peer: repair mode does not restore the
+/// peer's last timestamp).
 ///
 /// Why: on leaving repair mode the kernel sends a window probe, whose
 /// sequence number is one before `snd_una`, so the peer drops it as old
@@ -784,13 +834,13 @@ fn send_ack(stream: &TcpStream, image: &SocketImage, snd_nxt: u32) -> Result<(),
     let right_edge = image.window.rcv_wup.wrapping_add(image.window.rcv_wnd);
     let window = (right_edge.wrapping_sub(image.rcv_seq) as i32).max(0) as u32;
     let mut options = Vec::new();
-    if image.timestamp.is_some() {
-        let now = get_int(
-            stream.as_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_TIMESTAMP,
-            "TCP_TIMESTAMP",
-        )? as u32;
+    if let Some(now) = restored_clock(image) {
+        // The clock as the restore set it, a moment ago (not read again:
+        // one system call less): above anything the old socket sent (see
+        // TS_AHEAD) and not above what the socket sends next, which is
+        // what the peer's check (PAWS) needs. (The window probe sent as
+        // repair mode ended carries a later value, but the peer drops it
+        // as old before taking its timestamp.)
         // NOP, NOP, timestamps (kind 8, length 10): TSval, TSecr.
         options.extend_from_slice(&[1, 1, 8, 10]);
         options.extend_from_slice(&now.to_be_bytes());
@@ -1007,13 +1057,18 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     // stops autotuning, so only when the default is too small; forced past
     // rmem_max/wmem_max, as the old socket's queues were). The unsent data
     // gets its room once the socket is live.
-    if image.sent.len() > sock.send_buffer_size().map_err(sys("SO_SNDBUF"))? {
+    let (sndbuf, rcvbuf) = if image.sent.is_empty() && image.received.is_empty() {
+        (0, 0)
+    } else {
+        buffer_sizes(&SockRef::from(sock))?
+    };
+    if image.sent.len() > sndbuf {
         let want = libc::c_int::try_from(image.sent.len()).unwrap_or(libc::c_int::MAX / 2);
         setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, want)
             .map_err(sys("SO_SNDBUFFORCE"))?;
     }
     let queued = image.sent.len() + image.unsent.len();
-    if image.received.len() > sock.recv_buffer_size().map_err(sys("SO_RCVBUF"))? / 2 {
+    if image.received.len() > rcvbuf / 2 {
         let want = (image.options.rcvbuf as usize / 2).max(image.received.len() * 2);
         let want = libc::c_int::try_from(want).unwrap_or(libc::c_int::MAX);
         setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, want)
@@ -1031,8 +1086,10 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         .snd_seq
         .wrapping_sub(u32::from(fin_out(image.state)))
         .wrapping_sub(queued as u32);
-    set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
+    // The receive queue last: it stays selected (nothing below selects
+    // another) until it is filled after `connect`.
     set_queue_seq(fd, TCP_SEND_QUEUE, snd_start)?;
+    set_queue_seq(fd, TCP_RECV_QUEUE, rcv_start)?;
     // The segment size is fixed at `connect` from the MSS clamp, which
     // TCP_REPAIR_OPTIONS can only set afterwards: without this the restored
     // socket sends 536-byte segments (524 with timestamps) for good, as
@@ -1077,15 +1134,7 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     }
     setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts)
         .map_err(sys("TCP_REPAIR_OPTIONS"))?;
-    if let Some(ts) = image.timestamp {
-        // Ahead of the checkpoint's clock (see TS_AHEAD). The low bit says
-        // whether the clock counts microseconds (kept as it is).
-        let ahead = if ts & 1 == 1 {
-            TS_AHEAD * 1000
-        } else {
-            TS_AHEAD
-        };
-        let ts = ts.wrapping_add(ahead) & !1 | ts & 1;
+    if let Some(ts) = restored_clock(image) {
         setsockopt_int(
             fd,
             libc::IPPROTO_TCP,
@@ -1094,7 +1143,7 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         )
         .map_err(sys("TCP_TIMESTAMP"))?;
     }
-    select_queue(fd, TCP_RECV_QUEUE)?;
+    // (The receive queue is still selected, from `set_queue_seq`.)
     fill_queue(fd, &image.received, "send (receive queue)")?;
     select_queue(fd, TCP_SEND_QUEUE)?;
     fill_queue(fd, &image.sent, "send (send queue)")?;
@@ -1113,8 +1162,10 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
     }
     set_window(fd, &window)?;
     let o = &image.options;
-    sock.set_tcp_nodelay(o.nodelay)
-        .map_err(sys("TCP_NODELAY"))?;
+    if o.nodelay {
+        // (Off in a new socket.)
+        sock.set_tcp_nodelay(true).map_err(sys("TCP_NODELAY"))?;
+    }
     if o.keepalive {
         let mut ka = TcpKeepalive::new();
         if o.keepidle > 0 {
@@ -1129,6 +1180,19 @@ fn rebuild(sock: &Socket, image: &SocketImage) -> Result<(), RepairError> {
         sock.set_tcp_keepalive(&ka).map_err(sys("SO_KEEPALIVE"))?;
     }
     Ok(())
+}
+
+/// The timestamp clock a restored socket starts at: ahead of the
+/// checkpoint's (see [`TS_AHEAD`]). The low bit says whether the clock
+/// counts microseconds (kept as it is).
+fn restored_clock(image: &SocketImage) -> Option<u32> {
+    let ts = image.timestamp?;
+    let ahead = if ts & 1 == 1 {
+        TS_AHEAD * 1000
+    } else {
+        TS_AHEAD
+    };
+    Some(ts.wrapping_add(ahead) & !1 | ts & 1)
 }
 
 /// Puts `data` into the selected queue in repair mode (partial writes, and
@@ -1196,6 +1260,67 @@ mod tests {
         peer.read_exact(&mut back).expect("no reset");
         assert_eq!(&back, b"back");
         drop(ours);
+    }
+
+    /// What the checkpoint and the restore take for granted to save system
+    /// calls: `SO_MEMINFO` reports the buffer sizes `SO_SNDBUF` and
+    /// `SO_RCVBUF` read; repair mode makes `SO_REUSEADDR` read set (a clear
+    /// one means no repair mode) and leaving it clears it; a socket
+    /// checkpointed again in repair mode stays in it; a restored socket
+    /// gets `SO_REUSEADDR` and `TCP_NODELAY` back as they were.
+    #[test]
+    fn shortcuts_hold() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        let sock = SockRef::from(&ours);
+        sock.set_recv_buffer_size(50_000).unwrap();
+        sock.set_send_buffer_size(70_000).unwrap();
+        assert_eq!(
+            buffer_sizes(&sock).unwrap(),
+            (
+                sock.send_buffer_size().unwrap(),
+                sock.recv_buffer_size().unwrap()
+            )
+        );
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped the rest: needs root (TCP_REPAIR)");
+            return;
+        }
+        for (reuse, nodelay) in [(false, false), (true, true), (false, true)] {
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (ours, _) = l.accept().unwrap();
+            let sock = SockRef::from(&ours);
+            sock.set_reuse_address(reuse).unwrap();
+            sock.set_tcp_nodelay(nodelay).unwrap();
+            set_repair(ours.as_fd(), TCP_REPAIR_ON).unwrap();
+            assert!(sock.reuse_address().unwrap(), "set in repair mode");
+            set_repair(ours.as_fd(), TCP_REPAIR_OFF).unwrap();
+            assert!(!sock.reuse_address().unwrap(), "cleared after");
+            sock.set_reuse_address(reuse).unwrap();
+            peer.write_all(b"x").unwrap();
+            wait_until(|| unread(&ours).unwrap() == 1);
+            let image = checkpoint(&ours).unwrap();
+            assert_eq!(image.options.reuseaddr, reuse);
+            assert_eq!(image.options.nodelay, nodelay);
+            let again = checkpoint(&ours).unwrap();
+            assert_eq!(again.received, image.received);
+            disconnect_silently(&ours).expect("still in repair mode");
+            let mut restored = restore(&image).unwrap();
+            let r = SockRef::from(&restored);
+            assert_eq!(r.reuse_address().unwrap(), reuse);
+            assert_eq!(r.tcp_nodelay().unwrap(), nodelay);
+            let mut buf = [0u8; 1];
+            restored
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            restored.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"x");
+            restored.write_all(b"y").unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            peer.read_exact(&mut buf).expect("no reset");
+            assert_eq!(&buf, b"y");
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ unsafe impl Pod for u32 {}
 unsafe impl Pod for u64 {}
 // SAFETY: an array of u32, no padding.
 unsafe impl Pod for [u32; 5] {}
+// SAFETY: as above.
+unsafe impl Pod for [u32; 4] {}
 // SAFETY: `tcp_info` is a C struct of integers; it is zeroed before the
 // call, so bytes the kernel does not write (older kernels) are zero.
 unsafe impl Pod for libc::tcp_info {}
