@@ -439,6 +439,7 @@ impl ServerBuilder {
                 segs: Vec::new(),
                 phases: phases::PhaseLog::default(),
                 sessions_gauge: usize::MAX,
+                armed: None,
                 redirected_seen: 0,
             }),
             links: Mutex::new(HashMap::new()),
@@ -906,6 +907,8 @@ struct State {
     sessions_gauge: usize,
     /// New sessions sent on to peers, as counted so far.
     redirected_seen: u64,
+    /// The deadline the timer task sleeps until (`None`: none).
+    armed: Option<Instant>,
 }
 
 struct Shared {
@@ -998,7 +1001,15 @@ impl Shared {
             st.sessions_gauge = st.core.session_count();
             self.count_sessions(st);
         }
-        self.timer.notify_one();
+        // The timer task only needs waking for a deadline earlier than the
+        // one it sleeps until: most calls (every control message, every
+        // connection admitted) do not move it, and each wake-up costs a
+        // task switch and this lock again.
+        let t = st.core.poll_timeout();
+        if t.is_some_and(|t| st.armed.is_none_or(|a| t < a)) {
+            st.armed = t;
+            self.timer.notify_one();
+        }
     }
 
     /// Every series at zero from the start: a scrape of a fresh server
@@ -1232,7 +1243,11 @@ impl Shared {
 async fn timer(shared: Arc<Shared>) {
     crate::conn::run_timer(
         &shared.timer,
-        || shared.lock().core.poll_timeout(),
+        || {
+            let mut st = shared.lock();
+            st.armed = st.core.poll_timeout();
+            st.armed
+        },
         || {
             let mut st = shared.lock();
             shared.measure_rate(&mut st);
