@@ -594,7 +594,12 @@ fn finish_checkpoint(
                         source,
                     };
                     if !unchanged(sock, img).map_err(socket)? {
+                        // Read again in repair mode, which reports
+                        // SO_REUSEADDR set: the application's choice is
+                        // the first image's.
+                        let reuseaddr = img.options.reuseaddr;
                         *img = checkpoint(sock).map_err(socket)?;
+                        img.options.reuseaddr = reuseaddr;
                         changed = true;
                     }
                 }

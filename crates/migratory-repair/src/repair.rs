@@ -293,7 +293,7 @@ fn tcp_info(fd: BorrowedFd<'_>) -> Result<libc::tcp_info, RepairError> {
 }
 
 /// The socket options of `sock`; `reuseaddr` as read before repair mode
-/// (which reports it set).
+/// (which reports it set; see [`checkpoint`] for a socket already in it).
 ///
 /// The keepalive timings are read only when keepalive is on: the restore
 /// sets them only then (0 in the image: not read).
@@ -355,6 +355,10 @@ fn buffer_sizes(sock: &SockRef<'_>) -> Result<(usize, usize), RepairError> {
 /// Stop the owner first (and, across hosts, the connection's packets): a
 /// queue that changes while it is read gives [`RepairError::QueueChanged`],
 /// and the socket is resumed.
+///
+/// A socket checkpointed again while still in repair mode reads
+/// `SO_REUSEADDR` as set (repair mode forces it): the second image says
+/// `reuseaddr` whatever the application chose, so keep the first image's.
 pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
     let fd = socket.as_fd();
     let info = tcp_info(fd)?;
@@ -362,6 +366,9 @@ pub fn checkpoint(socket: &impl AsFd) -> Result<SocketImage, RepairError> {
         .ok_or(RepairError::UnsupportedState(state_name(info.tcpi_state)))?;
     // Repair mode makes SO_REUSEADDR read as set (the kernel forces it):
     // a socket that reads it clear is not in repair mode, without asking.
+    // (Only another program that froze the socket and then cleared the
+    // option could make this wrong; a failed checkpoint would then take
+    // the socket out of repair mode.)
     let reuseaddr = get_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR")? != 0;
     let was_repairing =
         reuseaddr && get_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, "TCP_REPAIR")? != 0;
@@ -450,8 +457,14 @@ fn read_image(
     let outq_marked = queue_len(fd, SIOCOUTQ, "SIOCOUTQ")?;
     let mut outq = outq_marked;
     // Not yet sent (`write_seq - snd_nxt`, what SIOCOUTQNSD reads), as
-    // the marks say: if some of it counts as sent by now without having
-    // been sent (see below), the image keeps it unsent.
+    // the marks say. Read before repair mode, it can only be larger than
+    // now: bytes sent since (or counted as sent without having been sent,
+    // see below) stay unsent in the image, and the restore sends them
+    // again under the same sequence numbers. (Under the network lock
+    // nothing of ours reaches the peer meanwhile; without it, the peer may
+    // acknowledge such bytes before the restored socket has written them
+    // again, and that acknowledgement is dropped as one for data not yet
+    // sent.)
     let mut unsent = usize::try_from(marks[3]).unwrap_or(usize::MAX);
     let inq = queue_len(fd, SIOCINQ, "SIOCINQ")?;
     if fin_states {
@@ -1305,6 +1318,9 @@ mod tests {
             assert_eq!(image.options.nodelay, nodelay);
             let again = checkpoint(&ours).unwrap();
             assert_eq!(again.received, image.received);
+            // Read in repair mode: set whatever the application chose
+            // (callers keep the first image's value).
+            assert!(again.options.reuseaddr);
             disconnect_silently(&ours).expect("still in repair mode");
             let mut restored = restore(&image).unwrap();
             let r = SockRef::from(&restored);
