@@ -237,13 +237,9 @@ impl Shared {
                 complete: resumed.elapsed(),
             });
         }
-        // The timer task only needs waking for a deadline earlier than the
-        // one it sleeps until (reads and writes rarely move it).
-        let t = next_deadline(st);
-        if t.is_some_and(|t| st.armed.is_none_or(|a| t < a)) {
-            st.armed = t;
-            self.timer.notify_one();
-        }
+        // Reads and writes rarely move the deadline.
+        let next = next_deadline(st);
+        conn::rearm_timer(&self.timer, &mut st.armed, next);
     }
 
     fn on_event(self: &Arc<Self>, st: &mut State, ev: ClientEvent) {

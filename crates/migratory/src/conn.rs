@@ -332,8 +332,25 @@ pub(crate) fn try_write_queued(
     Ok((taken, false))
 }
 
+/// Tells a timer task ([`run_timer`]) sleeping until `armed` about the
+/// core's next deadline `next`: it is woken only when `next` is earlier
+/// (most calls into a core do not move its deadline, and a needless
+/// wake-up costs a task switch and the core's lock once more).
+pub(crate) fn rearm_timer(
+    notify: &tokio::sync::Notify,
+    armed: &mut Option<std::time::Instant>,
+    next: Option<std::time::Instant>,
+) {
+    if next.is_some_and(|t| armed.is_none_or(|a| t < a)) {
+        *armed = next;
+        notify.notify_one();
+    }
+}
+
 /// Drives a protocol core's timer: sleeps until `deadline()` (or until
 /// `notify` says the deadline may have moved), then calls `fire()`.
+/// `deadline` records what it returns as the deadline slept until, for
+/// [`rearm_timer`].
 pub(crate) async fn run_timer(
     notify: &tokio::sync::Notify,
     deadline: impl Fn() -> Option<std::time::Instant>,

@@ -1001,15 +1001,10 @@ impl Shared {
             st.sessions_gauge = st.core.session_count();
             self.count_sessions(st);
         }
-        // The timer task only needs waking for a deadline earlier than the
-        // one it sleeps until: most calls (every control message, every
-        // connection admitted) do not move it, and each wake-up costs a
-        // task switch and this lock again.
-        let t = st.core.poll_timeout();
-        if t.is_some_and(|t| st.armed.is_none_or(|a| t < a)) {
-            st.armed = t;
-            self.timer.notify_one();
-        }
+        // Most calls (a control message, a connection admitted) do not
+        // move the deadline.
+        let next = st.core.poll_timeout();
+        crate::conn::rearm_timer(&self.timer, &mut st.armed, next);
     }
 
     /// Every series at zero from the start: a scrape of a fresh server
