@@ -183,6 +183,51 @@ fn a_migration_whose_old_connection_stalls_ships_what_was_not_acknowledged() {
 }
 
 #[test]
+fn written_buffers_follow_the_rules_of_writes() {
+    // `write_bytes` keeps the caller's buffer instead of copying it, and
+    // takes it as `write` takes bytes: what the client already has (written
+    // again after a migration) is dropped, and a full send buffer takes
+    // part of it, leaving the rest to the caller.
+    let mut w = world(false);
+    let h = w.handle(0);
+    w.server(0).write(h, b"AAAA").unwrap();
+    w.server(0).snapshot(h, b"wrote 4").unwrap();
+    let b = bytes::Bytes::from_static(b"BBBB");
+    assert_eq!(w.server(0).write_bytes(h, &b).unwrap(), 4);
+    w.pump();
+    assert_eq!(w.client_read_all().0, b"AAAABBBB");
+    migrate(&mut w, 1);
+    let h2 = w.handle(1);
+    let again = bytes::Bytes::from_static(b"BBBBCCCC");
+    assert_eq!(w.server(1).write_bytes(h2, &again).unwrap(), 8);
+    w.pump();
+    assert_eq!(
+        w.client_read_all().0,
+        b"CCCC",
+        "no duplicate, nothing missing"
+    );
+    assert_eq!(w.server(1).stats().bytes_discarded, 4);
+
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.limits.send_buffer = 16;
+    let mut w = World::new(cfg);
+    w.pump();
+    let h = w.handle(0);
+    let data: Vec<u8> = (0..24u8).collect();
+    let buf = bytes::Bytes::from(data.clone());
+    assert_eq!(w.server(0).write_bytes(h, &buf).unwrap(), 16, "what fits");
+    w.pump();
+    let mut got = w.client_read_all().0;
+    // The client's acknowledgement (delayed) frees the send buffer.
+    w.advance(std::time::Duration::from_millis(100));
+    w.pump();
+    assert_eq!(w.server(0).write_bytes(h, &buf.slice(16..)).unwrap(), 8);
+    w.pump();
+    got.extend(w.client_read_all().0);
+    assert_eq!(got, data);
+}
+
+#[test]
 fn writes_after_the_snapshot_the_client_already_has_are_discarded() {
     // Thesis fig 3.10 / fig 4.9 scenario 2: S2 re-executes from the
     // snapshot and writes BBBB again; the client has it, so it is dropped.

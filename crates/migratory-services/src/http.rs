@@ -34,10 +34,13 @@ use super::{invalid, snapshot, Drain, Options};
 const MAX_HEAD: usize = 16 * 1024;
 /// Most header fields in a request (more gets 431).
 const MAX_HEADERS: usize = 64;
-/// Body chunk: read from the file, written, then snapshotted. Each file
-/// read is a hand-off to tokio's blocking threads and back (two context
-/// switches): 64 KiB chunks made a plain download cost `serve` a third
-/// more CPU than these (BENCHMARKS.md).
+/// Body chunk: read from the file into a buffer of its own (no larger
+/// than what is left of the body), handed to the session without a copy
+/// (`Session::write_bytes`: it keeps the buffer until the client has the
+/// bytes), then snapshotted. Each file read is a hand-off to tokio's
+/// blocking threads and back (two context switches): 64 KiB chunks made a
+/// plain download cost `serve` a third more CPU than these
+/// (BENCHMARKS.md).
 const CHUNK: usize = 256 * 1024;
 /// How long a closing connection waits for the client's end.
 const LINGER: Duration = Duration::from_secs(30);
@@ -227,7 +230,6 @@ pub(super) async fn serve(
     };
     // The open file of the body being sent (opened again after a resume).
     let mut file: Option<File> = None;
-    let mut chunk = Vec::new();
     // A new connection gets the header timeout for its first request; a
     // kept-alive one the idle timeout between requests.
     let mut first = true;
@@ -287,17 +289,18 @@ pub(super) async fn serve(
             }
             Phase::Body(body) => {
                 let body = body.clone();
-                let f = match file.as_mut() {
+                let f = match file.take() {
                     Some(f) => f,
-                    None => file.insert(reopen(&opts.root, &body).await?),
+                    None => reopen(&opts.root, &body).await?,
                 };
-                // No larger than the body (a small file costs little).
-                let left = body.end.saturating_sub(body.offset);
-                chunk.resize(usize::try_from(left).map_or(CHUNK, |n| n.min(CHUNK)), 0);
+                let f = std::sync::Arc::new(f.into_std().await);
+                let mut chunks = Chunks::default();
                 let mut offset = body.offset;
                 while offset < body.end {
                     let want = usize::try_from(body.end - offset).map_or(CHUNK, |n| n.min(CHUNK));
-                    let n = f.read(&mut chunk[..want]).await?;
+                    let data = read_at(&f, offset, chunks.take(want)).await?;
+                    chunks.keep(&data);
+                    let n = data.len();
                     if n == 0 {
                         warn!(path = %body.path, offset, "file shrank while being sent");
                         return Err(io::Error::new(
@@ -308,17 +311,14 @@ pub(super) async fn serve(
                             ),
                         ));
                     }
-                    s.write_all(&chunk[..n]).await?;
+                    // The session keeps the chunk itself: no copy.
+                    s.write_bytes(data).await?;
                     offset += n as u64;
                     if let Phase::Body(b) = &mut st.phase {
                         b.offset = offset;
                     }
                     snapshot(s, &st.encode())?;
                 }
-                file = None;
-                // A kept-alive connection waits for its next request
-                // without the chunk.
-                chunk = Vec::new();
                 finish(s, &mut st, &drain)?;
             }
             Phase::Closing => {
@@ -367,6 +367,63 @@ async fn linger(s: &mut Session, st: &State) -> io::Result<()> {
 
 /// Opens a resumed body's file again under this server's root; it must be
 /// the same length as when the response started.
+/// Most chunk buffers a body keeps for reuse (more than a default send
+/// buffer's worth: 4 MiB).
+const KEPT_CHUNKS: usize = 20;
+
+/// The buffers of a body's chunks, taken back for the next chunks once the
+/// session has let go of them (the client acknowledged their bytes): a
+/// download reuses a few buffers instead of allocating, zeroing and
+/// faulting in a new one for every chunk.
+#[derive(Default)]
+struct Chunks {
+    /// Oldest first: the first the client acknowledges.
+    sent: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl Chunks {
+    /// A buffer of `len` bytes to read into.
+    fn take(&mut self, len: usize) -> bytes::BytesMut {
+        if let Some(b) = self.sent.pop_front() {
+            match b.try_into_mut() {
+                Ok(mut buf) => {
+                    // Only bytes beyond the old length are zeroed.
+                    buf.resize(len, 0);
+                    return buf;
+                }
+                Err(b) => self.sent.push_front(b),
+            }
+        }
+        bytes::BytesMut::zeroed(len)
+    }
+
+    /// Remembers a chunk handed to the session.
+    fn keep(&mut self, chunk: &bytes::Bytes) {
+        if self.sent.len() == KEPT_CHUNKS {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(chunk.clone());
+    }
+}
+
+/// Reads `f` from `offset` into `buf` (fewer bytes at its end) on a
+/// blocking thread; the session then keeps the buffer until the client
+/// has its bytes.
+async fn read_at(
+    f: &std::sync::Arc<std::fs::File>,
+    offset: u64,
+    mut buf: bytes::BytesMut,
+) -> io::Result<bytes::Bytes> {
+    let f = f.clone();
+    tokio::task::spawn_blocking(move || {
+        let n = std::os::unix::fs::FileExt::read_at(&*f, &mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
 async fn reopen(root: &Path, body: &Body) -> io::Result<File> {
     match open_under(root, &body.path).await {
         Lookup::Found(mut f, len) if len == body.file_len => {

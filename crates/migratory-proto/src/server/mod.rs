@@ -313,6 +313,17 @@ impl Server {
         self.on_session(now, &slot, |s| s.write(data))
     }
 
+    /// See [`Session::write_bytes`].
+    pub fn write_bytes(
+        &mut self,
+        handle: SessionHandle,
+        data: &bytes::Bytes,
+    ) -> Result<usize, AppError> {
+        let slot = self.handle_slot(handle)?;
+        let now = slot.peek(|s| s.last_now());
+        self.on_session(now, &slot, |s| s.write_bytes(data))
+    }
+
     /// See [`Session::close_write`].
     pub fn close_write(&mut self, handle: SessionHandle) -> Result<(), AppError> {
         let slot = self.handle_slot(handle)?;

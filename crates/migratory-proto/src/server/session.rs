@@ -1155,16 +1155,35 @@ impl Session {
     /// send buffer is full: wait for [`ServerEvent::Writable`]). Bytes the
     /// client already has from before a migration are counted and dropped.
     pub fn write(&mut self, data: &[u8]) -> Result<usize, AppError> {
+        self.take_write(data.len(), |down, r| down.push_slice(&data[r]))
+    }
+
+    /// As [`Session::write`], without copying: the send buffer keeps (a
+    /// slice of) `data` itself until the client acknowledges it. For an
+    /// application that reads its output into buffers of its own, such as
+    /// a file server; a partial take leaves the rest to the caller.
+    pub fn write_bytes(&mut self, data: &Bytes) -> Result<usize, AppError> {
+        self.take_write(data.len(), |down, r| down.push(data.slice(r)))
+    }
+
+    /// Takes what fits of `len` bytes written by the application: those the
+    /// client already has count and are dropped, `push` appends the range
+    /// of them that the send buffer takes.
+    fn take_write(
+        &mut self,
+        len: usize,
+        push: impl FnOnce(&mut ByteQueue, std::ops::Range<usize>),
+    ) -> Result<usize, AppError> {
         let send_buffer = self.cfg.limits.send_buffer;
         let s = self.live()?;
         if s.down_fin.is_some() {
             return Err(AppError::WriteAfterClose);
         }
-        let dropped = (s.discard.min(data.len() as u64)) as usize;
+        let dropped = (s.discard.min(len as u64)) as usize;
         s.discard -= dropped as u64;
         let room = send_buffer.saturating_sub(s.down.len()) as usize;
-        let take = (data.len() - dropped).min(room);
-        s.down.push_slice(&data[dropped..dropped + take]);
+        let take = (len - dropped).min(room);
+        push(&mut s.down, dropped..dropped + take);
         s.app_write += (dropped + take) as u64;
         Ok(dropped + take)
     }

@@ -103,6 +103,43 @@ impl Session {
         }
     }
 
+    /// Writes all of `data` without copying it: the session keeps the
+    /// buffer itself (slices of it) until the client acknowledges its
+    /// bytes, where [`AsyncWriteExt::write_all`](tokio::io::AsyncWriteExt::write_all)
+    /// copies them into the session's send buffer. For an application that
+    /// reads its output into buffers of its own anyway, such as a file
+    /// server. Waits for room as a write does; the same rules apply (bytes
+    /// the client already has from before a migration are dropped).
+    pub async fn write_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+        match &mut self.inner {
+            Inner::Plain { stream, .. } => tokio::io::AsyncWriteExt::write_all(stream, &data).await,
+            Inner::Migratory { shared, slot, .. } => {
+                std::future::poll_fn(|cx| {
+                    while !data.is_empty() {
+                        let mut st = slot.lock();
+                        match st.core.write_bytes(&data) {
+                            Ok(0) => {
+                                st.write_waker = Some(cx.waker().clone());
+                                return Poll::Pending;
+                            }
+                            Ok(n) => {
+                                bytes::Buf::advance(&mut data, n);
+                                // As in `poll_write`.
+                                if !matches!(super::driver::transmit(&mut st), Ok(false)) {
+                                    notify_driver(&st);
+                                }
+                                settle(shared, st);
+                            }
+                            Err(e) => return Poll::Ready(Err(Error::from(e).into())),
+                        }
+                    }
+                    Poll::Ready(Ok(()))
+                })
+                .await
+            }
+        }
+    }
+
     /// MTCP's `set_state`: records `state` as this session's restart point.
     /// A server resuming from it reads and writes from here on. A no-op for
     /// a plain TCP client.
