@@ -367,8 +367,10 @@ async fn linger(s: &mut Session, st: &State) -> io::Result<()> {
 
 /// Opens a resumed body's file again under this server's root; it must be
 /// the same length as when the response started.
-/// Most chunk buffers a body keeps for reuse (more than a default send
-/// buffer's worth: 4 MiB).
+/// Most chunk buffers a body keeps for reuse: a little more than a
+/// default send buffer's worth (4 MiB), so a download holds at most 5 MiB
+/// of chunks, those the session still holds included, and none once its
+/// body is sent.
 const KEPT_CHUNKS: usize = 20;
 
 /// The buffers of a body's chunks, taken back for the next chunks once the

@@ -109,7 +109,9 @@ impl Session {
     /// copies them into the session's send buffer. For an application that
     /// reads its output into buffers of its own anyway, such as a file
     /// server. Waits for room as a write does; the same rules apply (bytes
-    /// the client already has from before a migration are dropped).
+    /// the client already has from before a migration are dropped). As with
+    /// `write_all`, a future dropped before it completes may have written
+    /// part of `data`.
     pub async fn write_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
         match &mut self.inner {
             Inner::Plain { stream, .. } => tokio::io::AsyncWriteExt::write_all(stream, &data).await,
