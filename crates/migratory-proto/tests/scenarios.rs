@@ -188,15 +188,11 @@ fn written_buffers_follow_the_rules_of_writes() {
     // takes it as `write` takes bytes: what the client already has (written
     // again after a migration) is dropped, and a full send buffer takes
     // part of it, leaving the rest to the caller.
-    let mut w = world(false);
-    let h = w.handle(0);
-    w.server(0).write(h, b"AAAA").unwrap();
-    w.server(0).snapshot(h, b"wrote 4").unwrap();
-    let b = bytes::Bytes::from_static(b"BBBB");
-    assert_eq!(w.server(0).write_bytes(h, &b).unwrap(), 4);
-    w.pump();
-    assert_eq!(w.client_read_all().0, b"AAAABBBB");
-    migrate(&mut w, 1);
+    let mut w = moved_after_a_write_beyond_the_snapshot(|w, h, data| {
+        w.server(0)
+            .write_bytes(h, &bytes::Bytes::copy_from_slice(data))
+            .unwrap()
+    });
     let h2 = w.handle(1);
     let again = bytes::Bytes::from_static(b"BBBBCCCC");
     assert_eq!(w.server(1).write_bytes(h2, &again).unwrap(), 8);
@@ -227,18 +223,28 @@ fn written_buffers_follow_the_rules_of_writes() {
     assert_eq!(got, data);
 }
 
-#[test]
-fn writes_after_the_snapshot_the_client_already_has_are_discarded() {
-    // Thesis fig 3.10 / fig 4.9 scenario 2: S2 re-executes from the
-    // snapshot and writes BBBB again; the client has it, so it is dropped.
+/// A session on s1 wrote AAAA, snapshotted, then wrote BBBB (with
+/// `write_after`), which the client read; it then moved to s2.
+fn moved_after_a_write_beyond_the_snapshot(
+    write_after: impl FnOnce(&mut World, migratory_proto::server::SessionHandle, &[u8]) -> usize,
+) -> World {
     let mut w = world(false);
     let h = w.handle(0);
     w.server(0).write(h, b"AAAA").unwrap();
     w.server(0).snapshot(h, b"wrote 4").unwrap();
-    w.server(0).write(h, b"BBBB").unwrap();
+    assert_eq!(write_after(&mut w, h, b"BBBB"), 4);
     w.pump();
     assert_eq!(w.client_read_all().0, b"AAAABBBB");
     migrate(&mut w, 1);
+    w
+}
+
+#[test]
+fn writes_after_the_snapshot_the_client_already_has_are_discarded() {
+    // Thesis fig 3.10 / fig 4.9 scenario 2: S2 re-executes from the
+    // snapshot and writes BBBB again; the client has it, so it is dropped.
+    let mut w =
+        moved_after_a_write_beyond_the_snapshot(|w, h, data| w.server(0).write(h, data).unwrap());
     let h2 = w.handle(1);
     assert_eq!(state(&w, 1), b"wrote 4");
     assert_eq!(
