@@ -585,23 +585,11 @@ mod tests {
         );
     }
 
+    /// That a busy queue reuses its blocks is checked in
+    /// `tests/blocks.rs`, whose process no other test shares the pool with.
     #[test]
-    fn a_busy_queue_reuses_its_blocks() {
+    fn a_busy_queue_cuts_writes_to_blocks_and_gives_them_back_when_idle() {
         let mut q = ByteQueue::new(0);
-        let piece = vec![1u8; BLOCK];
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..1000u64 {
-            q.push_slice(&piece);
-            seen.insert(q.tail.as_ptr() as usize);
-            // Acknowledged in order, a few blocks behind the writes; the
-            // slices handed out for transmission are dropped by then.
-            let out = q.chunk_at(q.start(), BLOCK);
-            drop(out);
-            if i >= 3 {
-                q.drop_to((i - 3) * BLOCK as u64);
-            }
-        }
-        assert!(seen.len() <= 8, "{} blocks for 1000 writes", seen.len());
         // Large writes are cut to blocks.
         q.push_slice(&vec![2u8; 3 * BLOCK + 10]);
         assert!(q.chunks.iter().all(|c| c.len() <= BLOCK));
