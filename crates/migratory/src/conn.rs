@@ -1,20 +1,18 @@
 //! Socket plumbing shared by servers and clients: non-blocking reads into
 //! a buffer and writes from a queue of segments (zero-copy slices of the
-//! protocol cores' buffers), and, for peer links, a reader task that hands
-//! every chunk read to a callback and a writer task that writes queued
-//! segments in order.
+//! protocol cores' buffers), and, for control links between servers, a
+//! sending side that writes from the sender's task while the socket takes
+//! bytes and one task per link that reads and writes the rest.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use migratory_proto::stream::{Block, BLOCK};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 
 /// Size of one socket read while bytes flow.
 const READ_CHUNK: usize = BLOCK;
@@ -27,149 +25,216 @@ const FIRST_READ: usize = 4 * 1024;
 /// Most bytes one read of a connection being admitted takes.
 pub(crate) const ADMISSION_READ: usize = migratory_proto::frame::MAX_ADMISSION_FRAME;
 
-/// What the writer task is asked to do.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// Write these segments, in order.
-    Data(Vec<Bytes>),
-    /// Flush and close the connection.
-    Close,
-}
-
-/// Sending side of a connection's write queue.
-pub(crate) type Tx = mpsc::UnboundedSender<Out>;
-
-/// A byte stream of a control link: TCP, with TLS on it unless the pool
-/// runs insecure plaintext.
+/// A byte stream of a control connection (an operator's, or a peer's while
+/// it authenticates): TCP, with TLS on it unless the pool runs insecure
+/// plaintext.
 pub(crate) trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncIo for T {}
 /// A boxed [`AsyncIo`].
 pub(crate) type BoxIo = Box<dyn AsyncIo>;
 
-/// Starts the reader and writer tasks of `stream`; the writer serves `rx`
-/// (make the channel first, so its sender is registered before any byte is
-/// read) and, if given, takes what it wrote off `queued` (the senders add
-/// what they queue: the caller bounds the queue with it). `initial` is
-/// handed to `on_data` first (bytes already read). `on_data` runs after
-/// every read with the input buffer: what it left there last time,
-/// followed by what was read. It takes what it can use and leaves the rest
-/// (a partial frame) for the next read to append to, and returns `false`
-/// to close the connection; `on_closed` runs once when it ends for any reason (EOF,
-/// error, `on_data` refusing, or `Out::Close`). Either way both halves are
-/// closed: nothing is left half-open.
-pub(crate) fn start<D, C>(
-    stream: BoxIo,
-    rx: mpsc::UnboundedReceiver<Out>,
-    queued: Option<Arc<AtomicUsize>>,
-    initial: Option<Bytes>,
-    on_data: D,
-    on_closed: C,
-) where
+/// Most bytes of one message a sender writes to a control link's socket
+/// itself ([`LinkOut::send`]); larger messages (a big state reply, a
+/// backup's catch-up) are left to the link's task, so a sender holding
+/// the server's lock does not encrypt megabytes under it.
+const LINK_DIRECT_WRITE: usize = 64 * 1024;
+
+/// Most bytes a control link's task reads before it lets others run.
+const LINK_READ_BUDGET: usize = 1024 * 1024;
+
+/// Bound on writing what a closing control link has queued.
+const LINK_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sending side of a control link. A message goes out on the socket
+/// from the sender's own task when nothing is queued before it and the
+/// socket takes it (one task wake-up less per state request and reply);
+/// what the socket does not take waits here, in order, for the link's
+/// task ([`start_link`]), which writes it when the socket has room.
+#[derive(Debug)]
+pub(crate) struct LinkOut {
+    wire: Arc<Wire>,
+    q: std::sync::Mutex<LinkQueue>,
+    /// Wakes the link's task: output waits for it, or the link closes.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct LinkQueue {
+    pending: VecDeque<Bytes>,
+    /// Bytes in `pending`.
+    bytes: usize,
+    /// The socket was full when last written: the link's task waits for
+    /// room.
+    full: bool,
+    /// The link is closing or closed: nothing more is queued.
+    closing: bool,
+    /// A sender's write failed: the link's task ends with this.
+    failed: Option<String>,
+}
+
+/// A message could not be queued: `max` bytes already wait unsent.
+#[derive(Debug)]
+pub(crate) struct Stalled;
+
+impl LinkOut {
+    /// The sending side of `wire`.
+    pub(crate) fn new(wire: Arc<Wire>) -> Arc<Self> {
+        Arc::new(Self {
+            wire,
+            q: std::sync::Mutex::new(LinkQueue::default()),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkQueue> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `msg` after what is queued, and writes it at once if it is
+    /// first in line and small. Refused when more than `max` bytes would
+    /// wait unsent: the peer stopped reading. A link that is closing
+    /// drops it (its end tells the endpoint the peer is gone).
+    pub(crate) fn send(&self, msg: Bytes, max: usize) -> Result<(), Stalled> {
+        let mut q = self.lock();
+        if q.closing || q.failed.is_some() || msg.is_empty() {
+            return Ok(());
+        }
+        if q.bytes + msg.len() > max {
+            return Err(Stalled);
+        }
+        let direct = msg.len() <= LINK_DIRECT_WRITE;
+        q.bytes += msg.len();
+        q.pending.push_back(msg);
+        if q.pending.len() == 1 {
+            if direct {
+                self.flush(&mut q);
+            } else {
+                self.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued while the socket takes it; wakes the link's
+    /// task when bytes remain or the write failed.
+    fn flush(&self, q: &mut LinkQueue) {
+        match self.wire.try_write(&mut q.pending) {
+            Ok((n, full)) => {
+                q.bytes -= n;
+                q.full = full;
+                if full {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                q.failed = Some(e.to_string());
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Closes the link: after what is queued (within a bound) if `flush`,
+    /// else at once, dropping it.
+    pub(crate) fn close(&self, flush: bool) {
+        let mut q = self.lock();
+        if !flush {
+            q.pending.clear();
+            q.bytes = 0;
+        }
+        q.closing = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Runs a control link's task: it reads, handing what it read to
+/// `on_data`, and writes what senders left queued in `out` when the
+/// socket has room. `on_data` gets the input buffer: what it left there
+/// last time, followed by what was read; it takes what it can use, leaves
+/// the rest (a partial message), and returns `false` to close the link.
+/// `on_closed` runs once when the link ends for any reason (EOF, error,
+/// `on_data` refusing, or [`LinkOut::close`]); the socket is then closed
+/// both ways.
+pub(crate) fn start_link<D, C>(out: Arc<LinkOut>, on_data: D, on_closed: C)
+where
     D: FnMut(&mut BytesMut) -> bool + Send + 'static,
     C: FnOnce(String) + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    let (stop_tx, stop_rx) = oneshot::channel();
-    let writer = tokio::spawn(write_loop(wr, rx, queued, stop_tx));
     tokio::spawn(async move {
-        let reason = read_loop(rd, initial, on_data, stop_rx).await;
-        // The writer ends with us (it may be blocked on a peer that does
-        // not read): the socket closes whole.
-        writer.abort();
-        on_closed(reason);
+        let reason = run_link(&out, on_data).await;
+        let pending = {
+            let mut q = out.lock();
+            q.closing = true;
+            q.bytes = 0;
+            std::mem::take(&mut q.pending)
+        };
+        match reason {
+            // Closed locally: what was queued goes out first.
+            None => {
+                let mut pending = pending;
+                out.wire.close(&mut pending, LINK_FLUSH_TIMEOUT).await;
+                on_closed("closed locally".into());
+            }
+            Some(reason) => {
+                let _ =
+                    socket2::SockRef::from(out.wire.stream()).shutdown(std::net::Shutdown::Both);
+                on_closed(reason);
+            }
+        }
     });
 }
 
-async fn read_loop<D>(
-    mut rd: ReadHalf<BoxIo>,
-    initial: Option<Bytes>,
-    mut on_data: D,
-    mut stop: oneshot::Receiver<()>,
-) -> String
+/// The link's loop: `None` when it was closed locally, else why it ended.
+async fn run_link<D>(out: &LinkOut, mut on_data: D) -> Option<String>
 where
     D: FnMut(&mut BytesMut) -> bool,
 {
-    // The stream reads straight into this buffer, after what the last
-    // round left unprocessed: no copy of our own.
-    let mut buf = BytesMut::new();
-    if let Some(b) = initial {
-        buf.extend_from_slice(&b);
-        if !on_data(&mut buf) {
-            return "input refused".into();
-        }
-    }
+    let wire = &out.wire;
+    let mut input = Input::default();
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
-                Ok(0) => return "EOF".into(),
-                Ok(_) => {
-                    if !on_data(&mut buf) {
-                        return "input refused".into();
+        // Input first: bytes TLS decrypted during the handshake wait in
+        // it, not in the socket.
+        let mut total = 0;
+        while total < LINK_READ_BUDGET {
+            match wire.try_read(&mut input) {
+                Ok(Some(0)) => return Some("EOF".into()),
+                Ok(Some(n)) => {
+                    total += n;
+                    if !on_data(&mut input.buf) {
+                        return Some("input refused".into());
                     }
                 }
-                Err(e) => return e.to_string(),
-            },
-            _ = &mut stop => return "closed locally".into(),
-        }
-    }
-}
-
-async fn write_loop(
-    mut wr: WriteHalf<BoxIo>,
-    mut rx: mpsc::UnboundedReceiver<Out>,
-    queued: Option<Arc<AtomicUsize>>,
-    stop: oneshot::Sender<()>,
-) {
-    while let Some(out) = rx.recv().await {
-        match out {
-            Out::Data(segs) => {
-                if write_segments(&mut wr, &segs).await.is_err() || wr.flush().await.is_err() {
-                    break;
-                }
-                if let Some(q) = &queued {
-                    let n: usize = segs.iter().map(Bytes::len).sum();
-                    q.fetch_sub(n, Ordering::Relaxed);
-                }
-            }
-            Out::Close => break,
-        }
-    }
-    let _ = wr.shutdown().await;
-    let _ = stop.send(());
-}
-
-/// Writes every segment, vectored where the stream takes several at once.
-async fn write_segments(wr: &mut WriteHalf<BoxIo>, segs: &[Bytes]) -> io::Result<()> {
-    let mut i = 0;
-    let mut off = 0;
-    while i < segs.len() {
-        let slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&segs[i][off..]))
-            .chain(segs[i + 1..].iter().take(63).map(|s| io::IoSlice::new(s)))
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && i < segs.len() {
-            let left = segs[i].len() - off;
-            if n >= left {
-                n -= left;
-                i += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
+                Ok(None) => break,
+                Err(e) => return Some(e.to_string()),
             }
         }
-        while i < segs.len() && segs[i].len() == off {
-            i += 1;
-            off = 0;
+        // The messages were decoded out of the block: it goes back.
+        if let Some(b) = input.retired() {
+            b.give_back();
+        }
+        let full = {
+            let mut q = out.lock();
+            if let Some(e) = q.failed.take() {
+                return Some(e);
+            }
+            if q.closing {
+                return None;
+            }
+            // Full: TLS may hold records the socket did not take, with
+            // nothing left in `pending`.
+            if q.full || !q.pending.is_empty() {
+                out.flush(&mut q);
+            }
+            if let Some(e) = q.failed.take() {
+                return Some(e);
+            }
+            q.full
+        };
+        tokio::select! {
+            r = wire.stream().readable() => if let Err(e) = r { return Some(e.to_string()) },
+            r = wire.stream().writable(), if full => if let Err(e) = r { return Some(e.to_string()) },
+            _ = out.wake.notified() => {}
         }
     }
-    Ok(())
 }
 
 /// TCP keepalive on a session's connection: the kernel probes a peer that

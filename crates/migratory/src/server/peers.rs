@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +22,11 @@ use migratory_proto::peer::PeerLink;
 use migratory_proto::types::ServerId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::driver::{ConnLimits, ConnPermit};
 use super::{ServerHandle, Shared, State, OPERATOR_ID, PEERS_UP};
-use crate::conn::{self, BoxIo, Out, Tx};
+use crate::conn::{self, Input, LinkOut, Wire};
 use crate::throttle::warn_throttled;
 use crate::tls;
 
@@ -42,30 +41,26 @@ pub const MAX_LINK_QUEUE: usize = 16 * 1024 * 1024;
 /// it first and then used both ways.
 #[derive(Debug)]
 pub(crate) enum Link {
-    /// Connected: the writer's queue, the bytes in it, and a number that
-    /// tells connections apart.
-    Up {
-        tx: Tx,
-        queued: Arc<AtomicUsize>,
-        id: u64,
-    },
+    /// Connected: its sending side, and a number that tells connections
+    /// apart.
+    Up { out: Arc<LinkOut>, id: u64 },
     /// Being dialled; messages wait here.
     Dialing { queue: Vec<Bytes>, bytes: usize },
 }
 
 impl Link {
-    /// Closes the connection (after what is queued).
+    /// Closes the connection at once, dropping what is queued.
     pub(crate) fn close(self) {
-        if let Link::Up { tx, .. } = self {
-            let _ = tx.send(Out::Close);
+        if let Link::Up { out, .. } = self {
+            out.close(false);
         }
     }
 
     /// Sends `last`, then closes the connection (after what is queued).
     pub(crate) fn close_after(self, last: Bytes) {
-        if let Link::Up { tx, .. } = self {
-            let _ = tx.send(Out::Data(vec![last]));
-            let _ = tx.send(Out::Close);
+        if let Link::Up { out, .. } = self {
+            let _ = out.send(last, usize::MAX);
+            out.close(true);
         }
     }
 }
@@ -97,8 +92,8 @@ impl Shared {
     ) -> Option<ServerId> {
         let len = msg.len();
         match links.get_mut(&peer) {
-            Some(Link::Up { tx, queued, .. }) => {
-                if queued.load(Ordering::Relaxed) + len > MAX_LINK_QUEUE {
+            Some(Link::Up { out, .. }) => {
+                if out.send(msg, MAX_LINK_QUEUE).is_err() {
                     warn!(server = %self.me, %peer, "peer stalled: dropping its link");
                     if let Some(link) = links.remove(&peer) {
                         link.close();
@@ -106,8 +101,6 @@ impl Shared {
                     self.count_peers(links);
                     return Some(peer);
                 }
-                queued.fetch_add(len, Ordering::Relaxed);
-                let _ = tx.send(Out::Data(vec![msg]));
             }
             Some(Link::Dialing { queue, bytes }) => {
                 if *bytes + len > MAX_LINK_QUEUE {
@@ -270,27 +263,26 @@ fn link_reader(
 async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, permit: ConnPermit) {
     let _ = tcp.set_nodelay(true);
     let accepted = async {
-        let (mut stream, certs): (BoxIo, _) = match &shared.tls {
-            Some(tls) => {
-                let s = tokio_rustls::TlsAcceptor::from(tls.control.clone())
-                    .accept(tcp)
-                    .await
-                    .map_err(|e| format!("TLS handshake: {e}"))?;
-                let certs = s.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-                (Box::new(s), certs)
-            }
-            None => (Box::new(tcp), None),
+        let Some(tls) = &shared.tls else {
+            let mut tcp = tcp;
+            let link = handshake(&shared.me, &shared.key, &mut tcp, None).await?;
+            return Ok((Wire::plain(tcp), link));
         };
-        let link = handshake(&shared.me, &shared.key, &mut stream, None).await?;
-        let peer = link.peer().expect("authenticated").clone();
-        if shared.tls.is_some() && !tls::names(certs.as_deref(), peer.as_str()) {
+        let mut s = tokio_rustls::TlsAcceptor::from(tls.control.clone())
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let link = handshake(&shared.me, &shared.key, &mut s, None).await?;
+        let peer = link.peer().expect("authenticated");
+        if !tls::names(s.get_ref().1.peer_certificates(), peer.as_str()) {
             return Err(format!(
                 "authenticated as {peer:?} with a certificate that does not name it"
             ));
         }
-        Ok((stream, link))
+        let (tcp, conn) = s.into_inner();
+        Ok((Wire::tls(tcp, rustls::Connection::Server(conn)), link))
     };
-    let (stream, link) = match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, accepted).await {
+    let (wire, link) = match tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, accepted).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             warn_throttled!(server = %shared.me, %addr, error = %e, "control connection refused");
@@ -306,30 +298,30 @@ async fn serve_peer(shared: Arc<Shared>, tcp: TcpStream, addr: SocketAddr, permi
     let peer = link.peer().expect("authenticated").clone();
     if peer.as_str() == OPERATOR_ID {
         info!(server = %shared.me, %addr, "operator connected");
-        return serve_operator(ServerHandle { shared }, stream, link).await;
+        return serve_operator(ServerHandle { shared }, wire, link).await;
     }
     if !shared.controls.contains_key(&peer) {
         warn_throttled!(server = %shared.me, %addr, %peer, "control connection from a server not in the pool");
         return;
     }
     debug!(server = %shared.me, %peer, "peer connected in");
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let id = register_link(&shared, &peer, tx.clone(), queued.clone());
+    start_link(shared, wire, link, peer);
+}
+
+/// Runs an authenticated connection to `peer`: it becomes the link unless
+/// one is up already (then it is only read until it ends).
+fn start_link(shared: Arc<Shared>, wire: Wire, link: PeerLink, peer: ServerId) {
+    let out = LinkOut::new(Arc::new(wire));
+    let id = register_link(&shared, &peer, &out);
     let reader = link_reader(shared.clone(), link, peer.clone());
-    let closed = link_closed(shared.clone(), peer, id);
-    // The writer lives as long as the connection even when it is not the
-    // link (it is then only read).
-    conn::start(stream, rx, Some(queued), None, reader, move |reason| {
-        drop(tx);
-        closed(reason);
-    });
+    let closed = link_closed(shared, peer, id);
+    conn::start_link(out, reader, closed);
 }
 
 /// Makes a new authenticated connection the link to `peer`, unless one is
 /// up already (then it is only read: both sides dialled at once). Queued
 /// messages go out on it.
-fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx, queued: Arc<AtomicUsize>) -> u64 {
+fn register_link(shared: &Arc<Shared>, peer: &ServerId, out: &Arc<LinkOut>) -> u64 {
     let id = next_link_id();
     let mut st = shared.lock();
     let mut links = shared.links();
@@ -341,12 +333,17 @@ fn register_link(shared: &Arc<Shared>, peer: &ServerId, tx: Tx, queued: Arc<Atom
         Some(Link::Dialing { queue, .. }) => queue,
         None => Vec::new(),
     };
-    let bytes: usize = waiting.iter().map(Bytes::len).sum();
-    queued.fetch_add(bytes, Ordering::Relaxed);
-    if !waiting.is_empty() {
-        let _ = tx.send(Out::Data(waiting));
+    // Already bounded while the link was dialled.
+    for msg in waiting {
+        let _ = out.send(msg, usize::MAX);
     }
-    links.insert(peer.clone(), Link::Up { tx, queued, id });
+    links.insert(
+        peer.clone(),
+        Link::Up {
+            out: out.clone(),
+            id,
+        },
+    );
     shared.count_peers(&links);
     drop(links);
     st.core.handle_peer_up(Instant::now(), peer);
@@ -398,29 +395,22 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
     let result = tokio::time::timeout(PEER_HANDSHAKE_TIMEOUT, async {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        let mut stream: BoxIo = match &shared.tls {
-            Some(tls) => {
-                Box::new(tls::dial(&tls.dial, tls::server_name(peer.as_str())?, tcp).await?)
-            }
-            None => Box::new(tcp),
+        let Some(tls) = &shared.tls else {
+            let mut tcp = tcp;
+            let link = handshake(&shared.me, &shared.key, &mut tcp, Some(peer.clone())).await?;
+            return Ok((Wire::plain(tcp), link));
         };
-        let link = handshake(&shared.me, &shared.key, &mut stream, Some(peer.clone())).await?;
-        Ok::<_, String>((stream, link))
+        let mut s = tls::dial(&tls.dial, tls::server_name(peer.as_str())?, tcp).await?;
+        let link = handshake(&shared.me, &shared.key, &mut s, Some(peer.clone())).await?;
+        let (tcp, conn) = s.into_inner();
+        Ok::<_, String>((Wire::tls(tcp, rustls::Connection::Client(conn)), link))
     })
     .await
     .unwrap_or_else(|_| Err("connect timed out".into()));
     match result {
-        Ok((stream, link)) => {
+        Ok((wire, link)) => {
             debug!(server = %shared.me, %peer, "peer connected out");
-            let (tx, rx) = mpsc::unbounded_channel();
-            let queued = Arc::new(AtomicUsize::new(0));
-            let id = register_link(&shared, &peer, tx.clone(), queued.clone());
-            let reader = link_reader(shared.clone(), link, peer.clone());
-            let closed = link_closed(shared, peer, id);
-            conn::start(stream, rx, Some(queued), None, reader, move |reason| {
-                drop(tx);
-                closed(reason);
-            });
+            start_link(shared, wire, link, peer);
         }
         Err(e) => {
             let mut st = shared.lock();
@@ -440,30 +430,32 @@ async fn dial(shared: Arc<Shared>, peer: ServerId) {
 }
 
 /// Answers an operator's requests, one at a time, until it disconnects.
-async fn serve_operator(handle: ServerHandle, mut stream: BoxIo, mut link: PeerLink) {
+async fn serve_operator(handle: ServerHandle, wire: Wire, mut link: PeerLink) {
     let mut stopped = handle.shared.stop.subscribe();
     tokio::select! {
-        _ = operator_requests(&handle, &mut stream, &mut link) => {}
+        _ = operator_requests(&handle, &wire, &mut link) => {}
         _ = stopped.wait_for(|s| *s) => {}
     }
 }
 
-async fn operator_requests(handle: &ServerHandle, stream: &mut BoxIo, link: &mut PeerLink) {
-    let mut buf = vec![0u8; 16 * 1024];
+async fn operator_requests(handle: &ServerHandle, wire: &Wire, link: &mut PeerLink) {
+    let mut input = Input::default();
     loop {
         while let Some(msg) = link.poll_message() {
             let reply = handle.operator_request(msg).await;
             link.send(&reply);
-            if stream.write_all(&link.take_output()).await.is_err() || stream.flush().await.is_err()
-            {
+            let mut out = std::collections::VecDeque::from([link.take_output()]);
+            if wire.write_all(&mut out).await.is_err() {
                 return;
             }
         }
-        let n = match stream.read(&mut buf).await {
+        match wire.read(&mut input).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if let Err(e) = link.handle_input(&buf[..n]) {
+            Ok(_) => {}
+        }
+        let ok = link.handle_input(&input.buf);
+        input.buf.clear();
+        if let Err(e) = ok {
             warn_throttled!(server = %handle.shared.me, error = %e, "bad operator input: closing");
             return;
         }
