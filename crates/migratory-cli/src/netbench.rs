@@ -726,12 +726,13 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
         text += &format!(
             "  TLS handshake, TCP connect included: full {full:>7.0}, resumed {resumed:>7.0}\n"
         );
+        let (loaded, pause, loaded_phases) = loaded_migrations(a.rounds.min(50)).await?;
+        phase_text += &loaded_phases.row("0 B, streaming");
         text += &format!("{}{}{}", Phases::HEADER, phase_text, Phases::THESIS);
         if let Some(path) = &a.svg {
             fig_5_3(path, &points, baseline)
                 .map_err(|e| format!("cannot draw {}: {e}", path.display()))?;
         }
-        let (loaded, pause) = loaded_migrations(a.rounds.min(50)).await?;
         text += &format!(
             "  while streaming at full speed (0 B state): {:>7.0}  (the data in flight is delivered on the old connection meanwhile)\n  longest pause in the client's stream around each of those migrations: {:>7.0}\n",
             loaded, pause
@@ -743,6 +744,7 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
             "idle": rows,
             "loaded_p50_us": loaded,
             "loaded_pause_p50_us": pause,
+            "loaded_phases_p50_us": loaded_phases.json(),
             "tls_p50_us": tls_p50,
             "tls_target_us": tls_target,
             "tls_handshake_full_us": full,
@@ -947,9 +949,10 @@ impl Phases {
 /// Migrations of a session whose server streams to it at full speed; the
 /// client reads everything meanwhile. Returns the median time of a
 /// migration and the median of the longest pause between two reads of the
-/// client from a migration's start to its end (us).
-async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
-    let svc = pool(2, App::Stream, 0, Sec::Plain).await?;
+/// client from a migration's start to its end (us), and the medians of
+/// the migrations' steps.
+async fn loaded_migrations(rounds: u32) -> Result<(f64, f64, Phases), String> {
+    let (svc, servers) = pool_handles(2, App::Stream, 0, Sec::Plain).await?;
     let c = MigratoryStream::connect(&[svc[0]], &client_tls(Sec::Plain)?)
         .await
         .map_err(|e| e.to_string())?;
@@ -974,8 +977,12 @@ async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
+    for s in &servers {
+        s.take_migration_phases();
+    }
     let mut times = Vec::new();
     let mut spans = Vec::new();
+    let mut client = Vec::new();
     for i in 0..rounds {
         let dest = if i % 2 == 0 { "s2" } else { "s1" };
         let t = Instant::now();
@@ -985,8 +992,16 @@ async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
             .map_err(|e| e.to_string())?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
         spans.push((t, Instant::now()));
+        client.extend(control.last_migration_times());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let phases = Phases::of(
+        &client,
+        &servers
+            .iter()
+            .flat_map(|s| s.take_migration_phases())
+            .collect::<Vec<_>>(),
+    );
     stop.add_permits(1);
     let reads = reader.await.map_err(|e| e.to_string())?;
     // For each migration: the longest gap between two consecutive reads
@@ -1003,7 +1018,7 @@ async fn loaded_migrations(rounds: u32) -> Result<(f64, f64), String> {
                 .fold(0.0, f64::max)
         })
         .collect();
-    Ok((median(times), median(pauses)))
+    Ok((median(times), median(pauses), phases))
 }
 
 /// A server's client TLS handshakes so far, `(full, resumed)`, read from
