@@ -1271,9 +1271,9 @@ pub struct DrainArgs {
     #[arg(long, default_value = "0", value_parser = crate::demo::parse_size)]
     rate: u64,
     /// Most sessions on their way out at once (`[balance]
-    /// drain_parallel` of the servers).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-    parallel: u32,
+    /// drain_parallel` of the servers; default: theirs, 512).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    parallel: Option<u32>,
     /// One JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -1316,7 +1316,9 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             "cluster_key_file = \"cluster.key\"\n[limits]\nmax_connections = 1000000\n\
              max_connections_per_address = 1000000\n[balance]\nrebalance = false\n",
         );
-        cfg += &format!("drain_parallel = {}\n", a.parallel);
+        if let Some(n) = a.parallel {
+            cfg += &format!("drain_parallel = {n}\n");
+        }
         let mut service = Vec::new();
         let mut control = Vec::new();
         for i in 0..3 {
@@ -1481,7 +1483,9 @@ pub fn drain(a: DrainArgs) -> Result<bool, String> {
             "sessions": n,
             "streaming": streaming,
             "rate": a.rate,
-            "parallel": a.parallel,
+            "parallel": a
+                .parallel
+                .map_or(BalanceConfig::default().drain_parallel, |n| n as usize),
             "on_s1_before": on_s1,
             "drain_ms": drain_ms,
             "server_drain_ms": took.as_secs_f64() * 1e3,
