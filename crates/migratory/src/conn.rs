@@ -25,9 +25,8 @@ const FIRST_READ: usize = 4 * 1024;
 /// Most bytes one read of a connection being admitted takes.
 pub(crate) const ADMISSION_READ: usize = migratory_proto::frame::MAX_ADMISSION_FRAME;
 
-/// A byte stream of a control connection (an operator's, or a peer's while
-/// it authenticates): TCP, with TLS on it unless the pool runs insecure
-/// plaintext.
+/// A byte stream of an operator's connection to a server: TCP, with TLS
+/// on it unless the pool runs insecure plaintext.
 pub(crate) trait AsyncIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> AsyncIo for T {}
 /// A boxed [`AsyncIo`].
@@ -39,7 +38,8 @@ pub(crate) type BoxIo = Box<dyn AsyncIo>;
 /// the server's lock does not encrypt megabytes under it.
 const LINK_DIRECT_WRITE: usize = 64 * 1024;
 
-/// Most bytes a control link's task reads before it lets others run.
+/// Most bytes a control link's task reads before it lets the other tasks
+/// of its worker run.
 const LINK_READ_BUDGET: usize = 1024 * 1024;
 
 /// Bound on writing what a closing control link has queued.
@@ -49,7 +49,8 @@ const LINK_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// from the sender's own task when nothing is queued before it and the
 /// socket takes it (one task wake-up less per state request and reply);
 /// what the socket does not take waits here, in order, for the link's
-/// task ([`start_link`]), which writes it when the socket has room.
+/// task ([`start_link`]), which writes it when the socket has room,
+/// without holding the queue's lock (senders only append meanwhile).
 #[derive(Debug)]
 pub(crate) struct LinkOut {
     wire: Arc<Wire>,
@@ -61,13 +62,17 @@ pub(crate) struct LinkOut {
 #[derive(Debug, Default)]
 struct LinkQueue {
     pending: VecDeque<Bytes>,
-    /// Bytes in `pending`.
+    /// Bytes in `pending` and in the link task's batch.
     bytes: usize,
+    /// The link's task is writing a batch taken from `pending`: what is
+    /// queued now goes after it.
+    writing: bool,
     /// The socket was full when last written: the link's task waits for
     /// room.
     full: bool,
-    /// The link is closing or closed: nothing more is queued.
-    closing: bool,
+    /// The link is closing: nothing more is queued. `Some(true)` writes
+    /// what is queued first; `Some(false)` drops it.
+    closing: Option<bool>,
     /// A sender's write failed: the link's task ends with this.
     failed: Option<String>,
 }
@@ -96,53 +101,56 @@ impl LinkOut {
     /// drops it (its end tells the endpoint the peer is gone).
     pub(crate) fn send(&self, msg: Bytes, max: usize) -> Result<(), Stalled> {
         let mut q = self.lock();
-        if q.closing || q.failed.is_some() || msg.is_empty() {
+        if q.closing.is_some() || q.failed.is_some() || msg.is_empty() {
             return Ok(());
         }
         if q.bytes + msg.len() > max {
             return Err(Stalled);
         }
-        let direct = msg.len() <= LINK_DIRECT_WRITE;
-        q.bytes += msg.len();
+        let len = msg.len();
+        q.bytes += len;
         q.pending.push_back(msg);
-        if q.pending.len() == 1 {
-            if direct {
-                self.flush(&mut q);
-            } else {
-                self.wake.notify_one();
-            }
+        if q.writing || q.full || q.pending.len() > 1 {
+            // The link's task writes it after what is before it.
+            return Ok(());
+        }
+        if len > LINK_DIRECT_WRITE {
+            self.wake.notify_one();
+            return Ok(());
+        }
+        let r = self.wire.try_write(&mut q.pending);
+        if q.settle(r) {
+            self.wake.notify_one();
         }
         Ok(())
-    }
-
-    /// Writes what is queued while the socket takes it; wakes the link's
-    /// task when bytes remain or the write failed.
-    fn flush(&self, q: &mut LinkQueue) {
-        match self.wire.try_write(&mut q.pending) {
-            Ok((n, full)) => {
-                q.bytes -= n;
-                q.full = full;
-                if full {
-                    self.wake.notify_one();
-                }
-            }
-            Err(e) => {
-                q.failed = Some(e.to_string());
-                self.wake.notify_one();
-            }
-        }
     }
 
     /// Closes the link: after what is queued (within a bound) if `flush`,
     /// else at once, dropping it.
     pub(crate) fn close(&self, flush: bool) {
         let mut q = self.lock();
-        if !flush {
-            q.pending.clear();
-            q.bytes = 0;
+        if q.closing != Some(false) {
+            q.closing = Some(flush);
         }
-        q.closing = true;
         self.wake.notify_one();
+    }
+}
+
+impl LinkQueue {
+    /// Records the outcome of a write of the front of the queue; whether
+    /// the link's task must act (bytes remain, or the write failed).
+    fn settle(&mut self, r: io::Result<(usize, bool)>) -> bool {
+        match r {
+            Ok((n, full)) => {
+                self.bytes -= n;
+                self.full = full;
+                full
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                true
+            }
+        }
     }
 }
 
@@ -152,8 +160,8 @@ impl LinkOut {
 /// last time, followed by what was read; it takes what it can use, leaves
 /// the rest (a partial message), and returns `false` to close the link.
 /// `on_closed` runs once when the link ends for any reason (EOF, error,
-/// `on_data` refusing, or [`LinkOut::close`]); the socket is then closed
-/// both ways.
+/// `on_data` refusing, or [`LinkOut::close`]), after its socket was shut
+/// down; the socket closes when the last handle on `out` goes.
 pub(crate) fn start_link<D, C>(out: Arc<LinkOut>, on_data: D, on_closed: C)
 where
     D: FnMut(&mut BytesMut) -> bool + Send + 'static,
@@ -161,25 +169,20 @@ where
 {
     tokio::spawn(async move {
         let reason = run_link(&out, on_data).await;
-        let pending = {
+        let (flush, mut pending) = {
             let mut q = out.lock();
-            q.closing = true;
+            let flush = reason.is_none() && q.closing == Some(true);
+            q.closing = Some(flush);
             q.bytes = 0;
-            std::mem::take(&mut q.pending)
+            (flush, std::mem::take(&mut q.pending))
         };
-        match reason {
+        if flush {
             // Closed locally: what was queued goes out first.
-            None => {
-                let mut pending = pending;
-                out.wire.close(&mut pending, LINK_FLUSH_TIMEOUT).await;
-                on_closed("closed locally".into());
-            }
-            Some(reason) => {
-                let _ =
-                    socket2::SockRef::from(out.wire.stream()).shutdown(std::net::Shutdown::Both);
-                on_closed(reason);
-            }
+            out.wire.close(&mut pending, LINK_FLUSH_TIMEOUT).await;
+        } else {
+            let _ = socket2::SockRef::from(out.wire.stream()).shutdown(std::net::Shutdown::Both);
         }
+        on_closed(reason.unwrap_or_else(|| "closed locally".into()));
     });
 }
 
@@ -192,43 +195,70 @@ where
     let mut input = Input::default();
     loop {
         // Input first: bytes TLS decrypted during the handshake wait in
-        // it, not in the socket.
+        // it, not in the socket. Everything there is now, at most the
+        // budget, handed on at once.
         let mut total = 0;
+        let mut ended = None;
         while total < LINK_READ_BUDGET {
             match wire.try_read(&mut input) {
-                Ok(Some(0)) => return Some("EOF".into()),
-                Ok(Some(n)) => {
-                    total += n;
-                    if !on_data(&mut input.buf) {
-                        return Some("input refused".into());
-                    }
+                Ok(Some(0)) => {
+                    ended = Some("EOF".to_string());
+                    break;
                 }
+                Ok(Some(n)) => total += n,
                 Ok(None) => break,
-                Err(e) => return Some(e.to_string()),
+                Err(e) => {
+                    ended = Some(e.to_string());
+                    break;
+                }
             }
+        }
+        if !input.buf.is_empty() && !on_data(&mut input.buf) {
+            return Some("input refused".into());
         }
         // The messages were decoded out of the block: it goes back.
         if let Some(b) = input.retired() {
             b.give_back();
         }
-        let full = {
+        if ended.is_some() {
+            return ended;
+        }
+        // Output: what is queued (and TLS records a read produced), in
+        // batches written without the queue's lock.
+        let full = loop {
+            let mut batch = {
+                let mut q = out.lock();
+                if let Some(e) = q.failed.take() {
+                    return Some(e);
+                }
+                if q.closing.is_some() {
+                    return None;
+                }
+                if q.pending.is_empty() && !q.full && !wire.wants_write() {
+                    break false;
+                }
+                q.writing = true;
+                std::mem::take(&mut q.pending)
+            };
+            let r = wire.try_write(&mut batch);
             let mut q = out.lock();
+            q.writing = false;
+            // What the socket did not take goes back in front of what was
+            // queued meanwhile.
+            batch.append(&mut q.pending);
+            q.pending = batch;
+            q.settle(r);
             if let Some(e) = q.failed.take() {
                 return Some(e);
             }
-            if q.closing {
-                return None;
+            if q.full {
+                break true;
             }
-            // Full: TLS may hold records the socket did not take, with
-            // nothing left in `pending`.
-            if q.full || !q.pending.is_empty() {
-                out.flush(&mut q);
-            }
-            if let Some(e) = q.failed.take() {
-                return Some(e);
-            }
-            q.full
         };
+        if total >= LINK_READ_BUDGET {
+            tokio::task::yield_now().await;
+            continue;
+        }
         tokio::select! {
             r = wire.stream().readable() => if let Err(e) = r { return Some(e.to_string()) },
             r = wire.stream().writable(), if full => if let Err(e) = r { return Some(e.to_string()) },
