@@ -678,13 +678,7 @@ pub fn migrate(a: MigrateArgs) -> Result<bool, String> {
                 times.push(t.elapsed().as_secs_f64() * 1e6);
                 client.extend(c.last_migration_times());
             }
-            let phases = Phases::of(
-                &client,
-                &servers
-                    .iter()
-                    .flat_map(|s| s.take_migration_phases())
-                    .collect::<Vec<_>>(),
-            );
+            let phases = Phases::of(&client, &servers);
             // Still the same conversation.
             c.write_all(&[9]).await.map_err(|e| e.to_string())?;
             c.read_exact(&mut b).await.map_err(|e| e.to_string())?;
@@ -895,12 +889,14 @@ impl Phases {
     /// MTCP thesis, fig 5.2 (2.2 GHz hosts, 100 Mb/s Ethernet, kernel TCP).
     const THESIS: &'static str = "  thesis (fig 5.2):\n    0 B                        73   490    10  |                40   191     20  |          50\n    5 KiB                      87  1002     7  |                42   784     25  |          89\n    10 KiB                     90  1521     7  |                42  1382     27  |         120\n";
 
-    fn of(client: &[migratory::MigrationTimes], servers: &[MigrationPhases]) -> Phases {
+    /// The medians of the client's steps and of the steps the servers
+    /// timed since they were last asked (which this takes).
+    fn of(client: &[migratory::MigrationTimes], servers: &[ServerHandle]) -> Phases {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let mut dest = [Vec::new(), Vec::new(), Vec::new()];
         let mut origin = Vec::new();
-        for p in servers {
-            match *p {
+        for p in servers.iter().flat_map(|s| s.take_migration_phases()) {
+            match p {
                 MigrationPhases::Destination {
                     prepare_request,
                     wait_reply,
@@ -995,13 +991,7 @@ async fn loaded_migrations(rounds: u32) -> Result<(f64, f64, Phases), String> {
         client.extend(control.last_migration_times());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let phases = Phases::of(
-        &client,
-        &servers
-            .iter()
-            .flat_map(|s| s.take_migration_phases())
-            .collect::<Vec<_>>(),
-    );
+    let phases = Phases::of(&client, &servers);
     stop.add_permits(1);
     let reads = reader.await.map_err(|e| e.to_string())?;
     // For each migration: the longest gap between two consecutive reads
