@@ -195,26 +195,27 @@ where
     let mut input = Input::default();
     loop {
         // Input first: bytes TLS decrypted during the handshake wait in
-        // it, not in the socket. Everything there is now, at most the
-        // budget, handed on at once.
+        // it, not in the socket. What there is now (at most the budget),
+        // handed on a block at a time, and not once the link is closing.
         let mut total = 0;
+        let mut drained = false;
         let mut ended = None;
-        while total < LINK_READ_BUDGET {
+        while total < LINK_READ_BUDGET && !drained && ended.is_none() {
             match wire.try_read(&mut input) {
-                Ok(Some(0)) => {
-                    ended = Some("EOF".to_string());
-                    break;
-                }
+                Ok(Some(0)) => ended = Some("EOF".to_string()),
                 Ok(Some(n)) => total += n,
-                Ok(None) => break,
-                Err(e) => {
-                    ended = Some(e.to_string());
-                    break;
+                Ok(None) => drained = true,
+                Err(e) => ended = Some(e.to_string()),
+            }
+            let hand_on = drained || ended.is_some() || input.buf.len() >= READ_CHUNK;
+            if hand_on && !input.buf.is_empty() {
+                if out.lock().closing.is_some() {
+                    return None;
+                }
+                if !on_data(&mut input.buf) {
+                    return Some("input refused".into());
                 }
             }
-        }
-        if !input.buf.is_empty() && !on_data(&mut input.buf) {
-            return Some("input refused".into());
         }
         // The messages were decoded out of the block: it goes back.
         if let Some(b) = input.retired() {
@@ -229,6 +230,7 @@ where
             let mut batch = {
                 let mut q = out.lock();
                 if let Some(e) = q.failed.take() {
+                    q.closing = Some(false);
                     return Some(e);
                 }
                 if q.closing.is_some() {
@@ -249,6 +251,7 @@ where
             q.pending = batch;
             q.settle(r);
             if let Some(e) = q.failed.take() {
+                q.closing = Some(false);
                 return Some(e);
             }
             if q.full {
