@@ -149,6 +149,8 @@ enum Phase {
         /// the channel binding (`Some(true)`), or awaiting a Challenge
         /// (`Some(false)`, plaintext).
         bound: Option<bool>,
+        /// Its proof is out: the origin may be asked for the state now.
+        proved: bool,
     },
     Failed(SessionError),
     Finished,
@@ -160,6 +162,8 @@ struct Identity {
     secret: Secret,
     epoch: Epoch,
     owner: ServerId,
+    /// The owner keeps a replica of the session (see `Frame::Welcome`).
+    replicated: bool,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +181,21 @@ pub struct ClientStats {
     pub failed_attempts: u64,
     /// Up bytes sent again after migrations.
     pub bytes_resent: u64,
+}
+
+/// A resumed session whose new server starts the down stream beyond what
+/// the client holds (the origin answered without waiting for the data in
+/// flight, see docs/migration.md). The new server sends nothing down until
+/// the client shows it caught up (its first frame there) or says where its
+/// old connection ended (`Missing`).
+#[derive(Debug, Clone, Copy)]
+struct CatchUp {
+    /// The resume point.
+    to: Pos,
+    /// The old connection is given up then.
+    deadline: Instant,
+    /// `Missing` was sent: the bytes come on the new connection.
+    missing: bool,
 }
 
 /// One client session. See the module documentation for how to drive it.
@@ -201,6 +220,12 @@ pub struct Client {
     /// Down bytes the current server sends that the client already has
     /// (received while draining): dropped as they come.
     skip: u64,
+    /// The current server resumed beyond what the client holds: the
+    /// draining connection still brings the bytes up to there.
+    catch_up: Option<CatchUp>,
+    /// A migration asked for while catching up: it starts once caught up
+    /// (the bytes still on their way are only at the origin).
+    deferred: Option<(Option<ServerId>, MigrationCause)>,
     /// The current server knows the client holds its Close (it sent it,
     /// or the Migrate said so): acknowledgements may confirm it.
     fin_known: bool,
@@ -261,6 +286,8 @@ impl Client {
             cur: None,
             draining: None,
             skip: 0,
+            catch_up: None,
+            deferred: None,
             fin_known: false,
             fin_unconfirmed: false,
             incs: HashMap::new(),
@@ -323,6 +350,7 @@ impl Client {
             inc: i,
             request,
             bound,
+            proved,
             ..
         } = &mut self.phase
         else {
@@ -332,6 +360,7 @@ impl Client {
             return;
         }
         *bound = Some(binding.is_some());
+        *proved = binding.is_some();
         let request = request.clone();
         self.push_frame(inc, Frame::Migrate(request.clone()));
         if let Some(b) = binding {
@@ -409,9 +438,37 @@ impl Client {
             .filter(|_| matches!(self.phase, Phase::Established))
     }
 
+    /// Whether the runtime should read `inc` now. Not the connection the
+    /// client drains while its migration's handshake is under way: the
+    /// handshake goes first (on a busy host the stream would otherwise take
+    /// the cores it needs), and the data waits in the socket. A replicated
+    /// session's origin waits for the client's acknowledgements before it
+    /// answers the state request: its client reads again once its proof is
+    /// out.
+    pub fn wants_input(&self, inc: IncarnationId) -> bool {
+        let replicated = self.id.as_ref().is_some_and(|i| i.replicated);
+        !(self.draining == Some(inc)
+            && matches!(self.phase, Phase::Migrating { proved, .. } if !proved || !replicated))
+    }
+
     /// Whether a migration is under way.
     pub fn is_migrating(&self) -> bool {
         matches!(self.phase, Phase::Migrating { .. })
+    }
+
+    /// Whether a migration is under way or asked for: one asked for while
+    /// the client catches up (see [`Client::is_catching_up`]) starts once
+    /// it has.
+    pub fn migration_pending(&self) -> bool {
+        self.is_migrating() || (self.deferred.is_some() && !self.is_finished())
+    }
+
+    /// Whether the session resumed at a new server beyond what the client
+    /// holds, and the rest of the way still comes over the old connection
+    /// (or, if that ended short, from the new server): the new server's
+    /// data follows once the client holds the resume point.
+    pub fn is_catching_up(&self) -> bool {
+        self.catch_up.is_some()
     }
 
     /// The error that ended the session, if it failed.
@@ -522,7 +579,11 @@ impl Client {
     /// migrating, ended). At most `MAX_PINGS` pings are remembered: an
     /// answer to an older one is not reported.
     pub fn ping(&mut self, now: Instant) -> Option<u64> {
-        let inc = self.current_incarnation()?;
+        // A frame on the new connection would tell its server that the
+        // client caught up.
+        let inc = self
+            .current_incarnation()
+            .filter(|_| self.catch_up.is_none())?;
         let nonce = self.take_nonce();
         if self.pings.len() == MAX_PINGS {
             self.pings.pop_front();
@@ -569,6 +630,13 @@ impl Client {
     }
 
     fn begin_migration(&mut self, now: Instant, dest: Option<ServerId>, cause: MigrationCause) {
+        if self.catch_up.is_some()
+            && !matches!(cause, MigrationCause::ServerFailed | MigrationCause::Retry)
+        {
+            self.deferred = Some((dest, cause));
+            return;
+        }
+        self.deferred = None;
         let mut target = dest.or_else(|| self.next_candidate());
         if target.is_none() && self.rounds + 1 < self.cfg.failover_rounds {
             self.rounds += 1;
@@ -599,6 +667,9 @@ impl Client {
         if let Phase::Migrating { inc, .. } = self.phase {
             self.abandon(inc);
         }
+        // The next server resumes where it can; the old connection, if
+        // still drained, keeps bringing what it carries.
+        self.catch_up = None;
         let id = self
             .id
             .as_ref()
@@ -632,6 +703,7 @@ impl Client {
             deadline: now + self.cfg.timeouts.handshake,
             request,
             bound: None,
+            proved: false,
         };
         self.events.push_back(ClientEvent::MigrationStarted {
             to: target.clone(),
@@ -747,6 +819,11 @@ impl Client {
     }
 
     fn process_input(&mut self, now: Instant, inc: IncarnationId) {
+        self.decode_input(now, inc);
+        self.check_catch_up(now);
+    }
+
+    fn decode_input(&mut self, now: Instant, inc: IncarnationId) {
         let expected = match self.phase {
             Phase::Connecting { inc: i, .. } | Phase::Migrating { inc: i, .. } => Some(i),
             Phase::Established => self.cur,
@@ -783,7 +860,8 @@ impl Client {
     fn protocol_error(&mut self, now: Instant, inc: IncarnationId, e: ProtocolError) {
         if self.draining == Some(inc) {
             // The new server resends what the old one did not deliver.
-            return self.abandon(inc);
+            self.abandon(inc);
+            return self.check_catch_up(now);
         }
         match self.phase {
             Phase::Migrating { inc: i, .. } if i == inc => self.attempt_failed(now, e.to_string()),
@@ -802,10 +880,27 @@ impl Client {
             // Down data and the server's Close still count; the rest is for
             // a session that is leaving this server.
             return match frame {
-                Frame::Data(data) => self.on_down_data(data),
+                Frame::Data(data) => {
+                    if self
+                        .catch_up
+                        .is_some_and(|c| self.wire_pos() + data.len() as u64 > c.to)
+                    {
+                        return Err(ProtocolError::Position(
+                            "data beyond where the new server resumed",
+                        ));
+                    }
+                    self.on_down_data(data)
+                }
                 Frame::Close { pos } => {
                     self.fin_unconfirmed = true;
-                    self.on_down_close(pos)
+                    // While catching up, the new server has not sent its
+                    // Close yet: the Close is confirmed to it once it has.
+                    let known = self.fin_known;
+                    self.on_down_close(pos)?;
+                    if self.catch_up.is_some() {
+                        self.fin_known = known;
+                    }
+                    Ok(())
                 }
                 // The server ended the session while the client was leaving
                 // it (a drain's deadline): it exists nowhere now.
@@ -829,6 +924,7 @@ impl Client {
                     server,
                     alternates,
                     window,
+                    replicated,
                 },
             ) => {
                 self.id = Some(Identity {
@@ -836,6 +932,7 @@ impl Client {
                     secret,
                     epoch,
                     owner: server.clone(),
+                    replicated,
                 });
                 self.alternates = alternates;
                 self.up_limit = window;
@@ -857,9 +954,18 @@ impl Client {
                     alternates,
                     window,
                     rekey,
+                    replicated,
                 },
             ) => self.on_resumed(
-                inc, up, up_fin, down, epoch, server, alternates, window, rekey,
+                inc,
+                up,
+                up_fin,
+                down,
+                epoch,
+                server,
+                alternates,
+                window,
+                (rekey, replicated),
             ),
             (
                 Phase::Migrating {
@@ -876,6 +982,9 @@ impl Client {
                     .secret;
                 let mac = migrate_mac(secret, request, &nonce);
                 self.push_frame(inc, Frame::Proof { mac });
+                if let Phase::Migrating { proved, .. } = &mut self.phase {
+                    *proved = true;
+                }
             }
             (Phase::Connecting { .. }, Frame::Reject { reason, text }) => {
                 self.fail(SessionError::Unestablished(format!("{reason}: {text}")));
@@ -933,7 +1042,7 @@ impl Client {
         server: ServerId,
         alternates: Vec<Alternate>,
         window: u64,
-        rekey: Option<[u8; 32]>,
+        (rekey, replicated): (Option<[u8; 32]>, bool),
     ) {
         // The server must send from a position the client holds and that
         // is not below its Migrate's (nothing before it is kept), and must
@@ -941,7 +1050,10 @@ impl Client {
         let Phase::Migrating { request, .. } = &self.phase else {
             return;
         };
-        if down < request.down || down > self.down.end() {
+        // Beyond what the client holds: the rest of the way is on the old
+        // connection, or (once that ended) the new server fetches it.
+        let ahead = down > self.down.end();
+        if down < request.down {
             return self.fail(SessionError::Protocol(ProtocolError::Position(
                 "server resumes the down stream outside what the client holds",
             )));
@@ -969,6 +1081,7 @@ impl Client {
             id.secret = next_secret(&id.secret, &k, epoch);
         }
         id.epoch = epoch;
+        id.replicated = replicated;
         // MTCP's implicit ACK: drop what the new server holds, resend the rest.
         self.stats.bytes_resent += self.up_sent.saturating_sub(up);
         self.up.drop_to(up);
@@ -978,13 +1091,23 @@ impl Client {
         self.up_fin_acked = up_fin;
         self.alternates = alternates;
         self.alternates.retain(|a| a.id != server);
-        // The old incarnation is done; what it delivered beyond `down` the
-        // new server sends again, and the client drops it.
-        if let Some(old) = self.draining {
-            self.abandon(old);
+        if ahead {
+            // The old incarnation still brings [c, down); the new server
+            // waits until it did (see `CatchUp`).
+            self.catch_up = Some(CatchUp {
+                to: down,
+                deadline: self.last_rx + self.cfg.timeouts.handshake,
+                missing: false,
+            });
+        } else {
+            // The old incarnation is done; what it delivered beyond `down`
+            // the new server sends again, and the client drops it.
+            if let Some(old) = self.draining {
+                self.abandon(old);
+            }
+            self.skip = self.down.end() - down;
+            self.ack_sent = down;
         }
-        self.skip = self.down.end() - down;
-        self.ack_sent = down;
         self.fin_known = fin_known;
         // Our Migrate told the new server we hold its Close.
         self.fin_unconfirmed &= !fin_known;
@@ -996,8 +1119,9 @@ impl Client {
         // Resumed must not make a failover loop endless.
         self.owner_failed = false;
         self.stats.migrations += 1;
-        // Confirm at once: the Ack tells the server this incarnation is live.
-        self.confirm = true;
+        // Confirm at once (once caught up): the Ack tells the server this
+        // incarnation is live.
+        self.confirm = !ahead;
         self.events.push_back(ClientEvent::Migrated {
             from,
             to: server,
@@ -1044,7 +1168,11 @@ impl Client {
                     self.begin_migration(now, dest, MigrationCause::Trigger);
                 }
             }
-            Frame::Ping { nonce } => self.push_frame(inc, Frame::Pong { nonce }),
+            // Not while catching up: a frame there means the client caught up.
+            Frame::Ping { nonce } if self.catch_up.is_none() => {
+                self.push_frame(inc, Frame::Pong { nonce })
+            }
+            Frame::Ping { .. } => {}
             Frame::Pong { nonce } => {
                 if let Some(i) = self.pings.iter().position(|(n, _)| *n == nonce) {
                     let (_, sent) = self.pings.remove(i).expect("found");
@@ -1109,6 +1237,40 @@ impl Client {
         Ok(())
     }
 
+    /// While catching up: once the client holds the resume point, the old
+    /// connection is done and the new server hears of it (the confirming
+    /// Ack); if the old connection ended short of it, the new server is
+    /// told where (`Missing`) and sends the rest.
+    fn check_catch_up(&mut self, now: Instant) {
+        let Some(c) = self.catch_up else {
+            return;
+        };
+        if !matches!(self.phase, Phase::Established) {
+            return;
+        }
+        let Some(cur) = self.cur else {
+            return;
+        };
+        if self.wire_pos() >= c.to {
+            if let Some(old) = self.draining {
+                self.abandon(old);
+            }
+            self.catch_up = None;
+            self.confirm = true;
+            self.mark_ready();
+            if let Some((dest, cause)) = self.deferred.take() {
+                self.begin_migration(now, dest, cause);
+            }
+        } else if self.draining.is_none() && !c.missing {
+            let pos = self.wire_pos();
+            let limit = (self.down.start() + self.cfg.limits.recv_window).max(self.limit_sent);
+            self.catch_up = Some(CatchUp { missing: true, ..c });
+            self.ack_sent = pos;
+            self.limit_sent = limit;
+            self.push_frame(cur, Frame::Missing { pos, limit });
+        }
+    }
+
     /// The down position the current server has sent up to, as far as the
     /// client knows: its own position less what it will drop.
     fn wire_pos(&self) -> Pos {
@@ -1122,7 +1284,8 @@ impl Client {
             // The origin answered (or failed): the new server takes over.
             self.draining = None;
             self.incs.remove(&inc);
-            return;
+            self.ready.retain(|i| *i != inc);
+            return self.check_catch_up(now);
         }
         match self.phase {
             Phase::Connecting { inc: i, .. } if i == inc => {
@@ -1294,9 +1457,11 @@ impl Client {
                     Some(_) => self.last_rx + t.idle,
                 };
                 let ack = self.ack_at.filter(|_| self.cur.is_some());
+                let drain = self.catch_up.filter(|c| !c.missing).map(|c| c.deadline);
                 Some(ping.min(self.last_rx + t.idle))
                     .into_iter()
                     .chain(ack)
+                    .chain(drain)
                     .min()
             }
             _ => None,
@@ -1310,6 +1475,16 @@ impl Client {
             // A delayed acknowledgement no data carried goes out now.
             self.ack_due = true;
             self.mark_ready();
+        }
+        if self
+            .catch_up
+            .is_some_and(|c| !c.missing && c.deadline <= now)
+        {
+            // The old connection stalled: the new server sends the rest.
+            if let Some(old) = self.draining {
+                self.abandon(old);
+            }
+            self.check_catch_up(now);
         }
         match self.phase {
             Phase::Connecting { deadline, .. } if deadline <= now => {
@@ -1325,7 +1500,9 @@ impl Client {
                 self.server_failed(now, "server silent".into());
             }
             Phase::Established
-                if self.ping_sent.is_none() && self.last_rx + t.ping_interval <= now =>
+                if self.ping_sent.is_none()
+                    && self.last_rx + t.ping_interval <= now
+                    && self.catch_up.is_none() =>
             {
                 self.ping_sent = Some(now);
                 if let Some(inc) = self.cur {
@@ -1353,9 +1530,15 @@ impl Client {
             c.out.clear();
             let mut more = false;
             if self.cur == Some(inc) && matches!(self.phase, Phase::Established) {
-                more = self.session_output(now, &mut hdr, out);
+                // While catching up, only `Missing` (queued above) goes out,
+                // then acknowledgements of what the server sends from there.
+                match self.catch_up {
+                    None => more = self.session_output(now, &mut hdr, out),
+                    Some(c) if c.missing => self.acks_only(&mut hdr),
+                    Some(_) => {}
+                }
             } else if self.draining == Some(inc) {
-                self.draining_output(&mut hdr);
+                self.acks_only(&mut hdr);
             }
             if !hdr.is_empty() {
                 out.push(hdr.split().freeze());
@@ -1410,12 +1593,13 @@ impl Client {
         more
     }
 
-    /// What the draining incarnation carries: an acknowledgement of every
-    /// down byte received, at once (the origin waits for it), and the
-    /// window as the application opens it (the origin may still be
-    /// sending). Its Close is not confirmed there: the session's close
-    /// completes with the new server.
-    fn draining_output(&mut self, hdr: &mut BytesMut) {
+    /// What the draining incarnation carries, and the new one while the
+    /// bytes a draining one lost come on it: an acknowledgement of every
+    /// down byte received, at once (the origin frees them), and the window
+    /// as the application opens it (the server may still be sending). A
+    /// Close is not confirmed there: the session's close completes once
+    /// the client caught up.
+    fn acks_only(&mut self, hdr: &mut BytesMut) {
         let pos = self.wire_pos();
         let limit = (self.down.start() + self.cfg.limits.recv_window).max(self.limit_sent);
         let step = self.cfg.limits.window_step();
@@ -1464,6 +1648,7 @@ mod tests {
                 addrs: vec![],
             }],
             window: 1 << 20,
+            replicated: false,
         }
         .encode(&mut wire);
         c.handle_input(now, inc, &wire);

@@ -52,11 +52,14 @@ pub struct ServerTimeouts {
     /// How long a destination waits for the origin's StateReply before it
     /// falls back to a replica or rejects with `OriginUnreachable`.
     pub state_request: Duration,
-    /// How long a session asked for its state waits for the client to
-    /// acknowledge the down bytes already sent to it on its old connection
-    /// (the client keeps reading it while it migrates), before the reply
-    /// carries them instead. Keep it well below the destinations'
-    /// `state_request`.
+    /// How long the data in flight on a migrating client's old connection
+    /// may take (the client keeps reading it, see docs/migration.md): a
+    /// replicated session waits at most this for the client's
+    /// acknowledgements before it answers a state request (the reply then
+    /// carries what is missing; keep it well below the destinations'
+    /// `state_request`); any other session keeps the old connection open
+    /// this long after its reply. A destination asks again this often for
+    /// bytes a client's old connection lost.
     pub settle: Duration,
     /// How long a frozen session waits for StateAck before it is dropped.
     pub frozen: Duration,

@@ -286,6 +286,29 @@ pub enum ControlMessage {
         /// The request answered.
         req: u64,
     },
+    /// S2 -> S1: the client's old connection ended before it delivered
+    /// the down bytes `[start, end)` that S1 sent there before its reply
+    /// (`end` is where that reply resumed the stream); send them.
+    GapRequest {
+        /// The state request S1 answered.
+        req: u64,
+        /// The session.
+        session: SessionId,
+        /// First byte the client lacks.
+        start: Pos,
+        /// The resume point of S1's reply.
+        end: Pos,
+    },
+    /// S1 -> S2: the bytes of a [`ControlMessage::GapRequest`], or `None`
+    /// when S1 no longer holds them.
+    GapReply {
+        /// The session.
+        session: SessionId,
+        /// Position of the first byte.
+        start: Pos,
+        /// The bytes `[start, end)`.
+        data: Option<Bytes>,
+    },
     /// Owner -> backup: one replication step.
     Replicate {
         /// The session.
@@ -402,6 +425,8 @@ const OPERATOR_PUSHED: u8 = 0x50;
 const OPERATOR_ERROR: u8 = 0x51;
 const OPERATOR_DRAIN: u8 = 0x52;
 const OPERATOR_DRAINED: u8 = 0x53;
+const GAP_REQUEST: u8 = 0x54;
+const GAP_REPLY: u8 = 0x55;
 
 const SEL_SESSION: u8 = 1;
 const SEL_COUNT: u8 = 2;
@@ -430,6 +455,8 @@ impl ControlMessage {
             Self::StateReply { .. } => "StateReply",
             Self::StateReject { .. } => "StateReject",
             Self::StateAck { .. } => "StateAck",
+            Self::GapRequest { .. } => "GapRequest",
+            Self::GapReply { .. } => "GapReply",
             Self::Replicate { .. } => "Replicate",
             Self::ReplicateAck { .. } => "ReplicateAck",
             Self::ReplicateResync { .. } => "ReplicateResync",
@@ -488,6 +515,29 @@ impl ControlMessage {
                 b.put_text(text);
             }),
             Self::StateAck { req } => put_frame(dst, STATE_ACK, |b| b.put_u64(*req)),
+            Self::GapRequest {
+                req,
+                session,
+                start,
+                end,
+            } => put_frame(dst, GAP_REQUEST, |b| {
+                b.put_u64(*req);
+                b.put_session(*session);
+                b.put_u64(*start);
+                b.put_u64(*end);
+            }),
+            Self::GapReply {
+                session,
+                start,
+                data,
+            } => put_frame(dst, GAP_REPLY, |b| {
+                b.put_session(*session);
+                b.put_u64(*start);
+                b.put_bool(data.is_some());
+                if let Some(d) = data {
+                    b.put_bytes_u32(d);
+                }
+            }),
             Self::Replicate { session, update } => put_frame(dst, REPLICATE, |b| {
                 b.put_session(*session);
                 match update {
@@ -637,7 +687,7 @@ impl ControlMessage {
         src: &mut BytesMut,
         max_frame: usize,
     ) -> Result<Option<ControlMessage>, DecodeError> {
-        let known = |t| (PEER_HELLO..=OPERATOR_DRAINED).contains(&t);
+        let known = |t| (PEER_HELLO..=GAP_REPLY).contains(&t);
         let Some((ty, body)) = split_frame(src, max_frame, known)? else {
             return Ok(None);
         };
@@ -660,6 +710,8 @@ impl ControlMessage {
             OPERATOR_PUSHED => "OperatorPushed",
             OPERATOR_DRAIN => "OperatorDrain",
             OPERATOR_DRAINED => "OperatorDrained",
+            GAP_REQUEST => "GapRequest",
+            GAP_REPLY => "GapReply",
             _ => "OperatorError",
         };
         let mut r = Reader::new(body, name);
@@ -684,6 +736,20 @@ impl ControlMessage {
                 text: r.text("text", MAX_TEXT_LEN)?,
             },
             STATE_ACK => Self::StateAck { req: r.u64()? },
+            GAP_REQUEST => Self::GapRequest {
+                req: r.u64()?,
+                session: r.session()?,
+                start: r.u64()?,
+                end: r.u64()?,
+            },
+            GAP_REPLY => Self::GapReply {
+                session: r.session()?,
+                start: r.u64()?,
+                data: match r.bool("held")? {
+                    true => Some(r.bytes("data", usize::MAX)?),
+                    false => None,
+                },
+            },
             REPLICATE => {
                 let session = r.session()?;
                 let update = match r.u8()? {

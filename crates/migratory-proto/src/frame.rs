@@ -14,7 +14,7 @@ use crate::types::{Alternate, Epoch, MigrationCause, Pos, ServerId, SessionId};
 use crate::wire::{put_frame, put_header, split_frame, PutExt, Reader, MAX_TEXT_LEN};
 
 /// Protocol version carried in the preamble.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 
 /// What a migratory client sends first: magic `MIGR\r\n` and the version.
 pub const PREAMBLE: [u8; 8] = [b'M', b'I', b'G', b'R', b'\r', b'\n', 0, VERSION as u8];
@@ -258,6 +258,12 @@ pub enum Frame {
         alternates: Vec<Alternate>,
         /// How many up bytes the server can buffer (limit = window).
         window: u64,
+        /// The server keeps a replica of the session at a backup (crash
+        /// tolerance). A state request for it then waits until the client
+        /// acknowledged the down bytes in flight on its old connection, so
+        /// a migrating client reads that connection during the handshake;
+        /// without a replica it need not until the session resumed.
+        replicated: bool,
     },
     /// C->S2: resume a session here (answered with a Challenge).
     Migrate(MigrateRequest),
@@ -293,6 +299,12 @@ pub enum Frame {
         /// epoch (and secret) stayed, as when the client came back to its
         /// own live server.
         rekey: Option<[u8; 32]>,
+        /// The server keeps a replica of the session at a backup (crash
+        /// tolerance). A state request for it then waits until the client
+        /// acknowledged the down bytes in flight on its old connection, so
+        /// a migrating client reads that connection during the handshake;
+        /// without a replica it need not until the session resumed.
+        replicated: bool,
     },
     /// S2->C: the session cannot start or resume here.
     Reject {
@@ -332,6 +344,16 @@ pub enum Frame {
         /// The Ping's nonce.
         nonce: u64,
     },
+    /// C->S, first frame on a resumed incarnation whose Resumed starts the
+    /// down stream beyond what the client holds: the connection it was
+    /// draining ended at `pos`, short of the resume point, so the server
+    /// sends from `pos` (fetching those bytes from the origin).
+    Missing {
+        /// Every down byte below this is held by the client.
+        pos: Pos,
+        /// The server may send bytes below this position.
+        limit: Pos,
+    },
 }
 
 const HELLO: u8 = 0x01;
@@ -347,6 +369,7 @@ const PING: u8 = 0x0a;
 const PONG: u8 = 0x0b;
 const CHALLENGE: u8 = 0x0c;
 const PROOF: u8 = 0x0d;
+const MISSING: u8 = 0x0e;
 
 impl Frame {
     /// Short name of the frame kind, for logs and errors.
@@ -365,6 +388,7 @@ impl Frame {
             Frame::Pong { .. } => "Pong",
             Frame::Challenge { .. } => "Challenge",
             Frame::Proof { .. } => "Proof",
+            Frame::Missing { .. } => "Missing",
         }
     }
 
@@ -383,6 +407,7 @@ impl Frame {
                 server,
                 alternates,
                 window,
+                replicated,
             } => put_frame(dst, WELCOME, |b| {
                 b.put_session(*session);
                 b.put_slice(&secret.0);
@@ -390,6 +415,7 @@ impl Frame {
                 b.put_server_id(server);
                 b.put_alternates(alternates);
                 b.put_u64(*window);
+                b.put_bool(*replicated);
             }),
             Frame::Migrate(m) => put_frame(dst, MIGRATE, |b| m.put(b)),
             Frame::Resumed {
@@ -401,6 +427,7 @@ impl Frame {
                 alternates,
                 window,
                 rekey,
+                replicated,
             } => put_frame(dst, RESUMED, |b| {
                 b.put_u64(*up);
                 b.put_bool(*up_fin);
@@ -413,6 +440,7 @@ impl Frame {
                 if let Some(k) = rekey {
                     b.put_slice(k);
                 }
+                b.put_bool(*replicated);
             }),
             Frame::Reject { reason, text } => put_frame(dst, REJECT, |b| {
                 reason.put(b);
@@ -431,6 +459,10 @@ impl Frame {
             Frame::Pong { nonce } => put_frame(dst, PONG, |b| b.put_u64(*nonce)),
             Frame::Challenge { nonce } => put_frame(dst, CHALLENGE, |b| b.put_slice(nonce)),
             Frame::Proof { mac } => put_frame(dst, PROOF, |b| b.put_slice(mac)),
+            Frame::Missing { pos, limit } => put_frame(dst, MISSING, |b| {
+                b.put_u64(*pos);
+                b.put_u64(*limit);
+            }),
         }
     }
 
@@ -448,7 +480,7 @@ impl Frame {
     /// consumed), and an error for a frame larger than `max_frame` or
     /// malformed in any way. A Data payload is split off without copying.
     pub fn decode(src: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
-        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=PROOF).contains(&t))?
+        let Some((ty, body)) = split_frame(src, max_frame, |t| (HELLO..=MISSING).contains(&t))?
         else {
             return Ok(None);
         };
@@ -465,7 +497,8 @@ impl Frame {
             PING => "Ping",
             PONG => "Pong",
             CHALLENGE => "Challenge",
-            _ => "Proof",
+            PROOF => "Proof",
+            _ => "Missing",
         };
         let mut r = Reader::new(body, name);
         let frame = match ty {
@@ -477,6 +510,7 @@ impl Frame {
                 server: r.server_id("server")?,
                 alternates: r.alternates()?,
                 window: r.u64()?,
+                replicated: r.bool("replicated")?,
             },
             MIGRATE => Frame::Migrate(MigrateRequest::read(&mut r)?),
             RESUMED => Frame::Resumed {
@@ -491,6 +525,7 @@ impl Frame {
                     true => Some(r.array()?),
                     false => None,
                 },
+                replicated: r.bool("replicated")?,
             },
             REJECT => Frame::Reject {
                 reason: RejectReason::read(&mut r)?,
@@ -509,7 +544,11 @@ impl Frame {
             PING => Frame::Ping { nonce: r.u64()? },
             PONG => Frame::Pong { nonce: r.u64()? },
             CHALLENGE => Frame::Challenge { nonce: r.array()? },
-            _ => Frame::Proof { mac: r.array()? },
+            PROOF => Frame::Proof { mac: r.array()? },
+            _ => Frame::Missing {
+                pos: r.u64()?,
+                limit: r.u64()?,
+            },
         };
         r.finish()?;
         Ok(Some(frame))

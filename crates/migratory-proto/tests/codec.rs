@@ -207,18 +207,22 @@ fn frame() -> impl Strategy<Value = Frame> {
             pos(),
             server_id(),
             some_alternates(),
-            pos()
+            pos(),
+            any::<bool>()
         )
-            .prop_map(|(session, secret, epoch, server, alternates, window)| {
-                Frame::Welcome {
-                    session,
-                    secret,
-                    epoch,
-                    server,
-                    alternates,
-                    window,
+            .prop_map(
+                |(session, secret, epoch, server, alternates, window, replicated)| {
+                    Frame::Welcome {
+                        session,
+                        secret,
+                        epoch,
+                        server,
+                        alternates,
+                        window,
+                        replicated,
+                    }
                 }
-            }),
+            ),
         migrate_request().prop_map(Frame::Migrate),
         any::<[u8; 32]>().prop_map(|nonce| Frame::Challenge { nonce }),
         any::<[u8; 32]>().prop_map(|mac| Frame::Proof { mac }),
@@ -230,10 +234,10 @@ fn frame() -> impl Strategy<Value = Frame> {
             server_id(),
             some_alternates(),
             pos(),
-            proptest::option::of(any::<[u8; 32]>())
+            (proptest::option::of(any::<[u8; 32]>()), any::<bool>())
         )
             .prop_map(
-                |(up, up_fin, down, epoch, server, alternates, window, rekey)| {
+                |(up, up_fin, down, epoch, server, alternates, window, (rekey, replicated))| {
                     Frame::Resumed {
                         up,
                         up_fin,
@@ -243,6 +247,7 @@ fn frame() -> impl Strategy<Value = Frame> {
                         alternates,
                         window,
                         rekey,
+                        replicated,
                     }
                 }
             ),
@@ -253,6 +258,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         pos().prop_map(|pos| Frame::Close { pos }),
         pos().prop_map(|nonce| Frame::Ping { nonce }),
         pos().prop_map(|nonce| Frame::Pong { nonce }),
+        (pos(), pos()).prop_map(|(pos, limit)| Frame::Missing { pos, limit }),
     ]
 }
 
@@ -303,6 +309,21 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             text
         }),
         pos().prop_map(|req| ControlMessage::StateAck { req }),
+        (pos(), session(), pos(), pos()).prop_map(|(req, session, start, end)| {
+            ControlMessage::GapRequest {
+                req,
+                session,
+                start,
+                end,
+            }
+        }),
+        (session(), pos(), proptest::option::of(payload(300))).prop_map(
+            |(session, start, data)| ControlMessage::GapReply {
+                session,
+                start,
+                data
+            }
+        ),
         (session(), replica_update())
             .prop_map(|(session, update)| ControlMessage::Replicate { session, update }),
         (session(), pos(), pos()).prop_map(|(session, up, epoch)| ControlMessage::ReplicateAck {
@@ -690,7 +711,7 @@ proptest! {
 #[test]
 fn unknown_type() {
     assert_eq!(frame_err(&[0x00]), DecodeError::UnknownType(0x00));
-    assert_eq!(frame_err(&raw(0x0e, &[])), DecodeError::UnknownType(0x0e));
+    assert_eq!(frame_err(&raw(0x0f, &[])), DecodeError::UnknownType(0x0f));
     assert_eq!(
         frame_err(&raw(0xff, &[1, 2])),
         DecodeError::UnknownType(0xff)
@@ -698,7 +719,7 @@ fn unknown_type() {
     // The two codecs have separate type spaces.
     assert_eq!(frame_err(&raw(0x41, &[])), DecodeError::UnknownType(0x41));
     assert_eq!(control_err(&[0x01]), DecodeError::UnknownType(0x01));
-    assert_eq!(control_err(&raw(0x54, &[])), DecodeError::UnknownType(0x54));
+    assert_eq!(control_err(&raw(0x56, &[])), DecodeError::UnknownType(0x56));
     // An unknown type is reported before the header is complete.
     let mut one = BytesMut::from(&[0x07u8][..]);
     assert_eq!(Frame::decode(&mut one, DEFAULT_MAX_FRAME), Ok(None));
@@ -864,6 +885,7 @@ fn welcome_with_family(family: u8) -> Vec<u8> {
     body.push(family);
     body.extend_from_slice(&[127, 0, 0, 1, 0x1f, 0x90]);
     body.extend_from_slice(&[0; 8]); // window
+    body.push(0); // replicated
     raw(0x02, &body)
 }
 
@@ -1002,6 +1024,7 @@ fn limits_round_trip_at_the_maximum() {
         alternates,
         window: u64::MAX,
         rekey: Some([0xff; 32]),
+        replicated: true,
     };
     let mut wire = encode_frame(&f);
     assert_eq!(Frame::decode(&mut wire, DEFAULT_MAX_FRAME), Ok(Some(f)));
@@ -1038,6 +1061,7 @@ fn encoder_clamps_to_limits() {
         server: sid("a"),
         alternates: vec![alt; MAX_ALTERNATES + 5],
         window: 1,
+        replicated: false,
     });
     let Ok(Some(Frame::Welcome { alternates, .. })) = Frame::decode(&mut wire, DEFAULT_MAX_FRAME)
     else {
@@ -1182,7 +1206,8 @@ fn preamble() {
         Err(DecodeError::NotMigratory)
     );
     // Other versions (1: before the Migrate carried its cause; 2: before
-    // Resumed carried the rekey).
+    // Resumed carried the rekey; 3: before a Resumed could start beyond
+    // what the client holds, with Missing).
     assert_eq!(
         check_preamble(b"MIGR\r\n\0\x01"),
         Err(DecodeError::UnsupportedVersion(1))
@@ -1192,8 +1217,12 @@ fn preamble() {
         Err(DecodeError::UnsupportedVersion(2))
     );
     assert_eq!(
-        check_preamble(b"MIGR\r\n\0\x04"),
-        Err(DecodeError::UnsupportedVersion(4))
+        check_preamble(b"MIGR\r\n\0\x03"),
+        Err(DecodeError::UnsupportedVersion(3))
+    );
+    assert_eq!(
+        check_preamble(b"MIGR\r\n\0\x05"),
+        Err(DecodeError::UnsupportedVersion(5))
     );
     assert_eq!(
         check_preamble(b"MIGR\r\n\x01\x00"),

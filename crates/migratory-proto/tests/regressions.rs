@@ -468,3 +468,60 @@ fn a_pool_requiring_tls_refuses_an_unbound_connection() {
     let fr = drain(&mut s, now);
     assert!(matches!(fr[..], [Frame::Welcome { .. }]), "{fr:?}");
 }
+
+/// A client that says its old connection ended short (`Missing`) on a
+/// session that did not resume beyond it: a protocol error that closes
+/// that connection (nothing is fetched from any peer, nothing panics), and
+/// the session waits for the client to come back.
+#[test]
+fn missing_without_a_gap_closes_the_connection() {
+    let now = std::time::Instant::now();
+    let me = ServerId::new("s1").unwrap();
+    let mut s = Server::new(
+        ServerConfig::new(me),
+        Box::new(SmallRng::seed_from_u64(1)),
+        now,
+    );
+    let inc = s.new_incarnation(now, None);
+    let mut b = BytesMut::from(&PREAMBLE[..]);
+    Frame::Hello { window: 1 << 20 }.encode(&mut b);
+    s.handle_input(now, inc, &b);
+    drain(&mut s, now);
+    while s.poll_event().is_some() {}
+    // On the session's connection, and as the first frame of a new one.
+    for pos in [0, u64::MAX] {
+        let (inc, mut b) = if pos == 0 {
+            (inc, BytesMut::new())
+        } else {
+            (s.new_incarnation(now, None), BytesMut::from(&PREAMBLE[..]))
+        };
+        Frame::Missing {
+            pos,
+            limit: 1 << 20,
+        }
+        .encode(&mut b);
+        s.handle_input(now, inc, &b);
+        let mut out = Vec::new();
+        while let Some(d) = s.poll_transmit(now, &mut out) {
+            assert!(
+                matches!(d, migratory_proto::server::Dest::Incarnation(_)),
+                "nothing goes to any peer: {d:?}"
+            );
+            out.clear();
+        }
+        let mut closed = None;
+        while let Some(e) = s.poll_event() {
+            if let ServerEvent::CloseIncarnation { inc: i, reason } = e {
+                closed = Some((i, reason));
+            }
+        }
+        let (i, reason) = closed.expect("the connection is closed");
+        assert_eq!(i, inc);
+        let want = if pos == 0 {
+            "Missing outside the gap"
+        } else {
+            "must start with Hello or Migrate"
+        };
+        assert!(reason.contains(want), "{reason}");
+    }
+}

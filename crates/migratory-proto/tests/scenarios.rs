@@ -69,7 +69,10 @@ fn message_read_after_the_snapshot_is_replayed_at_the_new_server() {
 fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
     // Thesis fig 3.9 / fig 4.9 scenario 1: the snapshot covers writes the
     // client never received; S2 cannot regenerate them, so S1 sends them.
-    let mut w = world(false);
+    // A crash-tolerant session (eager replication) waits for the client's
+    // acknowledgements before its reply; see the next test for one that
+    // answers at once.
+    let mut w = world(true);
     w.hold_from = Some(0);
     let h = w.handle(0);
     assert_eq!(w.server(0).write(h, b"AAAABBBB").unwrap(), 8);
@@ -100,9 +103,12 @@ fn unacknowledged_writes_from_before_the_snapshot_are_transferred() {
 
 /// A world whose windows are `window` bytes, where S1's application wrote
 /// a full window of `data` and snapshotted after it; everything is sent on
-/// the connection and held there (nothing reached the client yet).
-fn window_in_flight(window: usize, frame: usize, data: &[u8]) -> World {
+/// the connection and held there (nothing reached the client yet). With
+/// `eager`, sessions are replicated (crash-tolerant): their origin waits
+/// for the client's acknowledgements before it replies.
+fn window_in_flight(window: usize, frame: usize, data: &[u8], eager: bool) -> World {
     let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.eager = eager;
     cfg.limits.recv_window = window as u64;
     cfg.limits.send_buffer = window as u64;
     cfg.limits.max_data_frame = frame;
@@ -122,12 +128,12 @@ fn a_migration_under_a_full_window_leaves_the_data_in_flight_on_the_old_connecti
     // Migration under load (MTCP 4.2.3 step 5): a full window of down
     // data, covered by the snapshot, is on its way to the client when it
     // migrates. The client keeps reading the old connection and
-    // acknowledges there; the origin waits for those acknowledgements, so
-    // its reply carries none of that data, and the destination sends none
-    // of it again.
+    // acknowledges there; the origin of a crash-tolerant session waits for
+    // those acknowledgements, so its reply carries none of that data, and
+    // the destination sends none of it again.
     const WINDOW: usize = 256 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 31 % 251) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 16 << 10, &data);
+    let mut w = window_in_flight(WINDOW, 16 << 10, &data, true);
     let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
     w.client.migrate(w.now, Some(id(1))).expect("migrate");
     w.pump();
@@ -164,7 +170,7 @@ fn a_migration_whose_old_connection_stalls_ships_what_was_not_acknowledged() {
     // and the client drops what the destination sends that it already has.
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 253) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 4 << 10, &data);
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data, true);
     w.client.migrate(w.now, Some(id(1))).expect("migrate");
     w.pump();
     // A quarter of the window reaches the client; its ack goes back.
@@ -180,6 +186,183 @@ fn a_migration_whose_old_connection_stalls_ships_what_was_not_acknowledged() {
     assert_eq!(w.owner(), Some(1));
     let got = w.client_read_all().0;
     assert_eq!(got, data, "every byte once, in order");
+}
+
+#[test]
+fn a_busy_session_answers_at_once_and_the_client_catches_up_on_its_old_connection() {
+    // Migration under load, the rule for a session without a backup
+    // (docs/migration.md): the origin answers the state request at once,
+    // cut at everything it sent on the old connection; the destination
+    // resumes there but sends nothing down until the client, still reading
+    // the old connection, holds every byte below that point.
+    const WINDOW: usize = 256 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 13 % 241) as u8).collect();
+    let mut w = window_in_flight(WINDOW, 16 << 10, &data, false);
+    let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(
+        w.client.is_established() && w.client.is_catching_up(),
+        "resumed at s2 while the window is still on the old connection"
+    );
+    assert_eq!(w.owner(), Some(1));
+    let shipped = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0) - before;
+    assert!(
+        shipped < 1024,
+        "the state reply carried {shipped} bytes for {WINDOW} bytes in flight"
+    );
+    assert_eq!(state(&w, 1), b"wrote a window");
+    // The new server's application writes at once; none of it may reach
+    // the client before the window does.
+    let h2 = w.handle(1);
+    w.server(1).write(h2, b"after").unwrap();
+    w.pump();
+    assert_eq!(w.client.down_received(), 0, "nothing overtook the window");
+    w.hold_from = None;
+    w.pump();
+    assert!(!w.client.is_catching_up());
+    // The window was full: the client reads it, then gets what follows.
+    let mut got = w.client_read_all().0;
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
+    assert_eq!(w.server(1).stats().bytes_discarded, 0);
+    // The origin freed the session once the client confirmed s2.
+    assert!(w.server(0).owned_sessions().next().is_none());
+}
+
+#[test]
+fn bytes_written_before_the_snapshot_beyond_the_window_travel_in_the_reply() {
+    // The application wrote two windows and snapshotted after them; only
+    // the first fits in the client's window. The second is part of the
+    // state (the destination cannot write it again). The old connection
+    // carries only what the client can take without its application
+    // reading (else a client that does not read could never catch up):
+    // the second window travels in the reply (thesis fig 3.9), and the
+    // destination sends it after the first.
+    const WINDOW: usize = 64 << 10;
+    let mut cfg = WorldConfig::new(1, AppKind::Transform);
+    cfg.limits.recv_window = WINDOW as u64;
+    cfg.limits.send_buffer = 2 * WINDOW as u64;
+    cfg.limits.max_data_frame = 4 << 10;
+    let mut w = World::new(cfg);
+    w.pump();
+    let data: Vec<u8> = (0..2 * WINDOW as u32)
+        .map(|i| (i * 5 % 229) as u8)
+        .collect();
+    let h = w.handle(0);
+    assert_eq!(w.server(0).write(h, &data).unwrap(), 2 * WINDOW);
+    w.server(0).snapshot(h, b"wrote two windows").unwrap();
+    w.hold_from = Some(0);
+    w.pump();
+    let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_catching_up());
+    let shipped = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0) - before;
+    assert!(
+        (WINDOW as u64..WINDOW as u64 + 1024).contains(&shipped),
+        "the state reply carried {shipped} bytes: the second window and little else"
+    );
+    assert_eq!(state(&w, 1), b"wrote two windows");
+    w.hold_from = None;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        w.pump();
+        got.extend(w.client_read_all().0);
+    }
+    assert!(!w.client.is_catching_up());
+    let h2 = w.handle(1);
+    w.server(1).write(h2, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
+    assert_eq!(w.server(1).stats().bytes_discarded, 0);
+}
+
+#[test]
+fn an_old_connection_that_breaks_while_the_client_catches_up_is_refilled_by_the_destination() {
+    // The same, but the old connection breaks after a quarter of the
+    // window: the client tells s2 where it stopped (Missing), s2 fetches
+    // the rest from the origin, which kept it, and sends it first.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 239) as u8).collect();
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_catching_up());
+    let old = *w.conns.keys().next().expect("old connection");
+    w.deliver_conn(old, false, WINDOW / 4 + 100);
+    w.pump();
+    let before = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0);
+    w.reset_conn(old);
+    w.pump();
+    let fetched = w.link_bytes.get(&(0, 1)).copied().unwrap_or(0) - before;
+    assert!(
+        fetched as usize >= WINDOW * 3 / 4 - 200,
+        "the rest of the window came from the origin ({fetched} bytes)"
+    );
+    assert!(!w.client.is_catching_up());
+    assert_eq!(w.owner(), Some(1));
+    let mut got = w.client_read_all().0;
+    let h2 = w.handle(1);
+    w.server(1).write(h2, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
+}
+
+#[test]
+fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
+    // The origin (no backup) crashes while the client still drains its
+    // connection: the bytes it lacks existed nowhere else. The session
+    // ends with a clear error once the destination gives up asking; the
+    // client never reads a byte out of place.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 11 % 233) as u8).collect();
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    let old = *w.conns.keys().next().expect("old connection");
+    w.deliver_conn(old, false, WINDOW / 4 + 100);
+    w.pump();
+    w.crash(0);
+    w.pump();
+    for _ in 0..7 {
+        w.advance(std::time::Duration::from_secs(1));
+        w.pump();
+    }
+    match w.client.failure() {
+        Some(SessionError::Rejected { reason, text, .. }) => {
+            assert_eq!(
+                *reason,
+                migratory_proto::frame::RejectReason::OriginUnreachable
+            );
+            assert!(text.contains("old connection lost"), "{text}");
+        }
+        other => panic!("expected the destination's Reject, got {other:?}"),
+    }
+    let got = w.client_read_all_after_failure();
+    assert!(!got.is_empty() && got.len() < WINDOW);
+    same_bytes(&got, &data[..got.len()]);
+}
+
+/// Every byte once, in order (says where the first difference is, not
+/// the whole stream).
+fn same_bytes(got: &[u8], want: &[u8]) {
+    let first = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        got == want,
+        "every byte once, in order: got {} bytes, want {}, first difference at {first:?}",
+        got.len(),
+        want.len()
+    );
 }
 
 #[test]

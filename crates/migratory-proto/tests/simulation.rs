@@ -81,14 +81,19 @@ fn random_seeds_keep_every_invariant() {
         .unwrap_or(10_000);
     let (mut done, mut lost, mut migrations) = (0u64, 0u64, 0u64);
     let (mut drained, mut lost_drained, mut shutdown) = (0u64, 0u64, 0u64);
+    let (mut catch_ups, mut gaps) = (0u64, 0u64);
     for seed in 0..n {
         match run_seed(seed) {
             Outcome::Completed {
                 migrations: m,
                 drains,
+                catch_ups: c,
+                gaps_filled: g,
             } => {
                 done += 1;
                 migrations += u64::from(m);
+                catch_ups += u64::from(c);
+                gaps += u64::from(g);
                 drained += u64::from(drains > 0);
             }
             Outcome::FailedClosed { error, drains } => {
@@ -102,7 +107,11 @@ fn random_seeds_keep_every_invariant() {
     println!(
         "{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after \
          crashes or drains; {drained} runs drained a server ({lost_drained} of them lost the \
-         session, {shutdown} with the server's Shutdown)"
+         session, {shutdown} with the server's Shutdown); {catch_ups} migrations resumed \
+         beyond what the client held, {gaps} gaps fetched for it"
     );
+    // The loaded-migration paths must be exercised, not only allowed.
+    assert!(catch_ups > n / 20, "too few catch-ups: {catch_ups}");
+    assert!(gaps > 0, "no gap was ever fetched");
     assert!(done > n / 2, "most runs must complete: {done} of {n}");
 }

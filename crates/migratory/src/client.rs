@@ -71,6 +71,9 @@ struct Conn {
     pending: VecDeque<Bytes>,
     /// Wakes the connection's task (no room, or closing).
     wake: Arc<Notify>,
+    /// Its task stopped reading (see `Client::wants_input`): woken when
+    /// the session wants its input again.
+    paused: bool,
 }
 
 impl Conn {
@@ -236,6 +239,15 @@ impl Shared {
                 wait: resumed.saturating_duration_since(sent),
                 complete: resumed.elapsed(),
             });
+        }
+        let State { core, conns, .. } = st;
+        for (inc, c) in conns.iter_mut() {
+            if let ConnSlot::Open(c) = c {
+                if c.paused && core.wants_input(*inc) {
+                    c.paused = false;
+                    c.wake.notify_one();
+                }
+            }
         }
         // Reads and writes rarely move the deadline.
         let next = next_deadline(st);
@@ -504,6 +516,7 @@ async fn open(
             rx: Input::default(),
             pending: queue.into_iter().flatten().collect(),
             wake: wake.clone(),
+            paused: false,
         };
         if !matches!(c.write(), Ok(false)) {
             wake.notify_one();
@@ -578,11 +591,18 @@ async fn run_conn(shared: &Arc<Shared>, inc: IncarnationId, wire: &Wire, wake: &
     let stream = wire.stream();
     let mut closing_since: Option<tokio::time::Instant> = None;
     loop {
-        let (want_write, closing) = {
-            let st = shared.lock();
-            match st.conns.get(&inc) {
-                Some(ConnSlot::Open(c)) => (!c.pending.is_empty() || wire.wants_write(), false),
-                Some(ConnSlot::Closing(c)) => (!c.pending.is_empty() || wire.wants_write(), true),
+        let (want_write, closing, want_read) = {
+            let mut st = shared.lock();
+            let State { core, conns, .. } = &mut *st;
+            let read = core.wants_input(inc);
+            match conns.get_mut(&inc) {
+                Some(ConnSlot::Open(c)) => {
+                    c.paused = !read;
+                    (!c.pending.is_empty() || wire.wants_write(), false, read)
+                }
+                Some(ConnSlot::Closing(c)) => {
+                    (!c.pending.is_empty() || wire.wants_write(), true, read)
+                }
                 _ => return "closed locally".into(),
             }
         };
@@ -595,7 +615,7 @@ async fn run_conn(shared: &Arc<Shared>, inc: IncarnationId, wire: &Wire, wake: &
         }
         let flush_deadline = closing_since.map(|t| t + CLOSE_FLUSH);
         tokio::select! {
-            r = stream.readable(), if !closing => {
+            r = stream.readable(), if !closing && want_read => {
                 if let Err(e) = r {
                     return e.to_string();
                 }
@@ -886,7 +906,7 @@ impl ClientControl {
         loop {
             let s = self.status.borrow_and_update().clone();
             match s {
-                Status::Attached { server, .. } if !self.shared.lock().core.is_migrating() => {
+                Status::Attached { server, .. } if !self.shared.lock().core.migration_pending() => {
                     return Ok(server)
                 }
                 Status::Ended => {

@@ -968,6 +968,34 @@ impl<S: SessionSlot> Endpoint<S> {
                     self.call(sid, |s| s.on_state_ack(from, req));
                 }
             }
+            ControlMessage::GapRequest {
+                req,
+                session,
+                start,
+                end,
+            } => {
+                let answered = self.handed_out.get(&(from.clone(), req)) == Some(&session);
+                let asked = answered
+                    .then(|| self.call(session, |s| s.on_gap_request(from, req, start, end)))
+                    .flatten();
+                if asked.is_none() {
+                    self.ctrl_out.push_back((
+                        from.clone(),
+                        ControlMessage::GapReply {
+                            session,
+                            start,
+                            data: None,
+                        },
+                    ));
+                }
+            }
+            ControlMessage::GapReply {
+                session,
+                start,
+                data,
+            } => {
+                self.call(session, |s| s.on_gap_reply(now, from, start, data));
+            }
             ControlMessage::Replicate { session, update } => {
                 self.on_replicate(from, session, update)
             }

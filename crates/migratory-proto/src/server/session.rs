@@ -68,7 +68,8 @@ enum Lifecycle {
     Settling(Settling),
     /// Its state was handed to a destination for a migration (MTCP 4.2.3,
     /// "once S1 receives the state request"); it waits for the
-    /// destination's StateAck, or for the client to come back for it.
+    /// destination's StateAck, or for the client to come back for it. It
+    /// may still hold the connection the client is draining (its `tail`).
     Frozen(Frozen),
     /// Gone from this server: finished, moved away, or dropped. Calls on it
     /// fail with this error.
@@ -103,6 +104,47 @@ struct Frozen {
     cause: MigrationCause,
     /// State requests answered from this frozen state: (requester, req).
     replied: Vec<(ServerId, u64)>,
+    /// The connection the client still drains, when the reply left before
+    /// the client had every byte sent there.
+    tail: Option<Tail>,
+}
+
+/// A frozen session's old connection while the client drains it: the
+/// state reply resumed the stream at `cut` (everything sent there), and
+/// the bytes below it stay here until the client acknowledges them on
+/// this connection, or the destination fetches those it lacks
+/// ([`ControlMessage::GapRequest`]).
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    inc: IncarnationId,
+    cut: Pos,
+    /// Closed then at the latest (`timeouts.settle`).
+    until: Instant,
+}
+
+/// A resumed session's down stream before the client holds everything
+/// below the resume point (`at`): it sends nothing until the client shows
+/// it does (any frame but Missing), or says where its old connection ended
+/// (Missing) and the bytes from there arrived from their `holder`.
+#[derive(Debug, Clone)]
+struct Gate {
+    at: Pos,
+    /// The client's position in its Migrate: it holds every byte below.
+    from: Pos,
+    /// The server that replied with the state, and its request id.
+    holder: Option<(ServerId, u64)>,
+    /// The bytes from here were asked of the holder.
+    asked: Option<Asked>,
+}
+
+/// A gap request on its way: asked again every `timeouts.settle` (a
+/// control link that broke loses it) for up to `timeouts.state_request`,
+/// as long as a destination waits for a state reply.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    pos: Pos,
+    again: Instant,
+    until: Instant,
 }
 
 #[derive(Debug)]
@@ -161,6 +203,8 @@ pub struct Session {
     since: Instant,
     /// StateAck owed to the origin once the client confirms this incarnation.
     owed_ack: Option<(ServerId, u64)>,
+    /// Nothing is sent down before the client holds the resume point.
+    gate: Option<Gate>,
     /// The epoch the client knew before this install, accepted until the
     /// client confirms the new incarnation (its Resumed may be lost), with
     /// that epoch's secret and the rekey that made the current one from
@@ -264,8 +308,8 @@ impl Session {
         now: Instant,
     ) -> Self {
         let sid = image.session;
-        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, rekey) = match start {
-            Start::Hello { window } => (window, false, 0, None, None, None),
+        let (down_limit, down_fin_acked, attempt, owed_ack, prev_epoch, rekey, from) = match start {
+            Start::Hello { window } => (window, false, 0, None, None, None, 0),
             Start::Resume {
                 request,
                 owed_ack,
@@ -277,6 +321,7 @@ impl Session {
                 owed_ack,
                 Some(request.epoch),
                 Some(rekey),
+                request.down,
             ),
         };
         let new = rekey.is_none();
@@ -289,6 +334,14 @@ impl Session {
             None => (image.secret.clone(), None),
         };
         let rp = resume_point(image.down_base, image.down_snap, image.down_base);
+        // Resumed beyond the client's position: the bytes between are on
+        // their way over the connection the client drains.
+        let gate = (rekey.is_some() && rp.snd_max_seen > from).then(|| Gate {
+            at: rp.snd_max_seen,
+            from,
+            holder: owed_ack.clone(),
+            asked: None,
+        });
         let mut up = ByteQueue::new(image.up_snap);
         up.push(image.up_data);
         let mut down = ByteQueue::new(rp.snd_max_seen);
@@ -305,6 +358,7 @@ impl Session {
             last_attempt: attempt,
             since: now,
             owed_ack,
+            gate,
             prev_epoch,
             prev_secret,
             up,
@@ -354,6 +408,7 @@ impl Session {
                 server: s.cfg.id.clone(),
                 alternates: s.cfg.alternates.clone(),
                 window: s.cfg.limits.recv_window,
+                replicated: backup.is_some(),
             }
         } else {
             Frame::Resumed {
@@ -365,6 +420,7 @@ impl Session {
                 alternates: s.cfg.alternates.clone(),
                 window: limit.saturating_sub(s.rcv_nxt()),
                 rekey,
+                replicated: backup.is_some(),
             }
         };
         if let Some(b) = backup {
@@ -409,6 +465,18 @@ impl Session {
             Lifecycle::Live(Link::Attached(inc))
             | Lifecycle::Releasing(Link::Attached(inc))
             | Lifecycle::Settling(Settling { inc, .. }) => Some(inc),
+            Lifecycle::Frozen(Frozen {
+                tail: Some(Tail { inc, .. }),
+                ..
+            }) => Some(inc),
+            _ => None,
+        }
+    }
+
+    /// The cut of a frozen session's tail, if it has one.
+    fn tail_cut(&self) -> Option<Pos> {
+        match &self.lifecycle {
+            Lifecycle::Frozen(Frozen { tail: Some(t), .. }) => Some(t.cut),
             _ => None,
         }
     }
@@ -499,6 +567,12 @@ impl Session {
 
     /// The whole state, independent of the client's position.
     pub(super) fn image(&mut self) -> SessionImage {
+        self.image_from(0)
+    }
+
+    /// The state without the down bytes below `from` (the retransmit
+    /// buffer of a busy session holds megabytes nobody needs copied).
+    fn image_from(&mut self, from: Pos) -> SessionImage {
         image_of(
             self.id,
             Held {
@@ -507,6 +581,7 @@ impl Session {
                 up: &mut self.up,
                 up_fin: self.up_fin,
                 down: &mut self.down,
+                down_from: from,
                 down_snap: self.down_snap,
                 down_fin: self.snap_down_fin,
                 app_state: &self.app_state,
@@ -561,11 +636,13 @@ impl Session {
             // moves nor resumes.
             return Err((RejectReason::Shutdown, ABORT_TEXT));
         }
-        if m.request.epoch == self.epoch {
+        if m.request.epoch == self.epoch && self.gate.is_none() {
             // Proved with this epoch's secret: the client has this epoch's
             // Resumed, so the one before is over (as when it confirms the
             // connection with its first frame). The origin forgets its
             // frozen copy, and that epoch's secret moves nothing any more.
+            // (Not while the origin may still owe the client bytes that
+            // were in flight: a client failing over before it caught up.)
             self.confirmed();
         }
         if !self.migratable() {
@@ -576,7 +653,10 @@ impl Session {
         // resumes where its acknowledgements say. It may also hold bytes
         // this copy has not produced yet (see `catch_up`), but never any
         // beyond the Close.
-        let below = m.request.down < self.down.start() && !m.request.draining;
+        // A client still catching up here (see `Gate`) lacks bytes below
+        // the resume point that the gate's holder keeps.
+        let gap = self.gate.as_ref().is_some_and(|g| m.request.down >= g.from);
+        let below = m.request.down < self.down.start() && !m.request.draining && !gap;
         let beyond = self.down_fin.is_some_and(|f| m.request.down > f)
             || m.request.down > self.down.end().saturating_add(MAX_AHEAD);
         if beyond || below {
@@ -606,9 +686,10 @@ impl Session {
     }
 
     /// The session's image for the server that resumes it for `m`: with
-    /// the secret the client holds, which the next epoch's derives from.
-    fn image_for(&mut self, m: &Migrate) -> SessionImage {
-        let mut image = self.image();
+    /// the secret the client holds, which the next epoch's derives from,
+    /// and without the down bytes below `from`.
+    fn image_for(&mut self, m: &Migrate, from: Pos) -> SessionImage {
+        let mut image = self.image_from(from);
         image.secret = self.secret_for(m.request.epoch).clone();
         image
     }
@@ -632,14 +713,14 @@ impl Session {
             if let Lifecycle::Settling(st) = &self.lifecycle {
                 let (since, cause) = (st.since, st.request.2.request.cause);
                 self.reject_settling_request();
-                self.freeze(now, since, cause, "client moved to a new incarnation");
+                self.freeze(now, since, cause, None, "client moved to a new incarnation");
             }
         }
         let link = match &self.lifecycle {
             Lifecycle::Frozen(_) => {
                 let epoch = self.next_epoch;
                 return ResumeHere::FromFrozen {
-                    image: self.image_for(m),
+                    image: self.image_for(m, 0),
                     epoch,
                 };
             }
@@ -694,6 +775,7 @@ impl Session {
                     self.prev_epoch == Some(m.request.epoch) && m.request.epoch != self.epoch
                 })
                 .map(|(_, k)| *k),
+            replicated: self.backup.is_some(),
         });
         ResumeHere::Reattached
     }
@@ -769,6 +851,9 @@ impl Session {
 
     fn process_input(&mut self) -> Result<(), ProtocolError> {
         let max_frame = self.cfg.limits.max_frame;
+        if let Lifecycle::Frozen(Frozen { tail: Some(t), .. }) = self.lifecycle {
+            return self.tail_input(t);
+        }
         while self.incarnation().is_some() {
             let Some(frame) = Frame::decode(&mut self.rx, max_frame)? else {
                 break;
@@ -780,6 +865,41 @@ impl Session {
             self.settle(self.last_now, "session migrated away");
         }
         Ok(())
+    }
+
+    /// Input on a frozen session's tail: the acknowledgements of what the
+    /// client drains there free those bytes; once it has them all, the
+    /// connection is closed.
+    fn tail_input(&mut self, t: Tail) -> Result<(), ProtocolError> {
+        let max_frame = self.cfg.limits.max_frame;
+        while let Some(frame) = Frame::decode(&mut self.rx, max_frame)? {
+            if let Frame::Ack { pos, limit, .. } = frame {
+                if pos > self.snd_taken {
+                    return Err(ProtocolError::Position("ack beyond the data sent"));
+                }
+                self.down.drop_to(pos.max(self.down.start()));
+                self.down_limit = self.down_limit.max(limit);
+            }
+        }
+        if self.down.start() >= t.cut {
+            self.end_tail("the client has everything sent there");
+        }
+        Ok(())
+    }
+
+    /// Closes a frozen session's tail, if it has one.
+    fn end_tail(&mut self, reason: &str) {
+        let Lifecycle::Frozen(f) = &mut self.lifecycle else {
+            return;
+        };
+        if let Some(t) = f.tail.take() {
+            self.rx = BytesMut::new();
+            self.in_flight.clear();
+            self.events.push_back(ServerEvent::CloseIncarnation {
+                inc: t.inc,
+                reason: reason.into(),
+            });
+        }
     }
 
     /// Keeps a block of the connection's read buffer that frames handed to
@@ -801,6 +921,13 @@ impl Session {
         if matches!(self.lifecycle, Lifecycle::Settling(_)) {
             // Nothing more will be acknowledged: answer with what was.
             return self.settle(now, "client connection ended");
+        }
+        if let Lifecycle::Frozen(f) = &mut self.lifecycle {
+            // The tail ended: what the client lacks, the destination asks.
+            f.tail = None;
+            self.rx = BytesMut::new();
+            self.in_flight.clear();
+            return;
         }
         self.set_link(Link::Orphaned(now));
         self.rx = BytesMut::new();
@@ -833,8 +960,28 @@ impl Session {
     }
 
     fn on_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
-        // The client confirmed this incarnation.
-        self.confirmed();
+        if let Frame::Missing { pos, limit } = frame {
+            return self.on_missing(pos, limit);
+        }
+        match &self.gate {
+            // Until the bytes it lacks arrive, the client only acknowledges
+            // (and opens its window).
+            Some(g) if g.asked.is_some() && !matches!(frame, Frame::Ack { fin: false, .. }) => {
+                return Err(ProtocolError::Unexpected {
+                    frame: frame.name(),
+                    why: "sent before the missing bytes arrived",
+                });
+            }
+            Some(g) if g.asked.is_some() => {}
+            // Any other frame says the client drained its old connection
+            // up to the resume point: the down stream may go on.
+            Some(_) => self.gate = None,
+            None => {}
+        }
+        if self.gate.is_none() {
+            // The client confirmed this incarnation.
+            self.confirmed();
+        }
         let limits = &self.cfg.limits;
         let mut replicate = None;
         match frame {
@@ -968,18 +1115,23 @@ impl Session {
     /// frames, data within the client's window, a Close, or an
     /// acknowledgement that cannot wait (see [`Session::ack_deadline`]).
     pub fn wants_transmit(&self, now: Instant) -> bool {
+        if let Some(cut) = self.tail_cut() {
+            return self.snd_nxt < cut.min(self.down_limit);
+        }
         if self.incarnation().is_none() || !self.is_owned() {
             return false;
         }
         if !self.out.is_empty() {
             return true;
         }
-        let end = self.down.end().min(self.down_limit);
-        if self.snd_nxt < end {
-            return true;
-        }
-        if self.down_fin == Some(self.snd_nxt) && !self.fin_sent {
-            return true;
+        if self.gate.is_none() {
+            let end = self.down.end().min(self.down_limit);
+            if self.snd_nxt < end {
+                return true;
+            }
+            if self.down_fin == Some(self.snd_nxt) && !self.fin_sent {
+                return true;
+            }
         }
         self.ack_needed(now, false).is_some()
     }
@@ -1027,7 +1179,10 @@ impl Session {
         max: usize,
     ) -> Option<IncarnationId> {
         self.last_now = self.last_now.max(now);
-        let inc = self.incarnation().filter(|_| self.is_owned())?;
+        let tail = self.tail_cut();
+        let inc = self
+            .incarnation()
+            .filter(|_| self.is_owned() || tail.is_some())?;
         let start = out.len();
         let mut hdr = take_scratch(&mut self.scratch);
         for f in self.out.drain(..) {
@@ -1047,8 +1202,9 @@ impl Session {
         let limits = self.cfg.limits.clone();
         let mut budget = max;
         loop {
-            let end = self.down.end().min(self.down_limit);
-            if self.snd_nxt >= end || budget == 0 {
+            // A tail carries the stream up to its cut, and nothing else.
+            let end = tail.unwrap_or(self.down.end()).min(self.down_limit);
+            if self.snd_nxt >= end || budget == 0 || self.gate.is_some() {
                 break;
             }
             let before = out.len();
@@ -1065,13 +1221,17 @@ impl Session {
             self.in_flight.push_back((self.wire_out, next));
             budget = budget.saturating_sub(bytes as usize);
         }
-        if self.down_fin == Some(self.snd_nxt) && !self.fin_sent && self.snd_nxt == self.down.end()
+        if self.down_fin == Some(self.snd_nxt)
+            && !self.fin_sent
+            && self.snd_nxt == self.down.end()
+            && self.gate.is_none()
+            && tail.is_none()
         {
             Frame::Close { pos: self.snd_nxt }.encode(&mut hdr);
             self.fin_sent = true;
         }
         let sending = out.len() > start || !hdr.is_empty();
-        if let Some(ack) = self.ack_needed(now, sending) {
+        if let Some(ack) = self.ack_needed(now, sending).filter(|_| tail.is_none()) {
             ack.encode(&mut hdr);
             if let Frame::Ack { pos, limit, fin } = ack {
                 self.ack_sent = pos;
@@ -1438,6 +1598,16 @@ impl Session {
         if let Err((reason, text)) = self.admit(m) {
             return self.reject_request(from.clone(), req, reason, text);
         }
+        if self.gate.is_some() {
+            // Another server could not give the client the bytes it still
+            // lacks below the resume point: it comes back here for them.
+            return self.reject_request(
+                from.clone(),
+                req,
+                RejectReason::Busy,
+                "the client has not caught up with this server yet",
+            );
+        }
         self.last_attempt = m.request.attempt;
         let request = (from.clone(), req, m.clone());
         if matches!(self.lifecycle, Lifecycle::Settling(_)) {
@@ -1450,7 +1620,15 @@ impl Session {
             return;
         }
         let unacked = self.down.start() < self.snd_nxt;
+        let backed_up = self.backup.as_ref().is_some_and(|b| b.live);
         match self.lifecycle {
+            Lifecycle::Live(Link::Attached(inc)) | Lifecycle::Releasing(Link::Attached(inc))
+                if m.request.draining && unacked && !backed_up =>
+            {
+                // Answer at once, cut at everything sent; the connection
+                // stays open for the client to drain (see `Tail`).
+                self.freeze_for(now, request, now, Some(inc), "session migrated away");
+            }
             Lifecycle::Live(Link::Attached(inc)) | Lifecycle::Releasing(Link::Attached(inc))
                 if m.request.draining && unacked =>
             {
@@ -1470,7 +1648,7 @@ impl Session {
                 }
                 self.deadline(until);
             }
-            _ => self.freeze_for(now, request, now, "session migrated away"),
+            _ => self.freeze_for(now, request, now, None, "session migrated away"),
         }
     }
 
@@ -1480,7 +1658,7 @@ impl Session {
             return;
         };
         let (request, since) = (st.request.clone(), st.since);
-        self.freeze_for(now, request, since, reason);
+        self.freeze_for(now, request, since, None, reason);
     }
 
     /// The settling session's request is superseded: its destination is
@@ -1508,25 +1686,53 @@ impl Session {
     /// next call fails with *migrated*, and the connection it was attached
     /// to is closed for `reason`. It then waits for StateAck (or for the
     /// client to come back) until `timeouts.frozen`.
-    fn freeze(&mut self, now: Instant, since: Instant, cause: MigrationCause, reason: &str) {
+    fn freeze(
+        &mut self,
+        now: Instant,
+        since: Instant,
+        cause: MigrationCause,
+        keep: Option<IncarnationId>,
+        reason: &str,
+    ) {
         if matches!(self.lifecycle, Lifecycle::Frozen(_)) {
             return;
         }
         let app = self.is_live();
         let inc = self.incarnation();
         let deadline = now + self.cfg.timeouts.frozen;
+        // The tail also carries what the application wrote before its
+        // snapshot and was not sent yet, as far as the client's window
+        // reaches: the destination could not produce those bytes again,
+        // and they need not cross the control plane. (Not beyond the
+        // window: the client must be able to take the whole tail without
+        // its application reading.)
+        let tail = keep.filter(|k| inc == Some(*k)).map(|inc| Tail {
+            inc,
+            cut: self.snd_nxt.max(self.down_snap.min(self.down_limit)),
+            until: now + self.cfg.timeouts.settle,
+        });
         self.lifecycle = Lifecycle::Frozen(Frozen {
             deadline,
             since,
             cause,
             replied: Vec::new(),
+            tail,
         });
         self.deadline(deadline);
         if app {
             self.events
                 .push_back(ServerEvent::MigratedAway(self.handle));
         }
-        self.close_detached(inc, reason);
+        match tail {
+            Some(t) => {
+                // Nothing more goes out there; the socket delivers what it
+                // took, and the acknowledgements keep coming in.
+                self.out.clear();
+                self.ack_at = None;
+                self.deadline(t.until);
+            }
+            None => self.close_detached(inc, reason),
+        }
     }
 
     /// Freezes the session (if it is not yet, see [`Session::freeze`]) and
@@ -1537,10 +1743,11 @@ impl Session {
         now: Instant,
         request: (ServerId, u64, Migrate),
         since: Instant,
+        keep: Option<IncarnationId>,
         reason: &str,
     ) {
         let (from, req, m) = request;
-        self.freeze(now, since, m.request.cause, reason);
+        self.freeze(now, since, m.request.cause, keep, reason);
         let frozen_timeout = self.cfg.timeouts.frozen;
         if let Lifecycle::Frozen(f) = &mut self.lifecycle {
             f.replied.push((from.clone(), req));
@@ -1556,7 +1763,12 @@ impl Session {
             };
             self.replicate(update);
         }
-        let (image, _) = self.image_for(&m).trim_for(m.request.down);
+        // With a tail the stream resumes after everything sent there.
+        let cut = match &self.lifecycle {
+            Lifecycle::Frozen(Frozen { tail: Some(t), .. }) => m.request.down.max(t.cut),
+            _ => m.request.down,
+        };
+        let (image, _) = self.image_for(&m, cut).trim_for(cut);
         self.control.push_back((
             from.clone(),
             ControlMessage::StateReply {
@@ -1587,6 +1799,123 @@ impl Session {
     pub(super) fn replied_to(&self, from: &ServerId, req: u64) -> bool {
         matches!(&self.lifecycle, Lifecycle::Frozen(f)
             if f.replied.iter().any(|(p, r)| p == from && *r == req))
+    }
+
+    /// The destination `from` asks for the down bytes `[start, end)` that
+    /// the client's old connection (this session's tail) did not deliver.
+    pub(super) fn on_gap_request(&mut self, from: &ServerId, req: u64, start: Pos, end: Pos) {
+        let held = self.replied_to(from, req)
+            && self.down.start() <= start
+            && start < end
+            && end <= self.down.end()
+            && end - start <= self.cfg.limits.recv_window.max(self.cfg.limits.send_buffer);
+        let data = held.then(|| self.down.slice(start, end));
+        // The client no longer reads the tail.
+        self.end_tail("the destination sends what the client lacks");
+        self.control.push_back((
+            from.clone(),
+            ControlMessage::GapReply {
+                session: self.id,
+                start,
+                data,
+            },
+        ));
+    }
+
+    /// The client's old connection ended at `pos`, short of the resume
+    /// point: ask the server that gave the state for the bytes between.
+    fn on_missing(&mut self, pos: Pos, limit: Pos) -> Result<(), ProtocolError> {
+        let t = &self.cfg.timeouts;
+        let asked = Asked {
+            pos,
+            again: self.last_now + t.settle,
+            until: self.last_now + t.state_request,
+        };
+        let Some(g) = self.gate.as_mut().filter(|g| g.from <= pos && pos < g.at) else {
+            return Err(ProtocolError::Position("Missing outside the gap"));
+        };
+        match g.asked {
+            // Asked already (the client came back on a new connection).
+            Some(a) if a.pos == pos => {}
+            Some(_) => return Err(ProtocolError::Position("Missing moved")),
+            None => {}
+        }
+        self.down_limit = self.down_limit.max(limit);
+        let Some(g) = self.gate.as_mut().filter(|g| g.asked.is_none()) else {
+            return Ok(());
+        };
+        if g.holder.is_none() {
+            // Resumed from a replica: the bytes were only on the lost
+            // connection and at the crashed origin.
+            self.abort(
+                self.last_now,
+                RejectReason::InvalidState,
+                "down bytes in flight on the old connection were lost with it",
+            );
+            return Ok(());
+        }
+        g.asked = Some(asked);
+        self.ask_gap();
+        Ok(())
+    }
+
+    /// Sends (again) the gap request of the gate.
+    fn ask_gap(&mut self) {
+        let Some(g) = &self.gate else {
+            return;
+        };
+        let (Some((holder, req)), Some(a)) = (g.holder.clone(), g.asked) else {
+            return;
+        };
+        let msg = ControlMessage::GapRequest {
+            req,
+            session: self.id,
+            start: a.pos,
+            end: g.at,
+        };
+        self.control.push_back((holder, msg));
+        self.deadline(a.again.min(a.until));
+    }
+
+    /// The server that gave the state answered a gap request: the bytes go
+    /// out first, then the stream from the resume point.
+    pub(super) fn on_gap_reply(
+        &mut self,
+        now: Instant,
+        from: &ServerId,
+        start: Pos,
+        data: Option<Bytes>,
+    ) {
+        self.last_now = self.last_now.max(now);
+        let Some(g) = self.gate.as_ref().filter(|g| {
+            g.asked.is_some_and(|a| a.pos == start)
+                && g.holder.as_ref().is_some_and(|(h, _)| h == from)
+        }) else {
+            return;
+        };
+        let at = g.at;
+        let fits = |d: &Bytes| d.len() as u64 == at - start;
+        match data.filter(|d| fits(d) && self.down.start() == at) {
+            Some(d) => {
+                let mut down = ByteQueue::new(start);
+                down.push(d);
+                let rest = self.down.slice(at, self.down.end());
+                if !rest.is_empty() {
+                    down.push(rest);
+                }
+                self.down = down;
+                self.snd_nxt = start;
+                self.snd_taken = start;
+                self.gate = None;
+            }
+            None => {
+                self.abort(
+                    now,
+                    RejectReason::InvalidState,
+                    "the origin no longer holds the down bytes the old connection lost",
+                );
+            }
+        }
     }
 
     /// The destination confirmed the session (StateAck): it is gone from
@@ -1706,14 +2035,24 @@ impl Session {
             .into_iter()
             .chain(self.settle_deadline())
             .chain(self.backup_deadline())
+            .chain(self.gap_deadline())
             .min()
     }
 
+    /// The wait for the client's acknowledgements: before the reply while
+    /// settling, of the tail after it.
     fn settle_deadline(&self) -> Option<Instant> {
         match &self.lifecycle {
             Lifecycle::Settling(st) => Some(st.until),
+            Lifecycle::Frozen(Frozen { tail: Some(t), .. }) => Some(t.until),
             _ => None,
         }
+    }
+
+    /// The wait for the bytes a client's old connection lost: the next
+    /// request, or the end.
+    fn gap_deadline(&self) -> Option<Instant> {
+        self.gate.as_ref()?.asked.map(|a| a.again.min(a.until))
     }
 
     fn end_deadline(&self) -> Option<Instant> {
@@ -1741,8 +2080,22 @@ impl Session {
         }
         if self.settle_deadline().is_some_and(|t| t <= now) {
             // The client did not acknowledge everything in time: the reply
-            // carries what it lacks.
+            // carries what it lacks, or the destination fetches it.
             self.settle(now, "session migrated away");
+            self.end_tail("the client did not drain it in time");
+        }
+        if let Some(a) = self.gate.as_mut().and_then(|g| g.asked.as_mut()) {
+            if a.until <= now {
+                self.gate = None;
+                self.abort(
+                    now,
+                    RejectReason::OriginUnreachable,
+                    "no answer from the origin for the down bytes the old connection lost",
+                );
+            } else if a.again <= now {
+                a.again = now + self.cfg.timeouts.settle;
+                self.ask_gap();
+            }
         }
         if self.backup_deadline().is_some_and(|t| t <= now) {
             // The backup stalled: continue without crash tolerance (as

@@ -191,6 +191,10 @@ pub struct World {
     /// Hold back what this server sends to the client (scenario tests).
     pub hold_from: Option<usize>,
     pub migrations_seen: u32,
+    /// Migrations that resumed beyond what the client held (it then caught
+    /// up on its old connection), and gaps a destination fetched for it.
+    pub catch_ups: u32,
+    pub gaps_filled: u32,
     /// Drains started.
     pub drains: u32,
 }
@@ -252,6 +256,8 @@ impl World {
             attacker_rejects: Vec::new(),
             hold_from: None,
             migrations_seen: 0,
+            catch_ups: 0,
+            gaps_filled: 0,
             drains: 0,
         };
         let inc = w.client.start(w.now);
@@ -516,7 +522,10 @@ impl World {
                     c.client_closed = true;
                 }
             }
-            ClientEvent::Migrated { .. } => self.migrations_seen += 1,
+            ClientEvent::Migrated { .. } => {
+                self.migrations_seen += 1;
+                self.catch_ups += u32::from(self.client.is_catching_up());
+            }
             _ => {}
         }
         self.client_events.push(ev);
@@ -765,6 +774,9 @@ impl World {
             .expect("whole message");
         assert!(b.is_empty(), "one message per transmit");
         self.log(format!("s{} -> s{}: {}", from + 1, to + 1, msg.name()));
+        if let ControlMessage::GapReply { data: Some(_), .. } = &msg {
+            self.gaps_filled += 1;
+        }
         let from_id = self.ids[from].clone();
         if let Some(node) = self.servers[to].as_mut() {
             node.core.handle_control(now, &from_id, msg);
@@ -829,7 +841,9 @@ impl World {
         // finished there and only the client's last Ack is missing.
         let owned_here = sid.is_some_and(|sid| node.core.owned_sessions().any(|(s, _)| s == sid))
             || self.client.server() == Some(&self.ids[i]);
-        let frozen_or_pending = self.client.is_migrating();
+        // Or the origin of a migration whose data in flight the client
+        // still drains from it.
+        let frozen_or_pending = self.client.is_migrating() || self.client.is_catching_up();
         if owned_here || frozen_or_pending {
             let tolerant = sid.is_some_and(|sid| node.core.crash_tolerant(sid));
             if !tolerant {
@@ -1165,6 +1179,19 @@ impl World {
             let k = keys[self.rng.gen_range(0..keys.len())];
             self.reset_conn(k);
         }
+        if f.conn_reset > 0 && self.client.is_catching_up() && self.rng.gen_range(0..40) == 0 {
+            // The old connection of a migration under load fails while the
+            // client drains it: the destination fetches what it lacks.
+            let owner = self.client.server().cloned();
+            let old = self
+                .conns
+                .iter()
+                .find(|(_, c)| !c.attacker && Some(&self.ids[c.server]) != owner.as_ref())
+                .map(|(k, _)| *k);
+            if let Some(k) = old {
+                self.reset_conn(k);
+            }
+        }
         if roll(&mut self.rng, f.drain) {
             self.drain_one();
         }
@@ -1478,6 +1505,8 @@ impl World {
         }
         Outcome::Completed {
             migrations: self.migrations_seen,
+            catch_ups: self.catch_ups,
+            gaps_filled: self.gaps_filled,
             drains: self.drains,
         }
     }
@@ -1487,7 +1516,12 @@ impl World {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Both streams arrived whole and exactly once.
-    Completed { migrations: u32, drains: u32 },
+    Completed {
+        migrations: u32,
+        drains: u32,
+        catch_ups: u32,
+        gaps_filled: u32,
+    },
     /// The session was lost cleanly (allowed only after a fault that can
     /// lose it).
     FailedClosed { error: String, drains: u32 },

@@ -76,9 +76,11 @@ pub(crate) struct Output {
 }
 
 /// Frames and writes the session's output while the socket takes bytes
-/// (at most one batch framed beyond what it took); what the socket took
-/// counts as sent before this returns. `Ok(true)` when the socket is full
-/// and output remains: the driver waits until it is writable.
+/// (at most one batch framed beyond what it took, and about a batch
+/// written per call: the session's lock is held meanwhile, and a state
+/// request or the application must not wait behind a full-speed stream);
+/// what the socket took counts as sent before this returns. `Ok(true)`
+/// when output remains: the driver goes on once the socket is writable.
 pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
     let CellState { core, out, .. } = st;
     // Only into the connection the session is attached to: right after a
@@ -88,6 +90,7 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
         return Ok(false);
     };
     let mut taken = 0;
+    let mut written = 0;
     let result = loop {
         if o.pending.is_empty() {
             core.on_transmitted(o.inc, std::mem::take(&mut taken));
@@ -104,9 +107,10 @@ pub(crate) fn transmit(st: &mut CellState) -> io::Result<bool> {
         match o.wire.try_write(&mut o.pending) {
             Ok((n, full)) => {
                 taken += n;
+                written += n;
                 o.counted
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                if full {
+                if full || written >= BATCH {
                     break Ok(true);
                 }
             }
