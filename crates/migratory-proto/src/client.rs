@@ -5,13 +5,14 @@
 //! server fails, it opens a new incarnation to another server and sends
 //! `Migrate` with its down-stream position. It stops sending on the old
 //! incarnation at that moment. Unless that incarnation's server failed, it
-//! keeps reading it until the new server resumes the session, and
-//! acknowledges at once what arrives there, so the origin can wait for
-//! those acknowledgements before it hands the state over instead of
-//! shipping the data in flight to the destination (MTCP thesis, section
-//! 4.2.3, step 5). The new server then resumes the down stream at or below
-//! the client's position, and the client drops the bytes it already has
-//! (MTCP's β correction, done at the client).
+//! keeps the incarnation and reads what arrives there, acknowledging it at
+//! once, so the data in flight reaches it over that connection instead of
+//! travelling with the state (MTCP thesis, section 4.2.3, step 5; see
+//! docs/migration.md). The new server may resume the down stream below the
+//! client's position (the client drops the bytes it already has: MTCP's β
+//! correction, done at the client) or beyond it: the client then catches up
+//! on the old incarnation, or tells the new server where that one ended
+//! (`Missing`), before the new server's bytes follow.
 //!
 //! # Driving it
 //!
@@ -576,8 +577,8 @@ impl Client {
     /// server answers. For a liveness check of a server process (its
     /// kernel may still acknowledge TCP while the process hangs). `None`
     /// when the session is not attached to a server (connecting,
-    /// migrating, ended). At most `MAX_PINGS` pings are remembered: an
-    /// answer to an older one is not reported.
+    /// migrating, catching up after one, ended). At most `MAX_PINGS` pings
+    /// are remembered: an answer to an older one is not reported.
     pub fn ping(&mut self, now: Instant) -> Option<u64> {
         // A frame on the new connection would tell its server that the
         // client caught up.
@@ -649,15 +650,15 @@ impl Client {
         };
         // Pings on the old incarnation are answered there, if at all.
         self.pings.clear();
-        // Stop sending on the old incarnation; keep reading it while its
-        // server is alive (the origin waits for what is in flight there to
-        // be acknowledged before it answers).
+        // Stop sending on the old incarnation; keep it while its server is
+        // alive (what is in flight there reaches the client on it).
         if let Some(old) = self.cur.take() {
             if cause == MigrationCause::ServerFailed || self.draining.is_some() {
                 self.abandon(old);
             } else {
-                // Acknowledge at once what arrived so far (it may wait
-                // for a delayed ack): the origin waits for it.
+                // Acknowledge at once what arrived so far (it may wait for
+                // a delayed ack): the origin frees it, or, for a replicated
+                // session, waits for it before it answers.
                 self.draining = Some(old);
                 if !self.ready.contains(&old) {
                     self.ready.push_back(old);
@@ -1259,7 +1260,9 @@ impl Client {
             self.confirm = true;
             self.mark_ready();
             if let Some((dest, cause)) = self.deferred.take() {
-                self.begin_migration(now, dest, cause);
+                if !self.closing() {
+                    self.begin_migration(now, dest, cause);
+                }
             }
         } else if self.draining.is_none() && !c.missing {
             let pos = self.wire_pos();

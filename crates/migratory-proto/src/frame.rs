@@ -164,13 +164,13 @@ pub struct MigrateRequest {
     pub down: Pos,
     /// The client has received the server's Close.
     pub down_fin: bool,
-    /// The client keeps reading its previous incarnation until it is
-    /// resumed, and acknowledges there what arrives: the origin may wait
-    /// for those acknowledgements before it answers, so that the data in
-    /// flight reaches the client on the connection it is already on
-    /// instead of travelling in the state (MTCP thesis, section 4.2.3,
-    /// step 5). The destination then resumes the down stream at or beyond
-    /// `down`.
+    /// The client keeps its previous incarnation and reads what arrives
+    /// there, acknowledging it, so that the data in flight reaches the
+    /// client on the connection it is already on instead of travelling in
+    /// the state (MTCP thesis, section 4.2.3, step 5; docs/migration.md).
+    /// The destination then resumes the down stream at or beyond `down`;
+    /// beyond what the client holds, the client catches up on that
+    /// incarnation before the destination's bytes follow.
     pub draining: bool,
     /// How many down bytes beyond `down` the client can buffer.
     pub window: u64,

@@ -319,6 +319,91 @@ fn an_old_connection_that_breaks_while_the_client_catches_up_is_refilled_by_the_
 }
 
 #[test]
+fn a_migration_asked_for_while_catching_up_goes_where_it_was_asked() {
+    // The client asks to move on while it still catches up with s2: the
+    // migration starts once it has, and its Migrate (which may reach s2
+    // before the client's confirming frame does) shows s2 that it caught
+    // up, so s2 hands the session on to s3.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 3 % 227) as u8).collect();
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_catching_up());
+    w.client.migrate(w.now, Some(id(2))).expect("deferred");
+    assert!(w.client.migration_pending() && !w.client.is_migrating());
+    w.hold_from = None;
+    let old = *w.conns.keys().next().expect("old connection");
+    w.deliver_conn(old, false, usize::MAX);
+    w.flush();
+    assert!(w.client.is_migrating(), "the deferred migration started");
+    // Its Migrate, and s3's state request, travel first.
+    let to_s3 = *w
+        .conns
+        .iter()
+        .find(|(_, c)| c.server == 2 && !c.attacker)
+        .expect("connection to s3")
+        .0;
+    w.deliver_conn(to_s3, true, usize::MAX);
+    w.flush();
+    w.deliver_link(2, 1);
+    w.flush();
+    w.pump();
+    assert_eq!(w.owner(), Some(2), "the session went where it was asked");
+    assert!(!w.client.migration_pending());
+    let mut got = w.client_read_all().0;
+    let h3 = w.handle(2);
+    w.server(2).write(h3, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
+}
+
+#[test]
+fn a_gap_is_asked_for_once_while_the_control_link_stays_up() {
+    // The destination asks the origin for the bytes a broken old
+    // connection lost once, not again on every timer: a reply of up to a
+    // send buffer must not be queued several times on the control link.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 239) as u8).collect();
+    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    let old = *w.conns.keys().next().expect("old connection");
+    w.reset_conn(old);
+    // The client's Missing reaches s2, which asks s1; the reply is slow.
+    w.flush();
+    let keys: Vec<_> = w.conns.keys().copied().collect();
+    for k in keys {
+        w.deliver_conn(k, true, usize::MAX);
+    }
+    w.flush();
+    // (The simulated servers ask for at most 400 ms, `settle` is 100 ms.)
+    for _ in 0..3 {
+        w.advance(std::time::Duration::from_millis(60));
+        w.flush();
+    }
+    let asked = w.links.get(&(1, 0)).map_or(0, |q| q.len());
+    assert_eq!(asked, 1, "one GapRequest in almost two `settle`s");
+    // The link breaks with the request on it: asked again, which brings
+    // the link back.
+    w.break_link(0, 1);
+    w.advance(std::time::Duration::from_millis(110));
+    w.pump();
+    assert!(!w.client.is_catching_up());
+    let mut got = w.client_read_all().0;
+    let h2 = w.handle(1);
+    w.server(1).write(h2, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.clone();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
+}
+
+#[test]
 fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
     // The origin (no backup) crashes while the client still drains its
     // connection: the bytes it lacks existed nowhere else. The session

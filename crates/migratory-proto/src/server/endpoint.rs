@@ -1256,6 +1256,15 @@ impl<S: SessionSlot> Endpoint<S> {
         for sid in backed {
             self.call(sid, |s| s.backup_lost(peer));
         }
+        let gaps: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, (_, s))| s.peek(|s| s.waits_gap_from(peer)))
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in gaps {
+            self.call(sid, |s| s.gap_link_down(now, peer));
+        }
     }
 
     /// The control connection to `peer` is (again) up: replicas it keeps for

@@ -58,9 +58,10 @@ enum Lifecycle {
     /// The application released it; it finishes its close with the client
     /// (input is discarded, the down direction is closed).
     Releasing(Link),
-    /// A state request stopped the application while down bytes sent on
-    /// the attached incarnation were not yet acknowledged, and the client
-    /// keeps reading that incarnation (its Migrate says `draining`). Nothing
+    /// A state request stopped the application of a replicated session
+    /// (its backup is live) while down bytes sent on the attached
+    /// incarnation were not yet acknowledged, and the client keeps reading
+    /// that incarnation (its Migrate says `draining`). Nothing
     /// more is sent; the acknowledgements that come back shrink the state
     /// the reply carries (MTCP thesis, section 4.2.3, step 5). The reply
     /// leaves once everything sent is acknowledged, the connection ends,
@@ -137,13 +138,14 @@ struct Gate {
     asked: Option<Asked>,
 }
 
-/// A gap request on its way: asked again every `timeouts.settle` (a
-/// control link that broke loses it) for up to `timeouts.state_request`,
-/// as long as a destination waits for a state reply.
+/// A gap request on its way, for up to `timeouts.state_request` (as long
+/// as a destination waits for a state reply). Asked again only when the
+/// control link to the holder went down meanwhile (it lost the request or
+/// the reply): a link that stays up delivers both.
 #[derive(Debug, Clone, Copy)]
 struct Asked {
     pos: Pos,
-    again: Instant,
+    again: bool,
     until: Instant,
 }
 
@@ -513,9 +515,12 @@ impl Session {
 
     /// Whether the session would survive this server's crash: its backup
     /// is connected and holds the whole state, including every up byte
-    /// acknowledged to the client (docs/architecture.md 3.6).
+    /// acknowledged to the client (docs/architecture.md 3.6). Not while
+    /// its client catches up (see `Gate`): the bytes it lacks are only at
+    /// the origin, and the backup's replica starts beyond them.
     pub fn crash_tolerant(&self) -> bool {
         self.is_owned()
+            && self.gate.is_none()
             && self.backup.as_ref().is_some_and(|b| {
                 b.live && b.acked_epoch == Some(self.epoch) && b.held_up >= self.ack_sent
             })
@@ -635,6 +640,11 @@ impl Session {
             // Being ended (a drain that could not move it): it neither
             // moves nor resumes.
             return Err((RejectReason::Shutdown, ABORT_TEXT));
+        }
+        if self.gate.as_ref().is_some_and(|g| m.request.down >= g.at) {
+            // Proved, from a client that holds the resume point: it caught
+            // up (its confirming frame may have gone to no one).
+            self.gate = None;
         }
         if m.request.epoch == self.epoch && self.gate.is_none() {
             // Proved with this epoch's secret: the client has this epoch's
@@ -876,6 +886,13 @@ impl Session {
             if let Frame::Ack { pos, limit, .. } = frame {
                 if pos > self.snd_taken {
                     return Err(ProtocolError::Position("ack beyond the data sent"));
+                }
+                if pos > self.down.start() {
+                    // Progress: the tail may take another `settle`.
+                    let until = self.last_now + self.cfg.timeouts.settle;
+                    if let Lifecycle::Frozen(Frozen { tail: Some(t), .. }) = &mut self.lifecycle {
+                        t.until = until;
+                    }
                 }
                 self.down.drop_to(pos.max(self.down.start()));
                 self.down_limit = self.down_limit.max(limit);
@@ -1579,14 +1596,17 @@ impl Session {
     /// application, pack the state for the client's position and reply.
     ///
     /// When down bytes sent on the attached incarnation are not yet
-    /// acknowledged and the client keeps reading it (`draining`), the
-    /// reply waits for their acknowledgements (see [`Lifecycle::Settling`]):
-    /// under a full-speed stream they are up to a window of data, which
-    /// would otherwise travel to the destination and be sent a second
-    /// time. Exactly-once holds whatever arrives: the reply starts the down
-    /// stream at `max(c, snd_una)`, every byte of which the client holds,
-    /// and the client drops what the destination sends below its own
-    /// position (MTCP's β correction, done by the client).
+    /// acknowledged and the client keeps that incarnation (`draining`),
+    /// they reach the client there: under a full-speed stream they are up
+    /// to a window of data, which would otherwise travel to the
+    /// destination and be sent a second time. Without a live backup the
+    /// reply leaves at once, cut after everything the incarnation carries
+    /// (see [`Tail`]); the destination resumes there and waits for the
+    /// client to catch up (see [`Gate`]). A replicated session waits for
+    /// the acknowledgements first (see [`Lifecycle::Settling`]) and cuts at
+    /// `max(c, snd_una)`, every byte of which the client holds; the client
+    /// drops what the destination sends below its own position (MTCP's β
+    /// correction, done by the client).
     pub(super) fn on_state_request(
         &mut self,
         now: Instant,
@@ -1828,7 +1848,7 @@ impl Session {
         let t = &self.cfg.timeouts;
         let asked = Asked {
             pos,
-            again: self.last_now + t.settle,
+            again: false,
             until: self.last_now + t.state_request,
         };
         let Some(g) = self.gate.as_mut().filter(|g| g.from <= pos && pos < g.at) else {
@@ -1874,7 +1894,28 @@ impl Session {
             end: g.at,
         };
         self.control.push_back((holder, msg));
-        self.deadline(a.again.min(a.until));
+        self.deadline(a.until);
+    }
+
+    /// Whether this session waits for bytes from `peer` (a gap request).
+    pub(super) fn waits_gap_from(&self, peer: &ServerId) -> bool {
+        self.gate
+            .as_ref()
+            .is_some_and(|g| g.asked.is_some() && g.holder.as_ref().is_some_and(|(h, _)| h == peer))
+    }
+
+    /// The control link to `peer`, which was asked for bytes, went down:
+    /// ask again (the link comes back for the message).
+    pub(super) fn gap_link_down(&mut self, now: Instant, peer: &ServerId) {
+        self.last_now = self.last_now.max(now);
+        if !self.waits_gap_from(peer) {
+            return;
+        }
+        if let Some(a) = self.gate.as_mut().and_then(|g| g.asked.as_mut()) {
+            a.again = true;
+        }
+        let at = now + self.cfg.timeouts.settle;
+        self.deadline(at);
     }
 
     /// The server that gave the state answered a gap request: the bytes go
@@ -2049,10 +2090,9 @@ impl Session {
         }
     }
 
-    /// The wait for the bytes a client's old connection lost: the next
-    /// request, or the end.
+    /// The wait for the bytes a client's old connection lost.
     fn gap_deadline(&self) -> Option<Instant> {
-        self.gate.as_ref()?.asked.map(|a| a.again.min(a.until))
+        self.gate.as_ref()?.asked.map(|a| a.until)
     }
 
     fn end_deadline(&self) -> Option<Instant> {
@@ -2092,8 +2132,8 @@ impl Session {
                     RejectReason::OriginUnreachable,
                     "no answer from the origin for the down bytes the old connection lost",
                 );
-            } else if a.again <= now {
-                a.again = now + self.cfg.timeouts.settle;
+            } else if a.again {
+                a.again = false;
                 self.ask_gap();
             }
         }

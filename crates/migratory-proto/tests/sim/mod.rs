@@ -195,6 +195,9 @@ pub struct World {
     /// up on its old connection), and gaps a destination fetched for it.
     pub catch_ups: u32,
     pub gaps_filled: u32,
+    /// The server the client's last migration left (it may still hold
+    /// bytes the client lacks while it catches up).
+    pub left_from: Option<usize>,
     /// Drains started.
     pub drains: u32,
 }
@@ -258,6 +261,7 @@ impl World {
             migrations_seen: 0,
             catch_ups: 0,
             gaps_filled: 0,
+            left_from: None,
             drains: 0,
         };
         let inc = w.client.start(w.now);
@@ -522,7 +526,10 @@ impl World {
                     c.client_closed = true;
                 }
             }
-            ClientEvent::Migrated { .. } => {
+            ClientEvent::Migrated { from, to, .. } => {
+                if from != to {
+                    self.left_from = Some(self.index_of(from));
+                }
                 self.migrations_seen += 1;
                 self.catch_ups += u32::from(self.client.is_catching_up());
             }
@@ -833,6 +840,13 @@ impl World {
     // ----- faults and actions ------------------------------------------------
 
     pub fn crash(&mut self, i: usize) {
+        if self.servers[i].is_none() {
+            return;
+        }
+        // What the client already did (a Resumed it took) counts.
+        while let Some(ev) = self.client.poll_event() {
+            self.on_client_event(ev);
+        }
         let Some(node) = self.servers[i].as_ref() else {
             return;
         };
@@ -843,7 +857,8 @@ impl World {
             || self.client.server() == Some(&self.ids[i]);
         // Or the origin of a migration whose data in flight the client
         // still drains from it.
-        let frozen_or_pending = self.client.is_migrating() || self.client.is_catching_up();
+        let frozen_or_pending = self.client.is_migrating()
+            || (self.client.is_catching_up() && self.left_from == Some(i));
         if owned_here || frozen_or_pending {
             let tolerant = sid.is_some_and(|sid| node.core.crash_tolerant(sid));
             if !tolerant {
