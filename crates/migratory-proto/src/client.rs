@@ -958,15 +958,7 @@ impl Client {
                     replicated,
                 },
             ) => self.on_resumed(
-                inc,
-                up,
-                up_fin,
-                down,
-                epoch,
-                server,
-                alternates,
-                window,
-                (rekey, replicated),
+                inc, up, up_fin, down, epoch, server, alternates, window, rekey, replicated,
             ),
             (
                 Phase::Migrating {
@@ -1043,7 +1035,8 @@ impl Client {
         server: ServerId,
         alternates: Vec<Alternate>,
         window: u64,
-        (rekey, replicated): (Option<[u8; 32]>, bool),
+        rekey: Option<[u8; 32]>,
+        replicated: bool,
     ) {
         // The server must send from a position the client holds and that
         // is not below its Migrate's (nothing before it is kept), and must

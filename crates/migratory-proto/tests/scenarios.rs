@@ -308,14 +308,7 @@ fn an_old_connection_that_breaks_while_the_client_catches_up_is_refilled_by_the_
     );
     assert!(!w.client.is_catching_up());
     assert_eq!(w.owner(), Some(1));
-    let mut got = w.client_read_all().0;
-    let h2 = w.handle(1);
-    w.server(1).write(h2, b"after").unwrap();
-    w.pump();
-    got.extend(w.client_read_all().0);
-    let mut want = data.clone();
-    want.extend_from_slice(b"after");
-    same_bytes(&got, &want);
+    client_gets_the_window_then_after(&mut w, 1, &data);
 }
 
 #[test]
@@ -351,14 +344,7 @@ fn a_migration_asked_for_while_catching_up_goes_where_it_was_asked() {
     w.pump();
     assert_eq!(w.owner(), Some(2), "the session went where it was asked");
     assert!(!w.client.migration_pending());
-    let mut got = w.client_read_all().0;
-    let h3 = w.handle(2);
-    w.server(2).write(h3, b"after").unwrap();
-    w.pump();
-    got.extend(w.client_read_all().0);
-    let mut want = data.clone();
-    want.extend_from_slice(b"after");
-    same_bytes(&got, &want);
+    client_gets_the_window_then_after(&mut w, 2, &data);
 }
 
 #[test]
@@ -393,14 +379,7 @@ fn a_gap_is_asked_for_once_while_the_control_link_stays_up() {
     w.advance(std::time::Duration::from_millis(110));
     w.pump();
     assert!(!w.client.is_catching_up());
-    let mut got = w.client_read_all().0;
-    let h2 = w.handle(1);
-    w.server(1).write(h2, b"after").unwrap();
-    w.pump();
-    got.extend(w.client_read_all().0);
-    let mut want = data.clone();
-    want.extend_from_slice(b"after");
-    same_bytes(&got, &want);
+    client_gets_the_window_then_after(&mut w, 1, &data);
 }
 
 #[test]
@@ -436,6 +415,19 @@ fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
     let got = w.client_read_all_after_failure();
     assert!(!got.is_empty() && got.len() < WINDOW);
     same_bytes(&got, &data[..got.len()]);
+}
+
+/// The client reads what it holds, then server `i`'s application writes
+/// "after": the client got `data` and then "after", every byte once.
+fn client_gets_the_window_then_after(w: &mut World, i: usize, data: &[u8]) {
+    let mut got = w.client_read_all().0;
+    let h = w.handle(i);
+    w.server(i).write(h, b"after").unwrap();
+    w.pump();
+    got.extend(w.client_read_all().0);
+    let mut want = data.to_vec();
+    want.extend_from_slice(b"after");
+    same_bytes(&got, &want);
 }
 
 /// Every byte once, in order (says where the first difference is, not

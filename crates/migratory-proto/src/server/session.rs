@@ -894,7 +894,7 @@ impl Session {
                         t.until = until;
                     }
                 }
-                self.down.drop_to(pos.max(self.down.start()));
+                self.down.drop_to(pos);
                 self.down_limit = self.down_limit.max(limit);
             }
         }
@@ -1845,12 +1845,7 @@ impl Session {
     /// The client's old connection ended at `pos`, short of the resume
     /// point: ask the server that gave the state for the bytes between.
     fn on_missing(&mut self, pos: Pos, limit: Pos) -> Result<(), ProtocolError> {
-        let t = &self.cfg.timeouts;
-        let asked = Asked {
-            pos,
-            again: false,
-            until: self.last_now + t.state_request,
-        };
+        let until = self.last_now + self.cfg.timeouts.state_request;
         let Some(g) = self.gate.as_mut().filter(|g| g.from <= pos && pos < g.at) else {
             return Err(ProtocolError::Position("Missing outside the gap"));
         };
@@ -1858,24 +1853,26 @@ impl Session {
             // Asked already (the client came back on a new connection).
             Some(a) if a.pos == pos => {}
             Some(_) => return Err(ProtocolError::Position("Missing moved")),
-            None => {}
-        }
-        self.down_limit = self.down_limit.max(limit);
-        let Some(g) = self.gate.as_mut().filter(|g| g.asked.is_none()) else {
-            return Ok(());
-        };
-        if g.holder.is_none() {
             // Resumed from a replica: the bytes were only on the lost
             // connection and at the crashed origin.
-            self.abort(
-                self.last_now,
-                RejectReason::InvalidState,
-                "down bytes in flight on the old connection were lost with it",
-            );
-            return Ok(());
+            None if g.holder.is_none() => {
+                self.abort(
+                    self.last_now,
+                    RejectReason::InvalidState,
+                    "down bytes in flight on the old connection were lost with it",
+                );
+                return Ok(());
+            }
+            None => {
+                g.asked = Some(Asked {
+                    pos,
+                    again: false,
+                    until,
+                });
+                self.ask_gap();
+            }
         }
-        g.asked = Some(asked);
-        self.ask_gap();
+        self.down_limit = self.down_limit.max(limit);
         Ok(())
     }
 
