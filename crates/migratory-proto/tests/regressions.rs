@@ -425,12 +425,7 @@ fn a_large_frame_before_admission_closes_the_connection() {
     b.extend_from_slice(&[0x06, 0, 4, 0, 0]); // Data, 256 KiB
     b.extend_from_slice(&[0u8; 1000]);
     s.handle_input(now, inc, &b);
-    let mut closed = None;
-    while let Some(e) = s.poll_event() {
-        if let ServerEvent::CloseIncarnation { inc: i, reason } = e {
-            closed = Some((i, reason));
-        }
-    }
+    let closed = closed_connection(&mut s);
     let (i, reason) = closed.expect("closed");
     assert_eq!(i, inc);
     assert!(
@@ -509,12 +504,7 @@ fn missing_without_a_gap_closes_the_connection() {
             );
             out.clear();
         }
-        let mut closed = None;
-        while let Some(e) = s.poll_event() {
-            if let ServerEvent::CloseIncarnation { inc: i, reason } = e {
-                closed = Some((i, reason));
-            }
-        }
+        let closed = closed_connection(&mut s);
         let (i, reason) = closed.expect("the connection is closed");
         assert_eq!(i, inc);
         let want = if pos == 0 {
@@ -524,4 +514,15 @@ fn missing_without_a_gap_closes_the_connection() {
         };
         assert!(reason.contains(want), "{reason}");
     }
+}
+
+/// The last connection the server's events close, and why.
+fn closed_connection(s: &mut Server) -> Option<(migratory_proto::types::IncarnationId, String)> {
+    let mut closed = None;
+    while let Some(e) = s.poll_event() {
+        if let ServerEvent::CloseIncarnation { inc, reason } = e {
+            closed = Some((inc, reason));
+        }
+    }
+    closed
 }

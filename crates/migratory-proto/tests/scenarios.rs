@@ -291,10 +291,7 @@ fn an_old_connection_that_breaks_while_the_client_catches_up_is_refilled_by_the_
     // the rest from the origin, which kept it, and sends it first.
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 239) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
-    w.client.migrate(w.now, Some(id(1))).expect("migrate");
-    w.pump();
-    assert!(w.client.is_catching_up());
+    let mut w = catching_up_at_s2(&data);
     let old = *w.conns.keys().next().expect("old connection");
     w.deliver_conn(old, false, WINDOW / 4 + 100);
     w.pump();
@@ -319,10 +316,7 @@ fn a_migration_asked_for_while_catching_up_goes_where_it_was_asked() {
     // up, so s2 hands the session on to s3.
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 3 % 227) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
-    w.client.migrate(w.now, Some(id(1))).expect("migrate");
-    w.pump();
-    assert!(w.client.is_catching_up());
+    let mut w = catching_up_at_s2(&data);
     w.client.migrate(w.now, Some(id(2))).expect("deferred");
     assert!(w.client.migration_pending() && !w.client.is_migrating());
     w.hold_from = None;
@@ -354,9 +348,7 @@ fn a_gap_is_asked_for_once_while_the_control_link_stays_up() {
     // send buffer must not be queued several times on the control link.
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 7 % 239) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
-    w.client.migrate(w.now, Some(id(1))).expect("migrate");
-    w.pump();
+    let mut w = catching_up_at_s2(&data);
     let old = *w.conns.keys().next().expect("old connection");
     w.reset_conn(old);
     // The client's Missing reaches s2, which asks s1; the reply is slow.
@@ -390,9 +382,7 @@ fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
     // client never reads a byte out of place.
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 11 % 233) as u8).collect();
-    let mut w = window_in_flight(WINDOW, 4 << 10, &data, false);
-    w.client.migrate(w.now, Some(id(1))).expect("migrate");
-    w.pump();
+    let mut w = catching_up_at_s2(&data);
     let old = *w.conns.keys().next().expect("old connection");
     w.deliver_conn(old, false, WINDOW / 4 + 100);
     w.pump();
@@ -415,6 +405,17 @@ fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
     let got = w.client_read_all_after_failure();
     assert!(!got.is_empty() && got.len() < WINDOW);
     same_bytes(&got, &data[..got.len()]);
+}
+
+/// A window of `data` in flight on s1's connection (see
+/// `window_in_flight`), and the client migrated to s2, which resumed
+/// beyond what the client holds: it catches up on the old connection.
+fn catching_up_at_s2(data: &[u8]) -> World {
+    let mut w = window_in_flight(data.len(), 4 << 10, data, false);
+    w.client.migrate(w.now, Some(id(1))).expect("migrate");
+    w.pump();
+    assert!(w.client.is_catching_up());
+    w
 }
 
 /// The client reads what it holds, then server `i`'s application writes

@@ -1247,23 +1247,14 @@ impl<S: SessionSlot> Endpoint<S> {
                 self.timers.insert((now + orphan, Timer::Replica(*sid)));
             }
         }
-        let backed: Vec<SessionId> = self
+        let concerned: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, (_, s))| s.peek(|s| s.backed_up_by(peer)))
+            .filter(|(_, (_, s))| s.peek(|s| s.backed_up_by(peer) || s.waits_gap_from(peer)))
             .map(|(sid, _)| *sid)
             .collect();
-        for sid in backed {
-            self.call(sid, |s| s.backup_lost(peer));
-        }
-        let gaps: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, (_, s))| s.peek(|s| s.waits_gap_from(peer)))
-            .map(|(sid, _)| *sid)
-            .collect();
-        for sid in gaps {
-            self.call(sid, |s| s.gap_link_down(now, peer));
+        for sid in concerned {
+            self.call(sid, |s| s.peer_down(now, peer));
         }
     }
 

@@ -1901,10 +1901,12 @@ impl Session {
             .is_some_and(|g| g.asked.is_some() && g.holder.as_ref().is_some_and(|(h, _)| h == peer))
     }
 
-    /// The control link to `peer`, which was asked for bytes, went down:
-    /// ask again (the link comes back for the message).
-    pub(super) fn gap_link_down(&mut self, now: Instant, peer: &ServerId) {
+    /// The control link to `peer` went down: a backup there is lost, and
+    /// bytes asked of it are asked again (the link comes back for the
+    /// message).
+    pub(super) fn peer_down(&mut self, now: Instant, peer: &ServerId) {
         self.last_now = self.last_now.max(now);
+        self.backup_lost(peer);
         if !self.waits_gap_from(peer) {
             return;
         }
