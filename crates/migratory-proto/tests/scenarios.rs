@@ -407,6 +407,52 @@ fn data_in_flight_lost_with_its_origin_ends_the_session_with_an_error() {
     same_bytes(&got, &data[..got.len()]);
 }
 
+#[test]
+fn a_client_cut_off_from_its_new_server_while_catching_up_resumes_elsewhere() {
+    // The client migrated under load and is catching up on its old
+    // connection when its connection to the new server (s2, alive) breaks.
+    // It fails over; the server it reaches asks s2 for the state, and s2,
+    // which lacks the bytes below its resume point, fetches them from the
+    // origin and then answers, instead of refusing until the client caught
+    // up (which it cannot do while its old connection stalls, or is broken
+    // too: a client whose network changed).
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 13 % 241) as u8).collect();
+    for old_breaks_too in [false, true] {
+        let mut w = catching_up_at_s2(&data);
+        let old = *w.conns.keys().next().expect("old connection");
+        w.deliver_conn(old, false, WINDOW / 4 + 100);
+        let to_s2 = *w
+            .conns
+            .iter()
+            .find(|(_, c)| c.server == 1 && !c.attacker)
+            .expect("connection to s2")
+            .0;
+        if old_breaks_too {
+            w.reset_conn(old);
+        }
+        w.unreachable.insert(1);
+        w.reset_conn(to_s2);
+        // The old connection stays stalled (s1's output is held) while the
+        // client fails over; then the network delivers everything again.
+        w.pump();
+        w.hold_from = None;
+        for _ in 0..5 {
+            w.advance(std::time::Duration::from_millis(100));
+            w.pump();
+        }
+        assert_eq!(
+            w.client.failure(),
+            None,
+            "the session survives (old connection broken too: {old_breaks_too})"
+        );
+        assert!(!w.client.is_catching_up());
+        let at = w.owner().expect("attached again");
+        assert_ne!(at, 1, "not back on the server it lost");
+        client_gets_the_window_then_after(&mut w, at, &data);
+    }
+}
+
 /// A window of `data` in flight on s1's connection (see
 /// `window_in_flight`), and the client migrated to s2, which resumed
 /// beyond what the client holds: it catches up on the old connection.

@@ -127,6 +127,11 @@ struct Tail {
 /// below the resume point (`at`): it sends nothing until the client shows
 /// it does (any frame but Missing), or says where its old connection ended
 /// (Missing) and the bytes from there arrived from their `holder`.
+///
+/// A client that leaves before it caught up (its connection here broke)
+/// asks another server to resume the session: that server's state request
+/// waits here while the bytes the client lacks are fetched from the
+/// holder, and is answered once they are.
 #[derive(Debug, Clone)]
 struct Gate {
     at: Pos,
@@ -136,6 +141,11 @@ struct Gate {
     holder: Option<(ServerId, u64)>,
     /// The bytes from here were asked of the holder.
     asked: Option<Asked>,
+    /// Where the client said its old connection ended (`Missing`): the
+    /// down stream goes on from there once the bytes arrived.
+    missing: Option<Pos>,
+    /// A state request waiting for the bytes: (requester, req, Migrate).
+    waiting: Option<(ServerId, u64, Migrate)>,
 }
 
 /// A gap request on its way, for up to `timeouts.state_request` (as long
@@ -343,6 +353,8 @@ impl Session {
             from,
             holder: owed_ack.clone(),
             asked: None,
+            missing: None,
+            waiting: None,
         });
         let mut up = ByteQueue::new(image.up_snap);
         up.push(image.up_data);
@@ -643,8 +655,11 @@ impl Session {
         }
         if self.gate.as_ref().is_some_and(|g| m.request.down >= g.at) {
             // Proved, from a client that holds the resume point: it caught
-            // up (its confirming frame may have gone to no one).
-            self.gate = None;
+            // up (its confirming frame may have gone to no one). A request
+            // that waited for the bytes was an earlier attempt.
+            if let Some((to, req, _)) = self.gate.take().and_then(|g| g.waiting) {
+                self.reject_request(to, req, RejectReason::AuthFailed, "superseded attempt");
+            }
         }
         if m.request.epoch == self.epoch && self.gate.is_none() {
             // Proved with this epoch's secret: the client has this epoch's
@@ -983,16 +998,17 @@ impl Session {
         match &self.gate {
             // Until the bytes it lacks arrive, the client only acknowledges
             // (and opens its window).
-            Some(g) if g.asked.is_some() && !matches!(frame, Frame::Ack { fin: false, .. }) => {
+            Some(g) if g.missing.is_some() && !matches!(frame, Frame::Ack { fin: false, .. }) => {
                 return Err(ProtocolError::Unexpected {
                     frame: frame.name(),
                     why: "sent before the missing bytes arrived",
                 });
             }
-            Some(g) if g.asked.is_some() => {}
+            Some(g) if g.missing.is_some() => {}
             // Any other frame says the client drained its old connection
-            // up to the resume point: the down stream may go on.
-            Some(_) => self.gate = None,
+            // up to the resume point: the down stream may go on (bytes
+            // asked for meanwhile are not needed any more).
+            Some(_) => self.lift_gate(),
             None => {}
         }
         if self.gate.is_none() {
@@ -1619,14 +1635,7 @@ impl Session {
             return self.reject_request(from.clone(), req, reason, text);
         }
         if self.gate.is_some() {
-            // Another server could not give the client the bytes it still
-            // lacks below the resume point: it comes back here for them.
-            return self.reject_request(
-                from.clone(),
-                req,
-                RejectReason::Busy,
-                "the client has not caught up with this server yet",
-            );
+            return self.hold_request(from, req, m);
         }
         self.last_attempt = m.request.attempt;
         let request = (from.clone(), req, m.clone());
@@ -1823,10 +1832,13 @@ impl Session {
 
     /// The destination `from` asks for the down bytes `[start, end)` that
     /// the client's old connection (this session's tail) did not deliver.
+    /// Those the client acknowledged there since are not sent (it holds
+    /// them): the answer starts where this copy's bytes do.
     pub(super) fn on_gap_request(&mut self, from: &ServerId, req: u64, start: Pos, end: Pos) {
+        let start = start.max(self.down.start());
         let held = self.replied_to(from, req)
             && self.down.start() <= start
-            && start < end
+            && start <= end
             && end <= self.down.end()
             && end - start <= self.cfg.limits.recv_window.max(self.cfg.limits.send_buffer);
         let data = held.then(|| self.down.slice(start, end));
@@ -1849,9 +1861,15 @@ impl Session {
         let Some(g) = self.gate.as_mut().filter(|g| g.from <= pos && pos < g.at) else {
             return Err(ProtocolError::Position("Missing outside the gap"));
         };
+        if g.missing.is_some_and(|m| m != pos) {
+            return Err(ProtocolError::Position("Missing moved"));
+        }
+        g.missing = Some(pos);
         match g.asked {
-            // Asked already (the client came back on a new connection).
-            Some(a) if a.pos == pos => {}
+            // Asked already: the client came back on a new connection, or
+            // a state request that came while it was away asked from where
+            // its Migrate said (it held every byte below).
+            Some(a) if a.pos <= pos => {}
             Some(_) => return Err(ProtocolError::Position("Missing moved")),
             // Resumed from a replica: the bytes were only on the lost
             // connection and at the crashed origin.
@@ -1927,15 +1945,18 @@ impl Session {
         data: Option<Bytes>,
     ) {
         self.last_now = self.last_now.max(now);
+        // The holder answers from where it was asked, or later when the
+        // client acknowledged more on its old connection meanwhile (it
+        // holds those bytes).
         let Some(g) = self.gate.as_ref().filter(|g| {
-            g.asked.is_some_and(|a| a.pos == start)
+            g.asked.is_some_and(|a| a.pos <= start)
                 && g.holder.as_ref().is_some_and(|(h, _)| h == from)
         }) else {
             return;
         };
-        let at = g.at;
+        let (at, resume) = (g.at, g.missing.unwrap_or(start));
         let fits = |d: &Bytes| d.len() as u64 == at - start;
-        match data.filter(|d| fits(d) && self.down.start() == at) {
+        match data.filter(|d| fits(d) && self.down.start() == at && start <= resume) {
             Some(d) => {
                 let mut down = ByteQueue::new(start);
                 down.push(d);
@@ -1944,18 +1965,88 @@ impl Session {
                     down.push(rest);
                 }
                 self.down = down;
-                self.snd_nxt = start;
-                self.snd_taken = start;
-                self.gate = None;
+                // The client holds what its old connection brought.
+                self.down.drop_to(resume);
+                self.snd_nxt = resume;
+                self.snd_taken = resume;
+                self.lift_gate();
             }
-            None => {
-                self.abort(
-                    now,
-                    RejectReason::InvalidState,
-                    "the origin no longer holds the down bytes the old connection lost",
-                );
-            }
+            None => self.gap_failed(
+                now,
+                RejectReason::InvalidState,
+                "the origin no longer holds the down bytes the old connection lost",
+            ),
         }
+    }
+
+    /// A state request while the client catches up here (see [`Gate`]):
+    /// the client left before it held the resume point, so the bytes below
+    /// it are fetched from the holder (from where the client's Migrate
+    /// says it stands), and the request waits for them. A newer attempt
+    /// of the client takes the place of an older one.
+    fn hold_request(&mut self, from: &ServerId, req: u64, m: &Migrate) {
+        let until = self.last_now + self.cfg.timeouts.state_request;
+        let Some(g) = self.gate.as_mut() else {
+            return;
+        };
+        let pos = m.request.down;
+        let ask = match (&g.holder, g.asked) {
+            (Some(_), None) => true,
+            (Some(_), Some(a)) if a.pos <= pos => false,
+            // Resumed from a replica (the bytes were only at the crashed
+            // origin and on the lost connection), or a position the
+            // client's own Missing contradicts.
+            _ => {
+                return self.reject_request(
+                    from.clone(),
+                    req,
+                    RejectReason::Busy,
+                    "the client has not caught up with this server yet",
+                )
+            }
+        };
+        let newer = (from.clone(), req, m.clone());
+        let older = match g.waiting.take() {
+            Some(w) if w.2.request.attempt >= m.request.attempt => {
+                g.waiting = Some(w);
+                Some(newer)
+            }
+            w => {
+                g.waiting = Some(newer);
+                w
+            }
+        };
+        if ask {
+            g.asked = Some(Asked {
+                pos,
+                again: false,
+                until,
+            });
+            self.ask_gap();
+        }
+        if let Some((to, req, _)) = older {
+            self.reject_request(to, req, RejectReason::AuthFailed, "superseded attempt");
+        }
+    }
+
+    /// The client holds everything below the resume point: the down
+    /// stream goes on, and a state request that waited is answered.
+    fn lift_gate(&mut self) {
+        let Some(g) = self.gate.take() else {
+            return;
+        };
+        if let Some((from, req, m)) = g.waiting {
+            self.on_state_request(self.last_now, &from, req, &m);
+        }
+    }
+
+    /// The bytes below the resume point cannot be had: the session ends,
+    /// and a state request that waited for them is refused.
+    fn gap_failed(&mut self, now: Instant, reason: RejectReason, text: &str) {
+        if let Some((to, req, _)) = self.gate.take().and_then(|g| g.waiting) {
+            self.reject_request(to, req, reason, text);
+        }
+        self.abort(now, reason, text);
     }
 
     /// The destination confirmed the session (StateAck): it is gone from
@@ -2125,8 +2216,7 @@ impl Session {
         }
         if let Some(a) = self.gate.as_mut().and_then(|g| g.asked.as_mut()) {
             if a.until <= now {
-                self.gate = None;
-                self.abort(
+                self.gap_failed(
                     now,
                     RejectReason::OriginUnreachable,
                     "no answer from the origin for the down bytes the old connection lost",

@@ -24,7 +24,7 @@
 
 pub mod apps;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -200,6 +200,13 @@ pub struct World {
     pub left_from: Option<usize>,
     /// Drains started.
     pub drains: u32,
+    /// Servers the client cannot reach (its connections to them are
+    /// refused; the servers and their control links are fine), until then.
+    pub unreachable: BTreeSet<usize>,
+    pub unreachable_until: Option<Instant>,
+    /// Times the client lost every connection while it caught up, and its
+    /// new server was out of its reach (see `cut_off`).
+    pub cut_offs: u32,
 }
 
 pub fn id(i: usize) -> ServerId {
@@ -263,6 +270,9 @@ impl World {
             gaps_filled: 0,
             left_from: None,
             drains: 0,
+            unreachable: BTreeSet::new(),
+            unreachable_until: None,
+            cut_offs: 0,
         };
         let inc = w.client.start(w.now);
         w.log(format!("client starts on {inc}"));
@@ -540,7 +550,8 @@ impl World {
 
     fn connect(&mut self, inc: IncarnationId, target: usize, attacker: bool) {
         let now = self.now;
-        match self.servers[target].as_mut() {
+        let reachable = attacker || !self.unreachable.contains(&target);
+        match self.servers[target].as_mut().filter(|_| reachable) {
             Some(node) => {
                 let binding = self.cfg.tls.then(|| {
                     let mut b = [0u8; 32];
@@ -867,6 +878,9 @@ impl World {
         }
         self.crashes += 1;
         self.log(format!("CRASH s{}", i + 1));
+        // One fault at a time: the client reaches every live server again
+        // (a crash must not leave it only an unreachable one).
+        self.unreachable.clear();
         self.servers[i] = None;
         let now = self.now;
         let keys: Vec<IncarnationId> = self
@@ -1002,6 +1016,10 @@ impl World {
     pub fn advance(&mut self, d: Duration) {
         self.now += d;
         let now = self.now;
+        if self.unreachable_until.is_some_and(|t| t <= now) {
+            self.unreachable.clear();
+            self.unreachable_until = None;
+        }
         if self.client.poll_timeout().is_some_and(|t| t <= now) {
             self.client.handle_timeout(now);
         }
@@ -1207,6 +1225,9 @@ impl World {
                 self.reset_conn(k);
             }
         }
+        if f.conn_reset > 0 && self.client.is_catching_up() && self.rng.gen_range(0..80) == 0 {
+            self.cut_off();
+        }
         if roll(&mut self.rng, f.drain) {
             self.drain_one();
         }
@@ -1216,6 +1237,40 @@ impl World {
         }
         self.flush();
         self.check_one_owner();
+    }
+
+    /// The client's network changes while it catches up after a migration
+    /// under load: every connection it has breaks, and its new server is
+    /// out of its reach for 300 ms (the servers and their control links are
+    /// fine). Another server resumes the session, the bytes its old
+    /// connection did not bring fetched from the origin.
+    pub fn cut_off(&mut self) {
+        let Some(owner) = self.owner().filter(|_| self.unreachable.is_empty()) else {
+            return;
+        };
+        // Only while another server can take the session.
+        let takers = (0..self.servers.len()).filter(|i| {
+            *i != owner
+                && self.servers[*i]
+                    .as_ref()
+                    .is_some_and(|n| n.core.drain_status().is_none())
+        });
+        if takers.count() == 0 {
+            return;
+        }
+        self.log(format!("CUT OFF from s{}", owner + 1));
+        self.cut_offs += 1;
+        self.unreachable.insert(owner);
+        self.unreachable_until = Some(self.now + Duration::from_millis(300));
+        let keys: Vec<IncarnationId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.attacker)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.reset_conn(k);
+        }
     }
 
     /// A random live server that is not draining starts a drain with a
@@ -1241,6 +1296,8 @@ impl World {
         };
         self.log(format!("DRAIN s{} within {deadline:?}", i + 1));
         self.drains += 1;
+        // One fault at a time (as for a crash).
+        self.unreachable.clear();
         let now = self.now;
         if let Some(n) = self.servers[i].as_mut() {
             n.core.drain(now, now + deadline);
@@ -1522,6 +1579,7 @@ impl World {
             migrations: self.migrations_seen,
             catch_ups: self.catch_ups,
             gaps_filled: self.gaps_filled,
+            cut_offs: self.cut_offs,
             drains: self.drains,
         }
     }
@@ -1536,6 +1594,7 @@ pub enum Outcome {
         drains: u32,
         catch_ups: u32,
         gaps_filled: u32,
+        cut_offs: u32,
     },
     /// The session was lost cleanly (allowed only after a fault that can
     /// lose it).
