@@ -453,6 +453,59 @@ fn a_client_cut_off_from_its_new_server_while_catching_up_resumes_elsewhere() {
     }
 }
 
+#[test]
+fn a_client_that_comes_back_while_its_gap_is_fetched_gets_every_byte_once() {
+    // The client said Missing to s2, then lost that connection and came
+    // back to s2 (the only server it reaches) while s2 still waited for
+    // the bytes from s1; the bytes arrive before the client reads its
+    // Resumed. s2 keeps the connection and sends from where the client
+    // stopped, once.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 17 % 227) as u8).collect();
+    let mut w = catching_up_at_s2(&data);
+    let to_s2 = |w: &World| {
+        w.conns
+            .iter()
+            .filter(|(_, c)| c.server == 1 && !c.attacker)
+            .map(|(k, _)| *k)
+            .max()
+            .expect("a connection to s2")
+    };
+    let old = *w.conns.keys().next().expect("old connection");
+    w.reset_conn(old);
+    w.flush();
+    let first = to_s2(&w);
+    w.deliver_conn(first, true, usize::MAX);
+    w.flush();
+    assert_eq!(
+        w.links.get(&(1, 0)).map_or(0, |q| q.len()),
+        1,
+        "s2 asked s1"
+    );
+    w.unreachable.extend([0, 2]);
+    w.reset_conn(first);
+    w.flush();
+    let second = to_s2(&w);
+    assert_ne!(first, second, "the client came back to s2");
+    w.deliver_conn(second, true, usize::MAX);
+    w.flush();
+    // The gap request and its reply, before the client reads Resumed.
+    w.deliver_link(1, 0);
+    w.flush();
+    w.deliver_link(0, 1);
+    w.flush();
+    w.unreachable.clear();
+    w.pump();
+    assert!(
+        w.conns.contains_key(&second),
+        "s2 kept the connection the client came back on"
+    );
+    assert_eq!(w.client.failure(), None);
+    assert_eq!(w.owner(), Some(1));
+    assert!(!w.client.is_catching_up());
+    client_gets_the_window_then_after(&mut w, 1, &data);
+}
+
 /// A window of `data` in flight on s1's connection (see
 /// `window_in_flight`), and the client migrated to s2, which resumed
 /// beyond what the client holds: it catches up on the old connection.
