@@ -435,7 +435,13 @@ fn a_client_cut_off_from_its_new_server_while_catching_up_resumes_elsewhere() {
         w.reset_conn(to_s2);
         // The old connection stays stalled (s1's output is held) while the
         // client fails over; then the network delivers everything again.
+        let gaps = w.gaps_filled;
         w.pump();
+        assert_eq!(
+            w.gaps_filled,
+            gaps + 1,
+            "s2 fetched the bytes for the request"
+        );
         w.hold_from = None;
         for _ in 0..5 {
             w.advance(std::time::Duration::from_millis(100));
@@ -504,6 +510,150 @@ fn a_client_that_comes_back_while_its_gap_is_fetched_gets_every_byte_once() {
     assert_eq!(w.owner(), Some(1));
     assert!(!w.client.is_catching_up());
     client_gets_the_window_then_after(&mut w, 1, &data);
+}
+
+#[test]
+fn a_gap_asked_for_an_abandoned_attempt_does_not_position_the_client() {
+    // Cut off from s2 with its old connection still open, the client tries
+    // another server, whose state request s2 holds while it asks s1 for the
+    // bytes from where that attempt stood. The attempt fails and the client
+    // comes back to s2, and reads more of its old connection meanwhile.
+    // s1's answer, arriving late, starts where the client no longer is: s2
+    // does not go on from there, and the client gets every byte once.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 19 % 233) as u8).collect();
+    let mut w = catching_up_at_s2(&data);
+    let old = *w.conns.keys().next().expect("old connection");
+    // A quarter arrives on the old connection, and s1 hears the client's
+    // acknowledgement of it.
+    w.deliver_conn(old, false, WINDOW / 4);
+    w.flush();
+    w.deliver_conn(old, true, usize::MAX);
+    w.flush();
+    w.unreachable.insert(1);
+    let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
+    w.reset_conn(to_s2);
+    w.flush();
+    let x = [0, 2]
+        .into_iter()
+        .find(|i| client_conn_to(&w, *i).is_some_and(|k| k != old))
+        .expect("an attempt at another server");
+    let to_x = client_conn_to(&w, x).expect("connection to it");
+    w.deliver_conn(to_x, true, usize::MAX);
+    w.flush();
+    w.deliver_link(x, 1);
+    w.flush();
+    assert_eq!(
+        w.links.get(&(1, 0)).map_or(0, |q| q.len()),
+        1,
+        "s2 holds the request and asks s1"
+    );
+    // That attempt fails; only s2 is within reach now.
+    w.unreachable = [0, 2].into();
+    w.reset_conn(to_x);
+    w.flush();
+    let back = client_conn_to(&w, 1).expect("the client came back to s2");
+    w.deliver_conn(back, true, usize::MAX);
+    w.flush();
+    w.deliver_conn(back, false, usize::MAX);
+    w.flush();
+    w.deliver_conn(old, false, WINDOW / 4);
+    w.flush();
+    w.deliver_link(1, 0);
+    w.flush();
+    w.deliver_link(0, 1);
+    w.flush();
+    let mut got = w.client_read_all().0;
+    w.deliver_conn(back, false, usize::MAX);
+    w.flush();
+    got.extend(w.client_read_all().0);
+    w.unreachable.clear();
+    w.hold_from = None;
+    w.pump();
+    for _ in 0..5 {
+        w.advance(std::time::Duration::from_millis(100));
+        w.pump();
+    }
+    assert_eq!(w.client.failure(), None);
+    got.extend(w.client_read_all().0);
+    same_bytes(&got, &data);
+    let at = w.owner().expect("attached");
+    client_gets_the_window_then_after(&mut w, at, &[]);
+}
+
+#[test]
+fn a_slow_origin_does_not_end_a_session_whose_client_catches_up() {
+    // Cut off from s2, the client tries another server; s2 holds that
+    // state request and asks s1 for the bytes the client lacks, but the
+    // way from s2 to s1 is slow. Meanwhile the client gets them all on its
+    // old connection. s2 refuses the held request in time (the client
+    // tries again, now caught up) and keeps the session: nothing was lost.
+    const WINDOW: usize = 64 << 10;
+    let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 23 % 229) as u8).collect();
+    let mut w = catching_up_at_s2(&data);
+    let old = *w.conns.keys().next().expect("old connection");
+    w.deliver_conn(old, false, WINDOW / 4);
+    let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
+    w.unreachable.insert(1);
+    w.reset_conn(to_s2);
+    w.hold_from = None;
+    pump_but_s2_to_s1(&mut w);
+    for _ in 0..6 {
+        w.advance(std::time::Duration::from_millis(100));
+        pump_but_s2_to_s1(&mut w);
+    }
+    w.unreachable.clear();
+    w.pump();
+    for _ in 0..20 {
+        w.advance(std::time::Duration::from_millis(100));
+        w.pump();
+    }
+    assert_eq!(w.client.failure(), None, "the session survives");
+    let at = w.owner().expect("attached");
+    client_gets_the_window_then_after(&mut w, at, &data);
+}
+
+/// The newest open connection of the client to server `i`.
+fn client_conn_to(w: &World, i: usize) -> Option<migratory_proto::types::IncarnationId> {
+    w.conns
+        .iter()
+        .filter(|(_, c)| c.server == i && !c.attacker && !c.client_closed)
+        .map(|(k, _)| *k)
+        .max()
+}
+
+/// As `World::pump`, but what s2 sends s1 on their control link stays on
+/// its way (a slow path between them).
+fn pump_but_s2_to_s1(w: &mut World) {
+    for _ in 0..1000 {
+        w.flush();
+        let mut moved = false;
+        let keys: Vec<_> = w.conns.keys().copied().collect();
+        for k in keys {
+            let busy = w.conns.get(&k).is_some_and(|c| {
+                !c.c2s.is_empty() || !c.s2c.is_empty() || c.client_closed || c.server_closed
+            });
+            if busy {
+                moved = true;
+                w.deliver_conn(k, true, usize::MAX);
+                w.flush();
+                w.deliver_conn(k, false, usize::MAX);
+            }
+        }
+        let links: Vec<(usize, usize)> = w
+            .links
+            .iter()
+            .filter(|(k, q)| !q.is_empty() && **k != (1, 0))
+            .map(|(k, _)| *k)
+            .collect();
+        for (a, b) in links {
+            moved = true;
+            w.deliver_link(a, b);
+        }
+        if !moved {
+            return;
+        }
+    }
 }
 
 /// A window of `data` in flight on s1's connection (see

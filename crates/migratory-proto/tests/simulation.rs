@@ -81,7 +81,7 @@ fn random_seeds_keep_every_invariant() {
         .unwrap_or(10_000);
     let (mut done, mut lost, mut migrations) = (0u64, 0u64, 0u64);
     let (mut drained, mut lost_drained, mut shutdown) = (0u64, 0u64, 0u64);
-    let (mut catch_ups, mut gaps, mut cut_offs) = (0u64, 0u64, 0u64);
+    let (mut catch_ups, mut gaps, mut held, mut cut_offs) = (0u64, 0u64, 0u64, 0u64);
     for seed in 0..n {
         match run_seed(seed) {
             Outcome::Completed {
@@ -89,9 +89,11 @@ fn random_seeds_keep_every_invariant() {
                 drains,
                 catch_ups: c,
                 gaps_filled: g,
+                gaps_held: h,
                 cut_offs: k,
             } => {
                 cut_offs += u64::from(k);
+                held += u64::from(h);
                 done += 1;
                 migrations += u64::from(m);
                 catch_ups += u64::from(c);
@@ -110,12 +112,14 @@ fn random_seeds_keep_every_invariant() {
         "{n} seeds: {done} completed ({migrations} migrations), {lost} lost cleanly after \
          crashes or drains; {drained} runs drained a server ({lost_drained} of them lost the \
          session, {shutdown} with the server's Shutdown); {catch_ups} migrations resumed \
-         beyond what the client held, {gaps} gaps fetched for it, {cut_offs} times a completed run's \
-         client was cut off from its new server while it caught up"
+         beyond what the client held, {gaps} gaps fetched for it ({held} for a state request held while \
+         the client was away), {cut_offs} times a completed run's client was cut off from \
+         its new server while it caught up"
     );
     // The loaded-migration paths must be exercised, not only allowed.
     assert!(catch_ups > n / 20, "too few catch-ups: {catch_ups}");
-    assert!(gaps > 0, "no gap was ever fetched");
+    assert!(gaps > held, "no gap was ever fetched after a Missing");
+    assert!(held > 0, "no gap was ever fetched for a held state request");
     assert!(cut_offs > 0, "no session survived a cut-off");
     assert!(done > n / 2, "most runs must complete: {done} of {n}");
 }

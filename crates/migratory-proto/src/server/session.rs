@@ -731,7 +731,23 @@ impl Session {
         if let Err((reason, text)) = self.admit(m) {
             return ResumeHere::Reject(reason, text);
         }
+        let held = self.gate.as_ref().and_then(|g| g.waiting.as_ref());
+        if held.is_some_and(|w| w.2.request.attempt >= m.request.attempt) {
+            // A later attempt of the client waits here already.
+            return ResumeHere::Reject(RejectReason::AuthFailed, "superseded attempt");
+        }
         self.last_attempt = m.request.attempt;
+        if let Some(g) = self.gate.as_mut() {
+            // A state request held for an older attempt is superseded. The
+            // bytes asked for it only (the client said no Missing) were
+            // asked from where that attempt stood, not from where the
+            // client stands now: their reply is not taken, and the client
+            // says Missing itself if its old connection ends short.
+            if g.missing.is_none() {
+                g.asked = None;
+            }
+            self.refuse_waiting(RejectReason::AuthFailed, "superseded attempt");
+        }
         if matches!(self.lifecycle, Lifecycle::Settling(_)) {
             // The client gave up waiting for the destination and came back
             // here: the pending request is superseded.
@@ -1530,6 +1546,7 @@ impl Session {
         reason: &str,
         ended: EndpointEventKind,
     ) {
+        self.refuse_waiting(RejectReason::NotFound, "no such session here");
         let app = matches!(self.lifecycle, Lifecycle::Live(_));
         let inc = self.incarnation();
         self.lifecycle = Lifecycle::Ended(error);
@@ -1558,6 +1575,7 @@ impl Session {
         if self.aborting.is_some() {
             return false;
         }
+        self.refuse_waiting(reason, text);
         self.forget_backup();
         match link {
             Link::Attached(_) => {
@@ -1591,6 +1609,7 @@ impl Session {
     /// Replaced by a newer installation of the same session here (or by the
     /// owner's state): the application stops serving it.
     pub(super) fn supersede(&mut self, reason: &str) {
+        self.refuse_waiting(RejectReason::NotFound, "no such session here");
         let inc = self.incarnation();
         let app = matches!(self.lifecycle, Lifecycle::Live(_));
         self.lifecycle = Lifecycle::Ended(SessionError::Migrated);
@@ -1954,7 +1973,14 @@ impl Session {
         }) else {
             return;
         };
-        let (at, resume) = (g.at, g.missing.unwrap_or(start));
+        // The down stream goes on from where the client said it stopped,
+        // or, asked for a state request while the client is away, from
+        // where the bytes start (the reply's image starts there).
+        let attached = self.incarnation().is_some();
+        let Some(resume) = g.missing.or((!attached).then_some(start)) else {
+            return;
+        };
+        let at = g.at;
         let fits = |d: &Bytes| d.len() as u64 == at - start;
         match data.filter(|d| fits(d) && self.down.start() == at && start <= resume) {
             Some(d) => {
@@ -1985,7 +2011,9 @@ impl Session {
     /// says it stands), and the request waits for them. A newer attempt
     /// of the client takes the place of an older one.
     fn hold_request(&mut self, from: &ServerId, req: u64, m: &Migrate) {
-        let until = self.last_now + self.cfg.timeouts.state_request;
+        // Half the requester's own wait: it hears a refusal before it
+        // gives up on its own.
+        let until = self.last_now + self.cfg.timeouts.state_request / 2;
         let Some(g) = self.gate.as_mut() else {
             return;
         };
@@ -2040,13 +2068,30 @@ impl Session {
         }
     }
 
-    /// The bytes below the resume point cannot be had: the session ends,
-    /// and a state request that waited for them is refused.
+    /// The bytes below the resume point cannot be had. After the client's
+    /// Missing the session ends (they existed nowhere else). Asked only
+    /// for a held state request, the client may still catch up on its old
+    /// connection: that request is refused (`Busy`) and the session stays.
     fn gap_failed(&mut self, now: Instant, reason: RejectReason, text: &str) {
-        if let Some((to, req, _)) = self.gate.take().and_then(|g| g.waiting) {
+        match self.gate.as_mut() {
+            Some(g) if g.missing.is_none() => {
+                g.asked = None;
+                self.refuse_waiting(RejectReason::Busy, text);
+            }
+            _ => {
+                self.refuse_waiting(reason, text);
+                self.gate = None;
+                self.abort(now, reason, text);
+            }
+        }
+    }
+
+    /// Refuses the state request held for the bytes below the resume
+    /// point, if there is one.
+    fn refuse_waiting(&mut self, reason: RejectReason, text: &str) {
+        if let Some((to, req, _)) = self.gate.as_mut().and_then(|g| g.waiting.take()) {
             self.reject_request(to, req, reason, text);
         }
-        self.abort(now, reason, text);
     }
 
     /// The destination confirmed the session (StateAck): it is gone from

@@ -195,6 +195,9 @@ pub struct World {
     /// up on its old connection), and gaps a destination fetched for it.
     pub catch_ups: u32,
     pub gaps_filled: u32,
+    /// Of those, gaps fetched for a state request held while the client
+    /// was away (see `cut_off`).
+    pub gaps_held: u32,
     /// The server the client's last migration left (it may still hold
     /// bytes the client lacks while it catches up).
     pub left_from: Option<usize>,
@@ -268,6 +271,7 @@ impl World {
             migrations_seen: 0,
             catch_ups: 0,
             gaps_filled: 0,
+            gaps_held: 0,
             left_from: None,
             drains: 0,
             unreachable: BTreeSet::new(),
@@ -794,6 +798,11 @@ impl World {
         self.log(format!("s{} -> s{}: {}", from + 1, to + 1, msg.name()));
         if let ControlMessage::GapReply { data: Some(_), .. } = &msg {
             self.gaps_filled += 1;
+            // Not for the client's own Missing: for a state request the
+            // server held while the client was away.
+            if !(self.owner() == Some(to) && self.client.is_catching_up()) {
+                self.gaps_held += 1;
+            }
         }
         let from_id = self.ids[from].clone();
         if let Some(node) = self.servers[to].as_mut() {
@@ -1239,11 +1248,12 @@ impl World {
         self.check_one_owner();
     }
 
-    /// The client's network changes while it catches up after a migration
-    /// under load: every connection it has breaks, and its new server is
-    /// out of its reach for 300 ms (the servers and their control links are
-    /// fine). Another server resumes the session, the bytes its old
-    /// connection did not bring fetched from the origin.
+    /// The client loses its new server while it catches up after a
+    /// migration under load: its connection there breaks, and the server
+    /// is out of its reach for 20 to 300 ms (the servers and their control
+    /// links are fine). Half the time its old connection breaks too (its
+    /// network changed). Another server resumes the session, the bytes the
+    /// client lacks fetched from the origin, or the client comes back.
     pub fn cut_off(&mut self) {
         let Some(owner) = self.owner().filter(|_| self.unreachable.is_empty()) else {
             return;
@@ -1258,14 +1268,19 @@ impl World {
         if takers.count() == 0 {
             return;
         }
-        self.log(format!("CUT OFF from s{}", owner + 1));
+        let all = self.rng.gen_bool(0.5);
+        let ms = self.rng.gen_range(20..=300);
+        self.log(format!(
+            "CUT OFF from s{} for {ms} ms (all: {all})",
+            owner + 1
+        ));
         self.cut_offs += 1;
         self.unreachable.insert(owner);
-        self.unreachable_until = Some(self.now + Duration::from_millis(300));
+        self.unreachable_until = Some(self.now + Duration::from_millis(ms));
         let keys: Vec<IncarnationId> = self
             .conns
             .iter()
-            .filter(|(_, c)| !c.attacker)
+            .filter(|(_, c)| !c.attacker && (all || c.server == owner))
             .map(|(k, _)| *k)
             .collect();
         for k in keys {
@@ -1579,6 +1594,7 @@ impl World {
             migrations: self.migrations_seen,
             catch_ups: self.catch_ups,
             gaps_filled: self.gaps_filled,
+            gaps_held: self.gaps_held,
             cut_offs: self.cut_offs,
             drains: self.drains,
         }
@@ -1594,6 +1610,7 @@ pub enum Outcome {
         drains: u32,
         catch_ups: u32,
         gaps_filled: u32,
+        gaps_held: u32,
         cut_offs: u32,
     },
     /// The session was lost cleanly (allowed only after a fault that can
