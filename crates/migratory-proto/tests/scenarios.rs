@@ -325,12 +325,7 @@ fn a_migration_asked_for_while_catching_up_goes_where_it_was_asked() {
     w.flush();
     assert!(w.client.is_migrating(), "the deferred migration started");
     // Its Migrate, and s3's state request, travel first.
-    let to_s3 = *w
-        .conns
-        .iter()
-        .find(|(_, c)| c.server == 2 && !c.attacker)
-        .expect("connection to s3")
-        .0;
+    let to_s3 = client_conn_to(&w, 2).expect("connection to s3");
     w.deliver_conn(to_s3, true, usize::MAX);
     w.flush();
     w.deliver_link(2, 1);
@@ -422,12 +417,7 @@ fn a_client_cut_off_from_its_new_server_while_catching_up_resumes_elsewhere() {
         let mut w = catching_up_at_s2(&data);
         let old = *w.conns.keys().next().expect("old connection");
         w.deliver_conn(old, false, WINDOW / 4 + 100);
-        let to_s2 = *w
-            .conns
-            .iter()
-            .find(|(_, c)| c.server == 1 && !c.attacker)
-            .expect("connection to s2")
-            .0;
+        let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
         if old_breaks_too {
             w.reset_conn(old);
         }
@@ -469,14 +459,7 @@ fn a_client_that_comes_back_while_its_gap_is_fetched_gets_every_byte_once() {
     const WINDOW: usize = 64 << 10;
     let data: Vec<u8> = (0..WINDOW as u32).map(|i| (i * 17 % 227) as u8).collect();
     let mut w = catching_up_at_s2(&data);
-    let to_s2 = |w: &World| {
-        w.conns
-            .iter()
-            .filter(|(_, c)| c.server == 1 && !c.attacker)
-            .map(|(k, _)| *k)
-            .max()
-            .expect("a connection to s2")
-    };
+    let to_s2 = |w: &World| client_conn_to(w, 1).expect("a connection to s2");
     let old = *w.conns.keys().next().expect("old connection");
     w.reset_conn(old);
     w.flush();
@@ -597,11 +580,13 @@ fn a_slow_origin_does_not_end_a_session_whose_client_catches_up() {
     w.unreachable.insert(1);
     w.reset_conn(to_s2);
     w.hold_from = None;
-    pump_but_s2_to_s1(&mut w);
+    w.hold_link = Some((1, 0));
+    w.pump();
     for _ in 0..6 {
         w.advance(std::time::Duration::from_millis(100));
-        pump_but_s2_to_s1(&mut w);
+        w.pump();
     }
+    w.hold_link = None;
     w.unreachable.clear();
     w.pump();
     for _ in 0..20 {
@@ -620,40 +605,6 @@ fn client_conn_to(w: &World, i: usize) -> Option<migratory_proto::types::Incarna
         .filter(|(_, c)| c.server == i && !c.attacker && !c.client_closed)
         .map(|(k, _)| *k)
         .max()
-}
-
-/// As `World::pump`, but what s2 sends s1 on their control link stays on
-/// its way (a slow path between them).
-fn pump_but_s2_to_s1(w: &mut World) {
-    for _ in 0..1000 {
-        w.flush();
-        let mut moved = false;
-        let keys: Vec<_> = w.conns.keys().copied().collect();
-        for k in keys {
-            let busy = w.conns.get(&k).is_some_and(|c| {
-                !c.c2s.is_empty() || !c.s2c.is_empty() || c.client_closed || c.server_closed
-            });
-            if busy {
-                moved = true;
-                w.deliver_conn(k, true, usize::MAX);
-                w.flush();
-                w.deliver_conn(k, false, usize::MAX);
-            }
-        }
-        let links: Vec<(usize, usize)> = w
-            .links
-            .iter()
-            .filter(|(k, q)| !q.is_empty() && **k != (1, 0))
-            .map(|(k, _)| *k)
-            .collect();
-        for (a, b) in links {
-            moved = true;
-            w.deliver_link(a, b);
-        }
-        if !moved {
-            return;
-        }
-    }
 }
 
 /// A window of `data` in flight on s1's connection (see

@@ -190,6 +190,9 @@ pub struct World {
     pub attacker_rejects: Vec<(migratory_proto::frame::RejectReason, String)>,
     /// Hold back what this server sends to the client (scenario tests).
     pub hold_from: Option<usize>,
+    /// Hold back what this control link carries, (from, to) (scenario
+    /// tests: a slow path between two servers).
+    pub hold_link: Option<(usize, usize)>,
     pub migrations_seen: u32,
     /// Migrations that resumed beyond what the client held (it then caught
     /// up on its old connection), and gaps a destination fetched for it.
@@ -268,6 +271,7 @@ impl World {
             replays_refused: 0,
             attacker_rejects: Vec::new(),
             hold_from: None,
+            hold_link: None,
             migrations_seen: 0,
             catch_ups: 0,
             gaps_filled: 0,
@@ -810,11 +814,11 @@ impl World {
         }
     }
 
-    /// Control links with messages in flight.
+    /// Control links with messages in flight (not held back).
     fn busy_links(&self) -> Vec<(usize, usize)> {
         self.links
             .iter()
-            .filter(|(_, q)| !q.is_empty())
+            .filter(|(k, q)| !q.is_empty() && Some(**k) != self.hold_link)
             .map(|(k, _)| *k)
             .collect()
     }
