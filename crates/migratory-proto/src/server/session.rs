@@ -657,9 +657,8 @@ impl Session {
             // Proved, from a client that holds the resume point: it caught
             // up (its confirming frame may have gone to no one). A request
             // that waited for the bytes was an earlier attempt.
-            if let Some((to, req, _)) = self.gate.take().and_then(|g| g.waiting) {
-                self.reject_request(to, req, RejectReason::AuthFailed, "superseded attempt");
-            }
+            self.refuse_waiting(RejectReason::AuthFailed, "superseded attempt");
+            self.gate = None;
         }
         if m.request.epoch == self.epoch && self.gate.is_none() {
             // Proved with this epoch's secret: the client has this epoch's
