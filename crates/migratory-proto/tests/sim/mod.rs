@@ -1254,10 +1254,11 @@ impl World {
 
     /// The client loses its new server while it catches up after a
     /// migration under load: its connection there breaks, and the server
-    /// is out of its reach for 20 to 300 ms (the servers and their control
-    /// links are fine). Half the time its old connection breaks too (its
-    /// network changed). Another server resumes the session, the bytes the
-    /// client lacks fetched from the origin, or the client comes back.
+    /// is out of its reach for 20 to 300 ms (the servers stay up). Half the
+    /// time its old connection breaks too (its network changed), and a
+    /// third of the time the control link between the new server and the
+    /// origin. Another server resumes the session, the bytes the client
+    /// lacks fetched from the origin, or the client comes back.
     pub fn cut_off(&mut self) {
         let Some(owner) = self.owner().filter(|_| self.unreachable.is_empty()) else {
             return;
@@ -1289,6 +1290,13 @@ impl World {
             .collect();
         for k in keys {
             self.reset_conn(k);
+        }
+        // A third of the time the way from the new server to the origin
+        // fails too: the bytes the client lacks come late.
+        if let Some(origin) = self.left_from.filter(|o| *o != owner) {
+            if self.rng.gen_range(0..3) == 0 {
+                self.break_link(owner, origin);
+            }
         }
     }
 
