@@ -417,12 +417,10 @@ fn a_client_cut_off_from_its_new_server_while_catching_up_resumes_elsewhere() {
         let mut w = catching_up_at_s2(&data);
         let old = *w.conns.keys().next().expect("old connection");
         w.deliver_conn(old, false, WINDOW / 4 + 100);
-        let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
         if old_breaks_too {
             w.reset_conn(old);
         }
-        w.unreachable.insert(1);
-        w.reset_conn(to_s2);
+        cut_off_from_s2(&mut w);
         // The old connection stays stalled (s1's output is held) while the
         // client fails over; then the network delivers everything again.
         let gaps = w.gaps_filled;
@@ -513,9 +511,7 @@ fn a_gap_asked_for_an_abandoned_attempt_does_not_position_the_client() {
     w.flush();
     w.deliver_conn(old, true, usize::MAX);
     w.flush();
-    w.unreachable.insert(1);
-    let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
-    w.reset_conn(to_s2);
+    cut_off_from_s2(&mut w);
     w.flush();
     let x = [0, 2]
         .into_iter()
@@ -576,9 +572,7 @@ fn a_slow_origin_does_not_end_a_session_whose_client_catches_up() {
     let mut w = catching_up_at_s2(&data);
     let old = *w.conns.keys().next().expect("old connection");
     w.deliver_conn(old, false, WINDOW / 4);
-    let to_s2 = client_conn_to(&w, 1).expect("connection to s2");
-    w.unreachable.insert(1);
-    w.reset_conn(to_s2);
+    cut_off_from_s2(&mut w);
     w.hold_from = None;
     w.hold_link = Some((1, 0));
     w.pump();
@@ -596,6 +590,14 @@ fn a_slow_origin_does_not_end_a_session_whose_client_catches_up() {
     assert_eq!(w.client.failure(), None, "the session survives");
     let at = w.owner().expect("attached");
     client_gets_the_window_then_after(&mut w, at, &data);
+}
+
+/// The client of [`catching_up_at_s2`] loses its connection to s2, and
+/// cannot reach s2 any more (s2 itself is fine).
+fn cut_off_from_s2(w: &mut World) {
+    let to_s2 = client_conn_to(w, 1).expect("connection to s2");
+    w.unreachable.insert(1);
+    w.reset_conn(to_s2);
 }
 
 /// The newest open connection of the client to server `i`.
