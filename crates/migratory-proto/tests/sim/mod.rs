@@ -210,8 +210,8 @@ pub struct World {
     /// refused; the servers and their control links are fine), until then.
     pub unreachable: BTreeSet<usize>,
     pub unreachable_until: Option<Instant>,
-    /// Times the client lost every connection while it caught up, and its
-    /// new server was out of its reach (see `cut_off`).
+    /// Times the client was cut off from its new server while it caught
+    /// up (see `cut_off`).
     pub cut_offs: u32,
 }
 
