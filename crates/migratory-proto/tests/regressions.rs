@@ -228,6 +228,19 @@ fn drain(s: &mut Server, now: std::time::Instant) -> Vec<Frame> {
     frames
 }
 
+/// A new client's connection: preamble and Hello; returns its incarnation
+/// and the server's answer.
+fn hello(
+    s: &mut Server,
+    now: std::time::Instant,
+) -> (migratory_proto::types::IncarnationId, Vec<Frame>) {
+    let inc = s.new_incarnation(now, None);
+    let mut b = BytesMut::from(&PREAMBLE[..]);
+    Frame::Hello { window: 1 << 20 }.encode(&mut b);
+    s.handle_input(now, inc, &b);
+    (inc, drain(s, now))
+}
+
 /// Any client can get a session with Hello and then send a Migrate with
 /// window = u64::MAX: `request.down + request.window` overflows.
 #[test]
@@ -239,11 +252,7 @@ fn migrate_window_overflow() {
         Box::new(SmallRng::seed_from_u64(1)),
         now,
     );
-    let inc = s.new_incarnation(now, None);
-    let mut b = BytesMut::from(&PREAMBLE[..]);
-    Frame::Hello { window: 1 << 20 }.encode(&mut b);
-    s.handle_input(now, inc, &b);
-    let fr = drain(&mut s, now);
+    let (_, fr) = hello(&mut s, now);
     let Frame::Welcome {
         session, secret, ..
     } = fr[0].clone()
@@ -362,11 +371,7 @@ fn server_closed_incarnation_leaks_session_forever() {
         s.handle_timeout(now);
     }
     assert_eq!(s.owned_sessions().count(), 0, "abandoned sessions expire");
-    let inc = s.new_incarnation(now, None);
-    let mut b = BytesMut::from(&PREAMBLE[..]);
-    Frame::Hello { window: 1 << 20 }.encode(&mut b);
-    s.handle_input(now, inc, &b);
-    let fr = drain(&mut s, now);
+    let (_, fr) = hello(&mut s, now);
     assert!(
         matches!(fr[0], Frame::Welcome { .. }),
         "a new client is served: {fr:?}"
@@ -477,11 +482,7 @@ fn missing_without_a_gap_closes_the_connection() {
         Box::new(SmallRng::seed_from_u64(1)),
         now,
     );
-    let inc = s.new_incarnation(now, None);
-    let mut b = BytesMut::from(&PREAMBLE[..]);
-    Frame::Hello { window: 1 << 20 }.encode(&mut b);
-    s.handle_input(now, inc, &b);
-    drain(&mut s, now);
+    let (inc, _) = hello(&mut s, now);
     while s.poll_event().is_some() {}
     // On the session's connection, and as the first frame of a new one.
     for pos in [0, u64::MAX] {
